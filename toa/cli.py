@@ -1,0 +1,12 @@
+"""The ``toa`` console command: the same tasks as tasks.py, where there is no tasks.py."""
+
+from invoke import Program
+
+from toa import __version__
+from toa.tasks import ns
+
+program = Program(namespace=ns, version=__version__, name="toa", binary="toa")
+
+
+def main():
+    program.run()
