@@ -22,6 +22,8 @@ def user_errors(fn):
             raise Exit(f"toa: error: {exc}", code=2)
         except KeyboardInterrupt:
             raise Exit("toa: interrupted", code=130)
+        except BrokenPipeError:  # output piped into `head` and the like
+            raise Exit(code=0)
 
     return wrapper
 
@@ -31,3 +33,75 @@ def print_json(data):
 
 
 ns = Collection()
+
+
+SSH_HELP = {
+    "host": "[user@]host[:port] to inspect over SSH instead of this machine",
+    "key": "SSH private key file (default: ssh-agent and ~/.ssh keys)",
+    "known_hosts": "extra known_hosts file to check host keys against",
+    "no_host_key_check": "accept unknown host keys (explicit opt-out; keys are checked by default)",
+}
+
+
+def _ssh_connect(host, key, known_hosts, no_host_key_check):
+    from toa import remote
+
+    options = remote.SshOptions(key_filename=key, known_hosts=known_hosts, check_host_key=not no_host_key_check)
+    return remote.connect(remote.parse_host(host), options)
+
+
+def _print_fields(title, fields):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in fields.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        table.add_row(key, "-" if shown in (None, "", []) else str(shown))
+    Console().print(table)
+
+
+@task(help={"root": "inspect a root filesystem (image or mounted disk) instead of this machine",
+            "json": "print JSON instead of a table", **SSH_HELP})
+@user_errors
+def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_host_key_check=False):
+    """Show the distro, kernel and build target of this machine, a root directory or an SSH host."""
+    from toa import detect as detection
+
+    if root and host:
+        raise ToaError("give --root or --host, not both")
+    if host:
+        with _ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
+            facts = detection.read_remote(conn)
+        where = host
+    elif root:
+        facts, where = detection.read_root(root), root
+    else:
+        facts, where = detection.read_local(), "this machine"
+    info = detection.identify(facts).as_dict()
+    if json:
+        print_json(info)
+    else:
+        _print_fields(f"toa detect: {where}", info)
+
+
+@task(help={"kernel": "kernel release to install headers for (default: the running kernel)", **SSH_HELP})
+@user_errors
+def headers(c, kernel=None, host=None, key=None, known_hosts=None, no_host_key_check=False):
+    """Install the kernel headers (kernel-devel) matching the running kernel, or --kernel."""
+    from toa import detect as detection
+    from toa import headers as kernel_headers
+
+    if host:
+        with _ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
+            outcome = kernel_headers.install(conn, detection.identify(detection.read_remote(conn)), kernel)
+    else:
+        outcome = kernel_headers.install(c, detection.identify(detection.read_local()), kernel)
+    verb = "installed" if outcome.installed else "already installed, nothing to do:"
+    print(f"{verb} {outcome.package} ({outcome.path})")
+
+
+ns.add_task(detect)
+ns.add_task(headers)

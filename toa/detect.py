@@ -1,0 +1,240 @@
+"""Which distro and kernel a machine runs: a local host, a root directory, or a host over SSH.
+
+Reading (a connector: local files, files under a root, one command over SSH) is kept apart from
+understanding (`identify`, a pure function of the text read), so one parser serves all three and is
+tested offline on real distros' release files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from toa import kernel as kernels
+from toa import targets
+from toa.errors import ToaError
+from toa.targets import Target
+
+RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release", "/etc/redhat-release", "/etc/SuSE-release")
+SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
+
+
+@dataclass
+class Facts:
+    """What was read from a machine, before any interpretation."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    kernel: str | None = None
+    systemd: bool = False
+
+
+@dataclass(frozen=True)
+class Platform:
+    family: str | None
+    distro: str
+    version: str
+    name: str
+    init: str
+    kernel: str | None
+    target: Target | None
+
+    @property
+    def headers(self) -> tuple[str | None, str | None]:
+        if self.target is None or self.kernel is None:
+            return None, None
+        return self.target.headers_for(self.kernel)
+
+    def as_dict(self) -> dict:
+        package, path = self.headers
+        known = kernels.classify(self.kernel) if self.kernel else None
+        return {
+            "family": self.family,
+            "distro": self.distro,
+            "version": self.version,
+            "name": self.name,
+            "init": self.init,
+            "kernel": self.kernel,
+            "kernel_targets": [t.id for t in known.targets] if known else [],
+            "target": self.target.id if self.target else None,
+            "build": self.target.build if self.target else None,
+            "autoload": self.target.autoload if self.target else None,
+            "headers_package": package,
+            "headers_path": path,
+        }
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """KEY=value lines of an os-release file, with shell-style quoting undone (never executed)."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, raw = line.strip().partition("=")
+        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            continue
+        try:
+            words = shlex.split(raw)
+        except ValueError:
+            continue
+        values[key] = " ".join(words)
+    return values
+
+
+def _family(distro: str, like: list[str]) -> str | None:
+    names = {distro, *like}
+    if names & {"coreos", "flatcar", "fedora-coreos"}:
+        return "coreos"
+    if names & {"rhel", "centos", "fedora"}:
+        return "rhel"
+    if names & {"suse", "sles", "opensuse"} or distro.startswith(("sles", "opensuse")):
+        return "suse"
+    if names & {"debian", "ubuntu"}:
+        return "debian"
+    return None
+
+
+def _from_os_release(values: dict[str, str]) -> tuple[str, str, str, list[str]]:
+    distro = values.get("ID", "linux").lower()
+    like = values.get("ID_LIKE", "").lower().split()
+    if distro == "fedora" and values.get("VARIANT_ID") == "coreos":
+        distro = "fedora-coreos"
+    version = values.get("VERSION_ID", "")
+    if distro == "debian" and not version:
+        version = "sid"  # unstable and testing carry no VERSION_ID
+    name = values.get("PRETTY_NAME") or values.get("NAME") or distro
+    return distro, version, name, like
+
+
+def _from_redhat_release(text: str) -> tuple[str, str, str, list[str]] | None:
+    match = re.match(r"(?P<name>.+?) release (?P<version>[\d.]+)", text.strip())
+    if not match:
+        return None
+    distro = "centos" if "centos" in match["name"].lower() else "rhel"
+    return distro, match["version"], text.strip().splitlines()[0], ["rhel"]
+
+
+def _from_suse_release(text: str) -> tuple[str, str, str, list[str]] | None:
+    fields = dict(re.findall(r"^(\w+)\s*=\s*(\S+)", text, re.M))
+    if "VERSION" not in fields:
+        return None
+    version = fields["VERSION"] + (f".{fields['PATCHLEVEL']}" if fields.get("PATCHLEVEL", "0") != "0" else "")
+    distro = "sles" if "enterprise" in text.lower() else "opensuse"
+    return distro, version, text.strip().splitlines()[0], ["suse"]
+
+
+def identify(facts: Facts) -> Platform:
+    """Interpret facts read from a machine. Pure: no I/O."""
+    found = None
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        if facts.files.get(path, "").strip():
+            found = _from_os_release(parse_os_release(facts.files[path]))
+            break
+    if found is None and "/etc/redhat-release" in facts.files:
+        found = _from_redhat_release(facts.files["/etc/redhat-release"])
+    if found is None and "/etc/SuSE-release" in facts.files:
+        found = _from_suse_release(facts.files["/etc/SuSE-release"])
+    if found is None:
+        raise ToaError(
+            "no /etc/os-release, /usr/lib/os-release, /etc/redhat-release or /etc/SuSE-release found: "
+            "is this a Linux root? point --root at the directory that holds etc/"
+        )
+    distro, version, name, like = found
+    return Platform(
+        family=_family(distro, like),
+        distro=distro,
+        version=version,
+        name=name,
+        init="systemd" if facts.systemd else "sysv",
+        kernel=facts.kernel,
+        target=targets.for_os(distro, version),
+    )
+
+
+# --- connectors: how facts are read -------------------------------------------------------------
+
+
+def read_local() -> Facts:
+    """This machine: its files, its running kernel, and whether systemd is PID 1."""
+    facts = _read_root(Path("/"))
+    facts.kernel = os.uname().release
+    facts.systemd = Path("/run/systemd/system").is_dir()
+    return facts
+
+
+def _inside(root: Path, path: str) -> Path:
+    """PATH under ROOT, following symlinks as the root's own system would (absolute ones re-rooted)."""
+    current = root
+    for _ in range(40):  # symlink hops
+        candidate = current / PurePosixPath(path).relative_to("/")
+        if not candidate.is_symlink():
+            return candidate
+        target = os.readlink(candidate)
+        path = target if target.startswith("/") else os.path.normpath(str(PurePosixPath(path).parent / target))
+    raise ToaError(f"too many symlinks under {root} resolving {path}: check the root filesystem")
+
+
+def _read_root(root: Path) -> Facts:
+    facts = Facts()
+    for path in RELEASE_FILES:
+        candidate = _inside(root, path)
+        if candidate.is_file():
+            facts.files[path] = candidate.read_text(errors="replace")
+    return facts
+
+
+def read_root(root: str | Path) -> Facts:
+    """An image rootfs or mounted disk: its release files, its newest installed kernel, and
+    whether it boots systemd."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ToaError(f"--root {root}: not a directory; give the path of a mounted root filesystem")
+    facts = _read_root(root)
+    releases = []
+    for modules in ("/lib/modules", "/usr/lib/modules"):
+        folder = _inside(root, modules)
+        if folder.is_dir():
+            releases += [p.name for p in folder.iterdir() if p.is_dir()]
+    if releases:
+        facts.kernel = max(releases, key=_version_key)
+    facts.systemd = any(_inside(root, p).exists() for p in SYSTEMD_BINARIES)
+    return facts
+
+
+def _version_key(release: str) -> list:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~_]", release)]
+
+
+# One round trip: the release files, the running kernel, and whether systemd is running.
+REMOTE_FACTS_COMMAND = (
+    "for f in " + " ".join(RELEASE_FILES) + "; do "
+    '[ -r "$f" ] && { echo "@@toa-file $f"; cat "$f"; echo; }; done; '
+    'echo "@@toa-kernel $(uname -r)"; [ -d /run/systemd/system ] && echo "@@toa-systemd"; true'
+)
+
+
+def parse_remote_facts(output: str) -> Facts:
+    """Parse REMOTE_FACTS_COMMAND's output. Pure."""
+    facts = Facts()
+    current = None
+    for line in output.splitlines():
+        if line.startswith("@@toa-file "):
+            current = line.split(" ", 1)[1]
+            facts.files[current] = ""
+        elif line.startswith("@@toa-kernel "):
+            facts.kernel = line.split(" ", 1)[1].strip() or None
+            current = None
+        elif line == "@@toa-systemd":
+            facts.systemd = True
+        elif current is not None:
+            facts.files[current] += line + "\n"
+    if facts.kernel:
+        kernels.validate_release(facts.kernel)
+    return facts
+
+
+def read_remote(conn) -> Facts:
+    """A host over SSH (a fabric Connection)."""
+    from toa.remote import run
+
+    return parse_remote_facts(run(conn, REMOTE_FACTS_COMMAND))

@@ -1,0 +1,108 @@
+"""SSH to a host with Fabric: validated host specs and host-key checking on by default."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Connection
+
+from toa.errors import ToaError
+
+_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_SPEC = re.compile(r"(?:(?P<user>[^@]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\[\]]+))(?::(?P<port>\d{1,5}))?")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    host: str
+    user: str | None = None
+    port: int = 22
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user + '@' if self.user else ''}{host}:{self.port}"
+
+
+def parse_host(text: str) -> HostSpec:
+    """Parse `[user@]host[:port]` (IPv6 as `[addr]:port`), rejecting anything else."""
+    bad = ToaError(
+        f"invalid host {text[:80]!r}: write it as [user@]host[:port], e.g. root@10.0.0.5:22 or [fd00::5]:2222"
+    )
+    match = _SPEC.fullmatch(text or "")
+    if not match or len(text) > 300:
+        raise bad
+    user, port = match["user"], int(match["port"] or 22)
+    if user is not None and not _USER.fullmatch(user):
+        raise bad
+    if not 0 < port < 65536:
+        raise bad
+    host = match["v6"] or match["host"]
+    if match["v6"]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise bad
+    return HostSpec(host=host, user=user, port=port)
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """How to reach hosts: key file, extra known_hosts file, and the explicit opt-out of host-key checks."""
+
+    key_filename: str | None = None
+    known_hosts: str | None = None
+    check_host_key: bool = True
+    timeout: float = 15.0
+
+
+def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
+    """An open Fabric connection. Unknown or changed host keys are refused unless opted out."""
+    connect_kwargs = {"key_filename": options.key_filename} if options.key_filename else {}
+    conn = Connection(
+        spec.host, user=spec.user, port=spec.port,
+        connect_timeout=options.timeout, connect_kwargs=connect_kwargs,
+    )
+    if options.check_host_key:
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        conn.client.load_system_host_keys()
+        if options.known_hosts:
+            if not Path(options.known_hosts).is_file():
+                raise ToaError(f"known_hosts file {options.known_hosts} does not exist: fix --known-hosts")
+            conn.client.load_host_keys(options.known_hosts)
+    else:
+        conn.client.set_missing_host_key_policy(paramiko.WarningPolicy())
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException:
+        raise ToaError(
+            f"host key of {spec} does not match known_hosts: verify the host, then update known_hosts"
+        ) from None
+    except paramiko.AuthenticationException:
+        raise ToaError(f"SSH authentication to {spec} failed: pass --key FILE or load the key into ssh-agent") from None
+    except paramiko.SSHException as exc:
+        if "not found in known_hosts" in str(exc):
+            raise ToaError(
+                f"host key of {spec} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
+                "(--no-host-key-check skips the check)"
+            ) from None
+        raise ToaError(f"SSH to {spec} failed: {exc}") from None
+    except (OSError, socket.timeout) as exc:
+        raise ToaError(f"cannot reach {spec}: {exc.strerror or exc}") from None
+    return conn
+
+
+def run(conn: Connection, command: str) -> str:
+    """Run a fixed command on the host and return its stdout; a failure is a ToaError."""
+    result = conn.run(command, hide=True, warn=True, in_stream=False)
+    if result.failed:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ToaError(f"command failed on {conn.host} (exit {result.exited}): {tail[0]}")
+    return result.stdout
