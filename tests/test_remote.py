@@ -1,0 +1,82 @@
+"""Detection over SSH against a real sshd on loopback, with real host-key checking."""
+
+import json
+import os
+
+import pytest
+
+from tests.cli import assert_one_line_error, toa
+from toa.errors import ToaError
+from toa.remote import HostSpec, parse_host
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("node1", HostSpec("node1")),
+        ("root@10.0.0.5", HostSpec("10.0.0.5", "root")),
+        ("deploy@web-01.example.com:2222", HostSpec("web-01.example.com", "deploy", 2222)),
+        ("[fd00::5]:2200", HostSpec("fd00::5", None, 2200)),
+        ("ops@[::1]", HostSpec("::1", "ops")),
+    ],
+)
+def test_host_specs_parse(text, expected):
+    assert parse_host(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a;b", "host$(id)", "`id`", "a b", "root@", "@host", "host:0", "host:70000", "-oProxyCommand=x",
+     "user@host@x", "[not-v6]:22", "h/../x", "host\nx", "a" * 300, "us;er@host"],
+)
+def test_hostile_host_specs_are_rejected(text):
+    with pytest.raises(ToaError, match="invalid host"):
+        parse_host(text)
+
+
+def _ssh_args(sshd, *extra):
+    return ["--host", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key", str(sshd.key_path), *extra]
+
+
+@pytest.mark.ssh
+def test_detect_over_ssh_reads_the_real_host(sshd):
+    result = toa("detect", *_ssh_args(sshd, "--known-hosts", str(sshd.known_hosts_path), "--json"))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    local = json.loads(toa("detect", "--json").stdout)
+    assert info["kernel"] == os.uname().release
+    assert {k: info[k] for k in ("family", "distro", "version", "target")} == {
+        k: local[k] for k in ("family", "distro", "version", "target")
+    }
+    assert info["family"] and info["target"]
+
+
+@pytest.mark.ssh
+def test_unknown_host_key_is_refused(sshd):
+    result = toa("detect", *_ssh_args(sshd))
+    assert_one_line_error(result, "host key", "unknown", "--known-hosts")
+
+
+@pytest.mark.ssh
+def test_changed_host_key_is_refused(sshd, tmp_path):
+    other = tmp_path / "known_hosts"
+    # a valid ed25519 key that is not the server's
+    other.write_text(
+        f"[{sshd.host}]:{sshd.port} ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIGZ0b2EtdGVzdC1rZXktdGhhdC1pcy1ub3QtdGhlLXNlcnZl\n"
+    )
+    result = toa("detect", *_ssh_args(sshd, "--known-hosts", str(other)))
+    assert_one_line_error(result, "does not match")
+
+
+@pytest.mark.ssh
+def test_host_key_check_opt_out(sshd):
+    result = toa("detect", *_ssh_args(sshd, "--no-host-key-check", "--json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kernel"] == os.uname().release
+
+
+@pytest.mark.ssh
+def test_unreachable_port_is_one_line(sshd):
+    result = toa("detect", "--host", f"{sshd.host}:1", "--no-host-key-check")
+    assert_one_line_error(result, "cannot reach")
