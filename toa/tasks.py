@@ -105,3 +105,23 @@ def headers(c, kernel=None, host=None, key=None, known_hosts=None, no_host_key_c
 
 ns.add_task(detect)
 ns.add_task(headers)
+
+
+@task(help={"fast": "skip the slow tests that boot kernels (lab) and build in Docker",
+            "k": "only tests matching this pytest -k expression"})
+def test(c, fast=False, k=None):
+    """Run the test suite (real Docker, real QEMU boots, real sshd)."""
+    import shlex
+    import sys
+
+    args = [sys.executable, "-m", "pytest", "-ra"]
+    if fast:
+        args += ["-m", "not lab and not docker"]
+    if k:
+        args += ["-k", k]
+    result = c.run(" ".join(shlex.quote(a) for a in args), warn=True, pty=False)
+    if result.exited:
+        raise Exit(code=result.exited)
+
+
+ns.add_task(test)

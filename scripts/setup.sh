@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what toa needs on a Debian/Ubuntu machine and start the Docker engine.
+# Idempotent: safe to run again. Needs root (or sudo) for apt-get and dockerd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  docker.io            # builds run in per-distro containers
+  debootstrap          # Debian base images (no registry needed)
+  qemu-system-x86      # the lab boots real kernels
+  busybox-static       # the lab's guest userland
+  gcc libc6-dev make   # the lab's static guest test program
+  cpio xz-utils zstd kmod
+  openssh-server       # the tests' loopback SSH host
+  python3-pip python3-venv
+)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q -e '.[test]'
+
+# No systemd on minimal hosts and containers: start dockerd ourselves when it is not answering.
+if ! docker info >/dev/null 2>&1; then
+  (setsid dockerd >/var/log/toa-dockerd.log 2>&1 &)
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start: see /var/log/toa-dockerd.log" >&2; exit 1; }
+fi
+echo "toa: setup complete"
