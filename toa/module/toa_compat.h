@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * toa_compat.h - make older kernels look like the newest one.
+ *
+ * toa.c is written against the newest kernel API only. Every difference an
+ * older kernel has lives here as a guarded shim that supplies the modern name.
+ * Where a version number cannot tell (stable and distro kernels that changed a
+ * signature without a version bump), a compile probe against the target's own
+ * headers decides: Kbuild compiles each probes/<name>.c and defines
+ * TOA_PROBE_<NAME> in the generated probes.h when it compiles.
+ *
+ * Compiled and loaded by this project: Debian 5.10 (bullseye), 6.1 (bookworm),
+ * 6.12 (trixie), 7.x (trixie-backports).
+ * Written but NOT compiled here (no such headers on the build hosts): 3.10
+ * (CentOS 7 / RHEL 7), 4.4 (Ubuntu 16.04), 4.15 (Ubuntu 18.04), 4.18 (RHEL 8),
+ * 5.4 (Ubuntu 20.04), 5.14 (RHEL 9). Treat those guards as unverified.
+ */
+#ifndef TOA_COMPAT_H
+#define TOA_COMPAT_H
+
+#include <linux/kconfig.h>
+#include <linux/version.h>
+#include <generated/utsrelease.h>
+
+#include "probes.h"
+
+/* Distro kernels, named once: backports make their version numbers lie. */
+#ifdef RHEL_MAJOR
+#if RHEL_MAJOR == 7
+#define ISRHEL7
+#elif RHEL_MAJOR == 8
+#define ISRHEL8
+#elif RHEL_MAJOR == 9
+#define ISRHEL9
+#endif
+#endif
+#ifdef UTS_UBUNTU_RELEASE_ABI
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(4, 4, 0) && LINUX_VERSION_CODE < KERNEL_VERSION(4, 5, 0)
+#define ISUBUNTU1604
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(4, 15, 0) && LINUX_VERSION_CODE < KERNEL_VERSION(4, 16, 0)
+#define ISUBUNTU1804
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(5, 4, 0) && LINUX_VERSION_CODE < KERNEL_VERSION(5, 5, 0)
+#define ISUBUNTU2004
+#endif
+#endif
+#ifdef CONFIG_SUSE_KERNEL
+#define ISSUSE
+#endif
+
+/* Hooks are kprobes and kretprobes: without them there is no module. */
+#if !IS_ENABLED(CONFIG_KPROBES) || !IS_ENABLED(CONFIG_KRETPROBES)
+#error "toa needs a kernel built with CONFIG_KPROBES=y and CONFIG_KRETPROBES=y"
+#endif
+
+#if !defined(CONFIG_X86_64) && !defined(CONFIG_ARM64)
+#error "toa reads function arguments from registers: only x86_64 and arm64 are supported"
+#endif
+
+/*
+ * regs_get_kernel_argument(): upstream since 4.20 (5.4 and 5.14, RHEL 9
+ * included, have it). 3.10, 4.4, 4.15 lack it; RHEL 8 (4.18) got it in a minor
+ * release, so the probe decides rather than the version.
+ */
+#ifndef TOA_PROBE_HAS_REGS_GET_KERNEL_ARGUMENT
+static inline unsigned long __compat_regs_get_kernel_argument(struct pt_regs *regs, unsigned int n)
+{
+#if defined(CONFIG_X86_64)
+	switch (n) {
+	case 0: return regs->di;
+	case 1: return regs->si;
+	case 2: return regs->dx;
+	case 3: return regs->cx;
+	case 4: return regs->r8;
+	case 5: return regs->r9;
+	}
+	return 0;
+#else
+	return n < 8 ? regs->regs[n] : 0;
+#endif
+}
+#define regs_get_kernel_argument __compat_regs_get_kernel_argument
+#endif
+
+/*
+ * proto_ops->getname lost its `int *uaddr_len` argument in 4.17 and returns
+ * the address length instead of 0. 3.10 (RHEL 7), 4.4, 4.15 have the old
+ * form; 4.18 (RHEL 8), 5.4, 5.14 and later the new one. Backports make the
+ * version unreliable, so the probe decides which register holds `peer`.
+ * Success is ret >= 0 in both forms.
+ */
+#if defined(TOA_PROBE_GETNAME_WITHOUT_UADDR_LEN)
+#define TOA_GETNAME_PEER_ARG 2
+#elif defined(TOA_PROBE_GETNAME_WITH_UADDR_LEN)
+#define TOA_GETNAME_PEER_ARG 3
+#else
+#error "compile probes could not tell the form of inet_getname(): see probes/getname_*.c"
+#endif
+
+/*
+ * proc_create_single(): upstream since 4.18 (RHEL 8, 5.4, 5.14 have it).
+ * 3.10 (RHEL 7), 4.4 and 4.15 (Ubuntu 16.04, 18.04) and SUSE's 4.12 lack it:
+ * provide it on top of proc_create_data() + single_open().
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(4, 18, 0) && !defined(proc_create_single)
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+static int __compat_single_open(struct inode *inode, struct file *file)
+{
+	return single_open(file, PDE_DATA(inode), NULL);
+}
+static const struct file_operations __compat_single_fops = {
+	.owner = THIS_MODULE,
+	.open = __compat_single_open,
+	.read = seq_read,
+	.llseek = seq_lseek,
+	.release = single_release,
+};
+static inline struct proc_dir_entry *__compat_proc_create_single(const char *name, umode_t mode,
+								 struct proc_dir_entry *parent,
+								 int (*show)(struct seq_file *, void *))
+{
+	return proc_create_data(name, mode, parent, &__compat_single_fops, show);
+}
+#define proc_create_single __compat_proc_create_single
+#endif
+
+#endif /* TOA_COMPAT_H */
