@@ -1,0 +1,245 @@
+"""Build toa.ko inside a container of the kernel's own Debian suite, and describe it in a manifest.
+
+The headers' kbuild tools (fixdep, modpost) are linked against their suite's glibc and expect their
+suite's gcc, so each suite gets its own build image: a debootstrap'd root imported as
+toa-base:debian-<suite>, then containers/debian/Dockerfile on top as toa-build:debian-<suite>.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import docker
+import docker.errors
+from elftools.elf.elffile import ELFFile
+
+import toa
+from toa import debian
+from toa.errors import ToaError
+
+MODULE_SOURCE = Path(toa.__file__).parent / "module"
+DEBIAN_DOCKERFILE_DIR = Path(toa.__file__).parent.parent / "containers" / "debian"
+DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
+LOG_TAIL_LINES = 30
+COMPILER_RE = re.compile(r"gcc(-[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ko: Path
+    manifest: Path
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress:
+        progress(message)
+
+
+def docker_client() -> docker.DockerClient:
+    """A client for the local engine, or one line saying how to get one."""
+    where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException:
+        raise ToaError(f"Docker engine not reachable at {where}: install docker.io and start dockerd") from None
+    return client
+
+
+def _image(client: docker.DockerClient, tag: str):
+    try:
+        return client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+# ---------------------------------------------------------------- images
+
+
+def base_image(client: docker.DockerClient, suite: str, progress=None):
+    """toa-base:debian-<suite>: a minimal Debian root from debootstrap, imported once."""
+    tag = f"toa-base:debian-{suite}"
+    existing = _image(client, tag)
+    if existing is not None:
+        return existing
+    if shutil.which("debootstrap") is None:
+        raise ToaError("debootstrap not found: apt-get install debootstrap")
+    mirror = debian.mirror_for("debian")
+    if mirror is None:
+        raise ToaError("no Debian mirror in apt's sources to debootstrap from: add one to /etc/apt/sources.list.d/")
+    # Suites newer than this debootstrap (forky) bootstrap like sid.
+    script = DEBOOTSTRAP_SCRIPTS / suite
+    if not script.exists():
+        script = DEBOOTSTRAP_SCRIPTS / "sid"
+    with tempfile.TemporaryDirectory(prefix="toa-debootstrap-") as scratch:
+        root = Path(scratch) / "root"
+        _say(progress, f"debootstrap {suite} from {mirror}")
+        result = subprocess.run(
+            ["debootstrap", "--variant=minbase", suite, str(root), mirror, str(script)],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+            raise ToaError(f"debootstrap of {suite} failed: {tail}")
+        _say(progress, f"importing {tag}")
+        archive = Path(scratch) / "root.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(root, arcname=".")
+        repository, image_tag = tag.split(":")
+        client.api.import_image_from_file(str(archive), repository=repository, tag=image_tag)
+    return client.images.get(tag)
+
+
+def headers_compiler(headers_dir: Path) -> str:
+    """The gcc a Debian kernel was built with, from its headers' .kernelvariables (e.g. gcc-12)."""
+    variables = headers_dir / ".kernelvariables"
+    if variables.is_file():
+        match = re.search(r"^CC\s*=.*\)(gcc-[0-9]+)\s*$", variables.read_text(), re.M)
+        if match and COMPILER_RE.fullmatch(match.group(1)):
+            return match.group(1)
+    return "gcc"
+
+
+def build_image(client: docker.DockerClient, suite: str, compiler: str, progress=None):
+    """toa-build:debian-<suite> with the given compiler, reused when it already has that compiler."""
+    tag = f"toa-build:debian-{suite}"
+    existing = _image(client, tag)
+    if existing is not None and existing.labels.get("org.toa.compiler") == compiler:
+        return existing
+    base = base_image(client, suite, progress)
+    if not (DEBIAN_DOCKERFILE_DIR / "Dockerfile").is_file():
+        raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: run toa from its source tree")
+    _say(progress, f"building {tag} ({compiler})")
+    try:
+        image, _ = client.images.build(
+            path=str(DEBIAN_DOCKERFILE_DIR),
+            tag=tag,
+            buildargs={"BASE": base.tags[0], "COMPILER": compiler},
+            pull=False,
+            rm=True,
+            forcerm=True,
+        )
+    except docker.errors.BuildError as exc:
+        lines = [entry.get("stream", "").rstrip() for entry in exc.build_log if entry.get("stream")]
+        tail = " | ".join(line for line in lines[-5:] if line)
+        raise ToaError(f"building {tag} failed: {exc.msg}: {tail}") from None
+    return image
+
+
+# ---------------------------------------------------------------- the module
+
+
+def modinfo(ko: Path) -> dict[str, str]:
+    """The key=value pairs of a module's .modinfo section."""
+    with ko.open("rb") as stream:
+        section = ELFFile(stream).get_section_by_name(".modinfo")
+        if section is None:
+            raise ToaError(f"{ko} has no .modinfo section: it is not a kernel module")
+        data = section.data()
+    info = {}
+    for entry in data.split(b"\0"):
+        key, sep, value = entry.decode(errors="replace").partition("=")
+        if sep:
+            info.setdefault(key, value)
+    return info
+
+
+def _mount_root(headers_dir: Path) -> Path:
+    """The unpacked root holding the headers, their -common tree and kbuild (usr/src/<headers>)."""
+    if headers_dir.parent.name == "src" and headers_dir.parent.parent.name == "usr":
+        return headers_dir.parent.parent.parent
+    return headers_dir
+
+
+def _run_in_container(client, image, argv: list[str], volumes: dict, workdir: str) -> tuple[int, str]:
+    container = client.containers.run(
+        image.id,
+        argv,
+        detach=True,
+        network_disabled=True,
+        user=f"{os.getuid()}:{os.getgid()}",
+        environment={"HOME": "/tmp"},
+        working_dir=workdir,
+        volumes=volumes,
+    )
+    try:
+        status = container.wait()
+        log = container.logs(stdout=True, stderr=True).decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    return status.get("StatusCode", 1), log
+
+
+def build_module(
+    headers_dir: Path,
+    release: str,
+    suite: str,
+    out_dir: Path = Path("dist"),
+    progress: Callable[[str], None] | None = None,
+    module_source: Path = MODULE_SOURCE,
+) -> BuildResult:
+    """Compile toa.ko for one kernel in its suite's container; write it and manifest.json to out_dir/<release>/."""
+    debian.check_release(release)
+    container_suite = debian.check_suite(suite).container
+    headers_dir = Path(headers_dir).resolve()
+    if not (headers_dir / "Makefile").is_file():
+        raise ToaError(f"{headers_dir} holds no kernel headers (no Makefile): fetch the kernel first")
+    if not (module_source / "Makefile").is_file():
+        raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
+    client = docker_client()
+    compiler = headers_compiler(headers_dir)
+    image = build_image(client, container_suite, compiler, progress)
+    image_tag = f"toa-build:debian-{container_suite}"
+
+    target = Path(out_dir).resolve() / release
+    target.mkdir(parents=True, exist_ok=True)
+    log_path = target / "build.log"
+    mount = _mount_root(headers_dir)
+    with tempfile.TemporaryDirectory(prefix="toa-build-") as scratch:
+        source = Path(scratch) / "src"
+        shutil.copytree(module_source, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
+        volumes = {str(source): {"bind": "/build", "mode": "rw"}, str(mount): {"bind": str(mount), "mode": "ro"}}
+        _say(progress, f"compiling toa.ko for {release} in {image_tag}")
+        status, log = _run_in_container(client, image, ["make", f"KDIR={headers_dir}"], volumes, "/build")
+        log_path.write_text(log)
+        built = source / "toa.ko"
+        if status != 0 or not built.is_file():
+            tail = "\n".join(log.rstrip().splitlines()[-LOG_TAIL_LINES:])
+            raise ToaError(
+                f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{tail}"
+            )
+        ko = target / "toa.ko"
+        shutil.copyfile(built, ko)
+    _, compiler_version = _run_in_container(client, image, [compiler, "--version"], {}, "/")
+
+    info = modinfo(ko)
+    vermagic = info.get("vermagic", "")
+    if vermagic.split(" ", 1)[0] != release:
+        raise ToaError(f"{ko} has vermagic {vermagic!r}, not for {release}: the headers are for another kernel")
+    data = ko.read_bytes()
+    manifest = {
+        "toa_version": toa.__version__,
+        "kernel_release": release,
+        "suite": suite,
+        "vermagic": vermagic,
+        "srcversion": info.get("srcversion"),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "build_image": {"id": image.id, "tag": image_tag},
+        "compiler": compiler_version.strip().splitlines()[0] if compiler_version.strip() else compiler,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest_path = target / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return BuildResult(ko=ko, manifest=manifest_path)
