@@ -202,7 +202,8 @@ def read_root(root: str | Path) -> Facts:
 
 
 def _version_key(release: str) -> list:
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~_]", release)]
+    """Sort key for releases: numbers compare as numbers and rank above words (as rpm does)."""
+    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+~_]", release)]
 
 
 # One round trip: the release files, the running kernel, and whether systemd is running.

@@ -78,16 +78,21 @@ class Kernel:
     release: str
     family: str
     key: str
-    targets: tuple[Target, ...]
+    targets: tuple[Target, ...]  # its own distro releases first, then those that also run it
+    own: int  # how many of TARGETS ship it as their own kernel
+
+    @property
+    def default_targets(self) -> tuple[Target, ...]:
+        return self.targets[: self.own] or self.targets
 
     @property
     def distro(self) -> str:
         """The distro of its targets, or the family where several distros share it (el: RHEL
         and its rebuilds)."""
+        if self.family == "rhel":
+            return "el"
         distros = {t.distro for t in self.targets}
-        if len(distros) == 1:
-            return distros.pop()
-        return "el" if self.family == "rhel" else self.family
+        return distros.pop() if len(distros) == 1 else self.family
 
     @property
     def builds(self) -> set[str]:
@@ -107,16 +112,22 @@ def validate_release(text: str) -> str:
     return text
 
 
-def classify(release: str, *, include_hwe: bool = False) -> Kernel | None:
-    """The family, key and targets of a full release; None if no supported distro ships it."""
+def classify(release: str) -> Kernel | None:
+    """The family, key and targets of a full release; None if no supported distro ships it.
+
+    Targets come in order: the releases whose own kernel this is, then those that can also run it
+    (Ubuntu HWE and the like).
+    """
     validate_release(release)
     for family, pattern, key_of in _FAMILIES:
         match = pattern.fullmatch(release)
         if match:
             key = key_of(match)
-            found = targets.for_kernel_key(key, include_hwe=include_hwe)
-            if found:
-                return Kernel(release, family, key, tuple(found))
+            own = targets.for_kernel_key(key)
+            also = targets.for_kernel_key(key, hwe=True)
+            if not own + also:
+                return None
+            return Kernel(release, family, key, tuple(own + also), len(own))
     return None
 
 
@@ -155,30 +166,27 @@ def resolve(text: str, distro: str | None = None) -> Resolution:
         raise ToaError(
             f"unknown distro {distro!r}: give a target ({', '.join(targets.all_targets())}) or a distro id"
         )
-    hwe = distro is not None
-    candidates = [k for k in [classify(text, include_hwe=hwe)] if k] or [
-        k for k in (classify(c, include_hwe=hwe) for c in _completions(text)) if k
-    ]
+    candidates = [k for k in [classify(text)] if k] or [k for k in map(classify, _completions(text)) if k]
     if not candidates:
         raise ToaError(
             f"kernel {text!r} is not one toa can place in a supported distro: give the full release "
             "as `uname -r` prints it on the host (e.g. 3.10.0-693.el7.x86_64, 5.4.0-150-generic, "
             "6.1.0-56-amd64), or build against its headers with --headers"
         )
-    if distro is not None:
-        narrowed = []
-        for k in candidates:
-            picked = tuple(t for t in k.targets if t.matches(distro))
-            if picked:
-                narrowed.append(Kernel(k.release, k.family, k.key, picked))
-        if not narrowed:
+    if distro is None:
+        if any(k.own for k in candidates):  # a distro's own kernel beats one only an HWE stack runs
+            candidates = [k for k in candidates if k.own]
+        choices = [(k, t) for k in candidates for t in k.default_targets]
+    else:
+        choices = [(k, t) for k in candidates for t in k.targets if t.matches(distro)]
+        if not choices:
             owners = ", ".join(t.id for k in candidates for t in k.targets)
             raise ToaError(f"kernel {text!r} is not a {distro} kernel (it belongs to {owners}): drop or fix --distro")
-        candidates = narrowed
-    choices = [(k, t) for k in candidates for t in k.targets]
     by_build = {(k.release, t.build): (k, t) for k, t in choices}
     if len(by_build) > 1:
-        listed = "; ".join(f"{k.release} ({t.id})" for k, t in choices)
+        listed = "; ".join(
+            f"{k.release} ({', '.join(t.id for k2, t in choices if k2 is k)})" for k in dict.fromkeys(k for k, _ in choices)
+        )
         raise ToaError(
             f"kernel {text!r} is ambiguous: {listed}; pick one with --distro TARGET (e.g. --distro {choices[0][1].id})"
         )

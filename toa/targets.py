@@ -77,9 +77,7 @@ def for_os(distro: str, version: str) -> Target | None:
     return None
 
 
-def for_kernel_key(key: str, *, include_hwe: bool = False) -> list[Target]:
-    """Targets whose distro ships kernels of KEY (see toa.kernel); HWE kernels on request."""
-    found = [t for t in all_targets().values() if key in t.kernels]
-    if include_hwe:
-        found += [t for t in all_targets().values() if key in t.hwe_kernels]
-    return found
+def for_kernel_key(key: str, *, hwe: bool = False) -> list[Target]:
+    """Targets that ship kernels of KEY (see toa.kernel) as their own, or with HWE=True, that
+    can also run them (Ubuntu's hardware-enablement kernels and the like)."""
+    return [t for t in all_targets().values() if key in (t.hwe_kernels if hwe else t.kernels)]

@@ -1,0 +1,99 @@
+"""Detection: real distros' release files (fixtures), the kernel corpus, and this machine."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.cli import assert_one_line_error, toa
+from toa import detect, kernel
+from toa.errors import ToaError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOTS = json.loads((FIXTURES / "roots" / "expected.json").read_text())
+KERNELS = json.loads((FIXTURES / "kernels.json").read_text())
+HOSTILE = json.loads((FIXTURES / "hostile_releases.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(ROOTS))
+def test_root_fixture_is_detected(name):
+    platform = detect.identify(detect.read_root(FIXTURES / "roots" / name))
+    got = {"family": platform.family, "distro": platform.distro, "version": platform.version,
+           "init": platform.init, "target": platform.target.id if platform.target else None}
+    assert got == ROOTS[name]
+
+
+def test_every_target_has_a_fixture():
+    from toa.targets import all_targets
+
+    assert {v["target"] for v in ROOTS.values()} == set(all_targets())
+
+
+@pytest.mark.parametrize("name", ["centos-7", "sles-11", "debian-sid", "fedora-coreos"])
+def test_detect_root_on_the_command_line(name):
+    result = toa("detect", "--root", str(FIXTURES / "roots" / name), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert {k: info[k] for k in ("family", "distro", "version", "target")} == {
+        k: ROOTS[name][k] for k in ("family", "distro", "version", "target")
+    }
+    assert {"kernel", "init", "headers_package", "headers_path"} <= set(info)
+
+
+def test_root_kernel_and_headers_come_from_its_modules(tmp_path):
+    root = tmp_path / "img"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "redhat-release").write_text("CentOS Linux release 7.9.2009 (Core)\n")
+    for release in ("3.10.0-1160.el7.x86_64", "3.10.0-1160.119.1.el7.x86_64"):
+        (root / "lib" / "modules" / release).mkdir(parents=True)
+    platform = detect.identify(detect.read_root(root))
+    assert platform.kernel == "3.10.0-1160.119.1.el7.x86_64"
+    assert platform.headers == ("kernel-devel-3.10.0-1160.119.1.el7.x86_64",
+                                "/usr/src/kernels/3.10.0-1160.119.1.el7.x86_64")
+
+
+def test_not_a_root_is_one_line(tmp_path):
+    assert_one_line_error(toa("detect", "--root", str(tmp_path)), "no /etc/os-release")
+    assert_one_line_error(toa("detect", "--root", str(tmp_path / "missing")), "not a directory")
+
+
+def test_os_release_quoting_is_undone_not_executed():
+    values = detect.parse_os_release('NAME="Foo $(id)"\nID=foo\nVERSION_ID=\'1.2\'\nbad line\nX=`uname`\n')
+    assert values == {"NAME": "Foo $(id)", "ID": "foo", "VERSION_ID": "1.2", "X": "`uname`"}
+
+
+def test_remote_facts_parse():
+    output = ("@@toa-file /etc/os-release\nID=ubuntu\nVERSION_ID=\"22.04\"\n\n"
+              "@@toa-kernel 5.15.0-91-generic\n@@toa-systemd\n")
+    platform = detect.identify(detect.parse_remote_facts(output))
+    assert (platform.distro, platform.target.id, platform.kernel, platform.init) == (
+        "ubuntu", "ubuntu-22.04", "5.15.0-91-generic", "systemd")
+    with pytest.raises(ToaError):
+        detect.parse_remote_facts("@@toa-kernel 5.15;reboot\n")
+
+
+@pytest.mark.parametrize("entry", KERNELS, ids=[e["release"] for e in KERNELS])
+def test_kernel_corpus_classifies(entry):
+    found = kernel.classify(entry["release"])
+    assert found is not None
+    assert (found.family, found.distro, [t.id for t in found.targets]) == (
+        entry["family"], entry["distro"], entry["targets"])
+    assert kernel.resolve(entry["release"], entry["targets"][-1]).target.id == entry["targets"][-1]
+
+
+@pytest.mark.parametrize("entry", HOSTILE, ids=[e["why"] for e in HOSTILE])
+def test_hostile_releases_are_rejected(entry):
+    with pytest.raises(ToaError, match="kernel release"):
+        kernel.validate_release(entry["release"])
+
+
+def test_this_machine():
+    result = toa("detect", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    os_release = detect.parse_os_release(Path("/etc/os-release").read_text())
+    assert (info["distro"], info["version"]) == (os_release["ID"], os_release["VERSION_ID"])
+    assert info["kernel"] == os.uname().release
+    human = toa("detect")
+    assert os_release["PRETTY_NAME"] in human.stdout and os.uname().release in human.stdout
