@@ -1,0 +1,1480 @@
+/*
+ * toa_peer: the test peer that runs inside the lab guest.
+ *
+ * It creates a TUN device, listens on the TUN's addresses and plays the
+ * client itself by writing raw IPv4/IPv6 TCP segments to the TUN: SYN, read
+ * the SYN-ACK, then the final ACK carrying chosen TCP options.  The server
+ * side accept()s and calls getpeername(), and the result is compared with
+ * what the TOA rules say it must be.  Every check prints one line:
+ *
+ *     CASE <name> PASS|FAIL key=value ...
+ *
+ * Modes:
+ *     toa_peer basic                  named scenarios + /proc/net/toa_stats deltas
+ *     toa_peer plain LABEL            no module loaded: TOA options must be ignored
+ *     toa_peer fuzz SEED COUNT KINDS  random options, expected result known by construction
+ *     toa_peer hold READY GO          keep a TOA connection open across an rmmod
+ *     toa_peer cycles COUNT KO        insmod/rmmod COUNT times, a handshake checked in between
+ *
+ * Built static (gcc -static) so it runs on any guest kernel with a bare initramfs.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STATS_PATH "/proc/net/toa_stats"
+#define MAX_OPTS 40
+#define WAIT_MS 3000
+
+/* ---------- small helpers ---------- */
+
+static uint64_t rng_state;
+
+/* splitmix64: tiny, seedable, good enough to spread test cases. */
+static uint64_t rng_next(void)
+{
+	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+/* Uniform-enough integer in [lo, hi]. */
+static int rng_range(int lo, int hi)
+{
+	return lo + (int)(rng_next() % (uint64_t)(hi - lo + 1));
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	nanosleep(&ts, NULL);
+}
+
+static long now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	ssize_t len = (ssize_t)strlen(text);
+	int ok;
+
+	if (fd < 0)
+		return -1;
+	ok = write(fd, text, (size_t)len) == len;
+	close(fd);
+	return ok ? 0 : -1;
+}
+
+static void report(const char *name, int passed, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("CASE %s %s ", name, passed ? "PASS" : "FAIL");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+}
+
+static void hex(const uint8_t *b, int len, char *out)
+{
+	int i;
+
+	if (len == 0) {
+		strcpy(out, "-");
+		return;
+	}
+	for (i = 0; i < len; i++)
+		sprintf(out + 2 * i, "%02x", b[i]);
+}
+
+/* ---------- addresses ---------- */
+
+enum listener { L4, L6, LMAPPED };
+static const char *const listener_names[] = { "v4", "v6", "mapped" };
+
+static void fmt_addr(const struct sockaddr_storage *ss, char *out, size_t len)
+{
+	char ip[INET6_ADDRSTRLEN];
+
+	if (ss->ss_family == AF_INET) {
+		const struct sockaddr_in *sin = (const void *)ss;
+
+		inet_ntop(AF_INET, &sin->sin_addr, ip, sizeof(ip));
+		snprintf(out, len, "%s:%u", ip, ntohs(sin->sin_port));
+	} else if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *sin6 = (const void *)ss;
+
+		inet_ntop(AF_INET6, &sin6->sin6_addr, ip, sizeof(ip));
+		snprintf(out, len, "[%s]:%u", ip, ntohs(sin6->sin6_port));
+	} else {
+		snprintf(out, len, "family-%d", ss->ss_family);
+	}
+}
+
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return 0;
+	if (a->ss_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+
+		return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+	}
+	if (a->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+
+		return x->sin6_port == y->sin6_port &&
+		       !memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr));
+	}
+	return 0;
+}
+
+static void make_v4(struct sockaddr_storage *ss, const uint8_t addr[4], uint16_t port)
+{
+	struct sockaddr_in *sin = (void *)ss;
+
+	memset(ss, 0, sizeof(*ss));
+	sin->sin_family = AF_INET;
+	sin->sin_port = htons(port);
+	memcpy(&sin->sin_addr, addr, 4);
+}
+
+static void make_v6(struct sockaddr_storage *ss, const uint8_t addr[16], uint16_t port)
+{
+	struct sockaddr_in6 *sin6 = (void *)ss;
+
+	memset(ss, 0, sizeof(*ss));
+	sin6->sin6_family = AF_INET6;
+	sin6->sin6_port = htons(port);
+	memcpy(&sin6->sin6_addr, addr, 16);
+}
+
+/* An IPv4 address as an AF_INET6 socket reports it: ::ffff:a.b.c.d. */
+static void make_mapped(struct sockaddr_storage *ss, const uint8_t addr[4], uint16_t port)
+{
+	uint8_t mapped[16] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+
+	memcpy(mapped + 12, addr, 4);
+	make_v6(ss, mapped, port);
+}
+
+/* ---------- what a handshake must report ---------- */
+
+enum outcome { REAL_PEER, TOA_V4, TOA_V6 };
+
+struct expectation {
+	enum outcome outcome;
+	uint16_t port;
+	uint8_t addr[16];
+};
+
+/* A TCP options area as sent on the wire (a whole number of 32-bit words). */
+struct optbuf {
+	uint8_t b[MAX_OPTS];
+	int len;
+};
+
+/* ---------- the TUN network ---------- */
+
+struct lab_net {
+	int tun;
+	char ifname[IFNAMSIZ];
+	uint8_t local4[4], peer4[4];
+	uint8_t local6[16], peer6[16];
+	int listen_fd[3];
+	uint16_t listen_port[3];
+	uint16_t next_port;
+};
+
+/* The IPv6 address fd00:<subnet>::<host>. */
+static void lab_v6(uint8_t out[16], int subnet, int host)
+{
+	memset(out, 0, 16);
+	out[0] = 0xfd;
+	out[3] = (uint8_t)subnet;
+	out[15] = (uint8_t)host;
+}
+
+static int set_if_addr4(int sock, const char *ifname, unsigned long req, const uint8_t addr[4])
+{
+	struct ifreq ifr;
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+	memcpy(&sin.sin_addr, addr, 4);
+	memcpy(&ifr.ifr_addr, &sin, sizeof(sin));
+	return ioctl(sock, req, &ifr);
+}
+
+/* Layout of the kernel's struct in6_ifreq (linux/ipv6.h clashes with glibc headers). */
+struct in6_ifreq_abi {
+	struct in6_addr addr;
+	uint32_t prefixlen;
+	int ifindex;
+};
+
+static int open_listener(int family, const void *addr, socklen_t addrlen, int v6only)
+{
+	int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int one = 1;
+
+	if (fd < 0)
+		return -1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only));
+	if (bind(fd, addr, addrlen) < 0 || listen(fd, 64) < 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/*
+ * Create and address the TUN device toa<N> (subnet N: 10.0.N.1/24 and
+ * fd00:N::1/64 for the guest, .2/::2 for the hand-written client) and open
+ * the three listeners.  Returns 0, or -1 after printing why.
+ */
+static int net_up(struct lab_net *n, int subnet)
+{
+	struct ifreq ifr;
+	struct in6_ifreq_abi ifr6;
+	struct sockaddr_in sin;
+	struct sockaddr_in6 sin6;
+	char path[128];
+	int s4, s6, i;
+
+	memset(n, 0, sizeof(*n));
+	n->tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+	if (n->tun < 0) {
+		report("tun-device", 0, "error=open-/dev/net/tun:%s", strerror(errno));
+		return -1;
+	}
+	memset(&ifr, 0, sizeof(ifr));
+	ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+	snprintf(ifr.ifr_name, IFNAMSIZ, "toa%d", subnet);
+	if (ioctl(n->tun, TUNSETIFF, &ifr) < 0) {
+		report("tun-device", 0, "error=TUNSETIFF:%s", strerror(errno));
+		return -1;
+	}
+	memcpy(n->ifname, ifr.ifr_name, IFNAMSIZ);
+	fcntl(n->tun, F_SETFL, O_NONBLOCK);
+
+	/* A TUN address would otherwise stay tentative (unbindable) during DAD. */
+	snprintf(path, sizeof(path), "/proc/sys/net/ipv6/conf/%s/accept_dad", n->ifname);
+	write_file(path, "0");
+
+	n->local4[0] = 10, n->local4[2] = (uint8_t)subnet, n->local4[3] = 1;
+	memcpy(n->peer4, n->local4, 4);
+	n->peer4[3] = 2;
+	lab_v6(n->local6, subnet, 1);
+	lab_v6(n->peer6, subnet, 2);
+
+	s4 = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	{
+		const uint8_t mask[4] = { 255, 255, 255, 0 };
+
+		if (set_if_addr4(s4, n->ifname, SIOCSIFADDR, n->local4) < 0 ||
+		    set_if_addr4(s4, n->ifname, SIOCSIFNETMASK, mask) < 0) {
+			report("tun-device", 0, "error=ipv4-address:%s", strerror(errno));
+			return -1;
+		}
+	}
+	memset(&ifr, 0, sizeof(ifr));
+	memcpy(ifr.ifr_name, n->ifname, IFNAMSIZ);
+	if (ioctl(s4, SIOCGIFFLAGS, &ifr) < 0) {
+		report("tun-device", 0, "error=SIOCGIFFLAGS:%s", strerror(errno));
+		return -1;
+	}
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s4, SIOCSIFFLAGS, &ifr) < 0 || ioctl(s4, SIOCGIFINDEX, &ifr) < 0) {
+		report("tun-device", 0, "error=link-up:%s", strerror(errno));
+		return -1;
+	}
+	memset(&ifr6, 0, sizeof(ifr6));
+	memcpy(&ifr6.addr, n->local6, 16);
+	ifr6.prefixlen = 64;
+	ifr6.ifindex = ifr.ifr_ifindex;
+	if (ioctl(s6, SIOCSIFADDR, &ifr6) < 0) {
+		report("tun-device", 0, "error=ipv6-address:%s", strerror(errno));
+		return -1;
+	}
+	close(s4);
+	close(s6);
+
+	n->listen_port[L4] = 8004;
+	n->listen_port[L6] = 8006;
+	n->listen_port[LMAPPED] = 8046;
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_port = htons(n->listen_port[L4]);
+	memcpy(&sin.sin_addr, n->local4, 4);
+	n->listen_fd[L4] = open_listener(AF_INET, &sin, sizeof(sin), 0);
+	memset(&sin6, 0, sizeof(sin6));
+	sin6.sin6_family = AF_INET6;
+	sin6.sin6_port = htons(n->listen_port[L6]);
+	memcpy(&sin6.sin6_addr, n->local6, 16);
+	/* The new IPv6 address leaves its tentative state asynchronously, even without DAD. */
+	for (i = 0; i < 100; i++) {
+		n->listen_fd[L6] = open_listener(AF_INET6, &sin6, sizeof(sin6), 1);
+		if (n->listen_fd[L6] >= 0 || errno != EADDRNOTAVAIL)
+			break;
+		sleep_ms(20);
+	}
+	/* Dual-stack listener: IPv4 clients arrive as v4-mapped connections. */
+	sin6.sin6_port = htons(n->listen_port[LMAPPED]);
+	sin6.sin6_addr = in6addr_any;
+	n->listen_fd[LMAPPED] = open_listener(AF_INET6, &sin6, sizeof(sin6), 0);
+	for (i = 0; i < 3; i++) {
+		if (n->listen_fd[i] < 0) {
+			report("tun-device", 0, "error=listen-%s:%s", listener_names[i],
+			       strerror(errno));
+			return -1;
+		}
+	}
+	n->next_port = (uint16_t)(20000 + (getpid() % 1000) * 37);
+	return 0;
+}
+
+/* ---------- raw TCP segments ---------- */
+
+static uint32_t sum16(uint32_t sum, const uint8_t *p, size_t len)
+{
+	while (len > 1) {
+		sum += (uint32_t)(p[0] << 8 | p[1]);
+		p += 2;
+		len -= 2;
+	}
+	if (len)
+		sum += (uint32_t)(p[0] << 8);
+	return sum;
+}
+
+static uint16_t fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	put16(p, (uint16_t)(v >> 16));
+	put16(p + 2, (uint16_t)v);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
+
+/*
+ * Write one client->server TCP segment to the TUN.  IPv4 when the listener
+ * takes IPv4 clients (L4, LMAPPED), IPv6 otherwise.  opt_len must be a
+ * multiple of 4 (the header length is counted in words).
+ */
+static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t seq,
+			uint32_t ack, uint8_t flags, const uint8_t *opts, int opt_len)
+{
+	uint8_t pkt[128], pseudo[40];
+	int ip_len = lk == L6 ? 40 : 20;
+	int tcp_len = 20 + opt_len;
+	uint8_t *tcp = pkt + ip_len;
+	uint32_t sum;
+
+	memset(pkt, 0, sizeof(pkt));
+	if (lk == L6) {
+		pkt[0] = 0x60;
+		put16(pkt + 4, (uint16_t)tcp_len);
+		pkt[6] = IPPROTO_TCP;
+		pkt[7] = 64;
+		memcpy(pkt + 8, n->peer6, 16);
+		memcpy(pkt + 24, n->local6, 16);
+		memcpy(pseudo, n->peer6, 16);
+		memcpy(pseudo + 16, n->local6, 16);
+		put32(pseudo + 32, (uint32_t)tcp_len);
+		memset(pseudo + 36, 0, 3);
+		pseudo[39] = IPPROTO_TCP;
+		sum = sum16(0, pseudo, 40);
+	} else {
+		pkt[0] = 0x45;
+		put16(pkt + 2, (uint16_t)(ip_len + tcp_len));
+		put16(pkt + 4, (uint16_t)rng_next());
+		put16(pkt + 6, 0x4000); /* DF */
+		pkt[8] = 64;
+		pkt[9] = IPPROTO_TCP;
+		memcpy(pkt + 12, n->peer4, 4);
+		memcpy(pkt + 16, n->local4, 4);
+		put16(pkt + 10, fold(sum16(0, pkt, 20)));
+		memcpy(pseudo, n->peer4, 4);
+		memcpy(pseudo + 4, n->local4, 4);
+		pseudo[8] = 0;
+		pseudo[9] = IPPROTO_TCP;
+		put16(pseudo + 10, (uint16_t)tcp_len);
+		sum = sum16(0, pseudo, 12);
+	}
+	put16(tcp, sport);
+	put16(tcp + 2, n->listen_port[lk]);
+	put32(tcp + 4, seq);
+	put32(tcp + 8, ack);
+	tcp[12] = (uint8_t)((tcp_len / 4) << 4);
+	tcp[13] = flags;
+	put16(tcp + 14, 64240);
+	memcpy(tcp + 20, opts, (size_t)opt_len);
+	put16(tcp + 16, fold(sum16(sum, tcp, (size_t)tcp_len)));
+	return write(n->tun, pkt, (size_t)(ip_len + tcp_len)) == ip_len + tcp_len ? 0 : -1;
+}
+
+/*
+ * Read from the TUN until the server's SYN-ACK for (sport, isn) shows up;
+ * everything else (router solicitations, earlier RSTs, ...) is skipped.
+ */
+static int wait_synack(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t isn,
+		       uint32_t *server_isn)
+{
+	long deadline = now_ms() + WAIT_MS;
+	uint8_t pkt[2048];
+
+	while (now_ms() < deadline) {
+		struct pollfd pfd = { n->tun, POLLIN, 0 };
+		const uint8_t *tcp;
+		ssize_t len;
+
+		if (poll(&pfd, 1, (int)(deadline - now_ms())) <= 0)
+			continue;
+		len = read(n->tun, pkt, sizeof(pkt));
+		if (len <= 0)
+			continue;
+		if (lk == L6) {
+			if (len < 60 || pkt[0] >> 4 != 6 || pkt[6] != IPPROTO_TCP ||
+			    memcmp(pkt + 8, n->local6, 16) || memcmp(pkt + 24, n->peer6, 16))
+				continue;
+			tcp = pkt + 40;
+		} else {
+			int ihl = (pkt[0] & 15) * 4;
+
+			if (len < 40 || pkt[0] >> 4 != 4 || pkt[9] != IPPROTO_TCP ||
+			    memcmp(pkt + 12, n->local4, 4) || memcmp(pkt + 16, n->peer4, 4) ||
+			    len < ihl + 20)
+				continue;
+			tcp = pkt + ihl;
+		}
+		if ((tcp[0] << 8 | tcp[1]) != n->listen_port[lk] || (tcp[2] << 8 | tcp[3]) != sport)
+			continue;
+		if ((tcp[13] & (TCP_SYN | TCP_ACK)) != (TCP_SYN | TCP_ACK) || get32(tcp + 8) != isn + 1)
+			continue;
+		*server_isn = get32(tcp + 4);
+		return 0;
+	}
+	return -1;
+}
+
+/*
+ * One real handshake: SYN, SYN-ACK, ACK with `opts`, then accept() on the
+ * listener.  Returns the accepted fd (the address accept() reported in
+ * *accepted) or -1 with *why set.
+ */
+static int handshake(struct lab_net *n, enum listener lk, const struct optbuf *syn,
+		     const struct optbuf *ack, uint16_t *sport_out, struct sockaddr_storage *accepted,
+		     const char **why)
+{
+	uint16_t sport = n->next_port;
+	uint32_t isn = (uint32_t)rng_next(), server_isn;
+	struct pollfd pfd = { n->listen_fd[lk], POLLIN, 0 };
+	socklen_t alen = sizeof(*accepted);
+	int fd;
+
+	n->next_port = (uint16_t)(n->next_port >= 60000 ? 20000 : n->next_port + 1);
+	*sport_out = sport;
+	if (send_segment(n, lk, sport, isn, 0, TCP_SYN, syn->b, syn->len) < 0) {
+		*why = "tun-write-failed";
+		return -1;
+	}
+	if (wait_synack(n, lk, sport, isn, &server_isn) < 0) {
+		*why = "no-syn-ack";
+		return -1;
+	}
+	if (send_segment(n, lk, sport, isn + 1, server_isn + 1, TCP_ACK, ack->b, ack->len) < 0) {
+		*why = "tun-write-failed";
+		return -1;
+	}
+	if (poll(&pfd, 1, WAIT_MS) <= 0) {
+		*why = "ack-not-accepted";
+		return -1;
+	}
+	memset(accepted, 0, sizeof(*accepted));
+	fd = accept4(n->listen_fd[lk], (struct sockaddr *)accepted, &alen, SOCK_CLOEXEC);
+	if (fd < 0)
+		*why = "accept-failed";
+	return fd;
+}
+
+/* Close without FIN/TIME_WAIT so a thousand handshakes leave nothing behind. */
+static void close_abort(int fd)
+{
+	struct linger lg = { 1, 0 };
+
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+}
+
+/* ---------- building option lists ---------- */
+
+static void put_bytes(struct optbuf *o, const uint8_t *p, int len)
+{
+	memcpy(o->b + o->len, p, (size_t)len);
+	o->len += len;
+}
+
+static void put_toa4(struct optbuf *o, uint8_t kind, uint16_t port, const uint8_t addr[4])
+{
+	uint8_t opt[8] = { kind, 8 };
+
+	put16(opt + 2, port);
+	memcpy(opt + 4, addr, 4);
+	put_bytes(o, opt, 8);
+}
+
+static void put_toa6(struct optbuf *o, uint8_t kind, uint16_t port, const uint8_t addr[16])
+{
+	uint8_t opt[20] = { kind, 20 };
+
+	put16(opt + 2, port);
+	memcpy(opt + 4, addr, 16);
+	put_bytes(o, opt, 20);
+}
+
+/* Pad to a whole number of words with NOPs (the list means the same). */
+static void pad_nop(struct optbuf *o)
+{
+	while (o->len % 4)
+		o->b[o->len++] = 1;
+}
+
+static const struct optbuf mss_only = { { 2, 4, 0x05, 0xb4 }, 4 }; /* MSS 1460 */
+
+/* ---------- one checked handshake ---------- */
+
+/* A handshake to drive and what accept()/getpeername() must then report. */
+struct probe {
+	enum listener lk;
+	const struct optbuf *syn; /* NULL: MSS only */
+	struct optbuf ack;
+	struct expectation want;
+	int malformed; /* the ACK's list breaks a rule: malformed_ignored must count it */
+};
+
+static void expected_addr(const struct lab_net *n, const struct probe *p, uint16_t sport,
+			  struct sockaddr_storage *out)
+{
+	const struct expectation *e = &p->want;
+
+	if (e->outcome == TOA_V4 && p->lk == L4)
+		make_v4(out, e->addr, e->port);
+	else if (e->outcome == TOA_V4)
+		make_mapped(out, e->addr, e->port);
+	else if (e->outcome == TOA_V6 && p->lk != L4)
+		make_v6(out, e->addr, e->port);
+	else if (p->lk == L4)
+		make_v4(out, n->peer4, sport); /* also an IPv6 TOA on an IPv4 socket */
+	else if (p->lk == L6)
+		make_v6(out, n->peer6, sport);
+	else
+		make_mapped(out, n->peer4, sport);
+}
+
+/*
+ * Drive the handshake; accept() and getpeername() must both report exactly
+ * the expected address.  Returns 1 on match and fills `detail` for the CASE
+ * line.  With keep_fd the accepted socket stays open and is handed back.
+ */
+static int check_probe(struct lab_net *n, const struct probe *p, char *detail, size_t dlen,
+		       int *keep_fd, uint16_t *sport_out)
+{
+	struct sockaddr_storage accepted, peer, want;
+	socklen_t plen = sizeof(peer);
+	char want_s[80], acc_s[80], peer_s[80], opt_s[2 * MAX_OPTS + 1];
+	const char *why = NULL;
+	uint16_t sport;
+	int fd, ok;
+
+	hex(p->ack.b, p->ack.len, opt_s);
+	fd = handshake(n, p->lk, p->syn ? p->syn : &mss_only, &p->ack, &sport, &accepted, &why);
+	if (sport_out)
+		*sport_out = sport;
+	expected_addr(n, p, sport, &want);
+	fmt_addr(&want, want_s, sizeof(want_s));
+	if (fd < 0) {
+		snprintf(detail, dlen, "listener=%s expected=%s got=none error=%s opts=%s",
+			 listener_names[p->lk], want_s, why, opt_s);
+		return 0;
+	}
+	memset(&peer, 0, sizeof(peer));
+	if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+		peer.ss_family = AF_UNSPEC;
+	fmt_addr(&accepted, acc_s, sizeof(acc_s));
+	fmt_addr(&peer, peer_s, sizeof(peer_s));
+	ok = same_addr(&accepted, &want) && same_addr(&peer, &want);
+	snprintf(detail, dlen, "listener=%s expected=%s got=%s accept=%s opts=%s",
+		 listener_names[p->lk], want_s, peer_s, acc_s, opt_s);
+	if (keep_fd)
+		*keep_fd = fd;
+	else
+		close_abort(fd);
+	return ok;
+}
+
+/* ---------- /proc/net/toa_stats ---------- */
+
+static const char *const stat_names[] = {
+	"v4_options_seen", "v6_options_seen", "addresses_returned", "malformed_ignored",
+	"v6_on_v4_ignored", "entries_live",   "alloc_failed",	    "probe_missed",
+};
+#define N_STATS (int)(sizeof(stat_names) / sizeof(stat_names[0]))
+
+struct stats {
+	long long value[N_STATS];
+	char problem[96];
+};
+
+/* Parse the file: one `name value` per line, every required name exactly once. */
+static int read_stats(struct stats *st)
+{
+	FILE *f = fopen(STATS_PATH, "r");
+	char line[256];
+	int seen[N_STATS] = { 0 }, i;
+
+	memset(st, 0, sizeof(*st));
+	if (!f) {
+		snprintf(st->problem, sizeof(st->problem), "open:%s", strerror(errno));
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char name[64], extra[8];
+		long long v;
+
+		if (sscanf(line, "%63s %lld %7s", name, &v, extra) != 2) {
+			snprintf(st->problem, sizeof(st->problem), "bad-line");
+			continue;
+		}
+		for (i = 0; i < N_STATS; i++) {
+			if (!strcmp(name, stat_names[i])) {
+				st->value[i] = v;
+				seen[i]++;
+			}
+		}
+	}
+	fclose(f);
+	for (i = 0; i < N_STATS; i++)
+		if (seen[i] != 1)
+			snprintf(st->problem, sizeof(st->problem), "missing-or-repeated:%s",
+				 stat_names[i]);
+	return st->problem[0] ? -1 : 0;
+}
+
+static long long stat_value(const struct stats *st, const char *name)
+{
+	int i;
+
+	for (i = 0; i < N_STATS; i++)
+		if (!strcmp(stat_names[i], name))
+			return st->value[i];
+	return -1;
+}
+
+/* The module may free per-socket entries a moment after close(): wait briefly for 0. */
+static long long wait_entries_drained(void)
+{
+	struct stats st;
+	int i;
+
+	for (i = 0; i < 40; i++) {
+		if (read_stats(&st) == 0 && stat_value(&st, "entries_live") == 0)
+			return 0;
+		sleep_ms(50);
+	}
+	return read_stats(&st) == 0 ? stat_value(&st, "entries_live") : -1;
+}
+
+/* What a batch of handshakes must have done to the counters. */
+struct tally {
+	int cases, rewritten_v4, rewritten_v6, malformed, v6_on_v4, mismatches;
+};
+
+static void tally_add(struct tally *t, const struct probe *p, int ok)
+{
+	t->cases++;
+	t->mismatches += !ok;
+	t->malformed += p->malformed;
+	if (p->want.outcome == TOA_V6 && p->lk == L4)
+		t->v6_on_v4++;
+	else if (p->want.outcome == TOA_V4)
+		t->rewritten_v4++;
+	else if (p->want.outcome == TOA_V6)
+		t->rewritten_v6++;
+}
+
+static void report_counter(const char *prefix, const char *what, int ok, const char *fmt, ...)
+{
+	char name[80], detail[128];
+	va_list ap;
+
+	snprintf(name, sizeof(name), "%s-%s", prefix, what);
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof(detail), fmt, ap);
+	va_end(ap);
+	report(name, ok, "%s", detail);
+}
+
+/*
+ * Compare the counters with the batch: malformed and v6-on-v4 lists are
+ * counted once per connection; every rewritten connection was seen and
+ * returned at least once (accept and getpeername may each count).
+ */
+static void check_counters(const char *prefix, const struct stats *before, const struct tally *t)
+{
+	struct stats after;
+	long long d;
+	int rewritten = t->rewritten_v4 + t->rewritten_v6;
+
+	if (read_stats(&after) < 0) {
+		report_counter(prefix, "stats-format", 0, "problem=%s", after.problem);
+		return;
+	}
+	report_counter(prefix, "stats-format", 1, "names=%d", N_STATS);
+#define DELTA(name) (stat_value(&after, name) - stat_value(before, name))
+	d = DELTA("addresses_returned");
+	report_counter(prefix, "addresses-returned", d >= rewritten, "expected>=%d got=%lld",
+		       rewritten, d);
+	d = DELTA("v4_options_seen");
+	report_counter(prefix, "v4-options-seen", d >= t->rewritten_v4, "expected>=%d got=%lld",
+		       t->rewritten_v4, d);
+	d = DELTA("v6_options_seen");
+	report_counter(prefix, "v6-options-seen", d >= t->rewritten_v6, "expected>=%d got=%lld",
+		       t->rewritten_v6, d);
+	d = DELTA("malformed_ignored");
+	report_counter(prefix, "malformed-ignored", d == t->malformed, "expected=%d got=%lld",
+		       t->malformed, d);
+	d = DELTA("v6_on_v4_ignored");
+	report_counter(prefix, "v6-on-v4-ignored", d == t->v6_on_v4, "expected=%d got=%lld",
+		       t->v6_on_v4, d);
+#undef DELTA
+	d = stat_value(&after, "alloc_failed");
+	report_counter(prefix, "alloc-failed", d == 0, "expected=0 got=%lld", d);
+	d = stat_value(&after, "probe_missed");
+	report_counter(prefix, "probe-missed", d == 0, "expected=0 got=%lld", d);
+	d = wait_entries_drained();
+	report_counter(prefix, "entries-drained", d == 0, "expected=0 got=%lld", d);
+}
+
+/* ---------- mode: basic ---------- */
+
+static const uint8_t client4[4] = { 203, 0, 113, 7 };
+static const uint8_t client6[16] = { 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7 };
+#define CLIENT_PORT 40001
+
+struct named_probe {
+	const char *name;
+	struct probe p;
+};
+
+/* Start a named case on `lk` expecting `outcome` for the fixed client address. */
+static struct optbuf *add_case(struct named_probe *cases, int *count, const char *name,
+			       enum listener lk, enum outcome outcome, int malformed)
+{
+	struct named_probe *c = &cases[(*count)++];
+
+	memset(c, 0, sizeof(*c));
+	c->name = name;
+	c->p.lk = lk;
+	c->p.malformed = malformed;
+	c->p.want.outcome = outcome;
+	c->p.want.port = CLIENT_PORT;
+	memcpy(c->p.want.addr, outcome == TOA_V6 ? client6 : client4, outcome == TOA_V6 ? 16 : 4);
+	return &c->p.ack;
+}
+
+#define BYTES(...) (const uint8_t[]){ __VA_ARGS__ }, (int)sizeof((const uint8_t[]){ __VA_ARGS__ })
+
+static int mode_basic(void)
+{
+	static const uint8_t zero4[4];
+	static struct optbuf syn_with_toa;
+	struct named_probe cases[32];
+	struct lab_net n;
+	struct stats before;
+	struct tally t = { 0 };
+	struct optbuf *o;
+	char detail[512];
+	int nc = 0, i, ok;
+
+	if (net_up(&n, 0) < 0)
+		return 1;
+	if (read_stats(&before) < 0) {
+		report("basic-stats-readable", 0, "problem=%s", before.problem);
+		return 1;
+	}
+
+	o = add_case(cases, &nc, "v4", L4, TOA_V4, 0);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+
+	o = add_case(cases, &nc, "v4-among-options", L4, TOA_V4, 0);
+	put_bytes(o, BYTES(1, 3, 3, 7, 2, 4, 5, 0xb4, 4, 2));
+	put_toa4(o, 254, CLIENT_PORT, client4);
+	pad_nop(o);
+
+	o = add_case(cases, &nc, "v4-then-eol-garbage", L4, TOA_V4, 0);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+	put_bytes(o, BYTES(0, 0xee, 0x01, 0x99));
+
+	o = add_case(cases, &nc, "v6-kind253", L6, TOA_V6, 0);
+	put_toa6(o, 253, CLIENT_PORT, client6);
+
+	o = add_case(cases, &nc, "v6-kind254", L6, TOA_V6, 0);
+	put_toa6(o, 254, CLIENT_PORT, client6);
+
+	o = add_case(cases, &nc, "v4-mapped", LMAPPED, TOA_V4, 0);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+
+	o = add_case(cases, &nc, "v4-toa-on-v6-socket", L6, TOA_V4, 0);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+
+	o = add_case(cases, &nc, "v6-toa-on-v4-socket", L4, TOA_V6, 0);
+	put_toa6(o, 253, CLIENT_PORT, client6);
+
+	add_case(cases, &nc, "no-option-v4", L4, REAL_PEER, 0);
+	add_case(cases, &nc, "no-option-v6", L6, REAL_PEER, 0);
+	add_case(cases, &nc, "no-option-mapped", LMAPPED, REAL_PEER, 0);
+
+	o = add_case(cases, &nc, "only-other-options", L4, REAL_PEER, 0);
+	put_bytes(o, BYTES(1, 1, 1, 3, 3, 7, 2, 4, 5, 0xb4, 200, 2));
+
+	/* Rule 1: a TOA on the SYN is not looked at, only the final ACK. */
+	add_case(cases, &nc, "toa-on-syn-only", L4, REAL_PEER, 0);
+	put_bytes(&syn_with_toa, mss_only.b, mss_only.len);
+	put_toa4(&syn_with_toa, 254, CLIENT_PORT, client4);
+	cases[nc - 1].p.syn = &syn_with_toa;
+
+	o = add_case(cases, &nc, "wrong-length-10", L4, REAL_PEER, 1);
+	put_bytes(o, BYTES(254, 10, 0x9c, 0x41, 203, 0, 113, 7, 0, 0, 1, 1));
+
+	o = add_case(cases, &nc, "wrong-length-6", L6, REAL_PEER, 1);
+	put_bytes(o, BYTES(253, 6, 0x9c, 0x41, 203, 0, 1, 1));
+
+	o = add_case(cases, &nc, "truncated-length", L4, REAL_PEER, 1);
+	put_bytes(o, BYTES(1, 1, 1, 1, 1, 1, 254, 8)); /* claims 8, 2 left */
+
+	o = add_case(cases, &nc, "truncated-no-length-byte", L4, REAL_PEER, 1);
+	put_bytes(o, BYTES(1, 1, 1, 254));
+
+	o = add_case(cases, &nc, "repeated-v4", L4, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+	put_toa4(o, 254, CLIENT_PORT + 1, client4);
+
+	o = add_case(cases, &nc, "repeated-mixed-kinds", L6, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+	put_toa6(o, 253, CLIENT_PORT, client6);
+
+	o = add_case(cases, &nc, "zero-port", L4, REAL_PEER, 1);
+	put_toa4(o, 254, 0, client4);
+
+	o = add_case(cases, &nc, "zero-address", L4, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, zero4);
+
+	o = add_case(cases, &nc, "bad-other-option-after-toa", L4, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, client4);
+	put_bytes(o, BYTES(2, 1, 1, 1)); /* length 1: the list is malformed */
+
+	o = add_case(cases, &nc, "kind200-not-accepted", L4, REAL_PEER, 0);
+	put_toa4(o, 200, CLIENT_PORT, client4);
+
+	o = add_case(cases, &nc, "toa-after-eol", L4, REAL_PEER, 0);
+	put_bytes(o, BYTES(1, 1, 1, 0));
+	put_toa4(o, 254, CLIENT_PORT, client4);
+
+	for (i = 0; i < nc; i++) {
+		ok = check_probe(&n, &cases[i].p, detail, sizeof(detail), NULL, NULL);
+		report(cases[i].name, ok, "%s", detail);
+		tally_add(&t, &cases[i].p, ok);
+	}
+	check_counters("basic", &before, &t);
+	report("basic", t.mismatches == 0, "cases=%d mismatches=%d", t.cases, t.mismatches);
+	return t.mismatches != 0;
+}
+
+/* ---------- mode: plain (module not loaded) ---------- */
+
+static int mode_plain(const char *label)
+{
+	struct probe p4 = { .lk = L4 }, p6 = { .lk = L6 };
+	struct lab_net n;
+	char name[64], detail[512];
+	int ok4, ok6;
+
+	if (net_up(&n, 0) < 0)
+		return 1;
+	put_toa4(&p4.ack, 254, CLIENT_PORT, client4);
+	put_toa6(&p6.ack, 253, CLIENT_PORT, client6);
+	ok4 = check_probe(&n, &p4, detail, sizeof(detail), NULL, NULL);
+	snprintf(name, sizeof(name), "%s-v4-untouched", label);
+	report(name, ok4, "%s", detail);
+	ok6 = check_probe(&n, &p6, detail, sizeof(detail), NULL, NULL);
+	snprintf(name, sizeof(name), "%s-v6-untouched", label);
+	report(name, ok6, "%s", detail);
+	return !(ok4 && ok6);
+}
+
+/* ---------- mode: fuzz ---------- */
+
+enum category {
+	CAT_VALID_V4,
+	CAT_VALID_V6,
+	CAT_WRONG_LENGTH,
+	CAT_TRUNCATED,
+	CAT_REPEATED,
+	CAT_ZERO,
+	CAT_NOT_ACCEPTED,
+	CAT_AFTER_EOL,
+	CAT_BAD_OTHER,
+	CAT_NO_TOA,
+	N_CATEGORIES
+};
+static const char *const category_names[] = {
+	"valid_v4",	"valid_v6",  "wrong_length", "truncated", "repeated",
+	"zero",		"not_accepted", "after_eol", "bad_other", "no_toa",
+};
+
+struct kindset {
+	uint8_t kind[4];
+	int count;
+};
+
+static int is_accepted(const struct kindset *ks, int kind)
+{
+	int i;
+
+	for (i = 0; i < ks->count; i++)
+		if (ks->kind[i] == kind)
+			return 1;
+	return 0;
+}
+
+static uint8_t random_accepted(const struct kindset *ks)
+{
+	return ks->kind[rng_range(0, ks->count - 1)];
+}
+
+/* A kind the module must ignore: 200 when not accepted, or other unassigned kinds. */
+static uint8_t random_other_kind(const struct kindset *ks)
+{
+	static const uint8_t pool[] = { 200, 200, 252, 76, 99, 9, 14, 201, 253, 254 };
+	uint8_t k;
+
+	do
+		k = pool[rng_range(0, (int)sizeof(pool) - 1)];
+	while (is_accepted(ks, k));
+	return k;
+}
+
+/*
+ * Append exactly `room` bytes of well-formed non-TOA options.  Kinds the
+ * kernel acts on in a final ACK (timestamps, MD5, AO, MPTCP) are left out
+ * so the handshake itself is never refused.
+ */
+static void put_filler(struct optbuf *o, int room, const struct kindset *ks)
+{
+	while (room > 0) {
+		int pick = rng_range(0, 5), len, i;
+
+		if (pick == 0 || room < 2) {
+			o->b[o->len++] = 1; /* NOP */
+			room--;
+		} else if (pick == 1 && room >= 4) {
+			put_bytes(o, BYTES(2, 4, 5, 0xb4)); /* MSS */
+			room -= 4;
+		} else if (pick == 2 && room >= 3) {
+			put_bytes(o, BYTES(3, 3, 7)); /* window scale */
+			room -= 3;
+		} else if (pick == 3) {
+			put_bytes(o, BYTES(4, 2)); /* SACK permitted */
+			room -= 2;
+		} else {
+			len = rng_range(2, room < 22 ? room : 22);
+			o->b[o->len] = random_other_kind(ks);
+			o->b[o->len + 1] = (uint8_t)len;
+			for (i = 2; i < len; i++)
+				o->b[o->len + i] = (uint8_t)rng_next();
+			o->len += len;
+			room -= len;
+		}
+	}
+}
+
+/* Pad to a word: NOPs, or EOL followed by zeros or garbage (nothing after EOL is read). */
+static void pad_random(struct optbuf *o)
+{
+	int style = rng_range(0, 2);
+
+	if (o->len % 4 == 0)
+		return;
+	if (style == 0) {
+		pad_nop(o);
+		return;
+	}
+	o->b[o->len++] = 0;
+	while (o->len % 4)
+		o->b[o->len++] = style == 1 ? 0 : (uint8_t)rng_next();
+}
+
+static void random_v4(uint8_t addr[4])
+{
+	do
+		put32(addr, (uint32_t)rng_next());
+	while (get32(addr) == 0);
+}
+
+static void random_v6(uint8_t addr[16])
+{
+	int i;
+
+	for (i = 0; i < 16; i++)
+		addr[i] = (uint8_t)rng_next();
+	addr[0] |= 0x20; /* never all-zero */
+}
+
+static uint16_t random_port(void)
+{
+	return (uint16_t)rng_range(1, 65535);
+}
+
+/*
+ * Place one option (`len` bytes) among random well-formed neighbours within
+ * the 40-byte area.  A quarter of the time it ends exactly where the header ends.
+ */
+static void surround(struct optbuf *o, const uint8_t *opt, int len, const struct kindset *ks)
+{
+	int room = MAX_OPTS - len, before = rng_range(0, room);
+
+	if (rng_range(0, 3) == 0) {
+		before -= (before + len) % 4; /* 40 is a multiple of 4: stays within room */
+		if (before < 0)
+			before += 4;
+		put_filler(o, before, ks);
+		put_bytes(o, opt, len);
+		return;
+	}
+	put_filler(o, before, ks);
+	put_bytes(o, opt, len);
+	put_filler(o, rng_range(0, room - before), ks);
+	pad_random(o);
+}
+
+static void put_random_toa(struct optbuf *o, uint8_t kind, int v6)
+{
+	uint8_t addr[16];
+
+	if (v6) {
+		random_v6(addr);
+		put_toa6(o, kind, random_port(), addr);
+	} else {
+		random_v4(addr);
+		put_toa4(o, kind, random_port(), addr);
+	}
+}
+
+/*
+ * Build one random handshake of category `cat` on listener p->lk; the
+ * expected outcome follows from how the case was built, not from parsing it.
+ */
+static void make_case(enum category cat, const struct kindset *ks, struct probe *p)
+{
+	struct optbuf opt = { { 0 }, 0 }, *o = &p->ack;
+	int len, i;
+
+	memset(o, 0, sizeof(*o));
+	memset(&p->want, 0, sizeof(p->want));
+	p->want.outcome = REAL_PEER;
+	p->malformed = 0;
+	switch (cat) {
+	case CAT_VALID_V4:
+		p->want.outcome = TOA_V4;
+		p->want.port = random_port();
+		random_v4(p->want.addr);
+		put_toa4(&opt, random_accepted(ks), p->want.port, p->want.addr);
+		surround(o, opt.b, opt.len, ks);
+		break;
+	case CAT_VALID_V6:
+		p->want.outcome = TOA_V6;
+		p->want.port = random_port();
+		random_v6(p->want.addr);
+		put_toa6(&opt, random_accepted(ks), p->want.port, p->want.addr);
+		surround(o, opt.b, opt.len, ks);
+		break;
+	case CAT_WRONG_LENGTH:
+		/* Accepted kind, length 0..40 but neither 8 nor 20 (0 and 1 break rule 2 too). */
+		p->malformed = 1;
+		do
+			len = rng_range(0, MAX_OPTS);
+		while (len == 8 || len == 20);
+		opt.b[0] = random_accepted(ks);
+		opt.b[1] = (uint8_t)len;
+		opt.len = len < 2 ? 2 : len;
+		for (i = 2; i < opt.len; i++)
+			opt.b[i] = (uint8_t)rng_range(1, 255);
+		surround(o, opt.b, opt.len, ks);
+		break;
+	case CAT_TRUNCATED: {
+		/* An accepted kind whose length byte is missing or runs past the header end. */
+		int total = 4 * rng_range(1, MAX_OPTS / 4), pos = rng_range(0, total - 1);
+
+		p->malformed = 1;
+		put_filler(o, pos, ks);
+		o->b[o->len++] = random_accepted(ks);
+		if (o->len < total) {
+			int remaining = total - pos, claimed = rng_range(0, 1) ? 8 : 20;
+
+			if (claimed <= remaining)
+				claimed = rng_range(remaining + 1, 255);
+			o->b[o->len++] = (uint8_t)claimed;
+			while (o->len < total)
+				o->b[o->len++] = (uint8_t)rng_next();
+		}
+		break;
+	}
+	case CAT_REPEATED: {
+		/* Two accepted-kind options: ambiguous even when both are valid. */
+		int first_v6 = rng_range(0, 1), second_v6 = rng_range(0, 1);
+		int spare = MAX_OPTS - (first_v6 ? 20 : 8) - (second_v6 ? 20 : 8);
+		int gap1 = rng_range(0, spare), gap2 = rng_range(0, spare - gap1);
+
+		p->malformed = 1;
+		put_filler(o, gap1, ks);
+		put_random_toa(o, random_accepted(ks), first_v6);
+		put_filler(o, gap2, ks);
+		put_random_toa(o, random_accepted(ks), second_v6);
+		pad_nop(o);
+		break;
+	}
+	case CAT_ZERO: {
+		/* Port 0, address 0 or both.  IPv4 form on an IPv4 socket (rule 5 before rule 6). */
+		int which = rng_range(0, 2), v6 = p->lk != L4 && rng_range(0, 1);
+		uint16_t port = which == 1 ? random_port() : 0;
+		uint8_t addr[16] = { 0 };
+
+		p->malformed = 1;
+		if (which == 0)
+			random_v6(addr);
+		if (v6)
+			put_toa6(&opt, random_accepted(ks), port, addr);
+		else
+			put_toa4(&opt, random_accepted(ks), port, addr);
+		surround(o, opt.b, opt.len, ks);
+		break;
+	}
+	case CAT_NOT_ACCEPTED:
+		put_random_toa(&opt, random_other_kind(ks), rng_range(0, 1));
+		surround(o, opt.b, opt.len, ks);
+		break;
+	case CAT_AFTER_EOL:
+		/* Nothing after EOL is read: not a perfect TOA, not garbage. */
+		put_filler(o, rng_range(0, 8), ks);
+		o->b[o->len++] = 0;
+		if (rng_range(0, 1))
+			put_random_toa(o, random_accepted(ks), 0);
+		while (o->len % 4 || (o->len < MAX_OPTS && rng_range(0, 2) == 0))
+			o->b[o->len++] = (uint8_t)rng_next();
+		break;
+	case CAT_BAD_OTHER: {
+		/* Another option is broken, so the whole list is malformed even with a valid TOA. */
+		int toa_first = rng_range(0, 1), kind_pos;
+
+		p->malformed = 1;
+		put_random_toa(&opt, random_accepted(ks), 0);
+		if (toa_first)
+			put_bytes(o, opt.b, opt.len);
+		put_filler(o, rng_range(0, 8), ks);
+		kind_pos = o->len;
+		o->b[o->len++] = random_other_kind(ks);
+		if (rng_range(0, 1)) {
+			o->b[o->len++] = (uint8_t)rng_range(0, 1); /* length 0 or 1 */
+			if (!toa_first)
+				put_bytes(o, opt.b, opt.len);
+			pad_nop(o);
+		} else {
+			int total = (o->len + 1 + 3) & ~3;
+
+			/* The claimed length runs past the end of the header. */
+			o->b[o->len++] = (uint8_t)(total - kind_pos + rng_range(1, 30));
+			while (o->len < total)
+				o->b[o->len++] = 1;
+		}
+		break;
+	}
+	case CAT_NO_TOA:
+	default:
+		if (rng_range(0, 3))
+			put_filler(o, 4 * rng_range(0, MAX_OPTS / 4), ks);
+		break;
+	}
+}
+
+static int parse_kinds(const char *text, struct kindset *ks)
+{
+	const char *p = text;
+	char *end;
+
+	ks->count = 0;
+	while (*p) {
+		long k = strtol(p, &end, 10);
+
+		if (end == p || k < 2 || k > 255 || ks->count == 4 || (*end && *end != ','))
+			return -1;
+		ks->kind[ks->count++] = (uint8_t)k;
+		p = *end ? end + 1 : end;
+	}
+	return ks->count ? 0 : -1;
+}
+
+static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
+{
+	int per_cat[N_CATEGORIES] = { 0 }, shown = 0, i;
+	struct kindset ks;
+	struct lab_net n;
+	struct stats before;
+	struct tally t = { 0 };
+	char detail[512], label[32], cats[256] = "";
+	long started = now_ms();
+
+	if (parse_kinds(kinds_text, &ks) < 0) {
+		report("fuzz-args", 0, "kinds=%s", kinds_text);
+		return 1;
+	}
+	if (net_up(&n, 0) < 0)
+		return 1;
+	rng_state = seed;
+	snprintf(label, sizeof(label), "fuzz-kinds%d", ks.count);
+	if (read_stats(&before) < 0) {
+		report_counter(label, "stats-readable", 0, "problem=%s", before.problem);
+		return 1;
+	}
+	for (i = 0; i < count; i++) {
+		enum category cat = (enum category)rng_range(0, N_CATEGORIES - 1);
+		struct probe p = { .lk = (enum listener)rng_range(0, 2) };
+		int ok;
+
+		/* An IPv6 TOA on a v4-mapped connection has no rule of its own: not generated. */
+		if (p.lk == LMAPPED && cat == CAT_VALID_V6)
+			p.lk = rng_range(0, 1) ? L4 : L6;
+		make_case(cat, &ks, &p);
+		ok = check_probe(&n, &p, detail, sizeof(detail), NULL, NULL);
+		per_cat[cat]++;
+		tally_add(&t, &p, ok);
+		if (!ok && shown++ < 20) {
+			char name[48];
+
+			snprintf(name, sizeof(name), "%s-case-%d", label, i);
+			report(name, 0, "category=%s %s", category_names[cat], detail);
+		}
+	}
+	for (i = 0; i < N_CATEGORIES; i++)
+		snprintf(cats + strlen(cats), sizeof(cats) - strlen(cats), "%s%s:%d", i ? "," : "",
+			 category_names[i], per_cat[i]);
+	check_counters(label, &before, &t);
+	report(label, t.mismatches == 0,
+	       "seed=%" PRIu64 " kinds=%s cases=%d mismatches=%d seconds=%.1f categories=%s", seed,
+	       kinds_text, t.cases, t.mismatches, (double)(now_ms() - started) / 1000.0, cats);
+	return t.mismatches != 0;
+}
+
+/* ---------- mode: hold ---------- */
+
+static int wait_for_file(const char *path, int timeout_ms)
+{
+	struct stat st;
+	long deadline = now_ms() + timeout_ms;
+
+	while (now_ms() < deadline) {
+		if (stat(path, &st) == 0)
+			return 0;
+		sleep_ms(20);
+	}
+	return -1;
+}
+
+/*
+ * Open a TOA connection and keep it open; create READY, wait for GO (the
+ * caller unloads the module in between), then the same socket must report
+ * its real peer and close cleanly.
+ */
+static int mode_hold(const char *ready, const char *go)
+{
+	struct probe p = { .lk = L4, .want = { TOA_V4, CLIENT_PORT, { 0 } } };
+	struct sockaddr_storage peer, want;
+	socklen_t plen = sizeof(peer);
+	struct lab_net n;
+	struct stats st;
+	char detail[512], want_s[80], peer_s[80];
+	uint16_t sport;
+	int fd = -1, ok;
+
+	if (net_up(&n, 1) < 0)
+		return 1;
+	memcpy(p.want.addr, client4, 4);
+	put_toa4(&p.ack, 254, CLIENT_PORT, client4);
+	ok = check_probe(&n, &p, detail, sizeof(detail), &fd, &sport);
+	report("hold-open", ok, "%s", detail);
+	if (fd < 0)
+		return 1;
+	ok = read_stats(&st) == 0 && stat_value(&st, "entries_live") >= 1;
+	report("hold-entries-live", ok, "expected>=1 got=%lld", stat_value(&st, "entries_live"));
+	write_file(ready, "ready\n");
+	if (wait_for_file(go, 120000) < 0) {
+		report("hold-after-unload", 0, "error=timeout-waiting-for-%s", go);
+		return 1;
+	}
+	make_v4(&want, n.peer4, sport);
+	memset(&peer, 0, sizeof(peer));
+	if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+		peer.ss_family = AF_UNSPEC;
+	fmt_addr(&want, want_s, sizeof(want_s));
+	fmt_addr(&peer, peer_s, sizeof(peer_s));
+	ok = same_addr(&peer, &want);
+	report("hold-after-unload", ok, "expected=%s got=%s", want_s, peer_s);
+	errno = 0;
+	report("hold-close", close(fd) == 0, "errno=%d", errno);
+	return !ok;
+}
+
+/* ---------- mode: cycles ---------- */
+
+static int load_module(const char *ko)
+{
+	int fd = open(ko, O_RDONLY | O_CLOEXEC), rc;
+
+	if (fd < 0)
+		return -1;
+	rc = (int)syscall(SYS_finit_module, fd, "", 0);
+	close(fd);
+	return rc;
+}
+
+/* rmmod's own call; a socket still being freed may hold the module for a moment. */
+static int unload_module(int *retries)
+{
+	for (*retries = 0; *retries < 100; (*retries)++) {
+		if (syscall(SYS_delete_module, "toa", O_NONBLOCK) == 0)
+			return 0;
+		if (errno != EAGAIN && errno != EBUSY)
+			return -1;
+		sleep_ms(20);
+	}
+	return -1;
+}
+
+static int mode_cycles(int count, const char *ko)
+{
+	struct probe with = { .lk = L4, .want = { TOA_V4, CLIENT_PORT, { 0 } } };
+	struct probe without = { .lk = L4 };
+	struct lab_net n;
+	char detail[512], label[32];
+	int failures = 0, max_retries = 0, retries, i;
+	long started = now_ms();
+
+	if (net_up(&n, 0) < 0)
+		return 1;
+	memcpy(with.want.addr, client4, 4);
+	put_toa4(&with.ack, 254, CLIENT_PORT, client4);
+	without.ack = with.ack;
+	for (i = 0; i < count && failures < 5; i++) {
+		snprintf(label, sizeof(label), "cycle-%d", i);
+		if (load_module(ko) < 0) {
+			report(label, 0, "step=insmod error=%s", strerror(errno));
+			failures++;
+			continue;
+		}
+		if (!check_probe(&n, &with, detail, sizeof(detail), NULL, NULL)) {
+			report(label, 0, "step=loaded %s", detail);
+			failures++;
+		}
+		if (unload_module(&retries) < 0) {
+			report(label, 0, "step=rmmod error=%s", strerror(errno));
+			failures++;
+			break;
+		}
+		if (retries > max_retries)
+			max_retries = retries;
+		if (!check_probe(&n, &without, detail, sizeof(detail), NULL, NULL)) {
+			report(label, 0, "step=unloaded %s", detail);
+			failures++;
+		}
+	}
+	report("cycles", failures == 0 && i == count,
+	       "cycles=%d failures=%d max_unload_retries=%d seconds=%.1f", i, failures,
+	       max_retries, (double)(now_ms() - started) / 1000.0);
+	return failures != 0;
+}
+
+/* ---------- main ---------- */
+
+static int usage(void)
+{
+	fprintf(stderr, "usage: toa_peer basic | plain LABEL | fuzz SEED COUNT KINDS |"
+			" hold READY GO | cycles COUNT KO\n");
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	rng_state = (uint64_t)getpid() * 0x2545f4914f6cdd1dULL ^ (uint64_t)now_ms();
+	if (argc == 2 && !strcmp(argv[1], "basic"))
+		return mode_basic();
+	if (argc == 3 && !strcmp(argv[1], "plain"))
+		return mode_plain(argv[2]);
+	if (argc == 5 && !strcmp(argv[1], "fuzz"))
+		return mode_fuzz(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4]);
+	if (argc == 4 && !strcmp(argv[1], "hold"))
+		return mode_hold(argv[2], argv[3]);
+	if (argc == 4 && !strcmp(argv[1], "cycles"))
+		return mode_cycles(atoi(argv[2]), argv[3]);
+	return usage();
+}

@@ -1,0 +1,446 @@
+"""The kernel lab: boot a real kernel under QEMU, load toa.ko in it and prove it works.
+
+The guest is a busybox initramfs whose /init (guest/init.sh.j2) loads tun.ko and toa.ko and runs
+the static test peer (guest/toa_peer.c). The peer drives real TCP handshakes through a TUN device
+with chosen TCP options and checks what accept()/getpeername() return. Everything it checks comes
+back as `CASE name PASS|FAIL detail` lines on the serial console; the host adds its own checks
+(the guest booted and finished, the kernel log is clean, the kernel is not tainted by a fault).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import random
+import re
+import selectors
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jinja2
+from elftools.elf.elffile import ELFFile
+
+from toa.errors import ToaError
+
+GUEST_DIR = Path(__file__).parent / "guest"
+PEER_SOURCE = GUEST_DIR / "toa_peer.c"
+INIT_TEMPLATE = "init.sh.j2"
+QEMU = "qemu-system-x86_64"
+BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
+SERIAL_TAIL_LINES = 20
+# Fuzz cases run again with kind 200 accepted, at this fraction of the main fuzz count.
+KINDS200_FRACTION = 4
+
+CASE_RE = re.compile(r"CASE (\S+) (PASS|FAIL)(?: (.*))?$")
+# Kernel log lines that mean the kernel hit a bug, whatever caused it.
+KERNEL_FAULT_RE = re.compile(r"\bBUG\b|Oops|WARNING|Call Trace|general protection fault|Kernel panic")
+# Taint flags a test module is expected to set: O (out-of-tree, 4096), E (unsigned, 8192).
+EXPECTED_TAINT = 4096 | 8192
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+class Check(NamedTuple):
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class LabReport:
+    """The outcome of one lab boot."""
+
+    release: str
+    checks: list[Check]
+    serial_log: Path
+    duration: float
+    seed: int
+    timed_out: bool = False
+    serial_tail: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "release": self.release,
+            "ok": self.ok,
+            "duration_seconds": round(self.duration, 1),
+            "seed": self.seed,
+            "timed_out": self.timed_out,
+            "serial_log": str(self.serial_log),
+            "checks": [check._asdict() for check in self.checks],
+            "serial_tail": self.serial_tail,
+        }
+
+
+# ---------------------------------------------------------------- host tools
+
+
+def find_qemu() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise ToaError(f"{QEMU} not found on PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)")
+    return path
+
+
+def is_static_elf(path: Path) -> bool:
+    """True for an ELF executable without a program interpreter (it needs no shared libraries)."""
+    try:
+        with path.open("rb") as stream:
+            return not any(segment["p_type"] == "PT_INTERP" for segment in ELFFile(stream).iter_segments())
+    except Exception:  # not an ELF file at all
+        return False
+
+
+def find_busybox() -> Path:
+    for path in BUSYBOX_CANDIDATES:
+        if path.is_file() and is_static_elf(path):
+            return path
+    raise ToaError("no statically linked busybox in /bin: install the busybox-static package (apt-get install busybox-static)")
+
+
+def build_peer(out_dir: Path) -> Path:
+    """Compile the guest test peer as a static binary (it runs on any guest kernel)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise ToaError("gcc not found: install gcc and libc6-dev to build the lab's guest test program")
+    out = out_dir / "toa_peer"
+    argv = [gcc, "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(PEER_SOURCE)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["no output"])[0]
+        raise ToaError(f"compiling {PEER_SOURCE.name} failed: {first} (static glibc comes with libc6-dev)")
+    return out
+
+
+# ---------------------------------------------------------------- kernel modules for the guest
+
+
+def read_module(path: Path) -> bytes:
+    """A module file's ELF bytes, decompressed (6.12+ Debian kernels ship .ko.xz)."""
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".xz"):
+        return lzma.decompress(data)
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    if name.endswith(".zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise ToaError(f"{path} is zstd-compressed: install the zstd package")
+        return subprocess.run([zstd, "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def modinfo_of(data: bytes) -> dict[str, str]:
+    section = ELFFile(io.BytesIO(data)).get_section_by_name(".modinfo")
+    if section is None:
+        raise ToaError("a module handed to the lab has no .modinfo section: it is not a kernel module")
+    info: dict[str, str] = {}
+    for entry in section.data().split(b"\0"):
+        key, sep, value = entry.decode(errors="replace").partition("=")
+        if sep:
+            info.setdefault(key, value)
+    return info
+
+
+def _module_key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def index_modules(modules_dir: Path) -> dict[str, Path]:
+    """Module name -> file, over a kernel's modules directory (lib/modules/<release>)."""
+    index = {}
+    for path in sorted((modules_dir / "kernel").rglob("*.ko*")):
+        for suffix in MODULE_SUFFIXES:
+            if path.name.endswith(suffix):
+                index.setdefault(_module_key(path.name[: -len(suffix)]), path)
+    return index
+
+
+def modules_with_deps(modules_dir: Path, name: str) -> list[tuple[str, bytes]]:
+    """`name` and what it depends on (from .modinfo), in load order; [] when the kernel has it built in."""
+    index = index_modules(modules_dir)
+    if _module_key(name) not in index:
+        return []
+    ordered: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(module: str) -> None:
+        key = _module_key(module)
+        if key in seen:
+            return
+        seen.add(key)
+        if key not in index:
+            raise ToaError(f"{name} needs module {module}, which is not in {modules_dir}: pass the full modules directory")
+        data = read_module(index[key])
+        for dep in filter(None, modinfo_of(data).get("depends", "").split(",")):
+            visit(dep)
+        ordered.append((f"{key}.ko", data))
+
+    visit(name)
+    return ordered
+
+
+# ---------------------------------------------------------------- initramfs
+
+
+class Cpio:
+    """A cpio archive in the kernel's initramfs format (newc), built in memory."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        self._out.write(header + encoded)
+        self._pad()
+        self._out.write(data)
+        self._pad()
+
+    def _pad(self) -> None:
+        self._out.write(b"\0" * (-self._out.tell() % 4))
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self._out.getvalue()
+
+
+def render_init(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(GUEST_DIR), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    )
+    return env.get_template(INIT_TEMPLATE).render(
+        tun_modules=tun_modules, seed=seed, fuzz=fuzz, fuzz_kinds200=max(1, fuzz // KINDS200_FRACTION),
+        cycles=cycles,
+    )
+
+
+def build_initramfs(
+    path: Path, *, init: str, busybox: Path, peer: Path, ko: bytes, modules: list[tuple[str, bytes]]
+) -> None:
+    archive = Cpio()
+    for directory in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+        archive.directory(directory)
+    archive.file("init", init.encode(), 0o755)
+    archive.file("bin/busybox", busybox.read_bytes(), 0o755)
+    archive.file("bin/toa_peer", peer.read_bytes(), 0o755)
+    archive.file("lib/toa.ko", ko)
+    for name, data in modules:
+        archive.file(f"lib/modules/{name}", data)
+    path.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
+
+
+# ---------------------------------------------------------------- booting
+
+
+def qemu_argv(qemu: str, vmlinuz: Path, initrd: Path) -> list[str]:
+    return [
+        qemu, "-accel", "tcg", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
+        "-kernel", str(vmlinuz), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1",
+    ]
+
+
+@dataclass
+class BootResult:
+    lines: list[str]
+    timed_out: bool
+    returncode: int | None
+
+
+def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[str], None]) -> BootResult:
+    """Run QEMU, copying its serial console to serial_log line by line; kill it after `timeout` s."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with serial_log.open("w", encoding="utf-8", errors="replace") as log, subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        selector = selectors.DefaultSelector()
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        pending = b""
+        timed_out = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            if not selector.select(timeout=min(remaining, 1.0)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r")
+                lines.append(line)
+                log.write(line + "\n")
+                on_line(line)
+            log.flush()
+        if pending:
+            line = pending.decode("utf-8", errors="replace").rstrip("\r")
+            lines.append(line)
+            log.write(line + "\n")
+        selector.close()
+        if timed_out:
+            proc.kill()
+        try:
+            returncode = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            returncode = proc.wait()
+    return BootResult(lines, timed_out, None if timed_out else returncode)
+
+
+# ---------------------------------------------------------------- reading the serial console
+
+
+def required_cases(fuzz: int, cycles: int) -> list[str]:
+    """CASE lines a complete run must print: a missing one means a step died silently."""
+    names = ["tun-available", "before-load-v4-untouched", "insmod", "load-message", "sysfs-module",
+             "default-kinds", "stats-readable", "v4", "v6-kind253", "v6-kind254", "v4-mapped", "basic",
+             "basic-malformed-ignored", "rmmod", "unload-message", "after-unload-v4-untouched",
+             "insmod-kinds200", "kinds200-param", "hold-open", "hold-rmmod-while-open",
+             "hold-after-unload", "hold-close", "after-all-v4-untouched", "load-messages-total"]
+    if fuzz:
+        names += ["fuzz-kinds2", "fuzz-kinds3"]
+    if cycles:
+        names.append("cycles")
+    return names
+
+
+def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
+    """Checks from a finished guest's console: its CASE lines plus what the host checks itself."""
+    checks: list[Check] = []
+    seen: set[str] = set()
+    dmesg: list[str] = []
+    in_dmesg = False
+    began = ended = False
+    tainted = None
+    for line in lines:
+        text = line.strip()
+        if text == "TOA-LAB DMESG BEGIN":
+            in_dmesg = True
+            continue
+        if text == "TOA-LAB DMESG END":
+            in_dmesg = False
+            continue
+        if in_dmesg:
+            dmesg.append(text)
+            continue
+        if text.startswith("TOA-LAB BEGIN"):
+            began = True
+        elif text == "TOA-LAB END":
+            ended = True
+        elif text.startswith("TOA-LAB TAINTED "):
+            tainted = text.split()[-1]
+        match = CASE_RE.search(text)
+        if match:
+            name, verdict, detail = match.groups()
+            seen.add(name)
+            checks.append(Check(name, verdict == "PASS", detail or ""))
+    checks.insert(0, Check("guest-booted", began, "the guest's /init started" if began else "no /init output"))
+    missing = [name for name in required_cases(fuzz, cycles) if name not in seen]
+    checks.append(Check("all-steps-ran", not missing, f"missing={','.join(missing)}" if missing else "all present"))
+    faults = [line for line in dmesg + [l for l in lines if not CASE_RE.search(l)] if KERNEL_FAULT_RE.search(line)]
+    checks.append(Check(
+        "kernel-log-clean", bool(dmesg) and not faults,
+        (f"first={faults[0][:200]}" if faults else f"dmesg_lines={len(dmesg)}") if dmesg else "no kernel log dumped",
+    ))
+    if tainted is None or not tainted.isdigit():
+        checks.append(Check("kernel-not-tainted-by-fault", False, f"tainted={tainted}"))
+    else:
+        unexpected = int(tainted) & ~EXPECTED_TAINT
+        checks.append(Check("kernel-not-tainted-by-fault", unexpected == 0, f"tainted={tainted} unexpected_bits={unexpected}"))
+    checks.append(Check("guest-finished", ended, "reached poweroff" if ended else "no end marker"))
+    return checks
+
+
+# ---------------------------------------------------------------- the lab
+
+
+def verify(
+    vmlinuz: Path,
+    ko: Path,
+    release: str,
+    modules_dir: Path | None,
+    *,
+    log_dir: Path,
+    timeout: float,
+    cycles: int = 100,
+    fuzz: int = 1000,
+    seed: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LabReport:
+    """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made."""
+    say = progress or (lambda message: None)
+    vmlinuz, ko = Path(vmlinuz), Path(ko)
+    if not vmlinuz.is_file():
+        raise ToaError(f"kernel image {vmlinuz} not found: pass the path of a vmlinuz/bzImage")
+    if not ko.is_file():
+        raise ToaError(f"module {ko} not found: build toa.ko first or pass --ko")
+    if modules_dir is not None and not (Path(modules_dir) / "kernel").is_dir():
+        raise ToaError(f"{modules_dir} is not a kernel modules directory (no kernel/ inside): pass lib/modules/<release>")
+    if cycles < 0 or fuzz < 0 or timeout <= 0:
+        raise ToaError("cycles and fuzz must be >= 0 and timeout > 0")
+    qemu = find_qemu()
+    busybox = find_busybox()
+    seed = random.randrange(1, 2**63) if seed is None else seed
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    serial_log = log_dir / "serial.log"
+    started = time.monotonic()
+
+    with tempfile.TemporaryDirectory(prefix="toa-lab-") as scratch_name:
+        scratch = Path(scratch_name)
+        say("compiling the guest test peer")
+        peer = build_peer(scratch)
+        tun = modules_with_deps(Path(modules_dir), "tun") if modules_dir else []
+        if modules_dir and not tun:
+            say("no tun module in the modules directory: assuming the kernel has TUN built in")
+        init = render_init(tun_modules=[name for name, _ in tun], seed=seed, fuzz=fuzz, cycles=cycles)
+        (log_dir / "init.sh").write_text(init)
+        initrd = scratch / "initramfs.cpio.gz"
+        say("building the initramfs")
+        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=read_module(ko), modules=tun)
+        say(f"booting {release} under QEMU (TCG)")
+
+        def on_line(line: str) -> None:
+            match = CASE_RE.search(line)
+            if match:
+                say(f"{match.group(1)} {match.group(2)}")
+
+        result = boot(qemu_argv(qemu, vmlinuz, initrd), serial_log, timeout, on_line)
+
+    duration = time.monotonic() - started
+    tail = result.lines[-SERIAL_TAIL_LINES:]
+    checks = parse_serial(result.lines, fuzz=fuzz, cycles=cycles)
+    if result.timed_out:
+        checks.append(Check("guest-timeout", False, f"no poweroff within {timeout:.0f}s: QEMU killed; serial log {serial_log}"))
+    else:
+        checks.append(Check("qemu-exit", result.returncode == 0, f"exit={result.returncode}"))
+    return LabReport(release, checks, serial_log, duration, seed, result.timed_out, tail)
