@@ -127,7 +127,12 @@ def check_suite(suite: str) -> Suite:
 
 
 def check_release(release: str) -> str:
-    if not isinstance(release, str) or len(release) > 100 or not RELEASE_RE.fullmatch(release):
+    if (
+        not isinstance(release, str)
+        or len(release) > 100
+        or not RELEASE_RE.fullmatch(release)
+        or ".." in release
+    ):
         raise ToaError(
             f"invalid kernel release {release!r}: expected a `uname -r` string like 6.1.0-56-amd64"
         )
@@ -355,7 +360,9 @@ def _apt_root(suite: Suite) -> Path:
     return cache_dir() / "apt" / suite.name
 
 
-def _apt_options(suite: Suite) -> list[str]:
+def apt_options(suite_name: str) -> list[str]:
+    """apt-get/apt-cache `-o` options that point apt at the suite's private configuration."""
+    suite = check_suite(suite_name)
     root = _apt_root(suite)
     options = {
         "Dir::Etc::SourceList": root / "sources.list",
@@ -420,7 +427,7 @@ def _update_index(suite: Suite) -> None:
     if not KEYRING.is_file():
         raise ToaError(f"{KEYRING} missing: apt-get install debian-archive-keyring")
     _write_apt_root(suite)
-    _run(["apt-get", *_apt_options(suite), "update"], f"apt-get update for {suite.name}")
+    _run(["apt-get", *apt_options(suite.name), "update"], f"apt-get update for {suite.name}")
     stamp.touch()
 
 
@@ -432,7 +439,7 @@ def _kernel_stanzas(text: str) -> str:
 def _pocket_indexes(suite: Suite) -> dict[str, dict[str, dict[str, str]]]:
     """{pocket name: parsed Packages index} for the suite's pockets (not its extra apt suites)."""
     listing = _run(
-        ["apt-get", *_apt_options(suite), "indextargets", "--format", "$(RELEASE) $(FILENAME)",
+        ["apt-get", *apt_options(suite.name), "indextargets", "--format", "$(RELEASE) $(FILENAME)",
          "Identifier: Packages"],
         f"apt-get indextargets for {suite.name}",
     )
@@ -499,9 +506,10 @@ def find_release(release: str) -> KernelPackages:
         for kernel in kernels:
             if kernel.release == release:
                 return kernel
-        available[name] = ", ".join(k.release for k in kernels if is_generic_flavour(k.release)) or "none"
+        generic = [k.release for k in reversed(kernels) if is_generic_flavour(k.release)]
+        available[name] = ", ".join(generic) or "none"
     listing = "; ".join(f"{suite}: {releases}" for suite, releases in available.items())
-    raise ToaError(f"kernel {release} is in no suite's index: available are {listing}")
+    raise ToaError(f"kernel {release} is in no suite's index; available (newest first): {listing}")
 
 
 # ---------------------------------------------------------------- download and unpack
@@ -549,7 +557,7 @@ def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -
     with tempfile.TemporaryDirectory(prefix="debs-", dir=target) as debs:
         report(f"downloading {len(pkgs.all_pkgs)} packages of {pkgs.release} from {suite.name}")
         _run(
-            ["apt-get", *_apt_options(suite), "download", *(f"{p}={pkgs.version}" for p in pkgs.all_pkgs)],
+            ["apt-get", *apt_options(suite.name), "download", *(f"{p}={pkgs.version}" for p in pkgs.all_pkgs)],
             f"apt-get download of {pkgs.release}",
             cwd=Path(debs),
         )
