@@ -125,3 +125,59 @@ def test(c, fast=False, k=None):
 
 
 ns.add_task(test)
+
+
+from toa.debian import SUITES as DEBIAN_SUITES  # noqa: E402  (the build task's help lists them)
+
+
+@task(help={"kernel": "full Debian kernel release to build for, e.g. 6.1.0-56-amd64 (searched across suites)",
+            "suite": f"build for the newest kernel of a Debian suite instead: {', '.join(DEBIAN_SUITES)}",
+            "out": "output directory: <out>/<release>/toa.ko, manifest.json, build.log (default: dist)",
+            "json": "print the manifest as JSON instead of a table"})
+@user_errors
+def build(c, kernel=None, suite=None, out="dist", json=False):
+    """Build toa.ko for a Debian kernel in a container of its suite; write it with a manifest."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from toa import build as builder
+    from toa import debian
+
+    if bool(kernel) == bool(suite):
+        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
+    if kernel and not debian.is_debian_release(kernel):
+        raise ToaError(
+            f"{kernel} is not a Debian kernel: build it on a machine of its distro with the matching "
+            "containers/ Dockerfile (see containers/README.md)"
+        )
+    console = Console(stderr=True)
+    with console.status("resolve") as status:
+        def step(message):
+            status.update(message)
+
+        step(f"resolve: looking up {kernel or suite} in the package index")
+        pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(suite)
+        console.print(f"resolved {pkgs.release} ({pkgs.suite}, {pkgs.version})", soft_wrap=True)
+        step(f"fetch: {pkgs.release}")
+        tree = debian.fetch(pkgs, progress=lambda message: step(f"fetch: {message}"))
+        console.print(f"fetched {tree.headers_dir}", soft_wrap=True)
+        step("image: preparing the build container")
+        result = builder.build_module(
+            tree.headers_dir, tree.release, pkgs.suite, Path(out),
+            progress=lambda message: step(f"{'compile' if message.startswith('compiling') else 'image'}: {message}"),
+        )
+    manifest = jsonlib.loads(result.manifest.read_text())
+    if json:
+        print_json({**manifest, "ko": str(result.ko), "manifest": str(result.manifest)})
+        return
+    _print_fields("toa build", {
+        "release": manifest["kernel_release"],
+        "suite": manifest["suite"],
+        "path": str(result.ko),
+        "vermagic": manifest["vermagic"],
+        "sha256": manifest["sha256"][:16] + "…",
+    })
+
+
+ns.add_task(build)
