@@ -32,7 +32,7 @@ MODULE_SOURCE = Path(toa.__file__).parent / "module"
 DEBIAN_DOCKERFILE_DIR = Path(toa.__file__).parent.parent / "containers" / "debian"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 LOG_TAIL_LINES = 30
-COMPILER_RE = re.compile(r"gcc(-[0-9]+)?")
+COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -102,30 +102,36 @@ def base_image(client: docker.DockerClient, suite: str, progress=None):
 
 
 def headers_compiler(headers_dir: Path) -> str:
-    """The gcc a Debian kernel was built with, from its headers' .kernelvariables (e.g. gcc-12)."""
+    """The compiler command a Debian kernel's headers run, from .kernelvariables (e.g. gcc-12,
+    x86_64-linux-gnu-gcc-14 where they set CROSS_COMPILE)."""
     variables = headers_dir / ".kernelvariables"
-    if variables.is_file():
-        match = re.search(r"^CC\s*=.*\)(gcc-[0-9]+)\s*$", variables.read_text(), re.M)
-        if match and COMPILER_RE.fullmatch(match.group(1)):
-            return match.group(1)
-    return "gcc"
+    text = variables.read_text() if variables.is_file() else ""
+    gcc = re.search(r"^CC\s*=.*\)(gcc-[0-9]+)\s*$", text, re.M)
+    prefix = re.search(r"^override CROSS_COMPILE\s*=\s*([a-z0-9_]+-linux-gnu-)\s*$", text, re.M)
+    command = (prefix.group(1) if prefix else "") + (gcc.group(1) if gcc else "gcc")
+    return command if COMPILER_RE.fullmatch(command) else "gcc"
 
 
-def build_image(client: docker.DockerClient, suite: str, compiler: str, progress=None):
-    """toa-build:debian-<suite> with the given compiler, reused when it already has that compiler."""
+def compiler_package(command: str) -> str:
+    """The Debian package providing a compiler command: x86_64-linux-gnu-gcc-14 comes with gcc-14."""
+    return re.search(r"gcc(-[0-9]+)?$", command).group()
+
+
+def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, progress=None):
+    """toa-build:debian-<suite> with the given compiler package, reused when it already has it."""
     tag = f"toa-build:debian-{suite}"
     existing = _image(client, tag)
-    if existing is not None and existing.labels.get("org.toa.compiler") == compiler:
+    if existing is not None and existing.labels.get("org.toa.compiler") == compiler_pkg:
         return existing
     base = base_image(client, suite, progress)
     if not (DEBIAN_DOCKERFILE_DIR / "Dockerfile").is_file():
         raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: run toa from its source tree")
-    _say(progress, f"building {tag} ({compiler})")
+    _say(progress, f"building {tag} ({compiler_pkg})")
     try:
         image, _ = client.images.build(
             path=str(DEBIAN_DOCKERFILE_DIR),
             tag=tag,
-            buildargs={"BASE": base.tags[0], "COMPILER": compiler},
+            buildargs={"BASE": base.tags[0], "COMPILER": compiler_pkg},
             pull=False,
             rm=True,
             forcerm=True,
@@ -199,7 +205,7 @@ def build_module(
         raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
     client = docker_client()
     compiler = headers_compiler(headers_dir)
-    image = build_image(client, container_suite, compiler, progress)
+    image = build_image(client, container_suite, compiler_package(compiler), progress)
     image_tag = f"toa-build:debian-{container_suite}"
 
     target = Path(out_dir).resolve() / release
@@ -221,7 +227,9 @@ def build_module(
             )
         ko = target / "toa.ko"
         shutil.copyfile(built, ko)
-    _, compiler_version = _run_in_container(client, image, [compiler, "--version"], {}, "/")
+    status, compiler_version = _run_in_container(client, image, [compiler, "--version"], {}, "/")
+    if status != 0 or not compiler_version.strip():
+        raise ToaError(f"{compiler} --version failed in {image_tag}: remove the image to rebuild it")
 
     info = modinfo(ko)
     vermagic = info.get("vermagic", "")
@@ -237,7 +245,7 @@ def build_module(
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
         "build_image": {"id": image.id, "tag": image_tag},
-        "compiler": compiler_version.strip().splitlines()[0] if compiler_version.strip() else compiler,
+        "compiler": compiler_version.strip().splitlines()[0],
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest_path = target / "manifest.json"
