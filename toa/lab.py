@@ -44,6 +44,7 @@ KERNEL_FAULT_RE = re.compile(r"\bBUG\b|Oops|WARNING|Call Trace|general protectio
 # Taint flags a test module is expected to set: O (out-of-tree, 4096), E (unsigned, 8192).
 EXPECTED_TAINT = 4096 | 8192
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+RELEASE_RE = re.compile(r"[0-9]+\.[0-9]+[0-9A-Za-z.+~_-]{0,90}")
 
 
 class Check(NamedTuple):
@@ -123,6 +124,21 @@ def build_peer(out_dir: Path) -> Path:
         first = (result.stderr.strip().splitlines() or ["no output"])[0]
         raise ToaError(f"compiling {PEER_SOURCE.name} failed: {first} (static glibc comes with libc6-dev)")
     return out
+
+
+def kernel_release(vmlinuz: Path) -> str:
+    """The `uname -r` of an x86 bzImage, read from its setup header (any distro's kernel)."""
+    with Path(vmlinuz).open("rb") as image:
+        head = image.read(0x210)
+        if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+            raise ToaError(f"{vmlinuz} is not an x86 bzImage kernel: pass the vmlinuz the machine boots")
+        offset = int.from_bytes(head[0x20E:0x210], "little")
+        image.seek(offset + 0x200)
+        banner = image.read(256).split(b"\0", 1)[0].decode(errors="replace")
+    release = banner.split(" ", 1)[0]
+    if not RELEASE_RE.fullmatch(release):
+        raise ToaError(f"{vmlinuz} names no kernel release in its header (read {banner[:60]!r})")
+    return release
 
 
 # ---------------------------------------------------------------- kernel modules for the guest
@@ -407,6 +423,10 @@ def verify(
         raise ToaError(f"{modules_dir} is not a kernel modules directory (no kernel/ inside): pass lib/modules/<release>")
     if cycles < 0 or fuzz < 0 or timeout <= 0:
         raise ToaError("cycles and fuzz must be >= 0 and timeout > 0")
+    ko_bytes = read_module(ko)
+    vermagic = modinfo_of(ko_bytes).get("vermagic", "")
+    if vermagic.split(" ", 1)[0] != release:
+        raise ToaError(f"{ko} was built for {vermagic.split(' ', 1)[0] or 'an unknown kernel'}, not {release}: build it against {release}'s headers")
     qemu = find_qemu()
     busybox = find_busybox()
     seed = random.randrange(1, 2**63) if seed is None else seed
@@ -426,7 +446,7 @@ def verify(
         (log_dir / "init.sh").write_text(init)
         initrd = scratch / "initramfs.cpio.gz"
         say("building the initramfs")
-        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=read_module(ko), modules=tun)
+        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko_bytes, modules=tun)
         say(f"booting {release} under QEMU (TCG)")
 
         def on_line(line: str) -> None:

@@ -181,3 +181,106 @@ def build(c, kernel=None, suite=None, out="dist", json=False):
 
 
 ns.add_task(build)
+
+
+@task(help={"suite": "boot the newest kernel of this Debian suite (with --vmlinuz: the suite whose container "
+                     "compiles --headers; default bookworm)",
+            "kernel": "boot this full Debian kernel release, e.g. 6.1.0-56-amd64 (searched across suites)",
+            "vmlinuz": "boot your own kernel image (any distro's x86_64 bzImage) instead of a Debian one",
+            "modules": "the kernel's modules directory (lib/modules/<release>) for tun.ko; "
+                       "default: the fetched Debian kernel's",
+            "ko": "a toa.ko built for that kernel (default: build it with toa.build)",
+            "headers": "with --vmlinuz: the kernel's headers tree to build toa.ko against",
+            "json": "print the report as JSON instead of a table",
+            "log_dir": "where the serial log and /init go (default: dist/<release>/lab)",
+            "timeout": "seconds before a guest that has not powered off is killed (default: 900)",
+            "cycles": "insmod/rmmod cycles with a checked connection in between (default: 100)",
+            "fuzz": "random-option handshakes (default: 1000; a quarter more with kind 200 accepted)",
+            "seed": "fuzz seed, to replay a run (default: random, printed in the report)"},
+      auto_shortflags=False)
+@user_errors
+def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
+           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None):
+    """Boot a real kernel under QEMU, load toa.ko in it and prove every TOA rule with real handshakes."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from toa import debian, lab
+
+    if sum(bool(x) for x in (kernel, vmlinuz)) + (bool(suite) and not vmlinuz) != 1:
+        raise ToaError("give one of --suite SUITE, --kernel RELEASE or --vmlinuz PATH")
+    if vmlinuz and not (ko or headers):
+        raise ToaError("with --vmlinuz give --ko PATH (a built toa.ko) or --headers DIR (to build one)")
+    if ko and headers:
+        raise ToaError("give --ko or --headers, not both")
+    if seed is not None and not str(seed).isdigit():
+        raise ToaError(f"--seed must be a non-negative integer, not {seed!r}")
+    console = Console(stderr=True)
+    counts = {"passed": 0, "failed": 0}
+
+    def build_ko(headers_dir, release, build_suite, step):
+        from toa import build as builder
+
+        return builder.build_module(headers_dir, release, build_suite, Path("dist"),
+                                    progress=lambda message: step(f"build: {message}")).ko
+
+    with console.status("resolve") as status:
+        def step(message):
+            status.update(message)
+
+        if vmlinuz:
+            vmlinuz_path = Path(vmlinuz)
+            if not vmlinuz_path.is_file():
+                raise ToaError(f"kernel image {vmlinuz} not found")
+            release = lab.kernel_release(vmlinuz_path)
+            modules_dir = Path(modules) if modules else None
+            ko_path = Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm", step)
+        else:
+            step(f"resolve: looking up {kernel or suite} in the package index")
+            pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(suite)
+            tree = debian.fetch(pkgs, progress=lambda message: step(f"fetch: {message}"))
+            release, vmlinuz_path = tree.release, tree.vmlinuz
+            modules_dir = Path(modules) if modules else tree.modules_dir
+            ko_path = Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite, step)
+        console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}")
+
+        def lab_step(message):
+            verdict = message.rsplit(" ", 1)[-1]
+            if verdict in ("PASS", "FAIL"):
+                counts["passed" if verdict == "PASS" else "failed"] += 1
+                message = f"{counts['passed']} passed, {counts['failed']} failed; last: {message}"
+            step(f"lab: {message}")
+
+        report = lab.verify(
+            vmlinuz_path, ko_path, release, modules_dir,
+            log_dir=Path(log_dir) if log_dir else Path("dist") / release / "lab",
+            timeout=float(timeout), cycles=int(cycles), fuzz=int(fuzz),
+            seed=int(seed) if seed is not None else None, progress=lab_step,
+        )
+    if json:
+        print_json(report.to_dict())
+    else:
+        table = Table(title=f"toa verify: {release}", title_justify="left")
+        for column in ("check", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        for check in report.checks:
+            result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
+            table.add_row(Text(check.name), result, Text(check.detail[:160]))
+        Console().print(table)
+        if not report.ok:
+            console.print("last lines of the serial console:")
+            for line in report.serial_tail:
+                console.print(line, markup=False, highlight=False)
+        passed = sum(check.passed for check in report.checks)
+        console.print(
+            f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {release} in "
+            f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}"
+        )
+    if not report.ok:
+        raise Exit(code=1)
+
+
+ns.add_task(verify)

@@ -15,6 +15,7 @@
  *     toa_peer fuzz SEED COUNT KINDS  random options, expected result known by construction
  *     toa_peer hold READY GO          keep a TOA connection open across an rmmod
  *     toa_peer cycles COUNT KO        insmod/rmmod COUNT times, a handshake checked in between
+ *     toa_peer cases SEED COUNT KINDS print the cases fuzz would drive (no network)
  *
  * Built static (gcc -static) so it runs on any guest kernel with a bare initramfs.
  */
@@ -965,6 +966,8 @@ static int mode_plain(const char *label)
 
 /* ---------- mode: fuzz ---------- */
 
+static int usage(void);
+
 enum category {
 	CAT_VALID_V4,
 	CAT_VALID_V6,
@@ -1274,6 +1277,49 @@ static int parse_kinds(const char *text, struct kindset *ks)
 	return ks->count ? 0 : -1;
 }
 
+/* The next random case of a fuzz run: its category, listener, options and expectation. */
+static enum category next_case(const struct kindset *ks, struct probe *p)
+{
+	enum category cat = (enum category)rng_range(0, N_CATEGORIES - 1);
+
+	memset(p, 0, sizeof(*p));
+	p->lk = (enum listener)rng_range(0, 2);
+	/* An IPv6 TOA on a v4-mapped connection has no rule of its own: not generated. */
+	if (p->lk == LMAPPED && cat == CAT_VALID_V6)
+		p->lk = rng_range(0, 1) ? L4 : L6;
+	make_case(cat, ks, p);
+	return cat;
+}
+
+/*
+ * Print the cases a fuzz run with this seed would drive, without driving
+ * them: lets the generator's claims be checked offline.
+ */
+static int mode_cases(uint64_t seed, int count, const char *kinds_text)
+{
+	static const char *const outcome_names[] = { "real", "toa_v4", "toa_v6" };
+	char opt_s[2 * MAX_OPTS + 1];
+	struct kindset ks;
+	int i;
+
+	if (parse_kinds(kinds_text, &ks) < 0)
+		return usage();
+	rng_state = seed;
+	for (i = 0; i < count; i++) {
+		struct probe p;
+		enum category cat = next_case(&ks, &p);
+		char want[INET6_ADDRSTRLEN] = "-";
+
+		if (p.want.outcome != REAL_PEER)
+			inet_ntop(p.want.outcome == TOA_V4 ? AF_INET : AF_INET6, p.want.addr, want,
+				  sizeof(want));
+		hex(p.ack.b, p.ack.len, opt_s);
+		printf("%s %s %s %s %u %d %s\n", category_names[cat], listener_names[p.lk],
+		       outcome_names[p.want.outcome], want, p.want.port, p.malformed, opt_s);
+	}
+	return 0;
+}
+
 static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
 {
 	int per_cat[N_CATEGORIES] = { 0 }, shown = 0, i;
@@ -1297,15 +1343,10 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
 		return 1;
 	}
 	for (i = 0; i < count; i++) {
-		enum category cat = (enum category)rng_range(0, N_CATEGORIES - 1);
-		struct probe p = { .lk = (enum listener)rng_range(0, 2) };
-		int ok;
+		struct probe p;
+		enum category cat = next_case(&ks, &p);
+		int ok = check_probe(&n, &p, detail, sizeof(detail), NULL, NULL);
 
-		/* An IPv6 TOA on a v4-mapped connection has no rule of its own: not generated. */
-		if (p.lk == LMAPPED && cat == CAT_VALID_V6)
-			p.lk = rng_range(0, 1) ? L4 : L6;
-		make_case(cat, &ks, &p);
-		ok = check_probe(&n, &p, detail, sizeof(detail), NULL, NULL);
 		per_cat[cat]++;
 		tally_add(&t, &p, ok);
 		if (!ok && shown++ < 20) {
@@ -1458,7 +1499,7 @@ static int mode_cycles(int count, const char *ko)
 static int usage(void)
 {
 	fprintf(stderr, "usage: toa_peer basic | plain LABEL | fuzz SEED COUNT KINDS |"
-			" hold READY GO | cycles COUNT KO\n");
+			" hold READY GO | cycles COUNT KO | cases SEED COUNT KINDS\n");
 	return 2;
 }
 
@@ -1472,6 +1513,8 @@ int main(int argc, char **argv)
 		return mode_plain(argv[2]);
 	if (argc == 5 && !strcmp(argv[1], "fuzz"))
 		return mode_fuzz(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4]);
+	if (argc == 5 && !strcmp(argv[1], "cases"))
+		return mode_cases(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4]);
 	if (argc == 4 && !strcmp(argv[1], "hold"))
 		return mode_hold(argv[2], argv[3]);
 	if (argc == 4 && !strcmp(argv[1], "cycles"))

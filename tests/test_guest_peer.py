@@ -1,0 +1,244 @@
+"""Offline checks of the lab's pieces: the guest peer's case generator, the serial-log parser,
+the initramfs writer and the bzImage release reader. No kernel is booted here."""
+
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from toa import lab
+from toa.errors import ToaError
+
+# ---------------------------------------------------------------- the peer's fuzz generator
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory) -> Path:
+    """The real guest peer, compiled exactly as the lab compiles it (-Wall -Werror, static)."""
+    return lab.build_peer(tmp_path_factory.mktemp("peer"))
+
+
+def reference_verdict(opts: bytes, kinds: set[int]):
+    """The TOA option rules, written out independently of the C generator.
+
+    Returns ("absent"|"malformed", None, None) or ("v4"|"v6", address, port).
+    """
+    found = []
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts):
+            return "malformed", None, None
+        length = opts[i + 1]
+        if length < 2 or length > len(opts) - i:
+            return "malformed", None, None
+        if kind in kinds:
+            found.append(opts[i : i + length])
+        i += length
+    if not found:
+        return "absent", None, None
+    if len(found) > 1 or len(found[0]) not in (8, 20):
+        return "malformed", None, None
+    option = found[0]
+    port = int.from_bytes(option[2:4], "big")
+    raw = option[4:]
+    if port == 0 or not any(raw):
+        return "malformed", None, None
+    address = ipaddress.ip_address(raw)
+    return ("v4" if len(option) == 8 else "v6"), address, port
+
+
+@pytest.mark.parametrize("kinds", ["254,253", "254,253,200"])
+def test_generated_cases_match_the_rules(peer, kinds):
+    accepted = {int(k) for k in kinds.split(",")}
+    out = subprocess.run([str(peer), "cases", "12345", "3000", kinds], capture_output=True, text=True, check=True)
+    rows = out.stdout.splitlines()
+    assert len(rows) == 3000
+    categories = set()
+    lengths = set()
+    for row in rows:
+        category, listener, outcome, address, port, malformed, opts_hex = row.split()
+        opts = b"" if opts_hex == "-" else bytes.fromhex(opts_hex)
+        categories.add(category)
+        lengths.add(len(opts))
+        assert len(opts) % 4 == 0 and len(opts) <= 40, row
+        verdict, want_address, want_port = reference_verdict(opts, accepted)
+        if outcome == "real":
+            assert verdict == ("malformed" if malformed == "1" else "absent"), row
+        else:
+            assert malformed == "0", row
+            assert verdict == {"toa_v4": "v4", "toa_v6": "v6"}[outcome], row
+            assert ipaddress.ip_address(address) == want_address and int(port) == want_port, row
+        if listener == "mapped":
+            assert outcome != "toa_v6", row  # no rule covers an IPv6 TOA on a v4-mapped connection
+    assert categories == {"valid_v4", "valid_v6", "wrong_length", "truncated", "repeated", "zero",
+                          "not_accepted", "after_eol", "bad_other", "no_toa"}
+    assert {0, 4, 8, 20, 40} <= lengths
+
+
+def test_same_seed_same_cases(peer):
+    first = subprocess.run([str(peer), "cases", "99", "50", "254,253"], capture_output=True, check=True).stdout
+    again = subprocess.run([str(peer), "cases", "99", "50", "254,253"], capture_output=True, check=True).stdout
+    other = subprocess.run([str(peer), "cases", "100", "50", "254,253"], capture_output=True, check=True).stdout
+    assert first == again != other
+
+
+def test_peer_rejects_bad_arguments(peer):
+    for argv in (["fuzz"], ["cases", "1", "5", "254,999"], ["nonsense"]):
+        result = subprocess.run([str(peer), *argv], capture_output=True, text=True)
+        assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_reference_rules_on_known_lists():
+    kinds = {254, 253}
+    v4 = bytes([254, 8, 0x9C, 0x41, 203, 0, 113, 7])
+    assert reference_verdict(v4, kinds) == ("v4", ipaddress.ip_address("203.0.113.7"), 40001)
+    assert reference_verdict(bytes([1, 1, 1, 254]), kinds)[0] == "malformed"
+    assert reference_verdict(v4 + v4, kinds)[0] == "malformed"
+    assert reference_verdict(bytes([0]) + v4[:3], kinds)[0] == "absent"
+    assert reference_verdict(bytes([200]) + v4[1:], kinds)[0] == "absent"
+
+
+# ---------------------------------------------------------------- reading the serial console
+
+FULL_RUN = dict(fuzz=10, cycles=2)
+
+
+def good_console() -> list[str]:
+    lines = ["[    0.000000] Linux version 6.1.0", "TOA-LAB BEGIN release=6.1.0-56-amd64"]
+    lines += [f"CASE {name} PASS detail=1" for name in lab.required_cases(**FULL_RUN)]
+    lines += ["TOA-LAB TAINTED 12288", "TOA-LAB DMESG BEGIN", "[    2.5] TOA: toa loaded",
+              "[    3.1] TOA: toa unloaded", "TOA-LAB DMESG END", "TOA-LAB END", "[    4.0] reboot: Power down"]
+    return lines
+
+
+def by_name(checks):
+    return {check.name: check for check in checks}
+
+
+def test_complete_console_passes():
+    checks = lab.parse_serial(good_console(), **FULL_RUN)
+    assert all(check.passed for check in checks), [c for c in checks if not c.passed]
+    names = by_name(checks)
+    assert {"guest-booted", "all-steps-ran", "kernel-log-clean", "kernel-not-tainted-by-fault",
+            "guest-finished"} <= set(names)
+
+
+def test_failed_case_keeps_its_detail():
+    lines = ["CASE insmod FAIL rc=1 params=none" if line.startswith("CASE insmod ") else line
+             for line in good_console()]
+    insmod = by_name(lab.parse_serial(lines, **FULL_RUN))["insmod"]
+    assert not insmod.passed and insmod.detail == "rc=1 params=none"
+
+
+def test_missing_step_fails():
+    lines = [line for line in good_console() if not line.startswith("CASE cycles ")]
+    check = by_name(lab.parse_serial(lines, **FULL_RUN))["all-steps-ran"]
+    assert not check.passed and "cycles" in check.detail
+
+
+@pytest.mark.parametrize("fault", [
+    "[    3.2] WARNING: CPU: 0 PID: 77 at net/ipv4/tcp.c:100 tcp_foo+0x1/0x2",
+    "[    3.2] BUG: kernel NULL pointer dereference, address: 0000000000000008",
+    "[    3.2] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+    "[    3.2] Call Trace:",
+])
+def test_kernel_faults_fail_the_log_check(fault):
+    lines = good_console()
+    lines.insert(lines.index("TOA-LAB DMESG END"), fault)
+    check = by_name(lab.parse_serial(lines, **FULL_RUN))["kernel-log-clean"]
+    assert not check.passed and fault[:40] in check.detail
+
+
+def test_unexpected_taint_fails():
+    lines = [line.replace("TAINTED 12288", "TAINTED 12800") for line in good_console()]  # + W (512)
+    check = by_name(lab.parse_serial(lines, **FULL_RUN))["kernel-not-tainted-by-fault"]
+    assert not check.passed and "unexpected_bits=512" in check.detail
+
+
+def test_crashed_guest_has_no_end():
+    lines = good_console()[:5]
+    checks = by_name(lab.parse_serial(lines, **FULL_RUN))
+    assert not checks["guest-finished"].passed
+    assert not checks["kernel-log-clean"].passed
+    assert not checks["all-steps-ran"].passed
+
+
+def test_case_lines_inside_kernel_noise_still_count():
+    lines = good_console()
+    lines.append("[    5.0] random: crng init done\rCASE extra-check FAIL why=noise")
+    assert not by_name(lab.parse_serial(lines, **FULL_RUN))["extra-check"].passed
+
+
+# ---------------------------------------------------------------- initramfs and init
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
+def test_initramfs_is_a_newc_archive_cpio_can_list(tmp_path):
+    busybox = tmp_path / "busybox"
+    peer_bin = tmp_path / "toa_peer"
+    busybox.write_bytes(b"\x7fELF busybox")
+    peer_bin.write_bytes(b"\x7fELF peer")
+    path = tmp_path / "initrd.gz"
+    lab.build_initramfs(path, init="#!/bin/busybox sh\n", busybox=busybox, peer=peer_bin, ko=b"ko-bytes",
+                        modules=[("tun.ko", b"tun-bytes")])
+    archive = gzip.decompress(path.read_bytes())
+    listing = subprocess.run(["cpio", "-itv"], input=archive, capture_output=True, check=True).stdout.decode()
+    names = [line.split()[-1] for line in listing.splitlines()]
+    assert names == ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "init", "bin/busybox",
+                     "bin/toa_peer", "lib/toa.ko", "lib/modules/tun.ko"]
+    init_line = next(line for line in listing.splitlines() if line.endswith(" init"))
+    assert init_line.startswith("-rwxr-xr-x")
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(["cpio", "-id"], input=archive, cwd=extract, capture_output=True, check=True)
+    assert (extract / "lib/modules/tun.ko").read_bytes() == b"tun-bytes"
+    assert (extract / "lib/toa.ko").read_bytes() == b"ko-bytes"
+
+
+def test_init_loads_modules_in_order_and_passes_counts():
+    init = lab.render_init(tun_modules=["dep.ko", "tun.ko"], seed=42, fuzz=1000, cycles=100)
+    assert init.index("insmod /lib/modules/dep.ko") < init.index("insmod /lib/modules/tun.ko")
+    assert "toa_peer fuzz 42 1000 254,253" in init
+    assert "toa_peer fuzz 43 250 254,253,200" in init
+    assert 'toa_peer cycles 100 "$TOA_KO"' in init
+    assert init.rstrip().endswith("poweroff -f")
+    bare = lab.render_init(tun_modules=[], seed=1, fuzz=0, cycles=0)
+    assert "toa_peer fuzz" not in bare and "toa_peer cycles" not in bare
+
+
+# ---------------------------------------------------------------- kernel image header
+
+
+def fake_bzimage(path: Path, banner: bytes) -> Path:
+    image = bytearray(0x1000)
+    image[0x202:0x206] = b"HdrS"
+    image[0x20E:0x210] = (0x400).to_bytes(2, "little")
+    image[0x600 : 0x600 + len(banner)] = banner
+    path.write_bytes(bytes(image))
+    return path
+
+
+def test_release_from_bzimage_header(tmp_path):
+    image = fake_bzimage(tmp_path / "vmlinuz", b"6.8.0-45-generic (buildd@lcy02) #45-Ubuntu SMP\0")
+    assert lab.kernel_release(image) == "6.8.0-45-generic"
+
+
+def test_not_a_bzimage(tmp_path):
+    other = tmp_path / "file"
+    other.write_bytes(b"\0" * 4096)
+    with pytest.raises(ToaError, match="not an x86 bzImage"):
+        lab.kernel_release(other)
+    hostile = fake_bzimage(tmp_path / "hostile", b"; rm -rf / #\0")
+    with pytest.raises(ToaError, match="names no kernel release"):
+        lab.kernel_release(hostile)
