@@ -140,9 +140,11 @@ def test_fetch_unpacks_image_modules_and_headers(bookworm_tree, bookworm_package
     assert (tree.modules_dir / "kernel/net/ipv4").is_dir()
     assert (tree.headers_dir / ".config").is_file()
     assert (tree.headers_dir / "scripts/basic/fixdep").is_file()  # kbuild, through the scripts link
-    include = re.search(r"^include (\S+)$", (tree.headers_dir / "Makefile").read_text(), re.M).group(1)
+    makefile = (tree.headers_dir / "Makefile").read_text()
+    include = re.search(r"^include (\S+)$", makefile, re.M).group(1)
     assert Path(include).is_relative_to(debian.cache_dir())
     assert Path(include).is_file()
+    assert "/usr/src/" not in makefile.replace(str(debian.cache_dir()), "")
 
 
 def test_second_fetch_is_a_cache_hit_without_network(bookworm_tree, bookworm_packages, no_subprocess):
@@ -164,7 +166,10 @@ def test_fetch_of_the_split_layout_finds_vmlinuz_and_modules():
     assert tree.vmlinuz == tree.vmlinuz.parent / "vmlinuz"
     assert tree.vmlinuz.parent.name == tree.release
     assert (tree.modules_dir / "kernel").is_dir()
-    assert (tree.headers_dir / "Makefile").is_file()
+    makefile = (tree.headers_dir / "Makefile").read_text()
+    # 6.16+ headers also name their KBUILD_OUTPUT by absolute path.
+    assert f"KBUILD_OUTPUT={tree.headers_dir}" in makefile
+    assert "/usr/src/" not in makefile.replace(str(debian.cache_dir()), "")
 
 
 # ---------------------------------------------------------------- pure parsing

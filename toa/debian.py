@@ -531,13 +531,13 @@ def _tree(pkgs: KernelPackages, root: Path) -> KernelTree:
 
 
 def _point_makefile_into_tree(headers_dir: Path, root: Path) -> None:
-    """The headers' Makefile includes the -common tree by absolute path; make that path the cached one."""
+    """The headers' Makefile names the -common tree (and, on 6.16+, KBUILD_OUTPUT) by absolute
+    /usr/src paths; make them the cached ones."""
     makefile = headers_dir / "Makefile"
     text = makefile.read_text()
-    rewritten = re.sub(r"^include /usr/src/", f"include {root}/usr/src/", text, flags=re.M)
-    if "include " + str(root) not in rewritten:
+    if not re.search(r"^include /usr/src/", text, re.M):
         raise ToaError(f"{makefile} has no `include /usr/src/...` line: the headers layout changed")
-    makefile.write_text(rewritten)
+    makefile.write_text(re.sub(r"(?<=[\s=])/usr/src/", f"{root}/usr/src/", text))
 
 
 def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -> KernelTree:
