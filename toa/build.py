@@ -131,13 +131,17 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
         image, _ = client.images.build(
             path=str(DEBIAN_DOCKERFILE_DIR),
             tag=tag,
-            buildargs={"BASE": base.tags[0], "COMPILER": compiler_pkg},
+            buildargs={
+                "BASE": base.tags[0],
+                "COMPILER": compiler_pkg,
+                "APT_CHECK_VALID_UNTIL": "true" if debian.SUITES[suite].expiring_release else "false",
+            },
             pull=False,
             rm=True,
             forcerm=True,
         )
     except docker.errors.BuildError as exc:
-        lines = [entry.get("stream", "").rstrip() for entry in exc.build_log if entry.get("stream")]
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
         tail = " | ".join(line for line in lines[-5:] if line)
         raise ToaError(f"building {tag} failed: {exc.msg}: {tail}") from None
     return image
