@@ -7,6 +7,8 @@ newest, which packages belong to it) is pure parsing of the suites' package inde
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import re
@@ -211,7 +213,7 @@ def find_mirrors(entries: list[SourceEntry]) -> dict[str, str]:
         codename, _, pocket = entry.suite.partition("-")
         if codename not in DEBIAN_CODENAMES or not MIRROR_RE.fullmatch(entry.uri):
             continue
-        archive = "security" if pocket == "security" or entry.suite.endswith("/updates") else "debian"
+        archive = "security" if pocket == "security" else "debian"
         mirrors.setdefault(archive, entry.uri)
     return mirrors
 
@@ -405,6 +407,9 @@ def _write_apt_root(suite: Suite) -> None:
     (root / "sources.list").write_text("".join(lines))
 
 
+_PROVIDERS = {"apt-get": "apt", "dpkg-deb": "dpkg", "/usr/lib/apt/apt-helper": "apt"}
+
+
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     try:
         result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
@@ -416,19 +421,26 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     return result.stdout
 
 
-_PROVIDERS = {"apt-get": "apt", "dpkg-deb": "dpkg", "/usr/lib/apt/apt-helper": "apt"}
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock, so that concurrent toa runs take turns on one cache entry."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _update_index(suite: Suite) -> None:
     """Refresh the suite's package indexes from the mirror unless they are recent."""
     stamp = _apt_root(suite) / "updated"
-    if stamp.exists() and time.time() - stamp.stat().st_mtime < INDEX_MAX_AGE_SECONDS:
-        return
-    if not KEYRING.is_file():
-        raise ToaError(f"{KEYRING} missing: apt-get install debian-archive-keyring")
-    _write_apt_root(suite)
-    _run(["apt-get", *apt_options(suite.name), "update"], f"apt-get update for {suite.name}")
-    stamp.touch()
+    with _exclusive(_apt_root(suite).with_name(f"{suite.name}.lock")):
+        if stamp.exists() and time.time() - stamp.stat().st_mtime < INDEX_MAX_AGE_SECONDS:
+            return
+        if not KEYRING.is_file():
+            raise ToaError(f"{KEYRING} missing: apt-get install debian-archive-keyring")
+        _write_apt_root(suite)
+        _run(["apt-get", *apt_options(suite.name), "update"], f"apt-get update for {suite.name}")
+        stamp.touch()
 
 
 def _kernel_stanzas(text: str) -> str:
@@ -551,20 +563,24 @@ def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -
     suite = check_suite(pkgs.suite)
     if not all(PACKAGE_RE.fullmatch(p) for p in pkgs.all_pkgs) or not VERSION_RE.fullmatch(pkgs.version):
         raise ToaError(f"refusing unexpected package names or version in {pkgs}")
-    shutil.rmtree(target, ignore_errors=True)  # an interrupted fetch is redone from scratch
-    target.mkdir(parents=True)
     _update_index(suite)
-    with tempfile.TemporaryDirectory(prefix="debs-", dir=target) as debs:
-        report(f"downloading {len(pkgs.all_pkgs)} packages of {pkgs.release} from {suite.name}")
-        _run(
-            ["apt-get", *apt_options(suite.name), "download", *(f"{p}={pkgs.version}" for p in pkgs.all_pkgs)],
-            f"apt-get download of {pkgs.release}",
-            cwd=Path(debs),
-        )
-        for deb in sorted(Path(debs).glob("*.deb")):
-            report(f"unpacking {deb.name}")
-            _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
-    tree = _tree(pkgs, root)
-    _point_makefile_into_tree(tree.headers_dir, root)
-    complete.write_text(f"{pkgs}\n")
+    with _exclusive(target.with_name(f"{pkgs.release}.lock")):
+        if complete.exists():  # another toa run fetched it while this one waited
+            return _tree(pkgs, root)
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted fetch is redone from scratch
+        target.mkdir(parents=True)
+        with tempfile.TemporaryDirectory(prefix="debs-", dir=target) as debs:
+            report(f"downloading {len(pkgs.all_pkgs)} packages of {pkgs.release} from {suite.name}")
+            _run(
+                ["apt-get", *apt_options(suite.name), "download",
+                 *(f"{p}={pkgs.version}" for p in pkgs.all_pkgs)],
+                f"apt-get download of {pkgs.release}",
+                cwd=Path(debs),
+            )
+            for deb in sorted(Path(debs).glob("*.deb")):
+                report(f"unpacking {deb.name}")
+                _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
+        tree = _tree(pkgs, root)
+        _point_makefile_into_tree(tree.headers_dir, root)
+        complete.write_text(f"{pkgs}\n")
     return tree
