@@ -23,6 +23,21 @@ def peer(tmp_path_factory) -> Path:
     return lab.build_peer(tmp_path_factory.mktemp("peer"))
 
 
+def first_broken_option(opts: bytes) -> int:
+    """Bytes left from the first option the walk rejects (what the kernel's own check sees), 0 if none."""
+    i = 0
+    while i < len(opts):
+        if opts[i] == 0:
+            return 0
+        if opts[i] == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or not 2 <= opts[i + 1] <= len(opts) - i:
+            return len(opts) - i
+        i += opts[i + 1]
+    return 0
+
+
 def reference_verdict(opts: bytes, kinds: set[int]):
     """The TOA option rules, written out independently of the C generator.
 
@@ -58,20 +73,24 @@ def reference_verdict(opts: bytes, kinds: set[int]):
     return ("v4" if len(option) == 8 else "v6"), address, port
 
 
-@pytest.mark.parametrize("kinds", ["254,253", "254,253,200"])
-def test_generated_cases_match_the_rules(peer, kinds):
+@pytest.mark.parametrize("kinds,refused_from", [("254,253", 0), ("254,253,200", 0), ("254,253", 18), ("254,253", 5)])
+def test_generated_cases_match_the_rules(peer, kinds, refused_from):
     accepted = {int(k) for k in kinds.split(",")}
-    out = subprocess.run([str(peer), "cases", "12345", "3000", kinds], capture_output=True, text=True, check=True)
-    rows = out.stdout.splitlines()
+    argv = [str(peer), "cases", "12345", "3000", kinds, str(refused_from)]
+    rows = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(rows) == 3000
     categories = set()
     lengths = set()
+    refused = 0
     for row in rows:
-        category, listener, outcome, address, port, malformed, opts_hex = row.split()
+        category, listener, outcome, address, port, malformed, bad_rem, kernel_refuses, opts_hex = row.split()
         opts = b"" if opts_hex == "-" else bytes.fromhex(opts_hex)
         categories.add(category)
         lengths.add(len(opts))
         assert len(opts) % 4 == 0 and len(opts) <= 40, row
+        assert int(bad_rem) == first_broken_option(opts), row
+        assert kernel_refuses == ("1" if refused_from and int(bad_rem) >= refused_from else "0"), row
+        refused += kernel_refuses == "1"
         verdict, want_address, want_port = reference_verdict(opts, accepted)
         if outcome == "real":
             assert verdict == ("malformed" if malformed == "1" else "absent"), row
@@ -84,17 +103,20 @@ def test_generated_cases_match_the_rules(peer, kinds):
     assert categories == {"valid_v4", "valid_v6", "wrong_length", "truncated", "repeated", "zero",
                           "not_accepted", "after_eol", "bad_other", "no_toa"}
     assert {0, 4, 8, 20, 40} <= lengths
+    if refused_from:
+        assert 0 < refused < 3000 / 5  # cases the kernel drops are there, but most are not
 
 
 def test_same_seed_same_cases(peer):
-    first = subprocess.run([str(peer), "cases", "99", "50", "254,253"], capture_output=True, check=True).stdout
-    again = subprocess.run([str(peer), "cases", "99", "50", "254,253"], capture_output=True, check=True).stdout
-    other = subprocess.run([str(peer), "cases", "100", "50", "254,253"], capture_output=True, check=True).stdout
+    def cases(seed):
+        return subprocess.run([str(peer), "cases", seed, "50", "254,253", "0"], capture_output=True, check=True).stdout
+
+    first, again, other = cases("99"), cases("99"), cases("100")
     assert first == again != other
 
 
 def test_peer_rejects_bad_arguments(peer):
-    for argv in (["fuzz"], ["cases", "1", "5", "254,999"], ["nonsense"]):
+    for argv in (["fuzz"], ["cases", "1", "5", "254,999", "0"], ["nonsense"]):
         result = subprocess.run([str(peer), *argv], capture_output=True, text=True)
         assert result.returncode == 2 and "usage" in result.stderr
 
@@ -107,6 +129,9 @@ def test_reference_rules_on_known_lists():
     assert reference_verdict(v4 + v4, kinds)[0] == "malformed"
     assert reference_verdict(bytes([0]) + v4[:3], kinds)[0] == "absent"
     assert reference_verdict(bytes([200]) + v4[1:], kinds)[0] == "absent"
+    assert first_broken_option(bytes([1, 1, 1, 254])) == 1
+    assert first_broken_option(bytes([2, 4, 5, 0xB4, 76, 0, 1, 1])) == 4
+    assert first_broken_option(v4 + bytes([0, 76, 0, 0])) == 0
 
 
 # ---------------------------------------------------------------- reading the serial console
@@ -209,8 +234,8 @@ def test_initramfs_is_a_newc_archive_cpio_can_list(tmp_path):
 def test_init_loads_modules_in_order_and_passes_counts():
     init = lab.render_init(tun_modules=["dep.ko", "tun.ko"], seed=42, fuzz=1000, cycles=100)
     assert init.index("insmod /lib/modules/dep.ko") < init.index("insmod /lib/modules/tun.ko")
-    assert "toa_peer fuzz 42 1000 254,253" in init
-    assert "toa_peer fuzz 43 250 254,253,200" in init
+    assert 'toa_peer fuzz 42 1000 254,253 "${refused_from:-0}"' in init
+    assert 'toa_peer fuzz 43 250 254,253,200 "${refused_from:-0}"' in init
     assert 'toa_peer cycles 100 "$TOA_KO"' in init
     assert init.rstrip().endswith("poweroff -f")
     bare = lab.render_init(tun_modules=[], seed=1, fuzz=0, cycles=0)

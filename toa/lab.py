@@ -337,7 +337,7 @@ def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[s
 
 def required_cases(fuzz: int, cycles: int) -> list[str]:
     """CASE lines a complete run must print: a missing one means a step died silently."""
-    names = ["tun-available", "before-load-v4-untouched", "insmod", "load-message", "sysfs-module",
+    names = ["tun-available", "kernel-refusal", "before-load-v4-untouched", "insmod", "load-message", "sysfs-module",
              "default-kinds", "stats-readable", "v4", "v6-kind253", "v6-kind254", "v4-mapped", "basic",
              "basic-malformed-ignored", "rmmod", "unload-message", "after-unload-v4-untouched",
              "insmod-kinds200", "kinds200-param", "hold-open", "hold-rmmod-while-open",

@@ -12,10 +12,14 @@
  * Modes:
  *     toa_peer basic                  named scenarios + /proc/net/toa_stats deltas
  *     toa_peer plain LABEL            no module loaded: TOA options must be ignored
- *     toa_peer fuzz SEED COUNT KINDS  random options, expected result known by construction
+ *     toa_peer refusal                print from which offset the kernel itself drops a
+ *                                     broken option list (0: never; 18 on 6.7+ without TCP-AO)
+ *     toa_peer fuzz SEED COUNT KINDS REFUSED_FROM
+ *                                     random options, expected result known by construction
  *     toa_peer hold READY GO          keep a TOA connection open across an rmmod
  *     toa_peer cycles COUNT KO        insmod/rmmod COUNT times, a handshake checked in between
- *     toa_peer cases SEED COUNT KINDS print the cases fuzz would drive (no network)
+ *     toa_peer cases SEED COUNT KINDS REFUSED_FROM
+ *                                     print the cases fuzz would drive (no network)
  *
  * Built static (gcc -static) so it runs on any guest kernel with a bare initramfs.
  */
@@ -43,19 +47,36 @@
 #define STATS_PATH "/proc/net/toa_stats"
 #define MAX_OPTS 40
 #define WAIT_MS 3000
+/* A refused ACK is refused inside write() to the TUN: a short wait is enough to be sure. */
+#define REFUSED_WAIT_MS 300
 
 /* ---------- small helpers ---------- */
 
-static uint64_t rng_state;
-
 /* splitmix64: tiny, seedable, good enough to spread test cases. */
-static uint64_t rng_next(void)
+static uint64_t splitmix64(uint64_t *state)
 {
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
+	uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
 
 	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
 	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
 	return z ^ (z >> 31);
+}
+
+/*
+ * Two streams: test cases come from the seeded one alone, so a seed names
+ * the same cases whether they are driven or only listed; sequence numbers
+ * and IP ids come from the other.
+ */
+static uint64_t rng_state, wire_state;
+
+static uint64_t rng_next(void)
+{
+	return splitmix64(&rng_state);
+}
+
+static uint32_t wire_random(void)
+{
+	return (uint32_t)splitmix64(&wire_state);
 }
 
 /* Uniform-enough integer in [lo, hi]. */
@@ -406,6 +427,7 @@ static uint32_t get32(const uint8_t *p)
 }
 
 #define TCP_SYN 0x02
+#define TCP_RST 0x04
 #define TCP_ACK 0x10
 
 /*
@@ -439,7 +461,7 @@ static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uin
 	} else {
 		pkt[0] = 0x45;
 		put16(pkt + 2, (uint16_t)(ip_len + tcp_len));
-		put16(pkt + 4, (uint16_t)rng_next());
+		put16(pkt + 4, (uint16_t)wire_random());
 		put16(pkt + 6, 0x4000); /* DF */
 		pkt[8] = 64;
 		pkt[9] = IPPROTO_TCP;
@@ -460,7 +482,8 @@ static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uin
 	tcp[12] = (uint8_t)((tcp_len / 4) << 4);
 	tcp[13] = flags;
 	put16(tcp + 14, 64240);
-	memcpy(tcp + 20, opts, (size_t)opt_len);
+	if (opt_len)
+		memcpy(tcp + 20, opts, (size_t)opt_len);
 	put16(tcp + 16, fold(sum16(sum, tcp, (size_t)tcp_len)));
 	return write(n->tun, pkt, (size_t)(ip_len + tcp_len)) == ip_len + tcp_len ? 0 : -1;
 }
@@ -515,11 +538,11 @@ static int wait_synack(struct lab_net *n, enum listener lk, uint16_t sport, uint
  * *accepted) or -1 with *why set.
  */
 static int handshake(struct lab_net *n, enum listener lk, const struct optbuf *syn,
-		     const struct optbuf *ack, uint16_t *sport_out, struct sockaddr_storage *accepted,
-		     const char **why)
+		     const struct optbuf *ack, int wait_ms, uint16_t *sport_out,
+		     struct sockaddr_storage *accepted, const char **why)
 {
 	uint16_t sport = n->next_port;
-	uint32_t isn = (uint32_t)rng_next(), server_isn;
+	uint32_t isn = wire_random(), server_isn;
 	struct pollfd pfd = { n->listen_fd[lk], POLLIN, 0 };
 	socklen_t alen = sizeof(*accepted);
 	int fd;
@@ -538,7 +561,9 @@ static int handshake(struct lab_net *n, enum listener lk, const struct optbuf *s
 		*why = "tun-write-failed";
 		return -1;
 	}
-	if (poll(&pfd, 1, WAIT_MS) <= 0) {
+	if (poll(&pfd, 1, wait_ms) <= 0) {
+		/* Reset the half-open connection so it does not fill the SYN queue. */
+		send_segment(n, lk, sport, isn + 1, 0, TCP_RST, NULL, 0);
 		*why = "ack-not-accepted";
 		return -1;
 	}
@@ -602,7 +627,21 @@ struct probe {
 	struct optbuf ack;
 	struct expectation want;
 	int malformed; /* the ACK's list breaks a rule: malformed_ignored must count it */
+	int bad_rem;   /* bytes left from the first option the walk rejects (0: none) */
 };
+
+/*
+ * Since 6.7 the kernel itself drops a segment whose option list is broken
+ * (tcp_inbound_hash), but only if the broken option starts at least this many
+ * bytes before the header's end (18, or 5 with TCP-AO). Measured once per
+ * boot before the module is loaded; 0 means the kernel never drops.
+ */
+static int kernel_refuses_from;
+
+static int kernel_refuses(const struct probe *p)
+{
+	return kernel_refuses_from && p->bad_rem >= kernel_refuses_from;
+}
 
 static void expected_addr(const struct lab_net *n, const struct probe *p, uint16_t sport,
 			  struct sockaddr_storage *out)
@@ -639,11 +678,19 @@ static int check_probe(struct lab_net *n, const struct probe *p, char *detail, s
 	int fd, ok;
 
 	hex(p->ack.b, p->ack.len, opt_s);
-	fd = handshake(n, p->lk, p->syn ? p->syn : &mss_only, &p->ack, &sport, &accepted, &why);
+	fd = handshake(n, p->lk, p->syn ? p->syn : &mss_only, &p->ack,
+		       kernel_refuses(p) ? REFUSED_WAIT_MS : WAIT_MS, &sport, &accepted, &why);
 	if (sport_out)
 		*sport_out = sport;
 	expected_addr(n, p, sport, &want);
 	fmt_addr(&want, want_s, sizeof(want_s));
+	if (kernel_refuses(p)) {
+		snprintf(detail, dlen, "listener=%s expected=refused-by-kernel got=%s opts=%s",
+			 listener_names[p->lk], fd < 0 ? "refused" : "accepted", opt_s);
+		if (fd >= 0)
+			close_abort(fd);
+		return fd < 0;
+	}
 	if (fd < 0) {
 		snprintf(detail, dlen, "listener=%s expected=%s got=none error=%s opts=%s",
 			 listener_names[p->lk], want_s, why, opt_s);
@@ -738,13 +785,17 @@ static long long wait_entries_drained(void)
 
 /* What a batch of handshakes must have done to the counters. */
 struct tally {
-	int cases, rewritten_v4, rewritten_v6, malformed, v6_on_v4, mismatches;
+	int cases, rewritten_v4, rewritten_v6, malformed, v6_on_v4, mismatches, refused;
 };
 
 static void tally_add(struct tally *t, const struct probe *p, int ok)
 {
 	t->cases++;
 	t->mismatches += !ok;
+	if (kernel_refuses(p)) {
+		t->refused++;
+		return; /* the module never saw it */
+	}
 	t->malformed += p->malformed;
 	if (p->want.outcome == TOA_V6 && p->lk == L4)
 		t->v6_on_v4++;
@@ -964,6 +1015,53 @@ static int mode_plain(const char *label)
 	return !(ok4 && ok6);
 }
 
+/* ---------- mode: refusal (module not loaded) ---------- */
+
+/* Does the kernel take an ACK whose broken option starts `rem` bytes before the header end? */
+static int kernel_takes_broken_at(struct lab_net *n, int rem)
+{
+	struct optbuf ack;
+	struct sockaddr_storage accepted;
+	const char *why;
+	uint16_t sport;
+	int fd;
+
+	memset(ack.b, 1, MAX_OPTS); /* NOPs, then the broken option */
+	ack.len = MAX_OPTS;
+	ack.b[MAX_OPTS - rem] = 76;
+	if (rem > 1)
+		ack.b[MAX_OPTS - rem + 1] = 0xff; /* claims more than is left */
+	fd = handshake(n, L4, &mss_only, &ack, 1000, &sport, &accepted, &why);
+	if (fd < 0)
+		return 0;
+	close_abort(fd);
+	return 1;
+}
+
+/* Print from how many remaining bytes on the kernel refuses a broken option list (0: never). */
+static int mode_refusal(void)
+{
+	struct lab_net n;
+	int lo = 2, hi = MAX_OPTS;
+
+	if (net_up(&n, 0) < 0)
+		return 1;
+	if (kernel_takes_broken_at(&n, MAX_OPTS)) {
+		printf("0\n");
+		return 0;
+	}
+	while (lo < hi) {
+		int mid = (lo + hi) / 2;
+
+		if (kernel_takes_broken_at(&n, mid))
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	printf("%d\n", lo);
+	return 0;
+}
+
 /* ---------- mode: fuzz ---------- */
 
 static int usage(void);
@@ -1093,7 +1191,7 @@ static uint16_t random_port(void)
  * Place one option (`len` bytes) among random well-formed neighbours within
  * the 40-byte area.  A quarter of the time it ends exactly where the header ends.
  */
-static void surround(struct optbuf *o, const uint8_t *opt, int len, const struct kindset *ks)
+static int surround(struct optbuf *o, const uint8_t *opt, int len, const struct kindset *ks)
 {
 	int room = MAX_OPTS - len, before = rng_range(0, room);
 
@@ -1103,12 +1201,13 @@ static void surround(struct optbuf *o, const uint8_t *opt, int len, const struct
 			before += 4;
 		put_filler(o, before, ks);
 		put_bytes(o, opt, len);
-		return;
+		return before;
 	}
 	put_filler(o, before, ks);
 	put_bytes(o, opt, len);
 	put_filler(o, rng_range(0, room - before), ks);
 	pad_random(o);
+	return before;
 }
 
 static void put_random_toa(struct optbuf *o, uint8_t kind, int v6)
@@ -1137,6 +1236,7 @@ static void make_case(enum category cat, const struct kindset *ks, struct probe 
 	memset(&p->want, 0, sizeof(p->want));
 	p->want.outcome = REAL_PEER;
 	p->malformed = 0;
+	p->bad_rem = 0;
 	switch (cat) {
 	case CAT_VALID_V4:
 		p->want.outcome = TOA_V4;
@@ -1163,13 +1263,16 @@ static void make_case(enum category cat, const struct kindset *ks, struct probe 
 		opt.len = len < 2 ? 2 : len;
 		for (i = 2; i < opt.len; i++)
 			opt.b[i] = (uint8_t)rng_range(1, 255);
-		surround(o, opt.b, opt.len, ks);
+		i = surround(o, opt.b, opt.len, ks);
+		if (len < 2)
+			p->bad_rem = o->len - i;
 		break;
 	case CAT_TRUNCATED: {
 		/* An accepted kind whose length byte is missing or runs past the header end. */
 		int total = 4 * rng_range(1, MAX_OPTS / 4), pos = rng_range(0, total - 1);
 
 		p->malformed = 1;
+		p->bad_rem = total - pos;
 		put_filler(o, pos, ks);
 		o->b[o->len++] = random_accepted(ks);
 		if (o->len < total) {
@@ -1250,6 +1353,7 @@ static void make_case(enum category cat, const struct kindset *ks, struct probe 
 			while (o->len < total)
 				o->b[o->len++] = 1;
 		}
+		p->bad_rem = o->len - kind_pos;
 		break;
 	}
 	case CAT_NO_TOA:
@@ -1295,7 +1399,7 @@ static enum category next_case(const struct kindset *ks, struct probe *p)
  * Print the cases a fuzz run with this seed would drive, without driving
  * them: lets the generator's claims be checked offline.
  */
-static int mode_cases(uint64_t seed, int count, const char *kinds_text)
+static int mode_cases(uint64_t seed, int count, const char *kinds_text, int refuses_from)
 {
 	static const char *const outcome_names[] = { "real", "toa_v4", "toa_v6" };
 	char opt_s[2 * MAX_OPTS + 1];
@@ -1304,6 +1408,7 @@ static int mode_cases(uint64_t seed, int count, const char *kinds_text)
 
 	if (parse_kinds(kinds_text, &ks) < 0)
 		return usage();
+	kernel_refuses_from = refuses_from;
 	rng_state = seed;
 	for (i = 0; i < count; i++) {
 		struct probe p;
@@ -1314,13 +1419,14 @@ static int mode_cases(uint64_t seed, int count, const char *kinds_text)
 			inet_ntop(p.want.outcome == TOA_V4 ? AF_INET : AF_INET6, p.want.addr, want,
 				  sizeof(want));
 		hex(p.ack.b, p.ack.len, opt_s);
-		printf("%s %s %s %s %u %d %s\n", category_names[cat], listener_names[p.lk],
-		       outcome_names[p.want.outcome], want, p.want.port, p.malformed, opt_s);
+		printf("%s %s %s %s %u %d %d %d %s\n", category_names[cat], listener_names[p.lk],
+		       outcome_names[p.want.outcome], want, p.want.port, p.malformed, p.bad_rem,
+		       kernel_refuses(&p), opt_s);
 	}
 	return 0;
 }
 
-static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
+static int mode_fuzz(uint64_t seed, int count, const char *kinds_text, int refuses_from)
 {
 	int per_cat[N_CATEGORIES] = { 0 }, shown = 0, i;
 	struct kindset ks;
@@ -1336,6 +1442,7 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
 	}
 	if (net_up(&n, 0) < 0)
 		return 1;
+	kernel_refuses_from = refuses_from;
 	rng_state = seed;
 	snprintf(label, sizeof(label), "fuzz-kinds%d", ks.count);
 	if (read_stats(&before) < 0) {
@@ -1361,8 +1468,10 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text)
 			 category_names[i], per_cat[i]);
 	check_counters(label, &before, &t);
 	report(label, t.mismatches == 0,
-	       "seed=%" PRIu64 " kinds=%s cases=%d mismatches=%d seconds=%.1f categories=%s", seed,
-	       kinds_text, t.cases, t.mismatches, (double)(now_ms() - started) / 1000.0, cats);
+	       "seed=%" PRIu64 " kinds=%s cases=%d mismatches=%d refused_by_kernel=%d seconds=%.1f"
+	       " categories=%s",
+	       seed, kinds_text, t.cases, t.mismatches, t.refused,
+	       (double)(now_ms() - started) / 1000.0, cats);
 	return t.mismatches != 0;
 }
 
@@ -1498,23 +1607,27 @@ static int mode_cycles(int count, const char *ko)
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: toa_peer basic | plain LABEL | fuzz SEED COUNT KINDS |"
-			" hold READY GO | cycles COUNT KO | cases SEED COUNT KINDS\n");
+	fprintf(stderr, "usage: toa_peer basic | plain LABEL | refusal |"
+			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO |"
+			" cases SEED COUNT KINDS REFUSED_FROM\n");
 	return 2;
 }
 
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	rng_state = (uint64_t)getpid() * 0x2545f4914f6cdd1dULL ^ (uint64_t)now_ms();
+	wire_state = (uint64_t)getpid() * 0x2545f4914f6cdd1dULL ^ (uint64_t)now_ms();
+	rng_state = wire_state ^ 0x5851f42d4c957f2dULL;
 	if (argc == 2 && !strcmp(argv[1], "basic"))
 		return mode_basic();
 	if (argc == 3 && !strcmp(argv[1], "plain"))
 		return mode_plain(argv[2]);
-	if (argc == 5 && !strcmp(argv[1], "fuzz"))
-		return mode_fuzz(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4]);
-	if (argc == 5 && !strcmp(argv[1], "cases"))
-		return mode_cases(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4]);
+	if (argc == 6 && !strcmp(argv[1], "fuzz"))
+		return mode_fuzz(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4], atoi(argv[5]));
+	if (argc == 2 && !strcmp(argv[1], "refusal"))
+		return mode_refusal();
+	if (argc == 6 && !strcmp(argv[1], "cases"))
+		return mode_cases(strtoull(argv[2], NULL, 10), atoi(argv[3]), argv[4], atoi(argv[5]));
 	if (argc == 4 && !strcmp(argv[1], "hold"))
 		return mode_hold(argv[2], argv[3]);
 	if (argc == 4 && !strcmp(argv[1], "cycles"))
