@@ -7,6 +7,7 @@ import gzip
 import ipaddress
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,28 @@ def test_not_a_bzimage(tmp_path):
     hostile = fake_bzimage(tmp_path / "hostile", b"; rm -rf / #\0")
     with pytest.raises(ToaError, match="names no kernel release"):
         lab.kernel_release(hostile)
+
+
+# ---------------------------------------------------------------- the verify task's own errors
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_verify(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "invoke", "verify", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--suite", "nosuch"], "use one of bullseye, bookworm"),
+    ([], "give one of --suite SUITE, --kernel RELEASE or --vmlinuz PATH"),
+    (["--suite", "bookworm", "--kernel", "6.1.0-56-amd64"], "give one of"),
+    (["--vmlinuz", "/nonexistent/vmlinuz"], "give --ko PATH"),
+    (["--vmlinuz", "/nonexistent/vmlinuz", "--ko", "x.ko"], "kernel image /nonexistent/vmlinuz not found"),
+    (["--suite", "bookworm", "--seed", "12; rm -rf /"], "--seed must be a non-negative integer"),
+])
+def test_verify_task_argument_errors(args, expected):
+    result = run_verify(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("toa: error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

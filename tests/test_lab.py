@@ -1,0 +1,176 @@
+"""The kernel lab end to end: real Debian kernels booted under QEMU with a freshly built toa.ko.
+
+Downloads are cached (toa.debian), the module is built in its suite's container (toa.build), and
+every boot is a real TCG boot. Timings are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from toa import build, debian, lab
+from toa.errors import ToaError
+
+pytestmark = [pytest.mark.lab, pytest.mark.docker]
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_TIMEOUT = 900
+# The scenarios the brief names, each of which must have run and passed.
+KEY_CHECKS = ["tun-available", "kernel-refusal", "insmod", "load-message", "sysfs-module", "stats-readable",
+              "v4", "v6-kind253", "v6-kind254", "v4-mapped", "no-option-v4", "wrong-length-10",
+              "truncated-length", "repeated-v4", "basic-addresses-returned", "basic-malformed-ignored",
+              "fuzz-kinds2", "fuzz-kinds3", "hold-rmmod-while-open", "hold-after-unload", "hold-close",
+              "cycles", "load-messages-total", "kernel-log-clean", "kernel-not-tainted-by-fault",
+              "guest-finished", "qemu-exit"]
+
+
+@dataclass(frozen=True)
+class LabKernel:
+    release: str
+    suite: str
+    vmlinuz: Path
+    modules_dir: Path | None
+    ko: Path
+
+
+_built: dict[str, LabKernel] = {}
+
+
+def lab_kernel(suite: str, out_dir: Path) -> LabKernel:
+    """The newest kernel of a suite, fetched (cached) with a toa.ko built for it once per session."""
+    if suite not in _built:
+        tree = debian.fetch(debian.resolve_suite(suite))
+        result = build.build_module(tree.headers_dir, tree.release, tree.suite, out_dir)
+        _built[suite] = LabKernel(tree.release, tree.suite, tree.vmlinuz, tree.modules_dir, result.ko)
+    return _built[suite]
+
+
+@pytest.fixture(scope="session")
+def out_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lab-dist")
+
+
+@pytest.fixture(scope="session")
+def bookworm(out_dir) -> LabKernel:
+    return lab_kernel("bookworm", out_dir)
+
+
+def describe(report: lab.LabReport) -> str:
+    failed = "\n".join(f"  {c.name}: {c.detail}" for c in report.failed)
+    tail = "\n".join(report.serial_tail)
+    return f"failed checks:\n{failed}\nserial tail:\n{tail}\nserial log: {report.serial_log}"
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_every_check_passes_on_a_real_kernel(suite, out_dir, tmp_path):
+    kernel = lab_kernel(suite, out_dir)
+    report = lab.verify(kernel.vmlinuz, kernel.ko, kernel.release, kernel.modules_dir,
+                        log_dir=tmp_path, timeout=FULL_TIMEOUT, cycles=100, fuzz=1000)
+    print(f"\n{kernel.release}: {len(report.checks)} checks in {report.duration:.1f}s (seed {report.seed})")
+    assert report.ok, describe(report)
+    checks = {check.name: check for check in report.checks}
+    missing = [name for name in KEY_CHECKS if name not in checks]
+    assert not missing, missing
+    assert "cases=1000 mismatches=0" in checks["fuzz-kinds2"].detail
+    assert "cases=250 mismatches=0" in checks["fuzz-kinds3"].detail
+    assert f"seed={report.seed} " in checks["fuzz-kinds2"].detail
+    assert "cycles=100 failures=0" in checks["cycles"].detail
+    assert checks["load-messages-total"].detail == "expected=103 got=103"
+    serial = report.serial_log.read_text()
+    assert "TOA-LAB END" in serial and f"TOA-LAB BEGIN release={kernel.release}" in serial
+    assert (tmp_path / "init.sh").is_file()
+
+
+def test_too_short_timeout_kills_the_guest_and_keeps_the_tail(bookworm, tmp_path):
+    started = time.monotonic()
+    report = lab.verify(bookworm.vmlinuz, bookworm.ko, bookworm.release, bookworm.modules_dir,
+                        log_dir=tmp_path, timeout=8, cycles=100, fuzz=1000)
+    assert time.monotonic() - started < 60
+    assert report.timed_out and not report.ok
+    timeout_check = next(check for check in report.checks if check.name == "guest-timeout")
+    assert not timeout_check.passed and "QEMU killed" in timeout_check.detail
+    logged = report.serial_log.read_text().splitlines()
+    assert report.serial_tail and report.serial_tail == logged[-len(report.serial_tail):]
+    assert len(report.serial_tail) <= lab.SERIAL_TAIL_LINES
+    assert "Linux version" in report.serial_log.read_text()  # the kernel did boot and was cut off
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_lab_qemu(pid, bookworm.vmlinuz)]
+
+
+def _is_lab_qemu(pid: str, vmlinuz: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"qemu-system-x86_64") and str(vmlinuz).encode() in argv
+
+
+def test_guest_whose_init_hangs_is_cut_off(bookworm, tmp_path):
+    """An /init that never powers off: the host stops waiting, keeps what it printed, kills QEMU."""
+    archive = lab.Cpio()
+    for directory in ("bin", "dev", "proc"):
+        archive.directory(directory)
+    archive.file("init", b"#!/bin/busybox sh\necho guest is hanging now\n/bin/busybox sleep 100000\n", 0o755)
+    archive.file("bin/busybox", lab.find_busybox().read_bytes(), 0o755)
+    initrd = tmp_path / "hang.cpio.gz"
+    initrd.write_bytes(gzip.compress(archive.finish()))
+    seen = []
+    result = lab.boot(lab.qemu_argv(lab.find_qemu(), bookworm.vmlinuz, initrd), tmp_path / "serial.log",
+                      timeout=40, on_line=seen.append)
+    assert result.timed_out and result.returncode is None
+    assert "guest is hanging now" in seen
+    assert "guest is hanging now" in (tmp_path / "serial.log").read_text()
+    checks = {c.name: c for c in lab.parse_serial(result.lines, fuzz=0, cycles=0)}
+    assert not checks["guest-finished"].passed and not checks["guest-booted"].passed
+
+
+def test_missing_qemu_is_one_line_error(bookworm, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # gcc, qemu and busybox all out of reach
+    with pytest.raises(ToaError) as caught:
+        lab.verify(bookworm.vmlinuz, bookworm.ko, bookworm.release, bookworm.modules_dir,
+                   log_dir=tmp_path / "log", timeout=60)
+    message = str(caught.value)
+    assert "\n" not in message and "qemu-system-x86" in message
+
+
+def test_missing_qemu_through_the_task(bookworm, tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "verify", "--vmlinuz", str(bookworm.vmlinuz), "--ko", str(bookworm.ko),
+         "--modules", str(bookworm.modules_dir), "--log-dir", str(tmp_path / "log")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("toa: error: ") and "qemu-system-x86" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_own_kernel_through_the_task_as_json(bookworm, tmp_path):
+    """--vmlinuz/--modules/--ko: the path for any distro's kernel, read by its bzImage header."""
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "verify", "--vmlinuz", str(bookworm.vmlinuz), "--ko", str(bookworm.ko),
+         "--modules", str(bookworm.modules_dir), "--log-dir", str(tmp_path), "--json", "--fuzz", "200",
+         "--cycles", "5", "--seed", "4242"],
+        cwd=REPO, capture_output=True, text=True, timeout=FULL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["release"] == bookworm.release and report["seed"] == 4242
+    fuzz = next(check for check in report["checks"] if check["name"] == "fuzz-kinds2")
+    assert fuzz["passed"] and "seed=4242 " in fuzz["detail"] and "cases=200 " in fuzz["detail"]
+    assert Path(report["serial_log"]) == tmp_path / "serial.log"
+
+
+def test_module_for_another_kernel_is_refused_before_booting(bookworm, out_dir, tmp_path):
+    other = lab_kernel("trixie", out_dir)
+    with pytest.raises(ToaError, match=f"built for {other.release}, not {bookworm.release}"):
+        lab.verify(bookworm.vmlinuz, other.ko, bookworm.release, bookworm.modules_dir, log_dir=tmp_path, timeout=60)
