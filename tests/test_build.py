@@ -16,6 +16,7 @@ import pytest
 import toa
 from toa import build, debian
 from toa.errors import ToaError
+from tests.cli import assert_one_line_error, toa as run_toa
 
 pytestmark = pytest.mark.docker
 
@@ -128,3 +129,34 @@ def test_modinfo_reads_the_modinfo_section(builds):
 def test_not_a_module_is_refused(tmp_path):
     with pytest.raises(ToaError, match="no .modinfo section"):
         build.modinfo(Path("/bin/true"))
+
+
+# ---------------------------------------------------------------- the build task, as a user runs it
+
+
+def test_build_task_prints_the_manifest_as_json(kernel_trees, docker_client, tmp_path):
+    result = run_toa("build", "--suite", "bookworm", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    release = kernel_trees["bookworm"].release
+    assert printed["kernel_release"] == release
+    assert printed["ko"] == str(tmp_path / release / "toa.ko")
+    assert json.loads((tmp_path / release / "manifest.json").read_text()) == {
+        key: value for key, value in printed.items() if key not in ("ko", "manifest")
+    }
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--kernel", "3.10.0-693.el7.x86_64"], "containers/README.md"),
+        (["--kernel", "6.1.0-56-amd64;reboot"], "invalid kernel release"),
+        (["--suite", "hamm"], "unknown Debian suite"),
+        ([], "give --kernel RELEASE or --suite SUITE"),
+    ],
+)
+def test_build_task_refuses_with_one_line(args, fragment, tmp_path):
+    result = run_toa("build", *args, "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert_one_line_error(result, fragment)
+    assert not any(tmp_path.iterdir())
