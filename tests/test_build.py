@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import toa
+from tests.cli import assert_one_line_error, toa as run_toa
 from toa import build, debian
 from toa.errors import ToaError
-from tests.cli import assert_one_line_error, toa as run_toa
 
 pytestmark = pytest.mark.docker
 
