@@ -382,7 +382,8 @@ def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
     checks.insert(0, Check("guest-booted", began, "the guest's /init started" if began else "no /init output"))
     missing = [name for name in required_cases(fuzz, cycles) if name not in seen]
     checks.append(Check("all-steps-ran", not missing, f"missing={','.join(missing)}" if missing else "all present"))
-    faults = [line for line in dmesg + [l for l in lines if not CASE_RE.search(l)] if KERNEL_FAULT_RE.search(line)]
+    # The whole console, kernel log dump included; the peer's own lines are not kernel output.
+    faults = [line for line in lines if KERNEL_FAULT_RE.search(line) and not CASE_RE.search(line)]
     checks.append(Check(
         "kernel-log-clean", bool(dmesg) and not faults,
         (f"first={faults[0][:200]}" if faults else f"dmesg_lines={len(dmesg)}") if dmesg else "no kernel log dumped",
@@ -414,7 +415,7 @@ def verify(
 ) -> LabReport:
     """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made."""
     say = progress or (lambda message: None)
-    vmlinuz, ko = Path(vmlinuz), Path(ko)
+    vmlinuz, ko = Path(vmlinuz).resolve(), Path(ko).resolve()
     if not vmlinuz.is_file():
         raise ToaError(f"kernel image {vmlinuz} not found: pass the path of a vmlinuz/bzImage")
     if not ko.is_file():
