@@ -15,7 +15,7 @@ import pytest
 
 import toa
 from tests.cli import assert_one_line_error, toa as run_toa
-from toa import build, debian
+from toa import build, debian, ko
 from toa.errors import ToaError
 
 pytestmark = pytest.mark.docker
@@ -121,14 +121,14 @@ def test_unreachable_engine_is_one_line(monkeypatch, kernel_trees, tmp_path):
 
 
 def test_modinfo_reads_the_modinfo_section(builds):
-    info = build.modinfo(builds["bookworm"].ko)
+    info = ko.modinfo(builds["bookworm"].ko)
     assert info["license"] == _modinfo_field(builds["bookworm"].ko, "license")
     assert info["name"] == "toa"
 
 
 def test_not_a_module_is_refused(tmp_path):
     with pytest.raises(ToaError, match="no .modinfo section"):
-        build.modinfo(Path("/bin/true"))
+        ko.modinfo(Path("/bin/true"))
 
 
 # ---------------------------------------------------------------- the build task, as a user runs it

@@ -22,11 +22,12 @@ from typing import Callable
 
 import docker
 import docker.errors
-from elftools.elf.elffile import ELFFile
 
 import toa
 from toa import debian
 from toa.errors import ToaError
+from toa.kernel import validate_release
+from toa.ko import modinfo
 
 MODULE_SOURCE = Path(toa.__file__).parent / "module"
 DEBIAN_DOCKERFILE_DIR = Path(toa.__file__).parent.parent / "containers" / "debian"
@@ -150,21 +151,6 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
 # ---------------------------------------------------------------- the module
 
 
-def modinfo(ko: Path) -> dict[str, str]:
-    """The key=value pairs of a module's .modinfo section."""
-    with ko.open("rb") as stream:
-        section = ELFFile(stream).get_section_by_name(".modinfo")
-        if section is None:
-            raise ToaError(f"{ko} has no .modinfo section: it is not a kernel module")
-        data = section.data()
-    info = {}
-    for entry in data.split(b"\0"):
-        key, sep, value = entry.decode(errors="replace").partition("=")
-        if sep:
-            info.setdefault(key, value)
-    return info
-
-
 def _mount_root(headers_dir: Path) -> Path:
     """The unpacked root holding the headers, their -common tree and kbuild (usr/src/<headers>)."""
     if headers_dir.parent.name == "src" and headers_dir.parent.parent.name == "usr":
@@ -200,7 +186,7 @@ def build_module(
     module_source: Path = MODULE_SOURCE,
 ) -> BuildResult:
     """Compile toa.ko for one kernel in its suite's container; write it and manifest.json to out_dir/<release>/."""
-    debian.check_release(release)
+    validate_release(release)
     container_suite = debian.check_suite(suite).container
     headers_dir = Path(headers_dir).resolve()
     if not (headers_dir / "Makefile").is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from toa.errors import ToaError
+from toa.kernel import validate_release
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 APT_SOURCES_FILE = Path("/etc/apt/sources.list")
@@ -73,7 +74,6 @@ SUITES = {
 
 # Strict shapes for anything that reaches a command line or a path.
 SUITE_RE = re.compile(r"[a-z][a-z0-9-]{1,40}")
-RELEASE_RE = re.compile(r"[0-9]+\.[0-9]+[0-9A-Za-z.+~_-]{0,90}")
 DEBIAN_RELEASE_RE = re.compile(r"[0-9]+\.[0-9]+[0-9A-Za-z.+~_-]*-amd64")
 PACKAGE_RE = re.compile(r"linux-[a-z0-9][a-z0-9.+~-]{1,100}")
 VERSION_RE = re.compile(r"[0-9][0-9A-Za-z.+~:-]{0,100}")
@@ -128,21 +128,8 @@ def check_suite(suite: str) -> Suite:
     return SUITES[suite]
 
 
-def check_release(release: str) -> str:
-    if (
-        not isinstance(release, str)
-        or len(release) > 100
-        or not RELEASE_RE.fullmatch(release)
-        or ".." in release
-    ):
-        raise ToaError(
-            f"invalid kernel release {release!r}: expected a `uname -r` string like 6.1.0-56-amd64"
-        )
-    return release
-
-
 def is_debian_release(release: str) -> bool:
-    return bool(DEBIAN_RELEASE_RE.fullmatch(check_release(release)))
+    return bool(DEBIAN_RELEASE_RE.fullmatch(validate_release(release)))
 
 
 # ---------------------------------------------------------------- the system's apt sources
@@ -505,7 +492,7 @@ def resolve_suite(suite_name: str) -> KernelPackages:
 
 def find_release(release: str) -> KernelPackages:
     """A full Debian release (`uname -r`, e.g. 6.1.0-56-amd64) searched across the suites."""
-    check_release(release)
+    validate_release(release)
     if not is_debian_release(release):
         raise ToaError(f"{release} is not a Debian amd64 kernel release (like 6.1.0-56-amd64)")
     available = {}
@@ -528,7 +515,7 @@ def find_release(release: str) -> KernelPackages:
 
 
 def kernel_dir(release: str) -> Path:
-    return cache_dir() / "kernels" / check_release(release)
+    return cache_dir() / "kernels" / validate_release(release)
 
 
 def _tree(pkgs: KernelPackages, root: Path) -> KernelTree:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import lzma
 import os
 import random
 import re
@@ -28,6 +27,9 @@ import jinja2
 from elftools.elf.elffile import ELFFile
 
 from toa.errors import ToaError
+from toa.kernel import validate_release
+from toa.ko import SUFFIXES as MODULE_SUFFIXES
+from toa.ko import modinfo, read_module
 
 GUEST_DIR = Path(__file__).parent / "guest"
 PEER_SOURCE = GUEST_DIR / "toa_peer.c"
@@ -43,8 +45,6 @@ CASE_RE = re.compile(r"CASE (\S+) (PASS|FAIL)(?: (.*))?$")
 KERNEL_FAULT_RE = re.compile(r"\bBUG\b|Oops|WARNING|Call Trace|general protection fault|Kernel panic")
 # Taint flags a test module is expected to set: O (out-of-tree, 4096), E (unsigned, 8192).
 EXPECTED_TAINT = 4096 | 8192
-MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
-RELEASE_RE = re.compile(r"[0-9]+\.[0-9]+[0-9A-Za-z.+~_-]{0,90}")
 
 
 class Check(NamedTuple):
@@ -136,40 +136,14 @@ def kernel_release(vmlinuz: Path) -> str:
         image.seek(offset + 0x200)
         banner = image.read(256).split(b"\0", 1)[0].decode(errors="replace")
     release = banner.split(" ", 1)[0]
-    if not RELEASE_RE.fullmatch(release):
+    try:
+        return validate_release(release)
+    except ToaError:
         raise ToaError(f"{vmlinuz} names no kernel release in its header (read {banner[:60]!r})")
     return release
 
 
 # ---------------------------------------------------------------- kernel modules for the guest
-
-
-def read_module(path: Path) -> bytes:
-    """A module file's ELF bytes, decompressed (6.12+ Debian kernels ship .ko.xz)."""
-    data = path.read_bytes()
-    name = path.name
-    if name.endswith(".xz"):
-        return lzma.decompress(data)
-    if name.endswith(".gz"):
-        return gzip.decompress(data)
-    if name.endswith(".zst"):
-        zstd = shutil.which("zstd")
-        if zstd is None:
-            raise ToaError(f"{path} is zstd-compressed: install the zstd package")
-        return subprocess.run([zstd, "-dc", str(path)], capture_output=True, check=True).stdout
-    return data
-
-
-def modinfo_of(data: bytes) -> dict[str, str]:
-    section = ELFFile(io.BytesIO(data)).get_section_by_name(".modinfo")
-    if section is None:
-        raise ToaError("a module handed to the lab has no .modinfo section: it is not a kernel module")
-    info: dict[str, str] = {}
-    for entry in section.data().split(b"\0"):
-        key, sep, value = entry.decode(errors="replace").partition("=")
-        if sep:
-            info.setdefault(key, value)
-    return info
 
 
 def _module_key(name: str) -> str:
@@ -202,7 +176,7 @@ def modules_with_deps(modules_dir: Path, name: str) -> list[tuple[str, bytes]]:
         if key not in index:
             raise ToaError(f"{name} needs module {module}, which is not in {modules_dir}: pass the full modules directory")
         data = read_module(index[key])
-        for dep in filter(None, modinfo_of(data).get("depends", "").split(",")):
+        for dep in filter(None, modinfo(data).get("depends", "").split(",")):
             visit(dep)
         ordered.append((f"{key}.ko", data))
 
@@ -425,7 +399,7 @@ def verify(
     if cycles < 0 or fuzz < 0 or timeout <= 0:
         raise ToaError("cycles and fuzz must be >= 0 and timeout > 0")
     ko_bytes = read_module(ko)
-    vermagic = modinfo_of(ko_bytes).get("vermagic", "")
+    vermagic = modinfo(ko_bytes).get("vermagic", "")
     if vermagic.split(" ", 1)[0] != release:
         raise ToaError(f"{ko} was built for {vermagic.split(' ', 1)[0] or 'an unknown kernel'}, not {release}: build it against {release}'s headers")
     qemu = find_qemu()
