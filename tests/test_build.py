@@ -41,9 +41,9 @@ def builds(kernel_trees, docker_client, tmp_path_factory) -> dict[str, build.Bui
     }
 
 
-def _modinfo_field(ko: Path, field: str) -> str:
+def _modinfo_field(module: Path, field: str) -> str:
     """kmod's own modinfo: an oracle independent of toa's pyelftools reading."""
-    return subprocess.run(["modinfo", "-F", field, str(ko)], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(["modinfo", "-F", field, str(module)], capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])

@@ -571,3 +571,20 @@ def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -
         _point_makefile_into_tree(tree.headers_dir, root)
         complete.write_text(f"{pkgs}\n")
     return tree
+
+
+def prepare(
+    kernel: str | None = None, suite: str | None = None, progress: Callable[[str], None] | None = None
+) -> tuple[KernelPackages, KernelTree]:
+    """A Debian kernel by full release or by suite (its newest), resolved and fetched into the cache."""
+    report = progress or (lambda message: None)
+    if bool(kernel) == bool(suite):
+        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
+    if kernel and not is_debian_release(kernel):
+        raise ToaError(
+            f"{kernel} is not a Debian kernel: build it on a machine of its distro with the matching "
+            "containers/ Dockerfile (see containers/README.md)"
+        )
+    report(f"resolve: looking up {kernel or suite} in the package index")
+    pkgs = find_release(kernel) if kernel else resolve_suite(suite)
+    return pkgs, fetch(pkgs, progress=lambda message: report(f"fetch: {message}"))

@@ -3,11 +3,14 @@
 Used by the top-level tasks.py (``invoke ...``) and by the ``toa`` console command.
 """
 
+import contextlib
 import functools
 import json as jsonlib
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from toa.debian import SUITES as DEBIAN_SUITES
 from toa.errors import ToaError
 
 
@@ -127,7 +130,11 @@ def test(c, fast=False, k=None):
 ns.add_task(test)
 
 
-from toa.debian import SUITES as DEBIAN_SUITES  # noqa: E402  (the build task's help lists them)
+@contextlib.contextmanager
+def _progress(console):
+    """A rich status line; yields the function that updates it."""
+    with console.status("starting") as status:
+        yield lambda message: status.update(message)
 
 
 @task(help={"kernel": "full Debian kernel release to build for, e.g. 6.1.0-56-amd64 (searched across suites)",
@@ -137,36 +144,15 @@ from toa.debian import SUITES as DEBIAN_SUITES  # noqa: E402  (the build task's 
 @user_errors
 def build(c, kernel=None, suite=None, out="dist", json=False):
     """Build toa.ko for a Debian kernel in a container of its suite; write it with a manifest."""
-    from pathlib import Path
-
     from rich.console import Console
 
     from toa import build as builder
     from toa import debian
 
-    if bool(kernel) == bool(suite):
-        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
-    if kernel and not debian.is_debian_release(kernel):
-        raise ToaError(
-            f"{kernel} is not a Debian kernel: build it on a machine of its distro with the matching "
-            "containers/ Dockerfile (see containers/README.md)"
-        )
-    console = Console(stderr=True)
-    with console.status("resolve") as status:
-        def step(message):
-            status.update(message)
-
-        step(f"resolve: looking up {kernel or suite} in the package index")
-        pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(suite)
-        console.print(f"resolved {pkgs.release} ({pkgs.suite}, {pkgs.version})", soft_wrap=True)
-        step(f"fetch: {pkgs.release}")
-        tree = debian.fetch(pkgs, progress=lambda message: step(f"fetch: {message}"))
-        console.print(f"fetched {tree.headers_dir}", soft_wrap=True)
-        step("image: preparing the build container")
-        result = builder.build_module(
-            tree.headers_dir, tree.release, pkgs.suite, Path(out),
-            progress=lambda message: step(f"{'compile' if message.startswith('compiling') else 'image'}: {message}"),
-        )
+    with _progress(Console(stderr=True)) as step:
+        pkgs, tree = debian.prepare(kernel, suite, progress=step)
+        result = builder.build_module(tree.headers_dir, tree.release, pkgs.suite, Path(out),
+                                      progress=lambda message: step(f"build: {message}"))
     manifest = jsonlib.loads(result.manifest.read_text())
     if json:
         print_json({**manifest, "ko": str(result.ko), "manifest": str(result.manifest)})
@@ -202,12 +188,9 @@ ns.add_task(build)
 def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
            log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None):
     """Boot a real kernel under QEMU, load toa.ko in it and prove every TOA rule with real handshakes."""
-    from pathlib import Path
-
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
+    from toa import build as builder
     from toa import debian, lab
 
     if sum(bool(x) for x in (kernel, vmlinuz)) + (bool(suite) and not vmlinuz) != 1:
@@ -219,41 +202,33 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
     if seed is not None and not str(seed).isdigit():
         raise ToaError(f"--seed must be a non-negative integer, not {seed!r}")
     console = Console(stderr=True)
-    counts = {"passed": 0, "failed": 0}
+    counts = {"PASS": 0, "FAIL": 0}
 
-    def build_ko(headers_dir, release, build_suite, step):
-        from toa import build as builder
-
+    def build_ko(headers_dir, release, build_suite):
         return builder.build_module(headers_dir, release, build_suite, Path("dist"),
                                     progress=lambda message: step(f"build: {message}")).ko
 
-    with console.status("resolve") as status:
-        def step(message):
-            status.update(message)
+    def lab_step(message):
+        verdict = message.rsplit(" ", 1)[-1]
+        if verdict in counts:
+            counts[verdict] += 1
+            message = f"{counts['PASS']} passed, {counts['FAIL']} failed; last: {message}"
+        step(f"lab: {message}")
 
+    with _progress(console) as step:
         if vmlinuz:
             vmlinuz_path = Path(vmlinuz)
             if not vmlinuz_path.is_file():
                 raise ToaError(f"kernel image {vmlinuz} not found")
             release = lab.kernel_release(vmlinuz_path)
             modules_dir = Path(modules) if modules else None
-            ko_path = Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm", step)
+            ko_path = Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm")
         else:
-            step(f"resolve: looking up {kernel or suite} in the package index")
-            pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(suite)
-            tree = debian.fetch(pkgs, progress=lambda message: step(f"fetch: {message}"))
+            pkgs, tree = debian.prepare(kernel, suite, progress=step)
             release, vmlinuz_path = tree.release, tree.vmlinuz
             modules_dir = Path(modules) if modules else tree.modules_dir
-            ko_path = Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite, step)
+            ko_path = Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)
         console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}")
-
-        def lab_step(message):
-            verdict = message.rsplit(" ", 1)[-1]
-            if verdict in ("PASS", "FAIL"):
-                counts["passed" if verdict == "PASS" else "failed"] += 1
-                message = f"{counts['passed']} passed, {counts['failed']} failed; last: {message}"
-            step(f"lab: {message}")
-
         report = lab.verify(
             vmlinuz_path, ko_path, release, modules_dir,
             log_dir=Path(log_dir) if log_dir else Path("dist") / release / "lab",
@@ -263,24 +238,31 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
     if json:
         print_json(report.to_dict())
     else:
-        table = Table(title=f"toa verify: {release}", title_justify="left")
-        for column in ("check", "result", "detail"):
-            table.add_column(column, overflow="fold")
-        for check in report.checks:
-            result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
-            table.add_row(Text(check.name), result, Text(check.detail[:160]))
-        Console().print(table)
-        if not report.ok:
-            console.print("last lines of the serial console:")
-            for line in report.serial_tail:
-                console.print(line, markup=False, highlight=False)
-        passed = sum(check.passed for check in report.checks)
-        console.print(
-            f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {release} in "
-            f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}"
-        )
+        _print_report(report, console)
     if not report.ok:
         raise Exit(code=1)
+
+
+def _print_report(report, console):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"toa verify: {report.release}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in report.checks:
+        result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
+        table.add_row(Text(check.name), result, Text(check.detail[:160]))
+    Console().print(table)
+    if not report.ok:
+        console.print("last lines of the serial console:")
+        for line in report.serial_tail:
+            console.print(line, markup=False, highlight=False)
+    passed = sum(check.passed for check in report.checks)
+    console.print(
+        f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {report.release} in "
+        f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}"
+    )
 
 
 ns.add_task(verify)
