@@ -24,7 +24,12 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q -e '.[test]'
+# Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is set up for toa.
+pip_flags=()
+if python3 -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")))'; then
+  pip_flags+=(--break-system-packages)
+fi
+python3 -m pip install -q "${pip_flags[@]}" -e '.[test]'
 
 # No systemd on minimal hosts and containers: start dockerd ourselves when it is not answering.
 if ! docker info >/dev/null 2>&1; then
