@@ -15,7 +15,7 @@ import pytest
 
 import toa
 from tests.cli import assert_one_line_error, toa as run_toa
-from toa import build, debian, ko
+from toa import build, debian, ko, targets
 from toa.errors import ToaError
 
 pytestmark = pytest.mark.docker
@@ -149,7 +149,10 @@ def test_build_task_prints_the_manifest_as_json(kernel_trees, docker_client, tmp
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--kernel", "3.10.0-693.el7.x86_64"], "containers/README.md"),
+        (["--kernel", "3.10.0-693"], "base image centos:7 is not here and cannot be pulled"),
+        (["--kernel", "2.6.32-754.el6.x86_64"], "no container recipe for CentOS 6"),
+        (["--kernel", "4.4.0-210"], "ambiguous"),
+        (["--kernel", "5.4.0-150-generic", "--distro", "sles-15"], "not a sles-15 kernel"),
         (["--kernel", "6.1.0-56-amd64;reboot"], "invalid kernel release"),
         (["--suite", "hamm"], "unknown Debian suite"),
         ([], "give --kernel RELEASE or --suite SUITE"),
@@ -160,3 +163,34 @@ def test_build_task_refuses_with_one_line(args, fragment, tmp_path):
     assert result.returncode == 2
     assert_one_line_error(result, fragment)
     assert not any(tmp_path.iterdir())
+
+
+def test_recipe_path_builds_for_real_on_a_local_base_image(docker_client, tmp_path):
+    """The non-Debian path (containers/<recipe>, build arguments, offline compile, vermagic check,
+    manifest) run for real: the ubuntu/ recipe installs linux-headers-<release> with apt, so on a
+    Debian base image it builds against a real Debian kernel's headers package."""
+    import functools
+
+    debian.kernels_of_suite("bookworm")  # refreshes the index
+    main_pocket = debian._pocket_indexes(debian.SUITES["bookworm"])["bookworm"]
+    kernels = [k for k in debian.kernels_in_index("bookworm", main_pocket) if debian.is_generic_flavour(k.release)]
+    release = max(kernels, key=functools.cmp_to_key(lambda a, b: debian.compare_versions(a.version, b.version))).release
+    base = build.base_image(docker_client, "bookworm").tags[0]
+
+    result = build.build_for_target(targets.get("ubuntu-22.04"), release, tmp_path, base=base)
+
+    manifest = json.loads(result.manifest.read_text())
+    assert (manifest["target"], manifest["base_image"], manifest["kernel_release"]) == ("ubuntu-22.04", base, release)
+    assert _modinfo_field(result.ko, "vermagic").split()[0] == release
+    assert manifest["build_image"]["tag"] == f"toa-build:ubuntu-22.04-{release}"
+
+
+def test_recipe_build_arguments_follow_the_kernel():
+    centos = build.recipe_build_args(targets.get("centos-7"), "3.10.0-693.21.1.el7.x86_64")
+    assert centos == {"BASE": "centos:7", "KERNEL_RELEASE": "3.10.0-693.21.1.el7.x86_64", "CENTOS_VAULT": "7.4.1708"}
+    rocky = build.recipe_build_args(targets.get("rocky-8"), "4.18.0-513.5.1.el8_9.x86_64")
+    assert rocky["REPO_URL"] == "https://dl.rockylinux.org/vault/rocky/8.9/AppStream/x86_64/os/"
+    assert rocky["REPO_GPGKEY"].endswith("RPM-GPG-KEY-rockyofficial")
+    assert build.recipe_build_args(targets.get("fedora-coreos"), "6.5.6-200.fc38.x86_64")["BASE"].endswith(":38")
+    with pytest.raises(ToaError, match="no container recipe for CentOS 6"):
+        build.build_for_target(targets.get("centos-6"), "2.6.32-754.el6.x86_64")

@@ -1,8 +1,10 @@
-"""Build toa.ko inside a container of the kernel's own Debian suite, and describe it in a manifest.
+"""Build toa.ko inside a container of the kernel's own distro release, and describe it in a manifest.
 
-The headers' kbuild tools (fixdep, modpost) are linked against their suite's glibc and expect their
-suite's gcc, so each suite gets its own build image: a debootstrap'd root imported as
-toa-base:debian-<suite>, then containers/debian/Dockerfile on top as toa-build:debian-<suite>.
+The headers' kbuild tools (fixdep, modpost) are linked against their release's glibc and expect its
+gcc, so each gets its own build image. Debian kernels: a debootstrap'd root imported as
+toa-base:debian-<suite>, then containers/debian/Dockerfile on top, with the headers fetched by
+toa.debian mounted in. Other families: the target's containers/<recipe>/Dockerfile on the distro's own
+base image, which installs the exact kernel's headers package from the distro's repositories.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import docker.errors
 
 import toa
 from toa import debian
+from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.ko import modinfo
+from toa.targets import Target
 
 MODULE_SOURCE = Path(toa.__file__).parent / "module"
-DEBIAN_DOCKERFILE_DIR = Path(toa.__file__).parent.parent / "containers" / "debian"
+# The recipes sit beside the package in the source tree (an editable install uses them in place).
+CONTAINERS_DIR = Path(toa.__file__).parent.parent / "containers"
+DEBIAN_DOCKERFILE_DIR = CONTAINERS_DIR / "debian"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 LOG_TAIL_LINES = 30
 COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
@@ -191,23 +197,35 @@ def build_module(
     headers_dir = Path(headers_dir).resolve()
     if not (headers_dir / "Makefile").is_file():
         raise ToaError(f"{headers_dir} holds no kernel headers (no Makefile): fetch the kernel first")
-    if not (module_source / "Makefile").is_file():
-        raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
     client = docker_client()
     compiler = headers_compiler(headers_dir)
     image = build_image(client, container_suite, compiler_package(compiler), progress)
-    image_tag = f"toa-build:debian-{container_suite}"
+    mount = _mount_root(headers_dir)
+    return _compile(
+        client, image, f"toa-build:debian-{container_suite}", release, out_dir,
+        make=["make", f"KDIR={headers_dir}"], volumes={str(mount): {"bind": str(mount), "mode": "ro"}},
+        compiler=compiler, manifest_extra={"suite": suite}, progress=progress, module_source=module_source,
+    )
 
+
+def _compile(
+    client, image, image_tag: str, release: str, out_dir: Path, *, make: list[str], volumes: dict,
+    compiler: str, manifest_extra: dict, progress, module_source: Path,
+) -> BuildResult:
+    """Run make on a copy of the module sources in IMAGE (offline, as the invoking user), check the
+    result is for RELEASE, and write toa.ko, build.log and manifest.json to out_dir/<release>/."""
+    if not (module_source / "Makefile").is_file():
+        raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
     target = Path(out_dir).resolve() / release
     target.mkdir(parents=True, exist_ok=True)
     log_path = target / "build.log"
-    mount = _mount_root(headers_dir)
     with tempfile.TemporaryDirectory(prefix="toa-build-") as scratch:
         source = Path(scratch) / "src"
         shutil.copytree(module_source, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
-        volumes = {str(source): {"bind": "/build", "mode": "rw"}, str(mount): {"bind": str(mount), "mode": "ro"}}
         _say(progress, f"compiling toa.ko for {release} in {image_tag}")
-        status, log = _run_in_container(client, image, ["make", f"KDIR={headers_dir}"], volumes, "/build")
+        status, log = _run_in_container(
+            client, image, make, {str(source): {"bind": "/build", "mode": "rw"}, **volumes}, "/build"
+        )
         log_path.write_text(log)
         built = source / "toa.ko"
         if status != 0 or not built.is_file():
@@ -229,7 +247,7 @@ def build_module(
     manifest = {
         "toa_version": toa.__version__,
         "kernel_release": release,
-        "suite": suite,
+        **manifest_extra,
         "vermagic": vermagic,
         "srcversion": info.get("srcversion"),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -241,3 +259,110 @@ def build_module(
     manifest_path = target / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return BuildResult(ko=ko, manifest=manifest_path)
+
+
+# ---------------------------------------------------------------- other distros: containers/<recipe>
+
+# CentOS 7 is end-of-life: its packages are on the vault, one tree per point release, and a kernel's
+# first build number says which point release shipped it.
+_CENTOS7_VAULT = {123: "7.0.1406", 229: "7.1.1503", 327: "7.2.1511", 514: "7.3.1611", 693: "7.4.1708",
+                  862: "7.5.1804", 957: "7.6.1810", 1062: "7.7.1908", 1127: "7.8.2003", 1160: "7.9.2009"}
+
+
+def recipe_build_args(target: Target, release: str) -> dict[str, str]:
+    """The build arguments of TARGET's containers/ recipe for one kernel release."""
+    fedora = re.search(r"\.fc(\d+)\.", release)
+    args = {"BASE": target.image.format(fedora=fedora.group(1) if fedora else ""), "KERNEL_RELEASE": release}
+    build_number = re.match(r"\d+\.\d+\.\d+-(\d+)", release)
+    if target.container == "rhel7" and build_number and int(build_number.group(1)) in _CENTOS7_VAULT:
+        args["CENTOS_VAULT"] = _CENTOS7_VAULT[int(build_number.group(1))]
+    minor = re.search(r"\.el(\d+)_(\d+)\.", release)
+    if target.distro == "rocky" and minor:  # older minor releases' kernels live on Rocky's vault
+        major = minor.group(1)
+        args["REPO_URL"] = f"https://dl.rockylinux.org/vault/rocky/{major}.{minor.group(2)}/AppStream/x86_64/os/"
+        args["REPO_GPGKEY"] = "file:///etc/pki/rpm-gpg/" + ("RPM-GPG-KEY-rockyofficial" if major == "8" else f"RPM-GPG-KEY-Rocky-{major}")
+    return args
+
+
+def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress):
+    """Build (or reuse) the image of a containers/ recipe; a base image that is not here is pulled first."""
+    base = args["BASE"]
+    existing = _image(client, tag)
+    if existing is not None and existing.labels.get("org.toa.base") == base:
+        return existing
+    if _image(client, base) is None:
+        _say(progress, f"pulling {base}")
+        try:
+            client.images.pull(base)
+        except docker.errors.DockerException as exc:
+            reason = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:200]
+            raise ToaError(
+                f"base image {base} is not here and cannot be pulled ({reason}): "
+                "`docker pull`/`docker load` it on this machine, or pass --base IMAGE from a registry you reach"
+            ) from None
+    _say(progress, f"building {tag} from containers/{recipe.name}")
+    try:
+        image, _ = client.images.build(path=str(recipe), tag=tag, buildargs=args, labels={"org.toa.base": base},
+                                       pull=False, rm=True, forcerm=True)
+    except docker.errors.BuildError as exc:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
+        tail = " | ".join(line for line in lines[-5:] if line)
+        raise ToaError(f"building {tag} failed: {exc.msg}: {tail}") from None
+    return image
+
+
+def build_for_target(
+    target: Target,
+    release: str,
+    out_dir: Path = Path("dist"),
+    *,
+    base: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    module_source: Path = MODULE_SOURCE,
+) -> BuildResult:
+    """Compile toa.ko for a kernel of another distro family in TARGET's containers/ image, whose
+    build installs that exact kernel's headers package from the distro's own repositories."""
+    validate_release(release)
+    if not target.container or target.container == "debian":
+        raise ToaError(
+            f"toa has no container recipe for {target.name} kernels: "
+            + ("use --suite/--kernel with a Debian release" if target.container else "see containers/README.md")
+        )
+    recipe = CONTAINERS_DIR / target.container
+    if not (recipe / "Dockerfile").is_file():
+        raise ToaError(f"{recipe}/Dockerfile missing: run toa from its source tree")
+    args = recipe_build_args(target, release)
+    if base:
+        args["BASE"] = base
+    client = docker_client()
+    tag = "toa-build:" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.id}-{release}")[:120]
+    image = _recipe_image(client, recipe, tag, args, progress)
+    return _compile(
+        client, image, tag, release, out_dir, make=["make"], volumes={}, compiler="gcc",
+        manifest_extra={"target": target.id, "base_image": args["BASE"]}, progress=progress,
+        module_source=module_source,
+    )
+
+
+def build_kernel(
+    kernel: str | None = None,
+    suite: str | None = None,
+    *,
+    distro: str | None = None,
+    base: str | None = None,
+    out_dir: Path = Path("dist"),
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build for a kernel given as a Debian suite, or as a release of any supported distro (full or
+    partial, e.g. 3.10.0-693): Debian kernels through toa.debian, the rest through containers/."""
+    say = progress or (lambda message: None)
+    if kernel and not suite and not debian.is_debian_release(kernel):
+        resolution = kernels.resolve(kernel, distro)
+        release, target = resolution.kernel.release, resolution.target
+        say(f"resolve: {kernel} is {release} ({target.name})")
+        if target.container != "debian":
+            return build_for_target(target, release, out_dir, base=base, progress=say)
+        kernel = release
+    pkgs, tree = debian.prepare(kernel, suite, progress=say)
+    return build_module(tree.headers_dir, tree.release, pkgs.suite, out_dir,
+                        progress=lambda message: say(f"build: {message}"))

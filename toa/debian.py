@@ -581,10 +581,7 @@ def prepare(
     if bool(kernel) == bool(suite):
         raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
     if kernel and not is_debian_release(kernel):
-        raise ToaError(
-            f"{kernel} is not a Debian kernel: build it on a machine of its distro with the matching "
-            "containers/ Dockerfile (see containers/README.md)"
-        )
+        raise ToaError(f"{kernel} is not a Debian kernel release (like 6.1.0-56-amd64): fix --kernel")
     report(f"resolve: looking up {kernel or suite} in the package index")
     pkgs = find_release(kernel) if kernel else resolve_suite(suite)
     return pkgs, fetch(pkgs, progress=lambda message: report(f"fetch: {message}"))

@@ -24,6 +24,7 @@ class Target:
     version: str
     image: str
     build: str
+    container: str
     package_manager: str
     headers_package: str
     headers_path: str

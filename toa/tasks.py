@@ -137,29 +137,29 @@ def _progress(console):
         yield lambda message: status.update(message)
 
 
-@task(help={"kernel": "full Debian kernel release to build for, e.g. 6.1.0-56-amd64 (searched across suites)",
+@task(help={"kernel": "kernel release to build for, as `uname -r` prints it on the host; a partial one "
+                      "(3.10.0-693) is completed. Debian kernels are fetched; others build in containers/",
             "suite": f"build for the newest kernel of a Debian suite instead: {', '.join(DEBIAN_SUITES)}",
+            "distro": "the target (e.g. ubuntu-18.04) or distro when --kernel is ambiguous",
+            "base": "base image for a non-Debian build instead of the target's default (e.g. from your registry)",
             "out": "output directory: <out>/<release>/toa.ko, manifest.json, build.log (default: dist)",
             "json": "print the manifest as JSON instead of a table"})
 @user_errors
-def build(c, kernel=None, suite=None, out="dist", json=False):
-    """Build toa.ko for a Debian kernel in a container of its suite; write it with a manifest."""
+def build(c, kernel=None, suite=None, distro=None, base=None, out="dist", json=False):
+    """Build toa.ko for a kernel in a container of its distro release; write it with a manifest."""
     from rich.console import Console
 
     from toa import build as builder
-    from toa import debian
 
     with _progress(Console(stderr=True)) as step:
-        pkgs, tree = debian.prepare(kernel, suite, progress=step)
-        result = builder.build_module(tree.headers_dir, tree.release, pkgs.suite, Path(out),
-                                      progress=lambda message: step(f"build: {message}"))
+        result = builder.build_kernel(kernel, suite, distro=distro, base=base, out_dir=Path(out), progress=step)
     manifest = jsonlib.loads(result.manifest.read_text())
     if json:
         print_json({**manifest, "ko": str(result.ko), "manifest": str(result.manifest)})
         return
     _print_fields("toa build", {
         "release": manifest["kernel_release"],
-        "suite": manifest["suite"],
+        "built for": manifest.get("suite") or manifest.get("target"),
         "path": str(result.ko),
         "vermagic": manifest["vermagic"],
         "sha256": manifest["sha256"][:16] + "…",
