@@ -176,3 +176,30 @@ def test_module_for_another_kernel_is_refused_before_booting(bookworm, out_dir, 
     other = lab_kernel("trixie", out_dir)
     with pytest.raises(ToaError, match=re.escape(f"built for {other.release}, not {bookworm.release}")):
         lab.verify(bookworm.vmlinuz, other.ko, bookworm.release, bookworm.modules_dir, log_dir=tmp_path, timeout=60)
+
+
+def test_readme_command_prints_a_human_report(bookworm, tmp_path):
+    """`invoke verify --suite bookworm`, as the README runs it (fewer fuzz cases and cycles)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "verify", "--suite", "bookworm", "--log-dir", str(tmp_path),
+         "--fuzz", "100", "--cycles", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=FULL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"toa verify: {bookworm.release}" in result.stdout
+    assert re.search(r"v4-mapped\s+│\s+PASS", result.stdout)
+    summary = result.stderr.strip().splitlines()[-1]
+    assert re.match(rf"PASS: (\d+)/\1 checks on {re.escape(bookworm.release)} ", summary), summary
+
+
+def test_timeout_prints_the_serial_tail_and_fails(bookworm, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "verify", "--vmlinuz", str(bookworm.vmlinuz), "--ko", str(bookworm.ko),
+         "--modules", str(bookworm.modules_dir), "--log-dir", str(tmp_path), "--timeout", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert re.search(r"guest-timeout\s+│\s+FAIL", result.stdout)
+    assert "last lines of the serial console:" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("FAIL: ")
+    assert "Traceback" not in result.stderr

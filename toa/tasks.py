@@ -228,7 +228,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
             release, vmlinuz_path = tree.release, tree.vmlinuz
             modules_dir = Path(modules) if modules else tree.modules_dir
             ko_path = Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)
-        console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}")
+        console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
         report = lab.verify(
             vmlinuz_path, ko_path, release, modules_dir,
             log_dir=Path(log_dir) if log_dir else Path("dist") / release / "lab",
@@ -244,6 +244,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
 
 
 def _print_report(report, console):
+    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -261,7 +262,8 @@ def _print_report(report, console):
     passed = sum(check.passed for check in report.checks)
     console.print(
         f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {report.release} in "
-        f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}"
+        f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}",
+        soft_wrap=True,
     )
 
 
