@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -34,8 +35,12 @@ from toa.ko import modinfo
 from toa.targets import Target
 
 MODULE_SOURCE = Path(toa.__file__).parent / "module"
-# The recipes sit beside the package in the source tree (an editable install uses them in place).
-CONTAINERS_DIR = Path(toa.__file__).parent.parent / "containers"
+# The recipes: beside the package in a source tree (and editable installs), else where pip put them.
+CONTAINERS_DIR = next(
+    (path for path in (Path(toa.__file__).parent.parent / "containers", Path(sys.prefix) / "share" / "toa" / "containers")
+     if path.is_dir()),
+    Path(toa.__file__).parent.parent / "containers",
+)
 DEBIAN_DOCKERFILE_DIR = CONTAINERS_DIR / "debian"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 LOG_TAIL_LINES = 30
