@@ -363,6 +363,8 @@ def apt_options(suite_name: str) -> list[str]:
         "Dir::Cache": root / "cache",
         "APT::Architecture": "amd64",
         "APT::Architectures": "amd64",
+        # Downloads land in the invoking user's cache, which apt's _apt sandbox user cannot write;
+        # the indexes are still checked against the Debian archive keyring (signed-by).
         "APT::Sandbox::User": "root",
         "Acquire::Languages": "none",
     }
