@@ -63,9 +63,16 @@ def test_os_release_quoting_is_undone_not_executed():
     assert values == {"NAME": "Foo $(id)", "ID": "foo", "VERSION_ID": "1.2", "X": "`uname`"}
 
 
+@pytest.mark.parametrize("systemd, pid1, init", [(True, "systemd", "systemd"), (False, "init", "sysv"),
+                                                 (False, None, "sysv"), (False, "tini", "other")])
+def test_init_system(systemd, pid1, init):
+    facts = detect.Facts(files={"/etc/os-release": "ID=debian\nVERSION_ID=12\n"}, systemd=systemd, pid1=pid1)
+    assert detect.identify(facts).init == init
+
+
 def test_remote_facts_parse():
     output = ("@@toa-file /etc/os-release\nID=ubuntu\nVERSION_ID=\"22.04\"\n\n"
-              "@@toa-kernel 5.15.0-91-generic\n@@toa-systemd\n")
+              "@@toa-kernel 5.15.0-91-generic\n@@toa-pid1 systemd\n@@toa-systemd\n")
     platform = detect.identify(detect.parse_remote_facts(output))
     assert (platform.distro, platform.target.id, platform.kernel, platform.init) == (
         "ubuntu", "ubuntu-22.04", "5.15.0-91-generic", "systemd")

@@ -29,6 +29,7 @@ class Facts:
     files: dict[str, str] = field(default_factory=dict)
     kernel: str | None = None
     systemd: bool = False
+    pid1: str | None = None  # the running init's name, where one runs (not for a root directory)
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,17 @@ def identify(facts: Facts) -> Platform:
         distro=distro,
         version=version,
         name=name,
-        init="systemd" if facts.systemd else "sysv",
+        init=_init(facts),
         kernel=facts.kernel,
         target=targets.for_os(distro, version),
     )
+
+
+def _init(facts: Facts) -> str:
+    """systemd, sysv (a classic /sbin/init), or other (a container's or sandbox's own PID 1)."""
+    if facts.systemd:
+        return "systemd"
+    return "sysv" if facts.pid1 in (None, "init") else "other"
 
 
 # --- connectors: how facts are read -------------------------------------------------------------
@@ -159,6 +167,10 @@ def read_local() -> Facts:
     facts = _read_root(Path("/"))
     facts.kernel = os.uname().release
     facts.systemd = Path("/run/systemd/system").is_dir()
+    try:
+        facts.pid1 = Path("/proc/1/comm").read_text().strip()
+    except OSError:  # /proc hidden from this process
+        pass
     return facts
 
 
@@ -206,11 +218,12 @@ def _version_key(release: str) -> list:
     return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+~_]", release)]
 
 
-# One round trip: the release files, the running kernel, and whether systemd is running.
+# One round trip: the release files, the running kernel, PID 1 and whether systemd is running.
 REMOTE_FACTS_COMMAND = (
     "for f in " + " ".join(RELEASE_FILES) + "; do "
     '[ -r "$f" ] && { echo "@@toa-file $f"; cat "$f"; echo; }; done; '
-    'echo "@@toa-kernel $(uname -r)"; [ -d /run/systemd/system ] && echo "@@toa-systemd"; true'
+    'echo "@@toa-kernel $(uname -r)"; echo "@@toa-pid1 $(cat /proc/1/comm 2>/dev/null)"; '
+    '[ -d /run/systemd/system ] && echo "@@toa-systemd"; true'
 )
 
 
@@ -224,6 +237,9 @@ def parse_remote_facts(output: str) -> Facts:
             facts.files[current] = ""
         elif line.startswith("@@toa-kernel "):
             facts.kernel = line.split(" ", 1)[1].strip() or None
+            current = None
+        elif line.startswith("@@toa-pid1 "):
+            facts.pid1 = line.split(" ", 1)[1].strip() or None
             current = None
         elif line == "@@toa-systemd":
             facts.systemd = True
