@@ -20,6 +20,9 @@
  *     toa_peer cycles COUNT KO        insmod/rmmod COUNT times, a handshake checked in between
  *     toa_peer cases SEED COUNT KINDS REFUSED_FROM
  *                                     print the cases fuzz would drive (no network)
+ *     toa_peer bench SIDE ROUND HANDSHAKES CALLS
+ *                                     time handshakes and getpeername() calls for the
+ *                                     benchmark (SIDE: baseline = module not loaded, toa)
  *
  * Built static (gcc -static) so it runs on any guest kernel with a bare initramfs.
  */
@@ -1603,13 +1606,158 @@ static int mode_cycles(int count, const char *ko)
 	return failures != 0;
 }
 
+/* ---------- mode: bench ---------- */
+
+/* Untimed operations before each timed batch: the first ones pay for cold caches. */
+#define BENCH_WARMUP 20
+
+static double now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* One invocation measures one side (module loaded or not) of one round. */
+struct bench_run {
+	const char *side;
+	int toa_loaded;
+	int round;
+};
+
+static void bench_result(const struct bench_run *run, const char *name, int ops, double seconds)
+{
+	printf("BENCH name=%s side=%s round=%d ops=%d seconds=%.6f rate=%.1f\n", name, run->side,
+	       run->round, ops, seconds, seconds > 0 ? ops / seconds : 0.0);
+}
+
+static int bench_error(const struct bench_run *run, const char *name, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("BENCH-ERROR name=%s side=%s round=%d ", name, run->side, run->round);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	return -1;
+}
+
+/* A probe on the IPv4 listener; with a TOA option the loaded module must rewrite the peer. */
+static void bench_probe(const struct bench_run *run, int with_option, struct probe *p)
+{
+	memset(p, 0, sizeof(*p));
+	p->lk = L4;
+	if (!with_option)
+		return;
+	put_toa4(&p->ack, 254, CLIENT_PORT, client4);
+	if (run->toa_loaded) {
+		p->want.outcome = TOA_V4;
+		p->want.port = CLIENT_PORT;
+		memcpy(p->want.addr, client4, 4);
+	}
+}
+
+/*
+ * One connection: handshake, accept() reporting the expected peer (into *want), then an
+ * abortive close, or with keep_fd the accepted socket handed back open.
+ */
+static int bench_connection(struct lab_net *n, const struct probe *p, int *keep_fd,
+			    struct sockaddr_storage *want, const char **why)
+{
+	struct sockaddr_storage accepted;
+	uint16_t sport;
+	int fd = handshake(n, p->lk, &mss_only, &p->ack, WAIT_MS, &sport, &accepted, why);
+
+	if (fd < 0)
+		return -1;
+	expected_addr(n, p, sport, want);
+	if (!same_addr(&accepted, want)) {
+		*why = "accept-reported-wrong-peer";
+		close_abort(fd);
+		return -1;
+	}
+	if (keep_fd)
+		*keep_fd = fd;
+	else
+		close_abort(fd);
+	return 0;
+}
+
+static int bench_handshakes(struct lab_net *n, const struct bench_run *run, const char *name,
+			    int with_option, int count)
+{
+	struct sockaddr_storage want;
+	struct probe p;
+	const char *why = NULL;
+	double started = 0;
+	int i;
+
+	bench_probe(run, with_option, &p);
+	for (i = -BENCH_WARMUP; i < count; i++) {
+		if (i == 0)
+			started = now_seconds();
+		if (bench_connection(n, &p, NULL, &want, &why) < 0)
+			return bench_error(run, name, "op=%d error=%s", i, why);
+	}
+	bench_result(run, name, count, now_seconds() - started);
+	return 0;
+}
+
+/* getpeername() on one accepted socket, every answer checked. */
+static int bench_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
+			     int with_option, int count)
+{
+	struct sockaddr_storage peer, want;
+	struct probe p;
+	const char *why = NULL;
+	double started = 0;
+	int fd = -1, i;
+
+	bench_probe(run, with_option, &p);
+	if (bench_connection(n, &p, &fd, &want, &why) < 0)
+		return bench_error(run, name, "op=connect error=%s", why);
+	for (i = -BENCH_WARMUP; i < count; i++) {
+		socklen_t plen = sizeof(peer);
+
+		if (i == 0)
+			started = now_seconds();
+		if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0 || !same_addr(&peer, &want)) {
+			close_abort(fd);
+			return bench_error(run, name, "op=%d error=getpeername-wrong-or-failed", i);
+		}
+	}
+	bench_result(run, name, count, now_seconds() - started);
+	close_abort(fd);
+	return 0;
+}
+
+static int mode_bench(const char *side, int round, int handshakes, int calls)
+{
+	struct bench_run run = { side, !strcmp(side, "toa"), round };
+	struct lab_net n;
+	int failed = 0;
+
+	if ((strcmp(side, "baseline") && !run.toa_loaded) || round < 1 || handshakes < 1 ||
+	    calls < 1)
+		return usage();
+	if (net_up(&n, 0) < 0)
+		return 1;
+	failed |= bench_handshakes(&n, &run, "handshake-plain", 0, handshakes) < 0;
+	failed |= bench_handshakes(&n, &run, "handshake-toa", 1, handshakes) < 0;
+	failed |= bench_getpeername(&n, &run, "getpeername-plain", 0, calls) < 0;
+	failed |= bench_getpeername(&n, &run, "getpeername-toa", 1, calls) < 0;
+	return failed;
+}
+
 /* ---------- main ---------- */
 
 static int usage(void)
 {
 	fprintf(stderr, "usage: toa_peer basic | plain LABEL | refusal |"
 			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO |"
-			" cases SEED COUNT KINDS REFUSED_FROM\n");
+			" cases SEED COUNT KINDS REFUSED_FROM | bench SIDE ROUND HANDSHAKES CALLS\n");
 	return 2;
 }
 
@@ -1632,5 +1780,7 @@ int main(int argc, char **argv)
 		return mode_hold(argv[2], argv[3]);
 	if (argc == 4 && !strcmp(argv[1], "cycles"))
 		return mode_cycles(atoi(argv[2]), argv[3]);
+	if (argc == 6 && !strcmp(argv[1], "bench"))
+		return mode_bench(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
 	return usage();
 }
