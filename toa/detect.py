@@ -208,14 +208,9 @@ def read_root(root: str | Path) -> Facts:
         if folder.is_dir():
             releases += [p.name for p in folder.iterdir() if p.is_dir()]
     if releases:
-        facts.kernel = max(releases, key=_version_key)
+        facts.kernel = max(releases, key=kernels.version_key)
     facts.systemd = any(_inside(root, p).exists() for p in SYSTEMD_BINARIES)
     return facts
-
-
-def _version_key(release: str) -> list:
-    """Sort key for releases: numbers compare as numbers and rank above words (as rpm does)."""
-    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+~_]", release)]
 
 
 # One round trip: the release files, the running kernel, PID 1 and whether systemd is running.

@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass
 
 from toa import kernel as kernels
-from toa.detect import Platform, _version_key
+from toa.detect import Platform
 from toa.errors import ToaError
 
 
@@ -80,7 +80,7 @@ def nearest(release: str, available: list[Available], count: int = 4) -> list[st
     def distance(candidate: str) -> tuple[int, ...]:
         return tuple(abs(a - b) for a, b in zip(_numbers(candidate), wanted))
 
-    return sorted({a.release for a in available}, key=lambda r: (distance(r), _version_key(r)))[:count]
+    return sorted({a.release for a in available}, key=lambda r: (distance(r), kernels.version_key(r)))[:count]
 
 
 @dataclass(frozen=True)

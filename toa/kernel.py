@@ -99,6 +99,11 @@ class Kernel:
         return {t.build for t in self.targets}
 
 
+def version_key(release: str) -> list:
+    """Sort key for releases: numbers compare as numbers and rank above words (as rpm does)."""
+    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+~_]", release)]
+
+
 def validate_release(text: str) -> str:
     """Return TEXT if it can be a kernel release; else a ToaError. Runs before TEXT goes anywhere."""
     if not isinstance(text, str) or not text:
