@@ -52,3 +52,40 @@ def test_installs_real_headers_then_finds_them_in_place(sshd):
                 "--key", str(sshd.key_path), "--known-hosts", str(sshd.known_hosts_path))
     assert again.returncode == 0, again.stderr
     assert f"already installed, nothing to do: linux-headers-{release}" in again.stdout
+
+
+# Recorded outputs of the package managers of the other families (this machine has only apt).
+YUM_LIST = """Installed Packages
+kernel-devel.x86_64                  3.10.0-1160.el7                    @base
+Available Packages
+kernel-devel.x86_64                  3.10.0-1160.el7                    base
+kernel-devel.x86_64                  3.10.0-1160.119.1.el7              updates
+"""
+DNF_LIST = """Available Packages
+kernel-devel.x86_64                4.18.0-513.5.1.el8_9                 appstream
+kernel-devel.x86_64                4.18.0-553.el8_10                    appstream
+"""
+ZYPPER_SEARCH = """S | Name                 | Type    | Version                | Arch   | Repository
+--+----------------------+---------+------------------------+--------+------------------------------
+  | kernel-default-devel | package | 5.14.21-150500.55.52.1 | x86_64 | Update repository with updates
+  | kernel-default-devel | package | 5.14.21-150500.53.2    | x86_64 | Main Repository
+"""
+
+
+def test_rpm_and_zypper_listings_parse():
+    from toa.headers import parse_rpm_list, parse_zypper_search
+
+    assert [a.release for a in parse_rpm_list(YUM_LIST)] == [
+        "3.10.0-1160.el7.x86_64", "3.10.0-1160.el7.x86_64", "3.10.0-1160.119.1.el7.x86_64"]
+    assert parse_rpm_list(DNF_LIST)[0] == Available("4.18.0-513.5.1.el8_9.x86_64", "kernel-devel-4.18.0-513.5.1.el8_9.x86_64")
+    assert parse_zypper_search(ZYPPER_SEARCH) == [
+        Available("5.14.21-150500.55.52-default", "kernel-default-devel=5.14.21-150500.55.52.1"),
+        Available("5.14.21-150500.53-default", "kernel-default-devel=5.14.21-150500.53.2"),
+    ]
+
+
+def test_apt_pkgnames_keep_abi_packages_only():
+    from toa.headers import parse_apt_pkgnames
+
+    out = "linux-headers-6.1.0-56-amd64\nlinux-headers-6.1.0-56-common\nlinux-headers-amd64\nlinux-headers-6.12-cloud-amd64\n"
+    assert [a.release for a in parse_apt_pkgnames(out)] == ["6.1.0-56-amd64"]

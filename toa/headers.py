@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
+from typing import Callable
 
 from toa import kernel as kernels
 from toa.detect import Platform
@@ -32,28 +33,27 @@ def _needs_sudo(runner) -> bool:
     return result.stdout.strip() != "0"
 
 
-def _apt_available(runner) -> list[Available]:
-    out = _run(runner, "apt-cache pkgnames linux-headers-").stdout
-    names = sorted(set(out.split()))
-    # ABI packages only: not the -common halves nor metapackages like linux-headers-6.12-cloud-amd64
+def parse_apt_pkgnames(out: str) -> list[Available]:
+    """`apt-cache pkgnames linux-headers-` output: ABI packages only, not the -common halves nor
+    metapackages like linux-headers-6.12-cloud-amd64. Pure."""
     return [
-        Available(n[len("linux-headers-"):], n)
-        for n in names
-        if re.fullmatch(r"linux-headers-\d+\.\d+\.\d+\S*", n) and not re.search(r"-common(-rt)?$", n)
+        Available(name[len("linux-headers-"):], name)
+        for name in sorted(set(out.split()))
+        if re.fullmatch(r"linux-headers-\d+\.\d+\.\d+\S*", name) and not re.search(r"-common(-rt)?$", name)
     ]
 
 
-def _rpm_available(runner, manager: str) -> list[Available]:
-    out = _run(runner, f"{manager} -q list --showduplicates kernel-devel").stdout
+def parse_rpm_list(out: str) -> list[Available]:
+    """`yum/dnf list --showduplicates kernel-devel` output. Pure."""
     found = []
-    for name, version in re.findall(r"^kernel-devel\.(\S+)\s+(\S+)", out, re.M):
-        version = version.split(":", 1)[-1]
-        found.append(Available(f"{version}.{name}", f"kernel-devel-{version}.{name}"))
+    for arch, version in re.findall(r"^kernel-devel\.(\S+)\s+(\S+)", out, re.M):
+        version = version.split(":", 1)[-1]  # drop an epoch
+        found.append(Available(f"{version}.{arch}", f"kernel-devel-{version}.{arch}"))
     return found
 
 
-def _zypper_available(runner) -> list[Available]:
-    out = _run(runner, "zypper --non-interactive -q se -s -x kernel-default-devel").stdout
+def parse_zypper_search(out: str) -> list[Available]:
+    """`zypper se -s -x kernel-default-devel` output. Pure."""
     found = []
     for version in re.findall(r"\|\s*kernel-default-devel\s*\|\s*package\s*\|\s*(\S+)\s*\|", out):
         release = version.rsplit(".", 1)[0] + "-default"  # 5.14.21-150400.24.46.1 runs as ...46-default
@@ -61,11 +61,26 @@ def _zypper_available(runner) -> list[Available]:
     return found
 
 
+@dataclass(frozen=True)
+class PackageManager:
+    list_command: str  # lists the headers packages the repositories offer
+    parse: Callable[[str], list[Available]]
+    install: str
+    download: str  # how to fetch the package file by hand, and install it: for the error message
+    by_hand: str
+
+
 _MANAGERS = {
-    "apt": (_apt_available, "DEBIAN_FRONTEND=noninteractive apt-get install -y -q {spec}", "apt-get download {spec}", "apt-get install ./{spec}_*.deb"),
-    "yum": (lambda r: _rpm_available(r, "yum"), "yum install -y {spec}", "yumdownloader {spec}", "yum localinstall {spec}.rpm"),
-    "dnf": (lambda r: _rpm_available(r, "dnf"), "dnf install -y {spec}", "dnf download {spec}", "dnf install ./{spec}.rpm"),
-    "zypper": (_zypper_available, "zypper --non-interactive install {spec}", "zypper download {spec}", "rpm -i kernel-default-devel-*.rpm"),
+    "apt": PackageManager("apt-cache pkgnames linux-headers-", parse_apt_pkgnames,
+                          "DEBIAN_FRONTEND=noninteractive apt-get install -y -q {spec}",
+                          "apt-get download {spec}", "apt-get install ./{spec}_*.deb"),
+    "yum": PackageManager("yum -q list --showduplicates kernel-devel", parse_rpm_list, "yum install -y {spec}",
+                          "yumdownloader {spec}", "yum localinstall {spec}.rpm"),
+    "dnf": PackageManager("dnf -q list --showduplicates kernel-devel", parse_rpm_list, "dnf install -y {spec}",
+                          "dnf download {spec}", "dnf install ./{spec}.rpm"),
+    "zypper": PackageManager("zypper --non-interactive -q se -s -x kernel-default-devel", parse_zypper_search,
+                             "zypper --non-interactive install {spec}", "zypper download {spec}",
+                             "rpm -i kernel-default-devel-*.rpm"),
 }
 
 
@@ -103,20 +118,20 @@ def install(runner, platform: Platform, release: str | None = None) -> Outcome:
         )
     if _run(runner, f"test -e {shlex.quote(path)}/Makefile").ok:
         return Outcome(package, path, installed=False)
-    list_available, install_cmd, download_cmd, by_hand = _MANAGERS[target.package_manager]
+    manager = _MANAGERS[target.package_manager]
     if target.package_manager == "apt":
         _run(runner, "apt-get update -q", root=True)
-    available = list_available(runner)
+    available = manager.parse(_run(runner, manager.list_command).stdout)
     match = next((a for a in available if a.release == release), None)
     if match is None:
         close = nearest(release, available)
         raise ToaError(
             f"no package {package} in {platform.name}'s configured repositories "
             f"(nearest available: {', '.join(close) if close else 'none'}); get the package file for this exact kernel "
-            f"({download_cmd.format(spec=package)} on a machine that has it) and install it by hand "
-            f"({by_hand.format(spec=package)}), or boot a kernel that has headers"
+            f"({manager.download.format(spec=package)} on a machine that has it) and install it by hand "
+            f"({manager.by_hand.format(spec=package)}), or boot a kernel that has headers"
         )
-    result = _run(runner, install_cmd.format(spec=shlex.quote(match.spec)), root=True)
+    result = _run(runner, manager.install.format(spec=shlex.quote(match.spec)), root=True)
     if result.failed:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ToaError(f"installing {match.spec} failed (exit {result.exited}): {tail[0]}")
