@@ -139,19 +139,18 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
     if not (DEBIAN_DOCKERFILE_DIR / "Dockerfile").is_file():
         raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: run toa from its source tree")
     _say(progress, f"building {tag} ({compiler_pkg})")
+    return _docker_build(client, DEBIAN_DOCKERFILE_DIR, tag, {
+        "BASE": base.tags[0],
+        "COMPILER": compiler_pkg,
+        "APT_CHECK_VALID_UNTIL": "true" if debian.SUITES[suite].expiring_release else "false",
+    })
+
+
+def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None):
+    """Build an image from PATH's Dockerfile; a failed build is one ToaError with the log's last lines."""
     try:
-        image, _ = client.images.build(
-            path=str(DEBIAN_DOCKERFILE_DIR),
-            tag=tag,
-            buildargs={
-                "BASE": base.tags[0],
-                "COMPILER": compiler_pkg,
-                "APT_CHECK_VALID_UNTIL": "true" if debian.SUITES[suite].expiring_release else "false",
-            },
-            pull=False,
-            rm=True,
-            forcerm=True,
-        )
+        image, _ = client.images.build(path=str(path), tag=tag, buildargs=buildargs, labels=labels or {},
+                                       pull=False, rm=True, forcerm=True)
     except docker.errors.BuildError as exc:
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
         tail = " | ".join(line for line in lines[-5:] if line)
@@ -306,14 +305,7 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
                 "`docker pull`/`docker load` it on this machine, or pass --base IMAGE from a registry you reach"
             ) from None
     _say(progress, f"building {tag} from containers/{recipe.name}")
-    try:
-        image, _ = client.images.build(path=str(recipe), tag=tag, buildargs=args, labels={"org.toa.base": base},
-                                       pull=False, rm=True, forcerm=True)
-    except docker.errors.BuildError as exc:
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
-        tail = " | ".join(line for line in lines[-5:] if line)
-        raise ToaError(f"building {tag} failed: {exc.msg}: {tail}") from None
-    return image
+    return _docker_build(client, recipe, tag, args, labels={"org.toa.base": base})
 
 
 def build_for_target(
