@@ -23,12 +23,9 @@ import argparse
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-
-import jinja2
 
 from toa import build, debian, lab
 from toa.errors import ToaError
@@ -151,13 +148,8 @@ def evaluate(lines: list[str], rounds: int, *, timed_out: bool, returncode: int 
 
 
 def render_init(*, tun_modules: list[str], rounds: int, handshakes: int, calls: int) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(BENCH_DIR), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-    )
-    return env.get_template(INIT_TEMPLATE).render(
-        tun_modules=tun_modules, rounds=rounds, handshakes=handshakes, calls=calls,
-    )
+    return lab.render_template(BENCH_DIR, INIT_TEMPLATE, tun_modules=tun_modules, rounds=rounds,
+                               handshakes=handshakes, calls=calls)
 
 
 def run_guest(
@@ -165,26 +157,17 @@ def run_guest(
     log_dir: Path, progress: Callable[[str], None],
 ) -> Outcome:
     """Boot the kernel with toa.ko and the peer in bench mode; read the measurements back."""
-    qemu = lab.find_qemu()
-    busybox = lab.find_busybox()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="toa-bench-") as scratch_name:
-        scratch = Path(scratch_name)
-        progress("compiling the guest peer")
-        peer = lab.build_peer(scratch)
-        tun = lab.modules_with_deps(tree.modules_dir, "tun") if tree.modules_dir else []
-        init = render_init(tun_modules=[name for name, _ in tun], rounds=rounds, handshakes=handshakes, calls=calls)
-        (log_dir / "init.sh").write_text(init)
-        initrd = scratch / "initramfs.cpio.gz"
-        lab.build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko.read_bytes(), modules=tun)
-        progress(f"booting {tree.release} under QEMU (TCG)")
 
-        def on_line(line: str) -> None:
-            match = BENCH_RE.search(line.strip())
-            if match:
-                progress(f"round {match['round']}/{rounds}: {match['metric']} {match['side']}")
+    def on_line(line: str) -> None:
+        match = BENCH_RE.search(line.strip())
+        if match:
+            progress(f"round {match['round']}/{rounds}: {match['metric']} {match['side']}")
 
-        result = lab.boot(lab.qemu_argv(qemu, tree.vmlinuz, initrd), log_dir / "serial.log", timeout, on_line)
+    result = lab.boot_guest(
+        tree.vmlinuz, ko.read_bytes(), tree.modules_dir,
+        lambda tun_modules: render_init(tun_modules=tun_modules, rounds=rounds, handshakes=handshakes, calls=calls),
+        log_dir=log_dir, timeout=timeout, on_line=on_line, say=progress,
+    )
     return evaluate(result.lines, rounds, timed_out=result.timed_out, returncode=result.returncode)
 
 

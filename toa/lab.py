@@ -218,14 +218,19 @@ class Cpio:
         return self._out.getvalue()
 
 
-def render_init(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int) -> str:
+def render_template(directory: Path, name: str, **values) -> str:
+    """A guest /init (a shell script) from a jinja2 template."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(GUEST_DIR), undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader(directory), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
     )
-    return env.get_template(INIT_TEMPLATE).render(
-        tun_modules=tun_modules, seed=seed, fuzz=fuzz, fuzz_kinds200=max(1, fuzz // KINDS200_FRACTION),
-        cycles=cycles,
+    return env.get_template(name).render(**values)
+
+
+def render_init(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int) -> str:
+    return render_template(
+        GUEST_DIR, INIT_TEMPLATE, tun_modules=tun_modules, seed=seed, fuzz=fuzz,
+        fuzz_kinds200=max(1, fuzz // KINDS200_FRACTION), cycles=cycles,
     )
 
 
@@ -304,6 +309,32 @@ def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[s
             proc.kill()
             returncode = proc.wait()
     return BootResult(lines, timed_out, None if timed_out else returncode)
+
+
+def boot_guest(
+    vmlinuz: Path, ko: bytes, modules_dir: Path | None, init_for: Callable[[list[str]], str], *,
+    log_dir: Path, timeout: float, on_line: Callable[[str], None], say: Callable[[str], None],
+) -> BootResult:
+    """Boot VMLINUZ with a busybox initramfs holding toa.ko, the test peer, tun.ko (with what it
+    depends on) and the /init that INIT_FOR renders for those tun modules; the /init and the serial
+    console are kept in LOG_DIR."""
+    qemu = find_qemu()
+    busybox = find_busybox()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-lab-") as scratch_name:
+        scratch = Path(scratch_name)
+        say("compiling the guest test peer")
+        peer = build_peer(scratch)
+        tun = modules_with_deps(Path(modules_dir), "tun") if modules_dir else []
+        if modules_dir and not tun:
+            say("no tun module in the modules directory: assuming the kernel has TUN built in")
+        init = init_for([name for name, _ in tun])
+        (log_dir / "init.sh").write_text(init)
+        initrd = scratch / "initramfs.cpio.gz"
+        say("building the initramfs")
+        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko, modules=tun)
+        say("booting under QEMU (TCG)")
+        return boot(qemu_argv(qemu, vmlinuz, initrd), log_dir / "serial.log", timeout, on_line)
 
 
 # ---------------------------------------------------------------- reading the serial console
@@ -402,34 +433,20 @@ def verify(
     vermagic = modinfo(ko_bytes).get("vermagic", "")
     if vermagic.split(" ", 1)[0] != release:
         raise ToaError(f"{ko} was built for {vermagic.split(' ', 1)[0] or 'an unknown kernel'}, not {release}: build it against {release}'s headers")
-    qemu = find_qemu()
-    busybox = find_busybox()
     seed = random.randrange(1, 2**63) if seed is None else seed
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    serial_log = log_dir / "serial.log"
+    serial_log = Path(log_dir) / "serial.log"
     started = time.monotonic()
 
-    with tempfile.TemporaryDirectory(prefix="toa-lab-") as scratch_name:
-        scratch = Path(scratch_name)
-        say("compiling the guest test peer")
-        peer = build_peer(scratch)
-        tun = modules_with_deps(Path(modules_dir), "tun") if modules_dir else []
-        if modules_dir and not tun:
-            say("no tun module in the modules directory: assuming the kernel has TUN built in")
-        init = render_init(tun_modules=[name for name, _ in tun], seed=seed, fuzz=fuzz, cycles=cycles)
-        (log_dir / "init.sh").write_text(init)
-        initrd = scratch / "initramfs.cpio.gz"
-        say("building the initramfs")
-        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko_bytes, modules=tun)
-        say(f"booting {release} under QEMU (TCG)")
+    def on_line(line: str) -> None:
+        match = CASE_RE.search(line)
+        if match:
+            say(f"{match.group(1)} {match.group(2)}")
 
-        def on_line(line: str) -> None:
-            match = CASE_RE.search(line)
-            if match:
-                say(f"{match.group(1)} {match.group(2)}")
-
-        result = boot(qemu_argv(qemu, vmlinuz, initrd), serial_log, timeout, on_line)
+    result = boot_guest(
+        vmlinuz, ko_bytes, modules_dir,
+        lambda tun_modules: render_init(tun_modules=tun_modules, seed=seed, fuzz=fuzz, cycles=cycles),
+        log_dir=Path(log_dir), timeout=timeout, on_line=on_line, say=say,
+    )
 
     duration = time.monotonic() - started
     tail = result.lines[-SERIAL_TAIL_LINES:]
