@@ -22,15 +22,8 @@ class Available:
     spec: str  # what to hand the package manager
 
 
-def _run(runner, command: str, *, root: bool = False):
-    if root and _needs_sudo(runner):
-        command = "sudo -n " + command
+def _run(runner, command: str):
     return runner.run(command, hide=True, warn=True, in_stream=False)
-
-
-def _needs_sudo(runner) -> bool:
-    result = runner.run("id -u", hide=True, warn=True, in_stream=False)
-    return result.stdout.strip() != "0"
 
 
 def parse_apt_pkgnames(out: str) -> list[Available]:
@@ -119,8 +112,9 @@ def install(runner, platform: Platform, release: str | None = None) -> Outcome:
     if _run(runner, f"test -e {shlex.quote(path)}/Makefile").ok:
         return Outcome(package, path, installed=False)
     manager = _MANAGERS[target.package_manager]
+    as_root = "" if _run(runner, "id -u").stdout.strip() == "0" else "sudo -n "  # sudo only where needed
     if target.package_manager == "apt":
-        _run(runner, "apt-get update -q", root=True)
+        _run(runner, as_root + "apt-get update -q")
     available = manager.parse(_run(runner, manager.list_command).stdout)
     match = next((a for a in available if a.release == release), None)
     if match is None:
@@ -131,7 +125,7 @@ def install(runner, platform: Platform, release: str | None = None) -> Outcome:
             f"({manager.download.format(spec=package)} on a machine that has it) and install it by hand "
             f"({manager.by_hand.format(spec=package)}), or boot a kernel that has headers"
         )
-    result = _run(runner, manager.install.format(spec=shlex.quote(match.spec)), root=True)
+    result = _run(runner, as_root + manager.install.format(spec=shlex.quote(match.spec)))
     if result.failed:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ToaError(f"installing {match.spec} failed (exit {result.exited}): {tail[0]}")
