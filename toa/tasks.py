@@ -3,67 +3,17 @@
 Used by the top-level tasks.py (``invoke ...``) and by the ``toa`` console command.
 """
 
-import contextlib
-import functools
 import json as jsonlib
 from pathlib import Path
 
 from invoke import Collection, Exit, task
 
 from toa.debian import SUITES as DEBIAN_SUITES
+from toa.commands.common import SSH_HELP, print_fields, print_json, progress, ssh_connect, user_errors
 from toa.errors import ToaError
 
 
-def user_errors(fn):
-    """Turn a ToaError into one line on stderr and exit status 2, never a stack trace."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ToaError as exc:
-            raise Exit(f"toa: error: {exc}", code=2)
-        except KeyboardInterrupt:
-            raise Exit("toa: interrupted", code=130)
-        except BrokenPipeError:  # output piped into `head` and the like
-            raise Exit(code=0)
-
-    return wrapper
-
-
-def print_json(data):
-    print(jsonlib.dumps(data, indent=2, sort_keys=True))
-
-
 ns = Collection()
-
-
-SSH_HELP = {
-    "host": "[user@]host[:port] to inspect over SSH instead of this machine",
-    "key": "SSH private key file (default: ssh-agent and ~/.ssh keys)",
-    "known_hosts": "extra known_hosts file to check host keys against",
-    "no_host_key_check": "accept unknown host keys (explicit opt-out; keys are checked by default)",
-}
-
-
-def _ssh_connect(host, key, known_hosts, no_host_key_check):
-    from toa import remote
-
-    options = remote.SshOptions(key_filename=key, known_hosts=known_hosts, check_host_key=not no_host_key_check)
-    return remote.connect(remote.parse_host(host), options)
-
-
-def _print_fields(title, fields):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in fields.items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        table.add_row(key, "-" if shown in (None, "", []) else str(shown))
-    Console().print(table)
 
 
 @task(help={"root": "inspect a root filesystem (image or mounted disk) instead of this machine",
@@ -76,7 +26,7 @@ def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_h
     if root and host:
         raise ToaError("give --root or --host, not both")
     if host:
-        with _ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
+        with ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
             facts = detection.read_remote(conn)
         where = host
     elif root:
@@ -87,7 +37,7 @@ def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_h
     if json:
         print_json(info)
     else:
-        _print_fields(f"toa detect: {where}", info)
+        print_fields(f"toa detect: {where}", info)
 
 
 @task(help={"kernel": "kernel release to install headers for (default: the running kernel)", **SSH_HELP})
@@ -98,7 +48,7 @@ def headers(c, kernel=None, host=None, key=None, known_hosts=None, no_host_key_c
     from toa import headers as kernel_headers
 
     if host:
-        with _ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
+        with ssh_connect(host, key, known_hosts, no_host_key_check) as conn:
             outcome = kernel_headers.install(conn, detection.identify(detection.read_remote(conn)), kernel)
     else:
         outcome = kernel_headers.install(c, detection.identify(detection.read_local()), kernel)
@@ -130,13 +80,6 @@ def test(c, fast=False, k=None):
 ns.add_task(test)
 
 
-@contextlib.contextmanager
-def _progress(console):
-    """A rich status line; yields the function that updates it."""
-    with console.status("starting") as status:
-        yield lambda message: status.update(message)
-
-
 @task(help={"kernel": "kernel release to build for, as `uname -r` prints it on the host; a partial one "
                       "(3.10.0-693) is completed. Debian kernels are fetched; others build in containers/",
             "suite": f"build for the newest kernel of a Debian suite instead: {', '.join(DEBIAN_SUITES)}",
@@ -151,13 +94,13 @@ def build(c, kernel=None, suite=None, distro=None, base=None, out="dist", json=F
 
     from toa import build as builder
 
-    with _progress(Console(stderr=True)) as step:
+    with progress(Console(stderr=True)) as step:
         result = builder.build_kernel(kernel, suite, distro=distro, base=base, out_dir=Path(out), progress=step)
     manifest = jsonlib.loads(result.manifest.read_text())
     if json:
         print_json({**manifest, "ko": str(result.ko), "manifest": str(result.manifest)})
         return
-    _print_fields("toa build", {
+    print_fields("toa build", {
         "release": manifest["kernel_release"],
         "built for": manifest.get("suite") or manifest.get("target"),
         "path": str(result.ko),
@@ -215,7 +158,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
             message = f"{counts['PASS']} passed, {counts['FAIL']} failed; last: {message}"
         step(f"lab: {message}")
 
-    with _progress(console) as step:
+    with progress(console) as step:
         if vmlinuz:
             vmlinuz_path = Path(vmlinuz)
             if not vmlinuz_path.is_file():
@@ -268,3 +211,6 @@ def _print_report(report, console):
 
 
 ns.add_task(verify)
+
+
+# The tasks of each later concern live in toa/commands/<concern>.py and are gathered here.

@@ -1,0 +1,1 @@
+"""Task modules, one per concern; toa.tasks gathers them into the invoke collection."""

@@ -1,0 +1,65 @@
+"""What every task shares: one-line errors, JSON and table output, progress, SSH flags."""
+
+import contextlib
+import functools
+import json as jsonlib
+
+from invoke import Exit
+
+from toa.errors import ToaError
+
+
+def user_errors(fn):
+    """Turn a ToaError into one line on stderr and exit status 2, never a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ToaError as exc:
+            raise Exit(f"toa: error: {exc}", code=2)
+        except KeyboardInterrupt:
+            raise Exit("toa: interrupted", code=130)
+        except BrokenPipeError:  # output piped into `head` and the like
+            raise Exit(code=0)
+
+    return wrapper
+
+
+def print_json(data):
+    print(jsonlib.dumps(data, indent=2, sort_keys=True))
+
+
+SSH_HELP = {
+    "host": "[user@]host[:port] to inspect over SSH instead of this machine",
+    "key": "SSH private key file (default: ssh-agent and ~/.ssh keys)",
+    "known_hosts": "extra known_hosts file to check host keys against",
+    "no_host_key_check": "accept unknown host keys (explicit opt-out; keys are checked by default)",
+}
+
+
+def ssh_connect(host, key, known_hosts, no_host_key_check):
+    from toa import remote
+
+    options = remote.SshOptions(key_filename=key, known_hosts=known_hosts, check_host_key=not no_host_key_check)
+    return remote.connect(remote.parse_host(host), options)
+
+
+def print_fields(title, fields):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in fields.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        table.add_row(key, "-" if shown in (None, "", []) else str(shown))
+    Console().print(table)
+
+
+@contextlib.contextmanager
+def progress(console):
+    """A rich status line; yields the function that updates it."""
+    with console.status("starting") as status:
+        yield lambda message: status.update(message)
