@@ -80,3 +80,36 @@ def test_host_key_check_opt_out(sshd):
 def test_unreachable_port_is_one_line(sshd):
     result = toa("detect", "--host", f"{sshd.host}:1", "--no-host-key-check")
     assert_one_line_error(result, "cannot reach")
+
+
+def _spec(sshd):
+    return HostSpec(sshd.host, sshd.user, sshd.port)
+
+
+@pytest.mark.ssh
+def test_accept_new_records_the_key_then_checks_it(sshd, tmp_path):
+    from toa.remote import SshOptions, connect
+
+    recorded = tmp_path / "new" / "known_hosts"
+    options = SshOptions(key_filename=str(sshd.key_path), known_hosts=str(recorded), accept_new_host_keys=True)
+    connect(_spec(sshd), options).close()
+    line = recorded.read_text()
+    assert line == sshd.known_hosts_path.read_text(), line
+    # now known: a connection that accepts nothing new goes through
+    connect(_spec(sshd), SshOptions(key_filename=str(sshd.key_path), known_hosts=str(recorded))).close()
+
+
+@pytest.mark.ssh
+def test_accept_new_still_refuses_a_changed_key(sshd, tmp_path):
+    from toa.remote import SshOptions, connect
+
+    other = tmp_path / "known_hosts"
+    other.write_text(
+        f"[{sshd.host}]:{sshd.port} ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIGZ0b2EtdGVzdC1rZXktdGhhdC1pcy1ub3QtdGhlLXNlcnZl\n"
+    )
+    before = other.read_text()
+    options = SshOptions(key_filename=str(sshd.key_path), known_hosts=str(other), accept_new_host_keys=True)
+    with pytest.raises(ToaError, match="does not match"):
+        connect(_spec(sshd), options)
+    assert other.read_text() == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from fabric import Connection
 
 from toa.errors import ToaError
 
-_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+USER_PATTERN = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _SPEC = re.compile(r"(?:(?P<user>[^@]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\[\]]+))(?::(?P<port>\d{1,5}))?")
 
@@ -38,7 +39,7 @@ def parse_host(text: str) -> HostSpec:
     if not match or len(text) > 300:
         raise bad
     user, port = match["user"], int(match["port"] or 22)
-    if user is not None and not _USER.fullmatch(user):
+    if user is not None and not USER_PATTERN.fullmatch(user):
         raise bad
     if not 0 < port < 65536:
         raise bad
@@ -55,12 +56,34 @@ def parse_host(text: str) -> HostSpec:
 
 @dataclass(frozen=True)
 class SshOptions:
-    """How to reach hosts: key file, extra known_hosts file, and the explicit opt-out of host-key checks."""
+    """How to reach hosts: key file, extra known_hosts file, and the explicit opt-outs of host-key
+    checks: accept_new_host_keys trusts a host seen for the first time and records its key (a
+    changed key is still refused); check_host_key=False accepts any key."""
 
     key_filename: str | None = None
     known_hosts: str | None = None
     check_host_key: bool = True
     timeout: float = 15.0
+    accept_new_host_keys: bool = False
+
+
+# Connections to several hosts run in threads and may record new keys in the same file.
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
+    """Trust a host whose name is in no known_hosts file and append its key to PATH (OpenSSH's
+    StrictHostKeyChecking=accept-new)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        with _KNOWN_HOSTS_LOCK:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with self.path.open("a") as known_hosts:
+                known_hosts.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
 
 
 def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
@@ -71,12 +94,16 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
         connect_timeout=options.timeout, connect_kwargs=connect_kwargs,
     )
     if options.check_host_key:
-        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         conn.client.load_system_host_keys()
-        if options.known_hosts:
-            if not Path(options.known_hosts).is_file():
-                raise ToaError(f"known_hosts file {options.known_hosts} does not exist: fix --known-hosts")
+        if options.known_hosts and Path(options.known_hosts).is_file():
             conn.client.load_host_keys(options.known_hosts)
+        elif options.known_hosts and not options.accept_new_host_keys:  # accept-new creates it
+            raise ToaError(f"known_hosts file {options.known_hosts} does not exist: fix --known-hosts")
+        if options.accept_new_host_keys:
+            record_in = Path(options.known_hosts or Path.home() / ".ssh" / "known_hosts")
+            conn.client.set_missing_host_key_policy(_RecordNewHostKey(record_in))
+        else:
+            conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
         conn.client.set_missing_host_key_policy(paramiko.WarningPolicy())
     try:
@@ -91,7 +118,7 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
         if "not found in known_hosts" in str(exc):
             raise ToaError(
                 f"host key of {spec} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
-                "(--no-host-key-check skips the check)"
+                "(see --help for accepting new keys)"
             ) from None
         raise ToaError(f"SSH to {spec} failed: {exc}") from None
     except (OSError, socket.timeout) as exc:
