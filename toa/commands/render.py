@@ -1,0 +1,63 @@
+"""`invoke render`: preview the files that load toa.ko at boot on a distro release."""
+
+from pathlib import Path
+
+from invoke import task
+
+from toa.commands.common import print_json, user_errors
+from toa.errors import ToaError
+
+
+@task(
+    help={
+        "distro": "the target (e.g. ubuntu-22.04, centos-7) or distro; optional when --kernel names one",
+        "kernel": "kernel release of the host, as `uname -r` prints it (a partial one is completed)",
+        "init": "the host's init: systemd (default), sysv or other, as `invoke detect` reports it",
+        "option": "a module option NAME=VALUE, e.g. kinds=254,253 (repeatable)",
+        "out": "directory to write the files into, laid out as on the host (DIR/etc/...)",
+        "json": "print the files (path, mode, kind, content) as JSON instead of a table",
+    },
+    iterable=["option"],
+)
+@user_errors
+def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, json=False):
+    """Write the boot-time autoload files for a distro release and kernel into --out, to preview them."""
+    from toa import kernel as kernels
+    from toa import render as rendering
+
+    if not kernel:
+        raise ToaError("give --kernel RELEASE (as `uname -r` prints it on the host)")
+    if not out:
+        raise ToaError("give --out DIR: the directory to write the files into")
+    options = {}
+    for item in option or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ToaError(f"invalid --option {item[:40]!r}: give NAME=VALUE, e.g. kinds=254,253")
+        options[name] = value
+    resolution = kernels.resolve(kernel, distro)
+    release, target = resolution.kernel.release, resolution.target
+    files = rendering.autoload_files(target, release, init=init, options=options)
+    written = rendering.write_tree(files, Path(out))
+    if json:
+        print_json({
+            "target": target.id, "kernel": release, "init": init,
+            "module": rendering.module_path(target, release),
+            "files": [{**entry.as_dict(), "written": str(path)} for entry, path in zip(files, written)],
+        })
+        return
+    _print_table(target.id, release, rendering.module_path(target, release), files, written)
+
+
+def _print_table(target_id, release, module, files, written):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"toa render: {target_id}, kernel {release}, module {module}", title_justify="left")
+    for column in ("path on the host", "mode", "kind", "written to"):
+        table.add_column(column, overflow="fold")
+    for entry, path in zip(files, written):
+        kind = {"lines": "lines to merge", "symlink": f"symlink to {entry.content}"}.get(entry.kind, "file")
+        mode = "" if entry.kind == "symlink" else f"{entry.mode:04o}"
+        table.add_row(entry.path, mode, kind, str(path))
+    Console().print(table)

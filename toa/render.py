@@ -1,0 +1,237 @@
+"""The files that make a host load toa.ko at every boot, early, before services start.
+
+Each target's `autoload` style (toa/targets.toml) picks the mechanism:
+
+- modules-load.d     systemd hosts: /etc/modules-load.d/toa.conf, read by systemd-modules-load.
+                     Debian-likes without systemd get a line in /etc/modules instead; other
+                     families without systemd use their own style below.
+- sysconfig-modules  CentOS/RHEL 6: /etc/sysconfig/modules/toa.modules, an executable sh script
+                     that rc.sysinit runs; it loads toa only if toa.ko exists for the running kernel.
+- sysconfig-kernel   SLES 11: MODULES_LOADED_ON_BOOT in /etc/sysconfig/kernel (see below).
+- coreos-unit        Fedora CoreOS, Flatcar, CoreOS: /lib/modules is read-only, so toa.ko lives in
+                     /var/lib/toa/<release>/ and a systemd unit insmods it before network-pre.target.
+
+Every target but the coreos ones also gets /etc/modprobe.d/toa.conf with the module options, so
+every modprobe of toa (at boot or by hand) uses them; SLES also gets allow_unsupported_modules 1.
+
+Files come in three kinds (AutoloadFile.kind):
+
+- "file":    toa owns the whole file: write CONTENT with MODE; delete it to undo.
+- "lines":   a shared system file (/etc/modules, /etc/sysconfig/kernel) that toa must never
+             overwrite: CONTENT is toa's block of lines. merge() adds it to the current text and
+             unmerge() takes it out again; both are idempotent.
+- "symlink": CONTENT is the link target, relative to the link's directory (how `systemctl enable`
+             wires the coreos unit in, so the deploy needs no systemctl for it).
+
+SLES 11 keeps its boot modules in one shell variable of /etc/sysconfig/kernel, a file YaST also
+edits. Rewriting the assignment would race YaST and lose its comments, so toa appends its own
+assignment, MODULES_LOADED_ON_BOOT="$MODULES_LOADED_ON_BOOT toa": boot.loadmodules sources the
+file, so the line extends whatever the distro's assignment above it says, and removing the line is
+the whole undo.
+
+SUSE: SLES's modprobe refuses modules SUSE does not support unless allow_unsupported_modules is 1.
+SUSE documents exactly one place for it, /etc/modprobe.d/10-unsupported-modules.conf (SLES 11:
+/etc/modprobe.d/unsupported-modules); on SLES 15 SP4 and later a file of that name in /etc
+overrides suse-module-tools' copy in /lib/modprobe.d. toa writes that file whole with the setting
+at 1 (openSUSE allows them already and gets nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import toa
+from toa.errors import ToaError
+from toa.kernel import validate_release
+from toa.lab import render_template
+from toa.targets import Target
+
+# The templates: beside the package in a source tree (and editable installs), else where pip put them.
+TEMPLATES_DIR = next(
+    (path for path in (Path(toa.__file__).parent.parent / "templates", Path(sys.prefix) / "share" / "toa" / "templates")
+     if path.is_dir()),
+    Path(toa.__file__).parent.parent / "templates",
+)
+INITS = ("systemd", "sysv", "other")
+MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every family
+COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
+COREOS_UNIT = "/etc/systemd/system/toa.service"
+COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
+KINDS = ("file", "lines", "symlink")
+
+# Module parameters, from toa/module/toa.c: kinds is an int array of at most TOA_MAX_KINDS option
+# kinds that carry data (2..255).
+MAX_KINDS = 4
+OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
+KINDS_VALUE_RE = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+
+
+@dataclass(frozen=True)
+class AutoloadFile:
+    path: str  # absolute path on the target host
+    content: str
+    mode: int  # permissions of a file toa creates (0o755 for scripts)
+    kind: str = "file"  # "file", "lines" or "symlink": see the module docstring
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "content": self.content, "mode": f"{self.mode:04o}", "kind": self.kind}
+
+    def merge(self, existing: str | None) -> str:
+        """The file's new text given its current text (None: it does not exist yet).
+
+        For "lines": the current text with toa's block at the end, once. A block already in place
+        leaves the text as it is; stray copies of its lines (a half-removed block) are dropped first.
+        For "file": CONTENT, whatever was there.
+        """
+        if self.kind == "file":
+            return self.content
+        if self.kind != "lines":
+            raise ValueError(f"{self.path} is a {self.kind}, not text")
+        block = self.content.splitlines()
+        current = (existing or "").splitlines()
+        if _contains_run(current, block):
+            return existing
+        kept = [line for line in current if line.strip() not in _stripped(block)]
+        return "\n".join(kept + block) + "\n"
+
+    def unmerge(self, existing: str) -> str | None:
+        """The text with toa's part taken out; None for a file toa owns (delete it)."""
+        if self.kind != "lines":
+            return None
+        block = _stripped(self.content.splitlines())
+        kept = [line for line in existing.splitlines() if line.strip() not in block]
+        return "\n".join(kept) + "\n" if kept else ""
+
+
+def _stripped(lines: list[str]) -> set[str]:
+    return {line.strip() for line in lines}
+
+
+def _contains_run(lines: list[str], block: list[str]) -> bool:
+    stripped = [line.strip() for line in lines]
+    wanted = [line.strip() for line in block]
+    return any(stripped[i:i + len(wanted)] == wanted for i in range(len(stripped) - len(wanted) + 1))
+
+
+def module_path(target: Target, release: str) -> str:
+    """Where toa.ko for RELEASE is installed on a host of TARGET."""
+    validate_release(release)
+    if target.autoload == "coreos-unit":
+        return f"{COREOS_MODULE_ROOT}/{release}/toa.ko"
+    return f"/lib/modules/{release}/{MODULE_SUBDIR}/toa.ko"
+
+
+def module_options(options: dict[str, str] | None) -> str:
+    """OPTIONS as modprobe/insmod arguments ("kinds=254,253"), after strict checks: these end up
+    in files root reads at boot."""
+    if not options:
+        return ""
+    words = []
+    for name, value in options.items():
+        if not isinstance(name, str) or not OPTION_NAME_RE.fullmatch(name):
+            raise ToaError(f"invalid module option name {str(name)[:40]!r}: the toa module's only option is kinds")
+        if name != "kinds":
+            raise ToaError(f"unknown module option {name!r}: the toa module's only option is kinds (e.g. kinds=254,253)")
+        words.append(f"kinds={_kinds(value)}")
+    return " ".join(words)
+
+
+def _kinds(value: str) -> str:
+    shown = repr(str(value)[:40])
+    if not isinstance(value, str) or not KINDS_VALUE_RE.fullmatch(value):
+        raise ToaError(f"invalid kinds {shown}: give TCP option kinds as numbers separated by commas, e.g. kinds=254,253")
+    kinds = [int(kind) for kind in value.split(",")]
+    if len(kinds) > MAX_KINDS:
+        raise ToaError(f"invalid kinds {shown}: the module takes at most {MAX_KINDS} option kinds")
+    if len(set(kinds)) != len(kinds):
+        raise ToaError(f"invalid kinds {shown}: each option kind once")
+    bad = [kind for kind in kinds if not 2 <= kind <= 255]
+    if bad:
+        raise ToaError(f"invalid kinds {shown}: {bad[0]} is not a TCP option kind that carries data (2..255)")
+    return ",".join(map(str, kinds))
+
+
+def autoload_files(
+    target: Target, release: str, *, init: str = "systemd", options: dict[str, str] | None = None
+) -> list[AutoloadFile]:
+    """The files that load toa.ko for RELEASE at every boot of a TARGET host running INIT
+    (toa.detect's value: systemd, sysv or other)."""
+    validate_release(release)
+    if init not in INITS:
+        raise ToaError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+    arguments = module_options(options)
+    style = _style(target, init)
+    if style == "coreos-unit":
+        return [
+            _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments),
+            AutoloadFile(COREOS_WANTS_LINK, posixpath.relpath(COREOS_UNIT, posixpath.dirname(COREOS_WANTS_LINK)),
+                         0o777, "symlink"),
+        ]
+    files = {
+        "modules-load.d": lambda: _render("/etc/modules-load.d/toa.conf", "modules-load.d.conf.j2"),
+        "etc-modules": lambda: _render("/etc/modules", "etc-modules.lines.j2", kind="lines"),
+        "sysconfig-modules": lambda: _render("/etc/sysconfig/modules/toa.modules", "sysconfig-modules.sh.j2",
+                                             mode=0o755, module_subdir=MODULE_SUBDIR),
+        "sysconfig-kernel": lambda: _render("/etc/sysconfig/kernel", "sysconfig-kernel.lines.j2", kind="lines"),
+    }
+    if style not in files:
+        raise ToaError(f"target {target.id} has autoload style {target.autoload!r}, which toa cannot render: fix targets.toml")
+    out = [files[style](), _render("/etc/modprobe.d/toa.conf", "modprobe.d.conf.j2", options=arguments)]
+    if target.distro == "sles":
+        unsupported = "unsupported-modules" if target.version == "11" else "10-unsupported-modules.conf"
+        out.append(_render(f"/etc/modprobe.d/{unsupported}", "suse-unsupported-modules.conf.j2"))
+    return out
+
+
+def _style(target: Target, init: str) -> str:
+    """The target's autoload style, or where it needs systemd and the host has none, the way its
+    family loads modules without it."""
+    if target.autoload != "modules-load.d" or init == "systemd":
+        return target.autoload
+    without_systemd = {"debian": "etc-modules", "rhel": "sysconfig-modules", "suse": "sysconfig-kernel"}
+    if target.family not in without_systemd:
+        raise ToaError(f"{target.id} loads modules at boot only through systemd, and this host runs {init}")
+    return without_systemd[target.family]
+
+
+def _render(path: str, template: str, *, mode: int = 0o644, kind: str = "file", **values) -> AutoloadFile:
+    if not (TEMPLATES_DIR / template).is_file():
+        raise ToaError(f"template {template} not found in {TEMPLATES_DIR}: reinstall toa")
+    return AutoloadFile(path, render_template(TEMPLATES_DIR, template, **values), mode, kind)
+
+
+def write_tree(files: list[AutoloadFile], out_dir: Path) -> list[Path]:
+    """Write FILES under OUT_DIR as they would land on the host (OUT_DIR/etc/...), with their modes.
+
+    A "lines" entry is written as <path>.toa-lines holding toa's block alone, so that copying the
+    tree onto a host can never replace its shared /etc/modules or /etc/sysconfig/kernel.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ToaError(f"{out_dir} exists and is not a directory: give --out a new or existing directory")
+    placed = []
+    for entry in files:
+        relative = entry.path.lstrip("/") + (".toa-lines" if entry.kind == "lines" else "")
+        destination = out_dir / relative
+        if not entry.path.startswith("/") or ".." in Path(relative).parts:
+            raise ToaError(f"refusing to write {entry.path!r}: not an absolute path on the host")
+        if destination.is_dir() and not destination.is_symlink():
+            raise ToaError(f"{destination} is a directory: remove it or choose another --out")
+        placed.append((entry, destination))
+    written = []
+    for entry, destination in placed:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.is_symlink() or destination.exists():
+            destination.unlink()
+        if entry.kind == "symlink":
+            os.symlink(entry.content, destination)
+        else:
+            destination.write_text(entry.content)
+            destination.chmod(entry.mode)
+        written.append(destination)
+    return written
