@@ -1,0 +1,250 @@
+"""Packages for package managers: a DKMS source package that rebuilds toa.ko on every kernel upgrade,
+and per-kernel kmod packages (.deb, .rpm) of the modules built in dist/.
+
+DKMS: toa-dkms_<ver>_all.deb puts the module sources and a dkms.conf in /usr/src/toa-<ver>/; its
+postinst hands them to DKMS the way Debian's dh_dkms does. toa-<ver>-dkms.tar.gz carries the same
+tree as `dkms_source_tree/` (the layout `dkms ldtarball` loads; unpacked by hand, copy that folder to
+/usr/src/toa-<ver>/ and run `dkms install toa/<ver>`).
+kmod: toa-kmod-<release> packages install dist's toa.ko for one kernel under
+/lib/modules/<release>/extra/, run depmod and carry the files that load it at boot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+
+import toa
+from toa.errors import ToaError
+from toa.kernel import validate_release
+
+MODULE_SOURCE = Path(toa.__file__).parent / "module"
+# The templates: beside the package in a source tree (and editable installs), else where pip put them.
+TEMPLATES_DIR = next(
+    (path for path in (Path(toa.__file__).parent.parent / "templates" / "package",
+                       Path(sys.prefix) / "share" / "toa" / "templates" / "package")
+     if path.is_dir()),
+    Path(toa.__file__).parent.parent / "templates" / "package",
+)
+FORMATS = ("dkms", "deb", "rpm")
+MAINTAINER = "toa project <toa@packages.invalid>"
+# Module sources only: what a build in the source folder leaves behind stays out of packages.
+BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
+                 "probes.h", "probes.h.tmp", ".tmp_versions")
+MODULE_VERSION_RE = re.compile(r'^MODULE_VERSION\("([^"]+)"\);', re.M)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A toa.ko in dist/ with the manifest the build wrote beside it."""
+
+    ko: Path
+    manifest_path: Path
+    manifest: dict
+
+    @property
+    def release(self) -> str:
+        return self.manifest["kernel_release"]
+
+
+def find_artifacts(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
+    """The built modules under DIST (dist/<target>/<release>/ or dist/<release>/), all of them or
+    those for KERNELS; one ToaError naming what is missing and how to build it."""
+    dist = Path(dist)
+    wanted = [validate_release(kernel) for kernel in kernels or []]
+    found: dict[str, list[Artifact]] = {}
+    for manifest_path in sorted(dist.glob("*/manifest.json")) + sorted(dist.glob("*/*/manifest.json")):
+        ko = manifest_path.with_name("toa.ko")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not ko.is_file() or manifest.get("kernel_release") != manifest_path.parent.name:
+            continue
+        found.setdefault(manifest["kernel_release"], []).append(Artifact(ko, manifest_path, manifest))
+    if not wanted:
+        if not found:
+            raise ToaError(f"no built toa.ko under {dist}/: run `invoke build --kernel RELEASE` first")
+        return [artifact for release in sorted(found) for artifact in found[release]]
+    missing = [release for release in wanted if release not in found]
+    if missing:
+        raise ToaError(f"no toa.ko for {', '.join(missing)} under {dist}/: run `invoke build --kernel {missing[0]}` first")
+    twice = [release for release in wanted if len(found[release]) > 1]
+    if twice:
+        places = ", ".join(str(artifact.ko.parent) for artifact in found[twice[0]])
+        raise ToaError(f"several builds for {twice[0]} ({places}): pass --dist with the one to use")
+    return [found[release][0] for release in wanted]
+
+
+def module_version(source: Path = MODULE_SOURCE) -> str:
+    """toa's version, which the module's MODULE_VERSION must repeat (DKMS and packages use it)."""
+    match = MODULE_VERSION_RE.search((source / "toa.c").read_text())
+    if not match or match.group(1) != toa.__version__:
+        found = match.group(1) if match else "none"
+        raise ToaError(f"toa.c's MODULE_VERSION ({found}) differs from toa {toa.__version__}: make them the same")
+    return toa.__version__
+
+
+def autoload_files() -> dict[str, str]:
+    """Files that load toa at boot: path inside the package root -> content."""
+    return {"etc/modules-load.d/toa.conf": "# Load the TOA module at boot (installed by toa).\ntoa\n"}
+
+
+def package_name(release: str) -> str:
+    """toa-kmod-<release>, in the characters package names allow (lower case, digits, + . -)."""
+    return "toa-kmod-" + re.sub(r"[^a-z0-9+.-]", "-", validate_release(release).lower())
+
+
+def render(name: str, **values) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["shell_quote"] = shlex.quote
+    try:
+        return env.get_template(name).render(**values)
+    except jinja2.TemplateNotFound:
+        raise ToaError(f"package template {name} not in {TEMPLATES_DIR}: run toa from its source tree") from None
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ToaError(f"{name} not found: install the {package} package (apt-get install {package})")
+    return path
+
+
+def _run(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+        raise ToaError(f"{what} failed (exit {result.returncode}): {tail}")
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _stage_sources(destination: Path, version: str) -> None:
+    """The module sources plus dkms.conf, as DKMS wants them in /usr/src/toa-<version>/."""
+    shutil.copytree(MODULE_SOURCE, destination, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
+    _write(destination / "dkms.conf", render("dkms.conf.j2", version=version))
+
+
+def _dpkg_deb(root: Path, deb: Path) -> Path:
+    deb.parent.mkdir(parents=True, exist_ok=True)
+    _run([_tool("dpkg-deb", "dpkg"), "--root-owner-group", "-Zxz", "--build", str(root), str(deb)],
+         f"dpkg-deb --build {deb.name}")
+    return deb
+
+
+def _owned_by_root(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    member.uid = member.gid = 0
+    member.uname = member.gname = "root"
+    return member
+
+
+def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """toa-dkms_<ver>_all.deb and toa-<ver>-dkms.tar.gz in OUT_DIR."""
+    say = progress or (lambda message: None)
+    version = module_version()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-dkms-") as scratch_name:
+        root = Path(scratch_name) / "root"
+        _stage_sources(root / "usr/src" / f"toa-{version}", version)
+        values = {"version": version, "maintainer": MAINTAINER}
+        _write(root / "DEBIAN/control", render("dkms-control.j2", **values))
+        _write(root / "DEBIAN/postinst", render("dkms-postinst.j2", **values), 0o755)
+        _write(root / "DEBIAN/prerm", render("dkms-prerm.j2", **values), 0o755)
+        say(f"building toa-dkms_{version}_all.deb")
+        deb = _dpkg_deb(root, out_dir / f"toa-dkms_{version}_all.deb")
+        tarball = out_dir / f"toa-{version}-dkms.tar.gz"
+        say(f"writing {tarball.name}")
+        with tarfile.open(tarball, "w:gz") as archive:
+            archive.add(root / "usr/src" / f"toa-{version}", arcname="dkms_source_tree", filter=_owned_by_root)
+    return [deb, tarball]
+
+
+def _stage_kmod(root: Path, artifact: Artifact) -> list[str]:
+    """/lib/modules/<release>/extra/toa.ko and the autoload files under ROOT; returns the latter."""
+    module_dir = root / "lib/modules" / artifact.release / "extra"
+    module_dir.mkdir(parents=True)
+    shutil.copyfile(artifact.ko, module_dir / "toa.ko")
+    for path, content in autoload_files().items():
+        _write(root / path, content)
+    return sorted(autoload_files())
+
+
+def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-kmod-<release>_<ver>_amd64.deb for one built module."""
+    version = module_version()
+    name = package_name(artifact.release)
+    values = {"package": name, "version": version, "release": artifact.release,
+              "vermagic": artifact.manifest.get("vermagic", ""), "maintainer": MAINTAINER}
+    with tempfile.TemporaryDirectory(prefix="toa-kmod-deb-") as scratch_name:
+        root = Path(scratch_name) / "root"
+        config_files = _stage_kmod(root, artifact)
+        _write(root / "DEBIAN/control", render("kmod-control.j2", **values))
+        _write(root / "DEBIAN/conffiles", "".join(f"/{path}\n" for path in config_files))
+        _write(root / "DEBIAN/postinst", render("kmod-postinst.j2", **values), 0o755)
+        _write(root / "DEBIAN/postrm", render("kmod-postrm.j2", **values), 0o755)
+        if progress:
+            progress(f"building {name}_{version}_amd64.deb")
+        return _dpkg_deb(root, Path(out_dir) / f"{name}_{version}_amd64.deb")
+
+
+def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-kmod-<release>-<ver>-1.x86_64.rpm for one built module, made with rpmbuild."""
+    rpmbuild = _tool("rpmbuild", "rpm")
+    version = module_version()
+    name = package_name(artifact.release)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-kmod-rpm-") as scratch_name:
+        scratch = Path(scratch_name)
+        staged = scratch / "root"
+        config_files = _stage_kmod(staged, artifact)
+        spec = scratch / f"{name}.spec"
+        _write(spec, render("kmod.spec.j2", package=name, version=version, release=artifact.release,
+                            vermagic=artifact.manifest.get("vermagic", ""), staged=staged,
+                            config_files=config_files))
+        rpm_name = f"{name}-{version}-1.x86_64.rpm"
+        if progress:
+            progress(f"building {rpm_name}")
+        _run([rpmbuild, "-bb", "--quiet",
+              "--define", f"_topdir {scratch / 'rpmbuild'}",
+              "--define", f"_rpmdir {out_dir}",
+              "--define", "_rpmfilename %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
+              str(spec)], f"rpmbuild of {rpm_name}")
+    return out_dir / rpm_name
+
+
+def build_packages(
+    package_format: str, dist: Path = Path("dist"), kernels: list[str] | None = None,
+    out_dir: Path | None = None, progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
+    rpm package the modules built under DIST for KERNELS (default: every one there)."""
+    if package_format not in FORMATS:
+        raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir) if out_dir else Path(dist) / "packages"
+    if package_format == "dkms":
+        if kernels:
+            raise ToaError("--kernel is for deb and rpm: the DKMS package builds on each machine for its kernels")
+        return dkms_packages(out_dir, progress)
+    build_one = kmod_deb if package_format == "deb" else kmod_rpm
+    return [build_one(artifact, out_dir, progress) for artifact in find_artifacts(Path(dist), kernels)]
