@@ -1,0 +1,532 @@
+"""QEMU guests that behave like fleet hosts: a real Debian userland booting a real Debian kernel.
+
+Each guest runs the distro's own init (systemd) and sshd, reachable on a loopback port through QEMU's
+user-mode networking, so deploys, reboots and power cuts are exercised against the real thing.
+
+One userland (debootstrap of a Debian suite, configured once: key-only root login, a sudo user,
+networkd, units a test host does not need masked) is cached per recipe. Per kernel it becomes an ext4
+disk image holding the kernel's own modules (the ones the guest needs, depmod'ed), plus a small busybox
+initramfs that loads the disk drivers and switch_roots to /sbin/init. Every guest boots from its own
+qcow2 overlay on that image, so guests are independent, a SIGKILL is a power cut (the journal is
+replayed at the next mount) and a restart or `systemctl reboot` boots the same kernel again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jinja2
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fabric import Connection
+
+from toa import debian, lab, remote
+from toa.debian import KernelTree
+from toa.errors import ToaError
+from toa.kernel import validate_release
+
+LOOPBACK = "127.0.0.1"
+# The userland suite; its systemd, sshd and python3 are what the fleet hosts run.
+DEFAULT_SUITE = "bookworm"
+USERLAND_SUITES = ("bullseye", "bookworm", "trixie")
+USERLAND_PACKAGES = (
+    "systemd-sysv", "udev", "openssh-server", "kmod", "iproute2", "procps", "e2fsprogs", "sudo",
+    "python3",  # Ansible's modules need the full standard library, not only python3-minimal
+)
+# An account for deploys that go through sudo (it may run anything without a password).
+SUDO_USER = "deployer"
+HOSTNAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+DISK_SIZE = "2G"
+DEFAULT_MEMORY_MB = 384
+# QEMU's user-mode network always hands the guest this address, gateway and DNS.
+GUEST_NETWORK = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.2.3"}
+# Units a headless test host gains nothing from; masking them shortens every boot under TCG.
+MASKED_UNITS = (
+    "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
+    "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "getty@tty1.service",
+    "systemd-firstboot.service",
+)
+# Modules the initramfs loads to reach the root disk (with what they depend on; built-in ones are skipped).
+BOOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+# Modules the guest's own /lib/modules carries beyond those: its NIC, entropy and what tests use.
+SYSTEM_MODULES = ("virtio_net", "virtio_rng", "tun")
+# Files of /lib/modules/<release> that depmod and modprobe read besides the modules themselves.
+MODULE_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+SSH_POLL_SECONDS = 0.5
+SERIAL_TAIL_LINES = 15
+
+INIT_TEMPLATE = """#!/bin/busybox sh
+# Load the root disk's drivers, mount it and hand over to the distro's own init.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+{% for module in modules %}
+insmod /lib/modules/{{ module }} || echo "guest-initramfs: insmod {{ module }} failed"
+{% endfor %}
+waited=0
+while [ ! -b /dev/vda ] && [ "$waited" -lt 200 ]; do sleep 0.1; waited=$((waited + 1)); done
+if ! mount -t ext4 -o rw /dev/vda /newroot; then
+    echo "guest-initramfs: cannot mount /dev/vda; powering off"
+    poweroff -f
+fi
+umount /proc /sys
+mount --move /dev /newroot/dev
+exec switch_root /newroot /sbin/init
+"""
+
+FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+NETWORK_UNIT = """[Match]
+Name=eth0
+
+[Network]
+Address={address}
+Gateway={gateway}
+DNS={dns}
+"""
+SSHD_CONFIG = """# Fleet test host: one ed25519 host key (its public half is handed to clients), keys only.
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+"""
+SUDOERS = f"{SUDO_USER} ALL=(ALL) NOPASSWD:ALL\n"
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress:
+        progress(message)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock so that concurrent runs build one cache entry once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ToaError(f"{argv[0]} not found: install it (see the README's set-up)") from None
+    if result.returncode != 0:
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise ToaError(f"{what} failed: {tail}")
+    return result.stdout
+
+
+def _recipe_id(*parts: object) -> str:
+    """A short digest of what a cache entry is built from, so a changed recipe is rebuilt."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- the userland
+
+
+@dataclass(frozen=True)
+class Userland:
+    """A configured Debian root tree in the cache and the keys to reach guests booted from it."""
+
+    root: Path
+    client_key: Path  # private key accepted for root and SUDO_USER
+    host_key: str  # the guests' sshd host key: "ssh-ed25519 AAAA..."
+
+
+def _userland_dir(suite: str) -> Path:
+    recipe = _recipe_id(suite, USERLAND_PACKAGES, SUDO_USER, GUEST_NETWORK, MASKED_UNITS, FSTAB, NETWORK_UNIT,
+                        SSHD_CONFIG, SUDOERS)
+    return debian.cache_dir() / "guests" / f"{suite}-{recipe}"
+
+
+def _write_client_key(private_path: Path) -> str:
+    """An unencrypted OpenSSH ed25519 key pair; returns the public key line."""
+    key = Ed25519PrivateKey.generate()
+    private_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    private_path.chmod(0o600)  # ssh clients refuse keys others can read
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return public.decode()
+
+
+def _authorize(root: Path, user: str, home: str, public_key: str) -> None:
+    ssh_dir = root / home.lstrip("/") / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(public_key + "\n")
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    _run(["chroot", str(root), "chown", "-R", f"{user}:{user}", f"{home}/.ssh"], f"chown of {user}'s .ssh")
+
+
+def _configure(root: Path, client_public_key: str) -> None:
+    """Turn a debootstrap'd tree into a headless host: disk, network, sshd, users, fewer units."""
+    (root / "etc/fstab").write_text(FSTAB)
+    (root / "etc/hostname").write_text("toa-guest\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (root / "etc/systemd/network/20-eth0.network").write_text(NETWORK_UNIT.format(**GUEST_NETWORK))
+    (root / "etc/ssh/sshd_config.d/toa-guest.conf").write_text(SSHD_CONFIG)
+    for key in (root / "etc/ssh").glob("ssh_host_*_key*"):
+        if not key.name.startswith("ssh_host_ed25519_key"):
+            key.unlink()
+    _run(["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash", SUDO_USER], f"useradd {SUDO_USER}")
+    sudoers = root / "etc/sudoers.d" / SUDO_USER
+    sudoers.write_text(SUDOERS)
+    sudoers.chmod(0o440)
+    _authorize(root, "root", "/root", client_public_key)
+    _authorize(root, SUDO_USER, f"/home/{SUDO_USER}", client_public_key)
+    _run(["chroot", str(root), "systemctl", "enable", "systemd-networkd.service"], "enabling systemd-networkd")
+    _run(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "masking units")
+    _run(["chroot", str(root), "apt-get", "clean"], "apt-get clean")
+
+
+def userland(suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None = None) -> Userland:
+    """The configured userland of `suite`, debootstrap'd into the cache on first use."""
+    if suite not in USERLAND_SUITES:
+        raise ToaError(f"unknown guest userland suite {suite!r}: use one of {', '.join(USERLAND_SUITES)}")
+    directory = _userland_dir(suite)
+    root, client_key = directory / "root", directory / "client_ed25519"
+    with _locked(directory.with_name(directory.name + ".lock")):
+        if not (directory / ".complete").exists():
+            _build_userland(suite, directory, progress)
+    host_key = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+    return Userland(root, client_key, " ".join(host_key[:2]))
+
+
+def _build_userland(suite: str, directory: Path, progress: Callable[[str], None] | None) -> None:
+    if shutil.which("debootstrap") is None:
+        raise ToaError("debootstrap not found: apt-get install debootstrap")
+    if os.geteuid() != 0:
+        raise ToaError("building the guest userland needs root (debootstrap and chroot): run as root")
+    mirror = debian.mirror_for("debian")
+    if mirror is None:
+        raise ToaError("no Debian mirror in apt's sources to debootstrap from: add one to /etc/apt/sources.list.d/")
+    shutil.rmtree(directory, ignore_errors=True)  # an interrupted build starts over
+    directory.mkdir(parents=True)
+    root = directory / "root"
+    _say(progress, f"debootstrap {suite} guest userland from {mirror}")
+    _run(["debootstrap", "--variant=minbase", f"--include={','.join(USERLAND_PACKAGES)}", suite, str(root), mirror],
+         f"debootstrap of the {suite} guest userland")
+    _say(progress, "configuring the guest userland")
+    _configure(root, _write_client_key(directory / "client_ed25519"))
+    (directory / ".complete").write_text(f"{suite} {' '.join(USERLAND_PACKAGES)}\n")
+
+
+# ---------------------------------------------------------------- per-kernel images
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """What boots one kernel: its vmlinuz, the initramfs, the root disk and the keys to reach it."""
+
+    release: str
+    vmlinuz: Path
+    initrd: Path
+    disk: Path
+    client_key: Path
+    host_key: str
+
+
+def _module_closure(modules_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """`names` and their dependencies as module names in load order, without duplicates or built-ins."""
+    ordered: list[str] = []
+    for name in names:
+        for module, _data in lab.modules_with_deps(modules_dir, name):
+            if module not in ordered:
+                ordered.append(module)
+    return ordered
+
+
+def _build_initramfs(path: Path, modules_dir: Path) -> None:
+    archive = lab.Cpio()
+    for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
+        archive.directory(directory)
+    loaded = []
+    for name in BOOT_MODULES:
+        for module, data in lab.modules_with_deps(modules_dir, name):
+            if module not in loaded:
+                loaded.append(module)
+                archive.file(f"lib/modules/{module}", data)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    archive.file("init", env.from_string(INIT_TEMPLATE).render(modules=loaded).encode(), 0o755)
+    archive.file("bin/busybox", lab.find_busybox().read_bytes(), 0o755)
+    path.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
+
+
+def _install_modules(staging: Path, tree: KernelTree) -> None:
+    """The kernel's own index files and the modules the guest needs, then depmod over them."""
+    target = staging / "lib/modules" / tree.release
+    target.mkdir(parents=True)
+    for name in MODULE_INDEX_FILES:
+        if (tree.modules_dir / name).is_file():
+            shutil.copy2(tree.modules_dir / name, target / name)
+    index = lab.index_modules(tree.modules_dir)
+    for module in _module_closure(tree.modules_dir, BOOT_MODULES + SYSTEM_MODULES):
+        source = index[module.removesuffix(".ko")]
+        destination = target / source.relative_to(tree.modules_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
+    (target / "extra").mkdir()
+    _run(["depmod", "-b", str(staging), tree.release], f"depmod for {tree.release}")
+
+
+def guest_image(tree: KernelTree, *, suite: str = DEFAULT_SUITE,
+                progress: Callable[[str], None] | None = None) -> GuestImage:
+    """The bootable image of a kernel (from toa.debian.prepare) on the suite's userland, cached."""
+    release = validate_release(tree.release)
+    if tree.modules_dir is None or not (tree.modules_dir / "kernel").is_dir():
+        raise ToaError(f"kernel {release} has no modules directory in the cache: fetch it again with toa.debian")
+    base = userland(suite, progress)
+    recipe = _recipe_id(BOOT_MODULES, SYSTEM_MODULES, MODULE_INDEX_FILES, INIT_TEMPLATE, DISK_SIZE)
+    directory = base.root.parent / f"{release}-{recipe}"
+    image = GuestImage(release, tree.vmlinuz, directory / "initrd.gz", directory / "disk.raw",
+                       base.client_key, base.host_key)
+    with _locked(directory.with_name(directory.name + ".lock")):
+        if image.disk.is_file():
+            return image
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        _say(progress, f"building the guest disk for {release}")
+        with tempfile.TemporaryDirectory(prefix="staging-", dir=directory) as staging_name:
+            staging = Path(staging_name) / "root"
+            # Hard links: the image gets the userland's files without copying their data.
+            _run(["cp", "-al", str(base.root), str(staging)], "copying the guest userland")
+            _install_modules(staging, tree)
+            unfinished = directory / "disk.raw.partial"
+            _run(["mkfs.ext4", "-q", "-F", "-L", "toa-guest", "-d", str(staging), str(unfinished), DISK_SIZE],
+                 f"mkfs.ext4 of the {release} guest disk")
+            _build_initramfs(image.initrd, tree.modules_dir)
+            unfinished.rename(image.disk)
+    return image
+
+
+# ---------------------------------------------------------------- guests
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def _qemu_path_option(path: Path) -> str:
+    """A path inside a QEMU -drive/-chardev option, where a comma must be doubled."""
+    return str(path).replace(",", ",,")
+
+
+def _tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> str:
+    if not path.is_file():
+        return "(nothing)"
+    text = path.read_text(errors="replace").replace("\r", "")
+    return " | ".join(line for line in text.splitlines()[-lines:] if line.strip()) or "(empty)"
+
+
+@dataclass
+class Guest:
+    """One QEMU guest with its own overlay disk, reachable by SSH on LOOPBACK:port."""
+
+    name: str
+    image: GuestImage
+    workdir: Path
+    port: int
+    ssh_user: str = "root"
+    memory_mb: int = DEFAULT_MEMORY_MB
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not HOSTNAME_RE.fullmatch(self.name):
+            raise ToaError(f"invalid guest name {self.name!r}: use lowercase letters, digits and '-'")
+        self.workdir = Path(self.workdir).resolve()
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        self.known_hosts.write_text(f"[{LOOPBACK}]:{self.port} {self.image.host_key}\n")
+
+    @property
+    def release(self) -> str:
+        return self.image.release
+
+    @property
+    def overlay(self) -> Path:
+        return self.workdir / f"{self.name}.qcow2"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / f"{self.name}.serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.workdir / f"{self.name}.qemu.log"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.workdir / f"{self.name}.known_hosts"
+
+    @property
+    def key_path(self) -> Path:
+        return self.image.client_key
+
+    def node_line(self, user: str | None = None) -> str:
+        """The guest as a nodes.txt line: user@127.0.0.1:port."""
+        return f"{user or self.ssh_user}@{LOOPBACK}:{self.port}"
+
+    def ssh_options(self) -> remote.SshOptions:
+        return remote.SshOptions(key_filename=str(self.key_path), known_hosts=str(self.known_hosts))
+
+    def qemu_argv(self) -> list[str]:
+        cmdline = f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={self.name}"
+        return [
+            lab.find_qemu(), "-accel", "tcg", "-smp", "1", "-m", str(self.memory_mb),
+            "-nodefaults", "-no-user-config", "-display", "none",
+            # Appending keeps every boot's console, restarts after a kill included.
+            "-chardev", f"file,id=console,path={_qemu_path_option(self.serial_log)},append=on",
+            "-serial", "chardev:console",
+            "-kernel", str(self.image.vmlinuz), "-initrd", str(self.image.initrd), "-append", cmdline,
+            # Default (writeback) caching honours the guest's flushes: a SIGKILL loses only unflushed data.
+            "-drive", f"file={_qemu_path_option(self.overlay)},if=virtio,format=qcow2",
+            "-netdev", f"user,id=net0,hostfwd=tcp:{LOOPBACK}:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-device", "virtio-rng-pci",  # entropy for sshd early in boot
+        ]
+
+    def create_disk(self) -> None:
+        """A fresh overlay on the image: the guest's own writable disk."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.overlay.unlink(missing_ok=True)
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.disk), "-F", "raw", str(self.overlay)],
+             f"qemu-img create for guest {self.name}")
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Power the guest on (its overlay is created on first start and kept after)."""
+        if self.is_running():
+            raise ToaError(f"guest {self.name} is already running")
+        if not self.overlay.is_file():
+            self.create_disk()
+        with self.qemu_log.open("a") as log:
+            self.process = subprocess.Popen(self.qemu_argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """Pull the plug: SIGKILL QEMU, whatever the guest was doing."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def _ssh_banner(self) -> bool:
+        # QEMU accepts on the forwarded port even before the guest listens, then hangs up: only
+        # sshd's banner shows the guest is up.
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=2) as conn:
+                conn.settimeout(5)
+                return conn.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def _failure(self, what: str) -> ToaError:
+        return ToaError(f"guest {self.name} ({self.release}) {what}; QEMU: {_tail(self.qemu_log, 3)}; "
+                        f"console: {_tail(self.serial_log)}")
+
+    def wait_for_ssh(self, timeout: float = 180.0) -> float:
+        """Block until sshd in the guest answers; returns the seconds waited."""
+        started = time.monotonic()
+        while not self._ssh_banner():
+            if not self.is_running():
+                raise self._failure(f"stopped before sshd answered (QEMU exit {self.process and self.process.returncode})")
+            if time.monotonic() - started > timeout:
+                raise self._failure(f"has no sshd answering on port {self.port} after {timeout:.0f}s")
+            time.sleep(SSH_POLL_SECONDS)
+        return time.monotonic() - started
+
+    def connect(self, user: str | None = None) -> Connection:
+        """An SSH connection through toa.remote, host key checked against the guest's known_hosts."""
+        spec = remote.HostSpec(LOOPBACK, user or self.ssh_user, self.port)
+        return remote.connect(spec, self.ssh_options())
+
+    def run(self, command: str, user: str | None = None) -> str:
+        """Run a fixed command in the guest; its stdout, or a ToaError when it fails."""
+        with self.connect(user) as conn:
+            return remote.run(conn, command)
+
+    def boot_id(self) -> str:
+        return self.run("cat /proc/sys/kernel/random/boot_id").strip()
+
+    def reboot(self, timeout: float = 240.0) -> float:
+        """`systemctl reboot` in the guest, then wait until a new boot answers SSH; returns the seconds."""
+        before = self.boot_id()
+        started = time.monotonic()
+        with self.connect() as conn:
+            try:
+                conn.run("systemctl reboot", hide=True, warn=True, in_stream=False)
+            except (paramiko.SSHException, EOFError, OSError):
+                pass  # sshd may go down before the command's exit status arrives
+        while time.monotonic() - started < timeout:
+            self.wait_for_ssh(timeout - (time.monotonic() - started))
+            try:
+                if self.boot_id() != before:
+                    return time.monotonic() - started
+            except ToaError:
+                pass  # the old sshd was stopping, or the new one is not taking logins yet
+            time.sleep(SSH_POLL_SECONDS)
+        raise self._failure(f"did not come back from a reboot within {timeout:.0f}s")
+
+
+def new_guests(images: list[GuestImage], workdir: Path, *, count: int | None = None,
+               memory_mb: int = DEFAULT_MEMORY_MB) -> list[Guest]:
+    """`count` guests (default: one per image) spread over the images in turn, not started."""
+    count = len(images) if count is None else count
+    if not images or count < 1:
+        raise ToaError("a fleet needs at least one kernel image and one guest")
+    # Hold every probe socket until all ports are chosen, so no two guests get the same one.
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind((LOOPBACK, 0))
+        ports = [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+    return [Guest(f"guest{index + 1}", images[index % len(images)], workdir, port, memory_mb=memory_mb)
+            for index, port in enumerate(ports)]
+
+
+@contextlib.contextmanager
+def fleet(kernel_trees: list[KernelTree], workdir: Path, *, count: int | None = None, suite: str = DEFAULT_SUITE,
+          memory_mb: int = DEFAULT_MEMORY_MB, boot_timeout: float = 300.0,
+          progress: Callable[[str], None] | None = None) -> Iterator[list[Guest]]:
+    """Boot `count` guests (default: one per kernel) at once and wait for their sshd; kill them all on exit."""
+    images = [guest_image(tree, suite=suite, progress=progress) for tree in kernel_trees]
+    guests = new_guests(images, Path(workdir), count=count, memory_mb=memory_mb)
+    try:
+        for guest in guests:
+            _say(progress, f"booting {guest.name} ({guest.release}) on port {guest.port}")
+            guest.start()
+        deadline = time.monotonic() + boot_timeout
+        for guest in guests:
+            guest.wait_for_ssh(max(1.0, deadline - time.monotonic()))
+            _say(progress, f"{guest.name} answers SSH")
+        yield guests
+    finally:
+        for guest in guests:
+            guest.kill()
