@@ -62,13 +62,12 @@ MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every famil
 COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
 COREOS_UNIT = "/etc/systemd/system/toa.service"
 COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
-KINDS = ("file", "lines", "symlink")
 
 # Module parameters, from toa/module/toa.c: kinds is an int array of at most TOA_MAX_KINDS option
-# kinds that carry data (2..255).
+# kinds that carry data (2..255). Decimal only: the kernel reads a leading 0 as octal.
 MAX_KINDS = 4
 OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
-KINDS_VALUE_RE = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+KINDS_VALUE_RE = re.compile(r"[1-9][0-9]{0,2}(,[1-9][0-9]{0,2})*")
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def module_options(options: dict[str, str] | None) -> str:
 def _kinds(value: str) -> str:
     shown = repr(str(value)[:40])
     if not isinstance(value, str) or not KINDS_VALUE_RE.fullmatch(value):
-        raise ToaError(f"invalid kinds {shown}: give TCP option kinds as numbers separated by commas, e.g. kinds=254,253")
+        raise ToaError(f"invalid kinds {shown}: give TCP option kinds as decimal numbers separated by commas, e.g. kinds=254,253")
     kinds = [int(kind) for kind in value.split(",")]
     if len(kinds) > MAX_KINDS:
         raise ToaError(f"invalid kinds {shown}: the module takes at most {MAX_KINDS} option kinds")

@@ -46,18 +46,19 @@ def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, j
             "files": [{**entry.as_dict(), "written": str(path)} for entry, path in zip(files, written)],
         })
         return
-    _print_table(target.id, release, rendering.module_path(target, release), files, written)
+    _print_table(target.id, release, rendering.module_path(target, release), files, out)
 
 
-def _print_table(target_id, release, module, files, written):
+def _print_table(target_id, release, module, files, out):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"toa render: {target_id}, kernel {release}, module {module}", title_justify="left")
-    for column in ("path on the host", "mode", "kind", "written to"):
-        table.add_column(column, overflow="fold")
-    for entry, path in zip(files, written):
+    table = Table(title=f"toa render: {target_id}, kernel {release}", title_justify="left",
+                  caption=f"module: {module}; written under {out}", caption_justify="left")
+    table.add_column("path on the host", no_wrap=True)
+    table.add_column("mode")
+    table.add_column("kind", overflow="fold")
+    for entry in files:
         kind = {"lines": "lines to merge", "symlink": f"symlink to {entry.content}"}.get(entry.kind, "file")
-        mode = "" if entry.kind == "symlink" else f"{entry.mode:04o}"
-        table.add_row(entry.path, mode, kind, str(path))
+        table.add_row(entry.path, "" if entry.kind == "symlink" else f"{entry.mode:04o}", kind)
     Console().print(table)
