@@ -216,3 +216,5 @@ ns.add_task(verify)
 # The tasks of each later concern live in toa/commands/<concern>.py and are gathered here.
 from toa.commands import render as render_commands  # noqa: E402
 ns.add_task(render_commands.render)
+from toa.commands import matrix as matrix_commands  # noqa: E402
+ns.add_task(matrix_commands.matrix)

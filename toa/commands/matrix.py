@@ -1,0 +1,134 @@
+"""`invoke matrix`: build and prove every Debian kernel reachable here, and write the results table."""
+
+import datetime
+from pathlib import Path
+
+from invoke import Exit, task
+
+from toa.commands.common import print_json, user_errors
+from toa.debian import SUITES as DEBIAN_SUITES
+from toa.errors import ToaError
+
+
+def _count(value, flag, minimum):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise ToaError(f"--{flag} must be an integer >= {minimum}, not {value!r}")
+    return number
+
+
+@task(iterable=["suite"], auto_shortflags=False,
+      help={"suite": f"run only this Debian suite's newest kernel; repeat for more (default: all: "
+                     f"{', '.join(DEBIAN_SUITES)})",
+            "fuzz": "random-option handshakes per kernel (default: 200; `invoke verify` uses 1000)",
+            "cycles": "insmod/rmmod cycles per kernel (default: 10; `invoke verify` uses 100)",
+            "timeout": "seconds before a guest that has not powered off is killed (default: 900)",
+            "seed": "fuzz seed for every kernel, to replay a run (default: random, kept in the table)",
+            "out": "where matrix.md and matrix.json go (default: docs)",
+            "dist": "where the built modules and lab logs go (default: dist)",
+            "readme": "the README whose section between <!-- matrix:begin --> and <!-- matrix:end --> "
+                      "gets the table (default: README.md)",
+            "no_readme": "leave the README alone",
+            "plan": "print every row and the command it runs (here and on GitHub) instead of running",
+            "json": "with --plan: print JSON (the workflow reads its job matrices from it)"})
+@user_errors
+def matrix(c, suite=None, fuzz=200, cycles=10, timeout=900, seed=None, out="docs", dist="dist",
+           readme="README.md", no_readme=False, plan=False, json=False):
+    """Build and prove (QEMU lab) each Debian suite's newest kernel; write docs/matrix.md and .json."""
+    from rich.console import Console
+
+    from toa import matrix as matrices
+
+    suites = matrices.pick_suites(suite)
+    if plan:
+        rows = matrices.plan(suites)
+        if json:
+            print_json(rows)
+        else:
+            _print_plan(rows)
+        return
+    if json:
+        raise ToaError("--json goes with --plan; a run writes its JSON to --out")
+    settings = matrices.LabSettings(
+        fuzz=_count(fuzz, "fuzz", 0), cycles=_count(cycles, "cycles", 0), timeout=_count(timeout, "timeout", 1),
+        seed=_count(seed, "seed", 0) if seed is not None else None,
+    )
+    readme_path = None if no_readme else Path(readme)
+    if readme_path is not None:
+        matrices.check_readme(readme_path)  # before the long run, not after it
+    started = datetime.datetime.now(datetime.timezone.utc)
+    console = Console(stderr=True)
+    rows = _run(suites, settings, Path(dist), console)
+    doc = matrices.results(rows, settings, started=started, repo=Path.cwd())
+    written = matrices.write(doc, Path(out), readme_path)
+    _print_rows(rows)
+    failed = [row.suite for row in rows if not row.ok]
+    console.print(f"{len(rows) - len(failed)}/{len(rows)} kernels passed"
+                  + (f" (failed: {', '.join(failed)})" if failed else "")
+                  + f"; wrote {', '.join(map(str, written))}", soft_wrap=True)
+    if failed:
+        raise Exit(code=1)
+
+
+def _run(suites, settings, dist, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from toa import matrix as matrices
+
+    rows = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task("matrix", total=len(suites))
+        for name in suites:
+            def say(message, name=name):
+                progress.update(overall, description=f"{name}: {message}"[:100])
+
+            row = matrices.run_suite(name, settings, dist=dist, say=say)
+            rows.append(row)
+            verdict = "PASS" if row.ok else "FAIL"
+            progress.console.print(f"{verdict} {name} {row.kernel or ''} {row.error}".rstrip(),
+                                   soft_wrap=True, markup=False, highlight=False)
+            progress.advance(overall)
+    return rows
+
+
+def _print_rows(rows):
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from toa.matrix import LAB_COLUMNS
+
+    def cell(value):
+        if value is None:
+            return Text("-")
+        return Text("PASS", style="green") if value else Text("FAIL", style="bold red")
+
+    table = Table(title="toa matrix", title_justify="left")
+    for column in ("suite", "kernel", "build", *LAB_COLUMNS, "lab", "checks"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.suite, row.kernel or "-", cell(row.build),
+                      *(cell(getattr(row, column)) for column in LAB_COLUMNS),
+                      cell(row.lab), f"{row.checks_passed}/{row.checks_total}")
+    Console().print(table)
+
+
+def _print_plan(rows):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="toa matrix: rows and their commands", title_justify="left")
+    for column in ("where", "row", "command"):
+        table.add_column(column, overflow="fold")
+    for row in rows["local"]:
+        table.add_row("here", row["suite"], row["command"])
+    for row in rows["github"]["builds"]:
+        table.add_row("GitHub", f"{row['name']} {row['kernel']}", row["command"])
+    for row in rows["github"]["debian"]:
+        table.add_row("GitHub", row["suite"], "; ".join(row["commands"]))
+    Console().print(table)
