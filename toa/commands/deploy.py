@@ -1,0 +1,155 @@
+"""Tasks that roll toa.ko out to the hosts of a nodes file and show their module state."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+from invoke import Exit, task
+
+from toa.commands.common import print_json, user_errors
+from toa.errors import ToaError
+
+FLEET_HELP = {
+    "hosts": "nodes file: one [user@]host[:port] per line, then optional key=PATH sudo=yes|no user=NAME",
+    "dist": "where the built artifacts are: <dist>/<target>/<release>/toa.ko (default: dist)",
+    "parallel": "hosts worked on at the same time (default: 5)",
+    "key": "SSH private key for hosts without key= (default: ssh-agent and ~/.ssh keys)",
+    "known_hosts": "extra known_hosts file to check host keys against (and to record new ones in)",
+    "accept_new_host_keys": "trust hosts seen for the first time and record their keys (a changed key is "
+                            "still refused); without it unknown host keys are refused",
+    "json": "print JSON instead of a table",
+    "option": "module option for the deploy, e.g. --option kinds=254,200 (repeatable; default: the module's)",
+}
+
+
+def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_missing=False, dry_run=False):
+    from toa import deploy, remote
+
+    options = {}
+    for word in option or []:
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise ToaError(f"--option {word[:40]!r}: write it as name=value, e.g. --option kinds=254,253")
+        options[name] = value
+    if key and not Path(key).is_file():
+        raise ToaError(f"key file {key} does not exist: fix --key")
+    ssh = remote.SshOptions(key_filename=key, known_hosts=known_hosts, accept_new_host_keys=accept_new_host_keys)
+    return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
+                                dry_run=dry_run)
+
+
+def _number(value, flag, minimum):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise ToaError(f"{flag} must be a whole number of at least {minimum}, not {value!r}")
+    return number
+
+
+@contextlib.contextmanager
+def _live_steps(nodes):
+    """A live table on stderr of each host's current step; yields the progress callback."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    steps = {node.name: "waiting" for node in nodes}
+    lock = threading.Lock()
+
+    def table():
+        view = Table(show_header=True, header_style="bold", box=None)
+        view.add_column("host")
+        view.add_column("step")
+        for host, step in steps.items():
+            view.add_row(host, step)
+        return view
+
+    with Live(table(), console=Console(stderr=True), transient=True, refresh_per_second=4) as live:
+        def progress(host, step):
+            with lock:
+                steps[host] = step
+                live.update(table())
+
+        yield progress
+
+
+def _results_table(title, columns, rows):
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    view = Table(title=title, title_justify="left")
+    for column in columns:
+        view.add_column(column, overflow="fold")
+    for row in rows:
+        view.add_row(*(value if isinstance(value, Text) else Text("-" if value in (None, "") else str(value))
+                       for value in row))
+    Console().print(view)
+
+
+ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green", "updated": "green"}
+
+
+@task(help={**FLEET_HELP,
+            "batch": "deploy in rolling batches of this many hosts (default: 0, all at once)",
+            "max_fail": "after a batch, stop starting new ones once more than this many hosts failed (default: 0)",
+            "build_missing": "build toa.ko for a kernel that has none in --dist instead of failing that host",
+            "dry_run": "connect and detect, then print each host's plan without changing anything"},
+      iterable=["option"], auto_shortflags=False)
+@user_errors
+def deploy(c, hosts, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
+           json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None):
+    """Install, load and verify toa.ko on the hosts of a nodes file, and load it at every boot.
+
+    A host that fails is rolled back to what it had; a second run changes nothing."""
+    from rich.text import Text
+
+    from toa import deploy as deployment
+    from toa import nodes as inventory
+
+    node_list = inventory.load(hosts)  # every line checked before any connection
+    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_missing, dry_run)
+    parallel, batch = _number(parallel, "--parallel", 1), _number(batch, "--batch", 0)
+    max_fail = _number(max_fail, "--max-fail", 0)
+    with _live_steps(node_list) as progress:
+        results = deployment.deploy(node_list, options, parallel=parallel, batch=batch, max_fail=max_fail,
+                                    progress=progress)
+    failed = sum(result.action == "failed" for result in results)
+    if json:
+        print_json({"hosts": [result.as_dict() for result in results], "failed": failed, "dry_run": dry_run})
+    else:
+        rows = [(result.host, result.kernel, Text(result.action, style=ACTION_STYLE.get(result.action, "")),
+                 result.detail) for result in results]
+        _results_table("toa deploy --dry-run: the plan" if dry_run else "toa deploy",
+                       ("host", "kernel", "action", "detail"), rows)
+        if all(result.action == "unchanged" for result in results):
+            print("every host already runs the right toa: nothing changed")
+    if failed:
+        raise Exit(code=1)
+
+
+@task(help=FLEET_HELP, iterable=["option"], auto_shortflags=False)
+@user_errors
+def status(c, hosts, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
+           option=None):
+    """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files."""
+    from toa import deploy as deployment
+    from toa import nodes as inventory
+
+    node_list = inventory.load(hosts)
+    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option)
+    with _live_steps(node_list) as progress:
+        states = deployment.status(node_list, options, parallel=_number(parallel, "--parallel", 1), progress=progress)
+    if json:
+        print_json({"hosts": [state.as_dict() for state in states]})
+    else:
+        # loaded and installed show srcversions: equal to the artifact's when all is well
+        _results_table("toa status", ("host", "kernel", "loaded", "installed", "artifact", "autoload", "error"),
+                       [(s.host, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
+                         s.installed_srcversion, s.artifact, s.autoload, s.error) for s in states])
+    if any(state.error for state in states):
+        raise Exit(code=1)

@@ -1,0 +1,727 @@
+"""Roll toa.ko out to hosts over SSH and keep it loaded across reboots.
+
+Shaped like pyinfra: a *fact* is one shell command whose output a pure function parses (tested
+offline on recorded output); the *plan* compares what a host has with what it should have and lists
+only the steps that close the gap, so a second run finds nothing to do and says so.
+
+Per host: detect the platform and `uname -r`, pick the artifact built for that exact release, read
+the module state (one command), plan, then apply with rollback:
+
+1. upload toa.ko to a private staging directory (mktemp -d under /tmp) and check its sha256 there;
+2. copy it to a temp name beside the module (`.toa.ko.new-<random>`), check the sha256 again,
+   hard-link the current toa.ko to toa.ko.prev, rename the temp name over toa.ko, depmod -a;
+3. load it (rmmod first when another build or other options are loaded) and verify: the kernel log
+   after a marker written to /dev/kmsg says `TOA: toa loaded`, /sys/module/toa exists and its
+   srcversion is the artifact's;
+4. write the autoload files from toa.render, each to `.<name>.toa-new-<random>` then renamed.
+
+Every file changes by rename, after a sync, so a power cut leaves each one old or new and whole.
+The only leftovers a cut can leave are temp names: depmod ignores them (they do not end in .ko), and
+the next run's first step deletes them; the staging directory is a plain upload under /tmp. Any
+failure rolls back: the previous toa.ko and autoload files are put back, depmod runs again, and the
+previously loaded build is loaded again (or none stays loaded if none was).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import posixpath
+import re
+import secrets
+import shlex
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+
+from toa import detect, remote, render
+from toa.errors import ToaError
+from toa.kernel import validate_release
+from toa.nodes import Node
+from toa.render import AutoloadFile
+
+# What the module loads with when no options are given (toa/module/toa.c); a loaded module showing
+# anything else in /sys/module/toa/parameters is reloaded.
+DEFAULT_PARAMETERS = {"kinds": "254,253"}
+LOADED_MESSAGE = "TOA: toa loaded"
+# modprobe's words when the kernel refuses an unsigned or untrusted module (Secure Boot, module.sig_enforce=1).
+KEY_REJECTED = "Key was rejected by service"
+MODULE_TEMP_PREFIX = ".toa.ko.new-"
+FILE_TEMP_MARK = ".toa-new-"
+TEMP_SUFFIX_CHARS = 8  # hex digits after a temp name's prefix
+STAGING_PREFIX = "/tmp/toa-deploy."
+PATH_SETTING = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SRCVERSION = re.compile(r"[0-9A-F]{1,64}")
+
+Progress = Callable[[str, str], None]  # (host, step)
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Artifact:
+    ko: Path
+    release: str
+    target: str | None
+    sha256: str
+    srcversion: str
+
+
+def find_artifact(dist: Path, release: str, target_id: str | None = None) -> Artifact | None:
+    """The toa.ko built for exactly RELEASE under DIST (<dist>/<target>/<release>/), preferring
+    TARGET_ID's build where several targets built the same release; None if there is none."""
+    validate_release(release)  # also keeps glob characters out of the pattern
+    found = []
+    for manifest_path in Path(dist).glob(f"*/{release}/manifest.json"):
+        ko = manifest_path.parent / "toa.ko"
+        if not ko.is_file():
+            continue
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ToaError(f"{manifest_path} is unreadable ({exc}): rebuild with `invoke build --kernel {release}`") from None
+        found.append((manifest.get("target") == target_id, manifest_path.stat().st_mtime, ko, manifest))
+    if not found:
+        return None
+    _, _, ko, manifest = max(found, key=lambda item: item[:2])
+    sha256, srcversion = manifest.get("sha256", ""), manifest.get("srcversion") or ""
+    if manifest.get("kernel_release") != release or not _SHA256.fullmatch(sha256) or not _SRCVERSION.fullmatch(srcversion):
+        raise ToaError(f"{ko.parent}/manifest.json does not describe a toa.ko for {release}: "
+                       f"rebuild with `invoke build --kernel {release}`")
+    if hashlib.sha256(ko.read_bytes()).hexdigest() != sha256:
+        raise ToaError(f"{ko} does not match the sha256 in its manifest: rebuild with `invoke build --kernel {release}`")
+    return Artifact(ko, release, manifest.get("target"), sha256, srcversion)
+
+
+# ---------------------------------------------------------------- facts: the module state of a host
+
+
+@dataclass(frozen=True)
+class Current:
+    """An autoload path as found on the host."""
+
+    kind: str  # "file" or "symlink"
+    text: str  # the file's text or the link's target
+    mode: int = 0o644
+
+
+@dataclass
+class ModuleState:
+    loaded: bool = False
+    loaded_srcversion: str | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    installed_sha256: str | None = None
+    installed_srcversion: str | None = None
+    indexed: bool = False  # modules.dep lists the installed file
+    stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
+    files: dict[str, Current | None] = field(default_factory=dict)
+
+
+def modules_dep_entry(module_file: str, release: str) -> str | None:
+    """The module's path as modules.dep lists it, or None where it lives outside /lib/modules
+    (loaded by path, depmod does not apply)."""
+    base = f"/lib/modules/{release}/"
+    return module_file[len(base):] if module_file.startswith(base) else None
+
+
+def _temp_suffix() -> str:
+    return secrets.token_hex(TEMP_SUFFIX_CHARS // 2)
+
+
+def _temp_prefix(path: str) -> str:
+    """What the temp names of an autoload file start with: .<name>.toa-new- beside it."""
+    directory, name = posixpath.split(path)
+    return f"{directory}/.{name}{FILE_TEMP_MARK}"
+
+
+def state_command(module_file: str, release: str, files: list[AutoloadFile]) -> str:
+    """One command that prints a host's module state as @@-tagged lines (see parse_state)."""
+    q = shlex.quote
+    entry = modules_dep_entry(module_file, release)
+    module_temp = q(posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX)) + "*"
+    lines = [
+        PATH_SETTING,
+        f"m={q(module_file)}",
+        'if [ -d /sys/module/toa ]; then echo "@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
+        'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+        'if [ -f "$m" ]; then echo "@@installed $(sha256sum < "$m" | cut -d" " -f1) '
+        '$(modinfo -F srcversion "$m" 2>/dev/null)"; fi',
+    ]
+    if entry is not None:
+        lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {q(f'/lib/modules/{release}/modules.dep')} "
+                     "&& echo @@indexed")
+    # globs: the quoted fixed part, then an unquoted *
+    temps = " ".join([module_temp] + [q(_temp_prefix(f.path)) + "*" for f in files])
+    lines.append(f'for t in {temps}; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    for index, entry_file in enumerate(files):
+        lines.append(
+            f"f={q(entry_file.path)}; "
+            f'if [ -L "$f" ]; then echo "@@symlink {index} $(readlink "$f" | base64 -w0)"; '
+            f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
+            f'else echo "@@absent {index}"; fi'
+        )
+    return "\n".join(lines) + "\ntrue\n"
+
+
+def _unbase64(text: str) -> str:
+    try:
+        return base64.b64decode(text, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ToaError("the host sent an autoload file that is not text: check it by hand") from None
+
+
+def parse_state(output: str, files: list[AutoloadFile]) -> ModuleState:
+    """Parse state_command's output. Pure."""
+    state = ModuleState(files={f.path: None for f in files})
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        words = rest.split()
+        if tag == "@@loaded":
+            state.loaded, state.loaded_srcversion = True, rest.strip() or None
+        elif tag == "@@parameter" and words:
+            state.parameters[words[0]] = " ".join(words[1:])
+        elif tag == "@@installed" and words:
+            state.installed_sha256 = words[0]
+            state.installed_srcversion = words[1] if len(words) > 1 else None
+        elif tag == "@@indexed":
+            state.indexed = True
+        elif tag == "@@stale" and rest:
+            state.stale.append(rest)
+        elif tag == "@@symlink" and words:
+            state.files[files[int(words[0])].path] = Current("symlink", _unbase64(words[1] if len(words) > 1 else ""))
+        elif tag == "@@file" and len(words) >= 2:
+            text = _unbase64(words[2] if len(words) > 2 else "")
+            state.files[files[int(words[0])].path] = Current("file", text, int(words[1], 8))
+    return state
+
+
+# ---------------------------------------------------------------- the plan: wanted against actual
+
+
+@dataclass(frozen=True)
+class FileChange:
+    entry: AutoloadFile
+    text: str  # the wanted text (for a symlink, its target)
+    previous: Current | None  # what to put back on rollback (None: remove)
+
+
+@dataclass(frozen=True)
+class Plan:
+    stale: tuple[str, ...] = ()
+    install: bool = False
+    depmod: bool = False
+    load: str | None = None  # "load" or "reload"
+    files: tuple[FileChange, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.stale or self.install or self.depmod or self.load or self.files)
+
+    def describe(self, artifact: Artifact) -> list[str]:
+        steps = []
+        if self.stale:
+            steps.append(f"remove {len(self.stale)} temp file(s) of an interrupted run")
+        if self.install:
+            steps.append(f"install {artifact.ko} (srcversion {artifact.srcversion})")
+        if self.depmod:
+            steps.append("depmod")
+        if self.load:
+            steps.append(f"{self.load} toa")
+        steps += [f"write {change.entry.path}" for change in self.files]
+        return steps
+
+
+def wanted_parameters(options: dict[str, str] | None) -> dict[str, str]:
+    """The parameters the loaded module should show in /sys/module/toa/parameters."""
+    render.module_options(options)  # checks them
+    return {**DEFAULT_PARAMETERS, **(options or {})}
+
+
+def wanted_text(entry: AutoloadFile, current: Current | None) -> str:
+    if entry.kind == "lines":
+        return entry.merge(current.text if current and current.kind == "file" else None)
+    return entry.content
+
+
+def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile], module_file: str,
+              options: dict[str, str] | None) -> Plan:
+    """The steps that take a host from STATE to ARTIFACT loaded with OPTIONS and FILES in place. Pure."""
+    install = state.installed_sha256 != artifact.sha256
+    depmod = modules_dep_entry(module_file, artifact.release) is not None and (install or not state.indexed)
+    if not state.loaded:
+        load = "load"
+    elif state.loaded_srcversion != artifact.srcversion or any(
+        state.parameters.get(name) != value for name, value in wanted_parameters(options).items()
+    ):
+        load = "reload"
+    else:
+        load = None
+    changes = []
+    for entry in files:
+        current = state.files.get(entry.path)
+        text = wanted_text(entry, current)
+        kind = "symlink" if entry.kind == "symlink" else "file"
+        mode_differs = entry.kind == "file" and current is not None and current.mode != entry.mode
+        if current is None or current.kind != kind or current.text != text or mode_differs:
+            changes.append(FileChange(entry, text, current))
+    # only names this module makes: the host's answer never decides what gets deleted
+    prefixes = (posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX),
+                *(_temp_prefix(entry.path) for entry in files))
+    made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
+    stale = tuple(path for path in state.stale if made_here.fullmatch(path))
+    return Plan(stale, install, depmod, load, tuple(changes))
+
+
+# ---------------------------------------------------------------- loading and verifying
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    exit_code: int | None
+    modprobe_output: str
+    srcversion: str | None
+    parameters: dict[str, str]
+    kernel_log: list[str]  # lines after the marker
+    rmmod_error: str = ""  # why the loaded toa could not be unloaded for a reload
+
+
+def load_command(module_file: str, release: str, arguments: str, marker: str, reload: bool) -> str:
+    """Load toa (after rmmod when RELOAD) and print what verification needs (see parse_load)."""
+    q = shlex.quote
+    if modules_dep_entry(module_file, release) is not None:
+        load = f"modprobe toa {arguments}".strip()
+    else:
+        load = f"insmod {q(module_file)} {arguments}".strip()
+    return "\n".join([
+        PATH_SETTING,
+        f"echo {q(marker)} > /dev/kmsg",
+        *(['if [ -d /sys/module/toa ] && ! out=$(rmmod toa 2>&1); then '
+           'printf "%s\\n" "$out" | sed "s/^/@@rmmod /"; exit 0; fi'] if reload else []),
+        f'out=$({load} 2>&1); echo "@@exit $?"',
+        'printf "%s\\n" "$out" | sed "s/^/@@modprobe /"',
+        'if [ -d /sys/module/toa ]; then echo "@@srcversion $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
+        'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+        f'dmesg | sed -n {q("/" + marker + "/,$p")} | sed "s/^/@@log /"',
+        "true",
+    ]) + "\n"
+
+
+def parse_load(output: str) -> LoadOutcome:
+    """Parse load_command's output. Pure."""
+    exit_code, srcversion, modprobe, log, parameters, rmmod = None, None, [], [], {}, []
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == "@@rmmod":
+            rmmod.append(rest)
+        elif tag == "@@exit" and rest.strip().isdigit():
+            exit_code = int(rest)
+        elif tag == "@@modprobe":
+            modprobe.append(rest)
+        elif tag == "@@srcversion":
+            srcversion = rest.strip() or None
+        elif tag == "@@parameter" and rest.split():
+            name, _, value = rest.partition(" ")
+            parameters[name] = value.strip()
+        elif tag == "@@log":
+            log.append(rest)
+    return LoadOutcome(exit_code, "\n".join(line for line in modprobe if line.strip()), srcversion, parameters, log[1:],
+                       " ".join(line.strip() for line in rmmod if line.strip()))
+
+
+def check_load(outcome: LoadOutcome, artifact: Artifact, parameters: dict[str, str]) -> None:
+    """Raise a one-line ToaError unless the load worked and loaded ARTIFACT. Pure."""
+    if outcome.rmmod_error:
+        raise ToaError(f"the loaded toa cannot be unloaded to load the new one ({outcome.rmmod_error}): "
+                       "stop what holds it, then run again")
+    if KEY_REJECTED in outcome.modprobe_output or any(KEY_REJECTED in line for line in outcome.kernel_log):
+        raise ToaError("the host only loads signed modules (Secure Boot or module.sig_enforce=1) and refused "
+                       "toa.ko: sign toa.ko with a key the host trusts (enrolled MOK or built-in keyring)")
+    if outcome.exit_code != 0:
+        reason = (outcome.modprobe_output.splitlines() or ["no output"])[-1]
+        raise ToaError(f"loading toa failed (exit {outcome.exit_code}): {reason}")
+    if not any(LOADED_MESSAGE in line for line in outcome.kernel_log):
+        raise ToaError(f"the kernel log after the load has no {LOADED_MESSAGE!r}: check dmesg on the host")
+    if outcome.srcversion is None:
+        raise ToaError("toa is not in /sys/module after the load: check dmesg on the host")
+    if outcome.srcversion != artifact.srcversion:
+        raise ToaError(f"the loaded toa has srcversion {outcome.srcversion}, the artifact {artifact.srcversion}: "
+                       "another toa.ko is found first; check `modinfo toa` on the host")
+    wrong = {name: value for name, value in parameters.items() if outcome.parameters.get(name) != value}
+    if wrong:
+        raise ToaError(f"toa loaded with {outcome.parameters}, wanted {wrong}: check /etc/modprobe.d on the host")
+
+
+# ---------------------------------------------------------------- one host
+
+
+@dataclass
+class HostResult:
+    host: str
+    kernel: str | None = None
+    action: str = "failed"  # installed, updated, unchanged, failed, skipped; would-install, would-update
+    detail: str = ""
+    changes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"host": self.host, "kernel": self.kernel, "action": self.action, "detail": self.detail,
+                "changes": self.changes}
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    dist: Path = Path("dist")
+    ssh: remote.SshOptions = remote.SshOptions()
+    options: dict[str, str] | None = None  # module options, e.g. {"kinds": "254,200"}
+    build_missing: bool = False
+    dry_run: bool = False
+
+
+class Host:
+    """One open connection and the way to run commands as root on it."""
+
+    def __init__(self, node: Node, ssh: remote.SshOptions):
+        self.node = node
+        key = str(node.key) if node.key else ssh.key_filename
+        self.conn = remote.connect(node.spec, remote.SshOptions(
+            key_filename=key, known_hosts=ssh.known_hosts, check_host_key=ssh.check_host_key,
+            timeout=ssh.timeout, accept_new_host_keys=ssh.accept_new_host_keys))
+        try:
+            self.conn.transport.set_keepalive(5)  # notice a host that vanished mid-command
+            self.sudo = self._sudo_prefix()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _sudo_prefix(self) -> str:
+        if self.run_as_user("id -u").strip() == "0":
+            return ""
+        user = self.node.spec.user or self.conn.user
+        if not self.node.sudo:
+            raise ToaError(f"{user} is not root and sudo=no for this host: connect as root or set sudo=yes in the nodes file")
+        if self.conn.run("sudo -n true", hide=True, warn=True, in_stream=False).failed:
+            raise ToaError(f"{user} cannot run `sudo -n` without a password: allow it in sudoers or connect as root")
+        return "sudo -n "
+
+    def run_as_user(self, command: str) -> str:
+        return remote.run(self.conn, command)
+
+    def run_as_root(self, script: str) -> str:
+        return remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_build_lock = threading.Lock()
+
+
+def _artifact_for(release: str, target_id: str | None, options: DeployOptions, say) -> Artifact:
+    artifact = find_artifact(options.dist, release, target_id)
+    if artifact is not None:
+        return artifact
+    if not options.build_missing or options.dry_run:
+        raise ToaError(f"no toa.ko built for kernel {release} in {options.dist}: run "
+                       f"`invoke build --kernel {release} --out {options.dist}` (or deploy with --build-missing)")
+    from toa import build
+
+    with _build_lock:  # one build at a time; hosts with the same kernel wait for it and reuse it
+        artifact = find_artifact(options.dist, release, target_id)
+        if artifact is None:
+            say("build")
+            build.build_kernel(kernel=release, out_dir=options.dist)
+            artifact = find_artifact(options.dist, release, target_id)
+    if artifact is None:
+        raise ToaError(f"building toa.ko for {release} left no artifact in {options.dist}: check its build.log")
+    return artifact
+
+
+def _write_file_script(path: str, kind: str, text: str, mode: int) -> str:
+    """Atomically replace PATH: write a temp name beside it, sync, rename over it."""
+    q = shlex.quote
+    directory = posixpath.dirname(path)
+    temp = _temp_prefix(path) + _temp_suffix()
+    if kind == "symlink":
+        create = f"ln -s {q(text)} {q(temp)}"
+    else:
+        encoded = base64.b64encode(text.encode()).decode()
+        create = f"printf %s {q(encoded)} | base64 -d > {q(temp)} && chmod {mode:o} {q(temp)}"
+    return f"set -e\n{PATH_SETTING}\nmkdir -p {q(directory)}\n{create}\nsync\nmv -f -T {q(temp)} {q(path)}\nsync\n"
+
+
+def _remove_file_script(path: str) -> str:
+    return f"rm -f {shlex.quote(path)}\nsync\n"
+
+
+@dataclass
+class _Done:
+    """What a run changed so far: what a rollback must undo."""
+
+    installed: bool = False
+    load_attempted: bool = False
+    files: list[FileChange] = field(default_factory=list)
+
+
+def _install_module(host: Host, artifact: Artifact, module_file: str, say) -> None:
+    q = shlex.quote
+    staging = host.run_as_user(f"mktemp -d {q(STAGING_PREFIX)}XXXXXXXX").strip()
+    if not re.fullmatch(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8}", staging):
+        raise ToaError(f"mktemp on the host printed {staging[:60]!r}: check /tmp there")
+    staged = f"{staging}/toa.ko"
+    try:
+        say("upload")
+        host.conn.put(str(artifact.ko), staged)
+        if host.run_as_user(f"sha256sum {q(staged)}").split()[:1] != [artifact.sha256]:
+            raise ToaError("the uploaded toa.ko has another sha256 than the artifact: the transfer was damaged, run again")
+        temp = posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX + _temp_suffix())
+        host.run_as_root("\n".join([
+            "set -e", PATH_SETTING,
+            f"m={q(module_file)}; t={q(temp)}",
+            'mkdir -p "$(dirname "$m")"',
+            f'cp {q(staged)} "$t"; chmod 644 "$t"',
+            f'[ "$(sha256sum < "$t" | cut -d" " -f1)" = {artifact.sha256} ] || {{ rm -f "$t"; '
+            'echo "toa.ko changed while copied into place" >&2; exit 3; }',
+            "sync",
+            'if [ -f "$m" ]; then ln -f "$m" "$m.prev"; fi',
+            'mv -f -T "$t" "$m"',
+            "sync",
+        ]))
+    finally:
+        try:
+            host.run_as_user(f"rm -rf {q(staging)}")
+        except (ToaError, paramiko.SSHException, EOFError, OSError):
+            pass  # the host is gone; the next boot or run finds a stale upload under /tmp only
+
+
+def _depmod(host: Host, release: str) -> None:
+    host.run_as_root(f"{PATH_SETTING}\ndepmod -a {shlex.quote(release)}\n")
+
+
+def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, parameters: dict[str, str],
+           done: _Done, say) -> None:
+    release = artifact.release
+    if plan.stale:
+        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n")
+    if plan.install:
+        done.installed = True  # from here on the rollback restores the previous file
+        _install_module(host, artifact, module_file, say)
+        say("installed")
+    if plan.depmod:
+        _depmod(host, release)
+    if plan.load:
+        say(plan.load)
+        done.load_attempted = True
+        marker = f"toa-deploy: load {secrets.token_hex(8)}"
+        # every wanted parameter on the command line: they come after, and win over, any options
+        # an older /etc/modprobe.d/toa.conf still gives until the autoload files are rewritten
+        output = host.run_as_root(load_command(module_file, release, render.module_options(parameters), marker,
+                                               reload=plan.load == "reload"))
+        check_load(parse_load(output), artifact, parameters)
+    for change in plan.files:
+        say("autoload")
+        done.files.append(change)
+        host.run_as_root(_write_file_script(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file",
+                                            change.text, change.entry.mode))
+
+
+def _rollback(host: Host, state: ModuleState, module_file: str, release: str, done: _Done) -> list[str]:
+    """Put back what DONE changed; the steps that could not be undone, as text."""
+    problems = []
+
+    def attempt(what: str, script: str) -> None:
+        try:
+            host.run_as_root(script)
+        except (ToaError, paramiko.SSHException, EOFError, OSError) as exc:
+            problems.append(f"{what}: {exc}")
+
+    for change in reversed(done.files):
+        previous = change.previous
+        attempt(f"restoring {change.entry.path}",
+                _remove_file_script(change.entry.path) if previous is None
+                else _write_file_script(change.entry.path, previous.kind, previous.text, previous.mode))
+    q = shlex.quote
+    if done.installed:
+        restore = 'mv -f -T "$m.prev" "$m"' if state.installed_sha256 else 'rm -f "$m"'
+        depmod = f"depmod -a {q(release)}" if modules_dep_entry(module_file, release) is not None else "true"
+        attempt("restoring the previous toa.ko",
+                f"{PATH_SETTING}\nm={q(module_file)}\n{restore} && sync && {depmod}\n")
+    if done.load_attempted:
+        if state.loaded and state.loaded_srcversion:
+            arguments = render.module_options({k: v for k, v in state.parameters.items() if k in DEFAULT_PARAMETERS})
+            attempt("loading the previous toa again",
+                    f"{PATH_SETTING}\nif [ \"$(cat /sys/module/toa/srcversion 2>/dev/null)\" != "
+                    f"{q(state.loaded_srcversion)} ]; then if [ -d /sys/module/toa ]; then rmmod toa; fi; "
+                    f"modprobe toa {arguments}; fi\n")
+        elif not state.loaded:
+            attempt("unloading toa", f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n")
+    return problems
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, ToaError):
+        return str(exc)
+    return f"connection lost: {exc or type(exc).__name__}"
+
+
+CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+
+def _read(host: Host, options: DeployOptions, say):
+    """Detect the host and read its state: (platform, release, module file, autoload files, state)."""
+    say("detect")
+    platform = detect.identify(detect.read_remote(host.conn))
+    release = validate_release(platform.kernel or "")
+    if platform.target is None:
+        raise ToaError(f"{platform.name} is not a supported distro: toa cannot tell how it loads modules at boot")
+    module_file = render.module_path(platform.target, release)
+    files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
+    state = parse_state(host.run_as_root(state_command(module_file, release, files)), files)
+    return platform, release, module_file, files, state
+
+
+def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = None) -> HostResult:
+    """Deploy to one host; never raises for a host's own failure (it is in the result)."""
+    result = HostResult(node.name)
+
+    def say(step: str) -> None:
+        if progress:
+            progress(node.name, step)
+
+    host = state = None
+    done = _Done()
+    try:
+        say("connect")
+        host = Host(node, options.ssh)
+        platform, release, module_file, files, state = _read(host, options, say)
+        result.kernel = release
+        artifact = _artifact_for(release, platform.target.id, options, say)
+        parameters = wanted_parameters(options.options)
+        plan = make_plan(state, artifact, files, module_file, options.options)
+        result.changes = plan.describe(artifact)
+        fresh = state.installed_sha256 is None and not state.loaded
+        if plan.empty:
+            result.action, result.detail = "unchanged", f"toa {artifact.srcversion} loaded, nothing to do"
+        elif options.dry_run:
+            result.action = "would-install" if fresh else "would-update"
+            result.detail = "; ".join(result.changes)
+        else:
+            _apply(host, plan, artifact, module_file, parameters, done, say)
+            result.action = "installed" if fresh else "updated"
+            result.detail = f"toa {artifact.srcversion} loaded; " + "; ".join(result.changes)
+        say("done")
+    except (ToaError, *CONNECTION_ERRORS) as exc:
+        result.action, result.detail = "failed", _describe_failure(exc)
+        if host is not None and state is not None and (done.installed or done.load_attempted or done.files):
+            say("rollback")
+            problems = _rollback(host, state, module_file, result.kernel, done)
+            result.detail += "; rolled back" if not problems else "; rollback incomplete: " + "; ".join(problems)
+        say("failed")
+    finally:
+        if host is not None:
+            host.close()
+    return result
+
+
+# ---------------------------------------------------------------- the fleet
+
+
+def run_fleet(nodes: list[Node], work: Callable[[Node], HostResult], *, parallel: int = 5, batch: int = 0,
+              max_fail: int = 0) -> list[HostResult]:
+    """WORK on every node, PARALLEL at a time, in batches of BATCH nodes (0: all in one); once more
+    than MAX_FAIL hosts failed, the batches not started are skipped. Results in NODES' order."""
+    if parallel < 1 or batch < 0 or max_fail < 0:
+        raise ToaError("--parallel must be 1 or more, --batch and --max-fail 0 or more")
+    size = batch or len(nodes)
+    results: list[HostResult] = []
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for start in range(0, len(nodes), size):
+            group = nodes[start:start + size]
+            failed = sum(result.action == "failed" for result in results)
+            if failed > max_fail:
+                results += [HostResult(node.name, action="skipped",
+                                       detail=f"not started: {failed} host(s) failed, more than --max-fail {max_fail}")
+                            for node in group]
+                continue
+            results += list(pool.map(work, group))
+    return results
+
+
+def deploy(nodes: list[Node], options: DeployOptions, *, parallel: int = 5, batch: int = 0, max_fail: int = 0,
+           progress: Progress | None = None) -> list[HostResult]:
+    """Deploy to NODES (see run_fleet for the batching)."""
+    wanted_parameters(options.options)  # bad options fail before any host is contacted
+    return run_fleet(nodes, lambda node: deploy_host(node, options, progress),
+                     parallel=parallel, batch=batch, max_fail=max_fail)
+
+
+# ---------------------------------------------------------------- status
+
+
+@dataclass
+class HostStatus:
+    host: str
+    kernel: str | None = None
+    loaded: bool | None = None
+    loaded_srcversion: str | None = None
+    installed_srcversion: str | None = None
+    artifact: str = "-"  # match, differs, none
+    autoload: str = "-"  # complete, partial, absent
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def autoload_summary(state: ModuleState, files: list[AutoloadFile]) -> str:
+    """complete, partial or absent: whether each autoload file holds what a deploy writes. Pure."""
+    present = 0
+    for entry in files:
+        current = state.files.get(entry.path)
+        if current is not None and current.text == wanted_text(entry, current):
+            present += 1
+    return "complete" if present == len(files) else "absent" if present == 0 else "partial"
+
+
+def status_host(node: Node, options: DeployOptions, progress: Progress | None = None) -> HostStatus:
+    status = HostStatus(node.name)
+
+    def say(step: str) -> None:
+        if progress:
+            progress(node.name, step)
+
+    host = None
+    try:
+        say("connect")
+        host = Host(node, options.ssh)
+        platform, release, _module_file, files, state = _read(host, options, say)
+        status.kernel = release
+        status.loaded, status.loaded_srcversion = state.loaded, state.loaded_srcversion
+        status.installed_srcversion = state.installed_srcversion
+        artifact = find_artifact(options.dist, release, platform.target.id)
+        if artifact is None:
+            status.artifact = "none"
+        else:
+            matches = state.installed_sha256 == artifact.sha256 and state.loaded_srcversion == artifact.srcversion
+            status.artifact = "match" if matches else "differs"
+        status.autoload = autoload_summary(state, files)
+        say("done")
+    except (ToaError, *CONNECTION_ERRORS) as exc:
+        status.error = _describe_failure(exc)
+        say("failed")
+    finally:
+        if host is not None:
+            host.close()
+    return status
+
+
+def status(nodes: list[Node], options: DeployOptions, *, parallel: int = 5,
+           progress: Progress | None = None) -> list[HostStatus]:
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(lambda node: status_host(node, options, progress), nodes))
