@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=positive, default=DEFAULT_TIMEOUT,
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
     parser.add_argument("--out", type=Path, default=Path("dist"),
-                        help="where toa.ko is built and the serial log kept: <out>/<release>/ (default: dist)")
+                        help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/ (default: dist)")
     return parser.parse_args(argv)
 
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             pkgs, tree = debian.prepare(args.kernel, args.suite, progress=progress)
             ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
                                     progress=lambda message: progress(f"build: {message}")).ko
-            log_dir = args.out / tree.release / "bench"
+            log_dir = ko.parent / "bench"
             outcome = run_guest(tree, ko, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
                                 timeout=float(args.timeout), log_dir=log_dir, progress=progress)
     except ToaError as error:

@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 
-def toa(*args, timeout=600):
+def toa(*args, timeout=600, env=None):
     """Run `toa ARGS...` in a subprocess; returns the CompletedProcess (text)."""
     return subprocess.run(
         [sys.executable, "-c", "from toa.cli import main; main()", *args],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env,
     )
 
 

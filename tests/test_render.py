@@ -21,9 +21,9 @@ LINES_HEADER = "# Added by toa: load the toa module at boot. To stop, delete thi
 
 # (target, kernel release) per style; each style is proven on at least three.
 MODULES_LOAD_D = [("debian-12", "6.1.0-56-amd64"), ("ubuntu-22.04", "5.15.0-91-generic"),
-                  ("centos-7", "3.10.0-1160.el7.x86_64"), ("rocky-9", "5.14.0-362.8.1.el9_3.x86_64")]
+                  ("rocky-8", "4.18.0-513.5.1.el8_9.x86_64"), ("rocky-9", "5.14.0-362.8.1.el9_3.x86_64")]
 SYSCONFIG_MODULES = [("centos-6", "2.6.32-754.el6.x86_64"), ("centos-6", "2.6.32-696.30.1.el6.x86_64"),
-                     ("centos-6", "2.6.32-573.el6.x86_64")]
+                     ("centos-7", "3.10.0-1160.el7.x86_64"), ("rhel-7", "3.10.0-693.el7.x86_64")]
 SYSCONFIG_KERNEL = [("sles-11", "3.0.101-63-default"), ("sles-11", "3.0.76-0.11-default"),
                     ("sles-11", "3.0.13-0.27-default")]
 COREOS_UNIT = [("fedora-coreos", "6.5.6-300.fc39.x86_64"), ("flatcar", "6.6.21-flatcar"),

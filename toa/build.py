@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ import docker
 import docker.errors
 
 import toa
-from toa import debian
+from toa import debian, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -51,6 +52,7 @@ COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
 class BuildResult:
     ko: Path
     manifest: Path
+    skipped: bool = False  # an identical build was already there
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:
@@ -154,8 +156,52 @@ def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], label
     except docker.errors.BuildError as exc:
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
         tail = " | ".join(line for line in lines[-5:] if line)
-        raise ToaError(f"building {tag} failed: {exc.msg}: {tail}") from None
+        error = ToaError(f"building {tag} failed: {exc.msg}: {tail}")
+        error.build_log = "\n".join(lines)  # for callers that recognise a known failure in it
+        raise error from None
     return image
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def artifact_dir(out_dir: Path, target_id: str, release: str) -> Path:
+    """Where one kernel's toa.ko, manifest.json and build.log go: <out>/<target>/<release>/."""
+    return Path(out_dir) / target_id / validate_release(release)
+
+
+def find_artifact(out_dir: Path, release: str) -> Path | None:
+    """The artifact directory built for exactly RELEASE under OUT_DIR, if any (newest build first)."""
+    validate_release(release)
+    found = [m.parent for m in Path(out_dir).glob(f"*/{glob_escape(release)}/manifest.json")
+             if (m.parent / "toa.ko").is_file()]
+    return max(found, key=lambda d: (d / "manifest.json").stat().st_mtime, default=None)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def source_hash(module_source: Path = MODULE_SOURCE) -> str:
+    """sha256 over the module's source files (names and contents), build products left out."""
+    digest = hashlib.sha256()
+    for path in sorted(module_source.rglob("*")):
+        if path.is_file() and not re.search(r"(\.o|\.ko|\.mod|\.mod\.c|\.cmd|\.d|\.order|\.symvers)$", path.name) \
+                and path.name != "probes.h":
+            digest.update(str(path.relative_to(module_source)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _up_to_date(target: Path, release: str, digest: str, build_id: str) -> bool:
+    """True when TARGET already holds toa.ko built from these sources for RELEASE by this build image."""
+    try:
+        manifest = json.loads((target / "manifest.json").read_text())
+        data = (target / "toa.ko").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("kernel_release") == release and manifest.get("source_hash") == digest
+            and (manifest.get("build_image") or {}).get("id") == build_id
+            and manifest.get("sha256") == hashlib.sha256(data).hexdigest())
 
 
 # ---------------------------------------------------------------- the module
@@ -168,23 +214,32 @@ def _mount_root(headers_dir: Path) -> Path:
     return headers_dir
 
 
-def _run_in_container(client, image, argv: list[str], volumes: dict, workdir: str) -> tuple[int, str]:
-    container = client.containers.run(
-        image.id,
-        argv,
-        detach=True,
-        network_disabled=True,
-        user=f"{os.getuid()}:{os.getgid()}",
-        environment={"HOME": "/tmp"},
-        working_dir=workdir,
-        volumes=volumes,
-    )
+def _container_runner(client, image, volumes: dict):
+    """Run a command in IMAGE offline, as the invoking user, with the sources at /build."""
+
+    def run(argv: list[str], source: Path | None) -> tuple[int, str]:
+        mounts = {**volumes, **({str(source): {"bind": "/build", "mode": "rw"}} if source else {})}
+        container = client.containers.run(
+            image.id, argv, detach=True, network_disabled=True, user=f"{os.getuid()}:{os.getgid()}",
+            environment={"HOME": "/tmp"}, working_dir="/build" if source else "/", volumes=mounts,
+        )
+        try:
+            status = container.wait()
+            log = container.logs(stdout=True, stderr=True).decode(errors="replace")
+        finally:
+            container.remove(force=True)
+        return status.get("StatusCode", 1), log
+
+    return run
+
+
+def _local_runner(argv: list[str], source: Path | None) -> tuple[int, str]:
+    """Run a command on this machine (--local builds)."""
     try:
-        status = container.wait()
-        log = container.logs(stdout=True, stderr=True).decode(errors="replace")
-    finally:
-        container.remove(force=True)
-    return status.get("StatusCode", 1), log
+        result = subprocess.run(argv, cwd=source, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ToaError(f"{argv[0]} not found: install it (apt-get install build-essential) or build in a container") from None
+    return result.returncode, result.stdout + result.stderr
 
 
 def build_module(
@@ -194,8 +249,10 @@ def build_module(
     out_dir: Path = Path("dist"),
     progress: Callable[[str], None] | None = None,
     module_source: Path = MODULE_SOURCE,
+    force: bool = False,
 ) -> BuildResult:
-    """Compile toa.ko for one kernel in its suite's container; write it and manifest.json to out_dir/<release>/."""
+    """Compile toa.ko for one Debian kernel in its suite's container; write it, build.log and
+    manifest.json to out_dir/<target>/<release>/ (skipped when an identical build is there)."""
     validate_release(release)
     container_suite = debian.check_suite(suite).container
     headers_dir = Path(headers_dir).resolve()
@@ -206,71 +263,146 @@ def build_module(
     image = build_image(client, container_suite, compiler_package(compiler), progress)
     mount = _mount_root(headers_dir)
     return _compile(
-        client, image, f"toa-build:debian-{container_suite}", release, out_dir,
-        make=["make", f"KDIR={headers_dir}"], volumes={str(mount): {"bind": str(mount), "mode": "ro"}},
-        compiler=compiler, manifest_extra={"suite": suite}, progress=progress, module_source=module_source,
+        _container_runner(client, image, {str(mount): {"bind": str(mount), "mode": "ro"}}),
+        image.id, f"toa-build:debian-{container_suite}", release,
+        artifact_dir(out_dir, debian_target(release, suite).id, release),
+        make=["make", f"KDIR={headers_dir}"], compiler=compiler,
+        manifest_extra={"suite": suite, "target": debian_target(release, suite).id},
+        progress=progress, module_source=module_source, force=force,
     )
 
 
+def debian_target(release: str, suite: str) -> Target:
+    """The Debian target a suite's kernel belongs to (trixie-backports' kernels are Debian 13's)."""
+    known = kernels.classify(release)
+    if known and known.default_targets:
+        return known.default_targets[0]
+    version = {"bullseye": "11", "bookworm": "12", "trixie": "13"}.get(suite.split("-")[0], "sid")
+    return targets.get(f"debian-{version}")
+
+
+def _error_lines(log: str) -> str:
+    """The compiler's and make's own error lines, or the log's tail when none is marked."""
+    lines = log.rstrip().splitlines()
+    marked = [line for line in lines if re.search(r"(error|Error \d+|undefined!|fatal)", line)]
+    return "\n".join((marked or lines)[-LOG_TAIL_LINES:])
+
+
 def _compile(
-    client, image, image_tag: str, release: str, out_dir: Path, *, make: list[str], volumes: dict,
-    compiler: str, manifest_extra: dict, progress, module_source: Path,
+    run, build_id: str, build_name: str, release: str, target: Path, *, make: list[str],
+    compiler: str, manifest_extra: dict, progress, module_source: Path, force: bool = False,
 ) -> BuildResult:
-    """Run make on a copy of the module sources in IMAGE (offline, as the invoking user), check the
-    result is for RELEASE, and write toa.ko, build.log and manifest.json to out_dir/<release>/."""
+    """Run make on a copy of the module sources (offline, as the invoking user), check the result is
+    for RELEASE, and write toa.ko, build.log and manifest.json to TARGET. BUILD_ID names the build
+    environment (image id); the same sources, kernel and build environment are not built twice."""
     if not (module_source / "Makefile").is_file():
         raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
-    target = Path(out_dir).resolve() / release
+    digest = source_hash(module_source)
+    target = Path(target).resolve()
+    if not force and _up_to_date(target, release, digest, build_id):
+        _say(progress, f"up to date: {target}/toa.ko (same sources, kernel and build image)")
+        return BuildResult(ko=target / "toa.ko", manifest=target / "manifest.json", skipped=True)
     target.mkdir(parents=True, exist_ok=True)
     log_path = target / "build.log"
     with tempfile.TemporaryDirectory(prefix="toa-build-") as scratch:
         source = Path(scratch) / "src"
         shutil.copytree(module_source, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
-        _say(progress, f"compiling toa.ko for {release} in {image_tag}")
-        status, log = _run_in_container(
-            client, image, make, {str(source): {"bind": "/build", "mode": "rw"}, **volumes}, "/build"
-        )
+        _say(progress, f"compiling toa.ko for {release} in {build_name}")
+        status, log = run(make, source)
         log_path.write_text(log)
         built = source / "toa.ko"
         if status != 0 or not built.is_file():
-            tail = "\n".join(log.rstrip().splitlines()[-LOG_TAIL_LINES:])
             raise ToaError(
-                f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{tail}"
+                f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{_error_lines(log)}"
             )
-        ko = target / "toa.ko"
-        shutil.copyfile(built, ko)
-    status, compiler_version = _run_in_container(client, image, [compiler, "--version"], {}, "/")
-    if status != 0 or not compiler_version.strip():
-        raise ToaError(f"{compiler} --version failed in {image_tag}: remove the image to rebuild it")
-
-    info = modinfo(ko)
-    vermagic = info.get("vermagic", "")
-    if vermagic.split(" ", 1)[0] != release:
-        raise ToaError(f"{ko} has vermagic {vermagic!r}, not for {release}: the headers are for another kernel")
-    data = ko.read_bytes()
+        info = modinfo(built)
+        vermagic = info.get("vermagic", "")
+        if vermagic.split(" ", 1)[0] != release:
+            raise ToaError(f"the toa.ko built for {release} has vermagic {vermagic!r}: the headers are for "
+                           "another kernel; nothing was written to dist")
+        status, compiler_version = run([compiler, "--version"], None)
+        if status != 0 or not compiler_version.strip():
+            raise ToaError(f"{compiler} --version failed in {build_name}: remove the image to rebuild it")
+        data = built.read_bytes()
+        # Written beside, then renamed: dist never holds a half-written toa.ko under its final name.
+        partial = target / ".toa.ko.partial"
+        partial.write_bytes(data)
+        partial.replace(target / "toa.ko")
     manifest = {
         "toa_version": toa.__version__,
+        "module_version": info.get("version"),
         "kernel_release": release,
         **manifest_extra,
         "vermagic": vermagic,
         "srcversion": info.get("srcversion"),
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
-        "build_image": {"id": image.id, "tag": image_tag},
+        "source_hash": digest,
+        "build_image": {"id": build_id, "tag": build_name},
         "compiler": compiler_version.strip().splitlines()[0],
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest_path = target / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return BuildResult(ko=ko, manifest=manifest_path)
+    return BuildResult(ko=target / "toa.ko", manifest=manifest_path)
+
+
+def build_local(
+    release: str, headers_dir: Path, out_dir: Path = Path("dist"), *, target_id: str = "local",
+    progress: Callable[[str], None] | None = None, module_source: Path = MODULE_SOURCE, force: bool = False,
+) -> BuildResult:
+    """Compile toa.ko on this machine against installed headers (no Docker): the operator's own
+    `make -C <headers> M=<src>`, with the same checks and manifest as a container build."""
+    validate_release(release)
+    headers_dir = Path(headers_dir)
+    if not (headers_dir / "Makefile").is_file():
+        raise ToaError(f"no kernel headers at {headers_dir}: install them (invoke headers --kernel {release}) "
+                       "or pass --headers DIR")
+    headers_dir = headers_dir.resolve()
+    compiler = headers_compiler(headers_dir)
+    if shutil.which(compiler) is None:
+        compiler = "gcc"
+    status, version = _local_runner([compiler, "--version"], None)
+    if status != 0:
+        raise ToaError(f"{compiler} does not run here: install the compiler the kernel was built with")
+    build_id = "local:" + hashlib.sha256(f"{headers_dir}\0{version}".encode()).hexdigest()[:16]
+    return _compile(
+        _local_runner, build_id, f"this machine ({headers_dir})", release,
+        artifact_dir(out_dir, target_id, release), make=["make", f"KDIR={headers_dir}"], compiler=compiler,
+        manifest_extra={"target": target_id, "headers": str(headers_dir)}, progress=progress,
+        module_source=module_source, force=force,
+    )
 
 
 # ---------------------------------------------------------------- other distros: containers/<recipe>
 
-# CentOS 7 is end-of-life: its packages are on the vault, one tree per point release, and a kernel's
-# first build number says which point release shipped it.
-_CENTOS7_VAULT = {123: "7.0.1406", 229: "7.1.1503", 327: "7.2.1511", 514: "7.3.1611", 693: "7.4.1708",
-                  862: "7.5.1804", 957: "7.6.1810", 1062: "7.7.1908", 1127: "7.8.2003", 1160: "7.9.2009"}
+# CentOS 6 and 7 are end-of-life: their packages are on the vault, one tree per point release, and a
+# kernel's first build number says which point release shipped it.
+_CENTOS_VAULT = {
+    "el6": {71: "6.0", 131: "6.1", 220: "6.2", 279: "6.3", 358: "6.4", 431: "6.5", 504: "6.6", 573: "6.7",
+            642: "6.8", 696: "6.9", 754: "6.10"},
+    "el7": {123: "7.0.1406", 229: "7.1.1503", 327: "7.2.1511", 514: "7.3.1611", 693: "7.4.1708",
+            862: "7.5.1804", 957: "7.6.1810", 1062: "7.7.1908", 1127: "7.8.2003", 1160: "7.9.2009"},
+}
+HEADERS_NOT_FOUND_MARK = "toa: headers package not found:"
+
+
+def with_registry(image: str, registry: str | None) -> str:
+    """IMAGE as pulled through REGISTRY (a mirror or proxy cache, e.g. harbor.example.com/hub):
+    Docker Hub's official images gain library/, other registries' host part is replaced."""
+    if not registry:
+        return image
+    if not REGISTRY_RE.fullmatch(registry):
+        raise ToaError(f"invalid registry {registry!r}: give host[:port][/path], e.g. harbor.example.com/dockerhub")
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        image = rest
+    elif not rest:
+        image = f"library/{image}"
+    return f"{registry.rstrip('/')}/{image}"
+
+
+REGISTRY_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._-]+)*/?")
 
 
 def recipe_build_args(target: Target, release: str) -> dict[str, str]:
@@ -278,8 +410,9 @@ def recipe_build_args(target: Target, release: str) -> dict[str, str]:
     fedora = re.search(r"\.fc(\d+)\.", release)
     args = {"BASE": target.image.format(fedora=fedora.group(1) if fedora else ""), "KERNEL_RELEASE": release}
     build_number = re.match(r"\d+\.\d+\.\d+-(\d+)", release)
-    if target.container == "rhel7" and build_number and int(build_number.group(1)) in _CENTOS7_VAULT:
-        args["CENTOS_VAULT"] = _CENTOS7_VAULT[int(build_number.group(1))]
+    vaults = _CENTOS_VAULT.get(target.build, {})
+    if target.distro == "centos" and build_number and int(build_number.group(1)) in vaults:
+        args["CENTOS_VAULT"] = vaults[int(build_number.group(1))]
     minor = re.search(r"\.el(\d+)_(\d+)\.", release)
     if target.distro == "rocky" and minor:  # older minor releases' kernels live on Rocky's vault
         major = minor.group(1)
@@ -288,11 +421,23 @@ def recipe_build_args(target: Target, release: str) -> dict[str, str]:
     return args
 
 
-def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress):
-    """Build (or reuse) the image of a containers/ recipe; a base image that is not here is pulled first."""
+def repositories_searched(args: dict[str, str]) -> str:
+    """Where a recipe looks for the headers package, for error messages."""
+    if "CENTOS_VAULT" in args:
+        return f"http://vault.centos.org/{args['CENTOS_VAULT']}/{{os,updates}}"
+    if "REPO_URL" in args:
+        return f"the repositories of {args['BASE']} and {args['REPO_URL']}"
+    return f"the repositories configured in {args['BASE']}"
+
+
+def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress, packages: list[Path]):
+    """Build (or reuse) the image of a containers/ recipe; a base image that is not here is pulled
+    first. PACKAGES (headers package files the user gave) go into the build context's packages/."""
     base = args["BASE"]
+    given = ",".join(sorted(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in packages))
     existing = _image(client, tag)
-    if existing is not None and existing.labels.get("org.toa.base") == base:
+    if existing is not None and existing.labels.get("org.toa.base") == base \
+            and existing.labels.get("org.toa.packages", "") == given:
         return existing
     if _image(client, base) is None:
         _say(progress, f"pulling {base}")
@@ -302,10 +447,41 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
             reason = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:200]
             raise ToaError(
                 f"base image {base} is not here and cannot be pulled ({reason}): "
-                "`docker pull`/`docker load` it on this machine, or pass --base IMAGE from a registry you reach"
+                "`docker pull`/`docker load` it on this machine, or pass --base-image IMAGE or --registry "
+                "MIRROR for a registry you reach"
             ) from None
     _say(progress, f"building {tag} from containers/{recipe.name}")
-    return _docker_build(client, recipe, tag, args, labels={"org.toa.base": base})
+    with tempfile.TemporaryDirectory(prefix="toa-context-") as context:
+        shutil.copytree(recipe, context, dirs_exist_ok=True)
+        (Path(context) / "packages").mkdir(exist_ok=True)
+        for package in packages:
+            shutil.copyfile(package, Path(context) / "packages" / package.name)
+        try:
+            return _docker_build(client, Path(context), tag, args,
+                                 labels={"org.toa.base": base, "org.toa.packages": given})
+        except ToaError as exc:
+            log = getattr(exc, "build_log", "")
+            if HEADERS_NOT_FOUND_MARK not in log:
+                raise
+            # The last mark is the recipe's output (the first is the RUN line echoed by the build).
+            found = log.rsplit(HEADERS_NOT_FOUND_MARK, 1)[1].strip().splitlines()
+            package = found[0].strip()
+            listed = [line.strip() for line in found[1:] if PACKAGE_LINE_RE.fullmatch(line.strip())]
+            raise ToaError(
+                f"{package} is not in {repositories_searched(args)}; nearest available: "
+                f"{', '.join(nearest_packages(package, listed)) or 'none'}; give the package file with --headers-pkg PATH"
+            ) from None
+
+
+PACKAGE_LINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:=-]*[0-9][A-Za-z0-9._+~:=-]*")
+
+
+def nearest_packages(wanted: str, available: list[str], count: int = 6) -> list[str]:
+    """The COUNT package names that share the longest prefix with WANTED, in the order listed."""
+    def shared(name: str) -> int:
+        return len(os.path.commonprefix([wanted, name]))
+    chosen = set(sorted(available, key=shared, reverse=True)[:count])
+    return [name for name in available if name in chosen]
 
 
 def build_for_target(
@@ -314,52 +490,167 @@ def build_for_target(
     out_dir: Path = Path("dist"),
     *,
     base: str | None = None,
+    registry: str | None = None,
+    headers_pkgs: tuple[Path, ...] = (),
     progress: Callable[[str], None] | None = None,
     module_source: Path = MODULE_SOURCE,
+    force: bool = False,
 ) -> BuildResult:
     """Compile toa.ko for a kernel of another distro family in TARGET's containers/ image, whose
-    build installs that exact kernel's headers package from the distro's own repositories."""
+    build installs that exact kernel's headers package from the distro's own repositories (or the
+    package files given)."""
+    plan = plan_recipe(target, release, out_dir, base=base, registry=registry)
+    packages = [_headers_package_file(path) for path in headers_pkgs]
+    client = docker_client()
+    image = _recipe_image(client, CONTAINERS_DIR / plan.recipe, plan.image, plan.build_args, progress, packages)
+    return _compile(
+        _container_runner(client, image, {}), image.id, plan.image, release, plan.output, make=["make"],
+        compiler="gcc", manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
+        progress=progress, module_source=module_source, force=force,
+    )
+
+
+def _headers_package_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file() or not re.fullmatch(r"[A-Za-z0-9._+~-]+\.(rpm|deb)", path.name):
+        raise ToaError(f"--headers-pkg {path}: not a .rpm or .deb file here")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------- plans: what a build will do
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What `invoke build` will do for one kernel, decided before anything is built."""
+
+    release: str
+    target: str
+    method: str  # debian (fetched headers, per-suite image), recipe (containers/<recipe>), local
+    image: str | None  # the build image's tag
+    headers_package: str
+    output: Path
+    recipe: str | None = None
+    suite: str | None = None
+    build_args: dict[str, str] | None = None
+    headers_dir: Path | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "kernel_release": self.release, "target": self.target, "method": self.method, "image": self.image,
+            "base_image": (self.build_args or {}).get("BASE") or (f"toa-base:debian-{self.suite}" if self.suite else None),
+            "headers_package": self.headers_package, "output": str(self.output / "toa.ko"),
+            "recipe": f"containers/{self.recipe}" if self.recipe else None, "suite": self.suite,
+            "build_args": self.build_args, "headers_dir": str(self.headers_dir) if self.headers_dir else None,
+        }
+
+
+def plan_recipe(target: Target, release: str, out_dir: Path, *, base: str | None = None,
+                registry: str | None = None) -> BuildPlan:
     validate_release(release)
     if not target.container or target.container == "debian":
         raise ToaError(
             f"toa has no container recipe for {target.name} kernels: "
             + ("use --suite/--kernel with a Debian release" if target.container else "see containers/README.md")
         )
-    recipe = CONTAINERS_DIR / target.container
-    if not (recipe / "Dockerfile").is_file():
-        raise ToaError(f"{recipe}/Dockerfile missing: run toa from its source tree")
+    if not (CONTAINERS_DIR / target.container / "Dockerfile").is_file():
+        raise ToaError(f"{CONTAINERS_DIR / target.container}/Dockerfile missing: run toa from its source tree")
     args = recipe_build_args(target, release)
-    if base:
-        args["BASE"] = base
-    client = docker_client()
+    mirrored = with_registry(args["BASE"], registry)
+    if "(user-provided)" in args["BASE"] and not base:
+        raise ToaError(f"{target.name} kernels build in its {args['BASE'].replace(' (user-provided)', '')}, which no "
+                       f"registry serves: import it (containers/{target.container}/Dockerfile says how) and pass "
+                       "--base-image IMAGE")
+    args["BASE"] = base or mirrored
     tag = "toa-build:" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.id}-{release}")[:120]
-    image = _recipe_image(client, recipe, tag, args, progress)
-    return _compile(
-        client, image, tag, release, out_dir, make=["make"], volumes={}, compiler="gcc",
-        manifest_extra={"target": target.id, "base_image": args["BASE"]}, progress=progress,
-        module_source=module_source,
-    )
+    return BuildPlan(release, target.id, "recipe", tag, target.headers_for(release)[0],
+                     artifact_dir(out_dir, target.id, release), recipe=target.container, build_args=args)
 
 
-def build_kernel(
-    kernel: str | None = None,
-    suite: str | None = None,
-    *,
-    distro: str | None = None,
-    base: str | None = None,
-    out_dir: Path = Path("dist"),
+def plan_debian(kernel: str | None, suite: str | None, out_dir: Path) -> tuple[BuildPlan, debian.KernelPackages]:
+    pkgs = debian.cached_packages(kernel) if kernel else None
+    if pkgs is None:
+        pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(debian.check_suite(suite).name)
+    target = debian_target(pkgs.release, pkgs.suite)
+    container = debian.check_suite(pkgs.suite).container
+    return BuildPlan(pkgs.release, target.id, "debian", f"toa-build:debian-{container}", pkgs.headers_pkgs[0],
+                     artifact_dir(out_dir, target.id, pkgs.release), suite=pkgs.suite), pkgs
+
+
+def plan_local(release: str, headers: Path | None, out_dir: Path) -> BuildPlan:
+    validate_release(release)
+    known = kernels.classify(release)
+    target_id = known.default_targets[0].id if known and known.default_targets else "local"
+    headers_dir = Path(headers) if headers else Path("/lib/modules") / release / "build"
+    return BuildPlan(release, target_id, "local", None, str(headers_dir), artifact_dir(out_dir, target_id, release),
+                     headers_dir=headers_dir)
+
+
+def running_kernel() -> str:
+    return validate_release(platform.uname().release)
+
+
+def plan(
+    kernel: str | None = None, suite: str | None = None, *, distro: str | None = None, base: str | None = None,
+    registry: str | None = None, local: bool = False, headers: Path | None = None, out_dir: Path = Path("dist"),
     progress: Callable[[str], None] | None = None,
-) -> BuildResult:
-    """Build for a kernel given as a Debian suite, or as a release of any supported distro (full or
-    partial, e.g. 3.10.0-693): Debian kernels through toa.debian, the rest through containers/."""
+) -> BuildPlan:
+    """Decide how to build for a kernel given as a release of any supported distro (full or partial,
+    e.g. 3.10.0-693), as a Debian suite, or not at all (the running kernel)."""
     say = progress or (lambda message: None)
+    if kernel and suite:
+        raise ToaError("give --kernel RELEASE or --suite SUITE, not both")
+    if local:
+        if suite:
+            raise ToaError("--local builds against installed headers: give --kernel RELEASE (or none), not --suite")
+        return plan_local(kernel or running_kernel(), headers, out_dir)
+    if headers:
+        raise ToaError("--headers DIR goes with --local (container builds fetch or install the headers themselves)")
+    if not kernel and not suite:
+        kernel = running_kernel()
+        if kernels.classify(kernel) is None and not debian.is_debian_release(kernel):
+            raise ToaError(f"the running kernel {kernel} belongs to no distro toa knows: give --kernel RELEASE, "
+                           "--suite SUITE, or --local to build against its installed headers")
+        say(f"resolve: building for the running kernel {kernel}")
     if kernel and not suite and not debian.is_debian_release(kernel):
         resolution = kernels.resolve(kernel, distro)
         release, target = resolution.kernel.release, resolution.target
         say(f"resolve: {kernel} is {release} ({target.name})")
         if target.container != "debian":
-            return build_for_target(target, release, out_dir, base=base, progress=say)
+            return plan_recipe(target, release, out_dir, base=base, registry=registry)
         kernel = release
-    pkgs, tree = debian.prepare(kernel, suite, progress=say)
-    return build_module(tree.headers_dir, tree.release, pkgs.suite, out_dir,
+    if base or registry:
+        raise ToaError("--base-image and --registry apply to container recipes; Debian kernels build on images "
+                       "toa makes itself with debootstrap (invoke images)")
+    return plan_debian(kernel, suite, out_dir)[0]
+
+
+def build(
+    kernel: str | None = None, suite: str | None = None, *, distro: str | None = None, base: str | None = None,
+    registry: str | None = None, local: bool = False, headers: Path | None = None,
+    headers_pkgs: tuple[Path, ...] = (), out_dir: Path = Path("dist"), force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Plan, then build: Debian kernels through toa.debian, the rest through containers/, or --local."""
+    say = progress or (lambda message: None)
+    chosen = plan(kernel, suite, distro=distro, base=base, registry=registry, local=local, headers=headers,
+                  out_dir=out_dir, progress=say)
+    if headers_pkgs and chosen.method != "recipe":
+        raise ToaError("--headers-pkg gives a package to a container recipe; Debian kernels' packages come from "
+                       "the mirror (add snapshot.debian.org to apt's sources for removed ones)")
+    if chosen.method == "local":
+        return build_local(chosen.release, chosen.headers_dir, out_dir, target_id=chosen.target, progress=say,
+                           force=force)
+    if chosen.method == "recipe":
+        return build_for_target(targets.get(chosen.target), chosen.release, out_dir, base=base, registry=registry,
+                                headers_pkgs=headers_pkgs, progress=say, force=force)
+    pkgs, tree = debian.prepare(chosen.release, None, progress=say)
+    return build_module(tree.headers_dir, tree.release, pkgs.suite, out_dir, force=force,
                         progress=lambda message: say(f"build: {message}"))
+
+
+def build_kernel(kernel: str | None = None, suite: str | None = None, **options) -> BuildResult:
+    """build() for one kernel given by release or suite (kept for callers that name it so)."""
+    if not kernel and not suite:
+        raise ToaError("give --kernel RELEASE or --suite SUITE")
+    return build(kernel, suite, **options)

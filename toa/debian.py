@@ -8,8 +8,10 @@ newest, which packages belong to it) is pure parsing of the suites' package inde
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
+import json
 import os
 import re
 import shutil
@@ -541,6 +543,27 @@ def _point_makefile_into_tree(headers_dir: Path, root: Path) -> None:
     makefile.write_text(re.sub(r"(?<=[\s=])/usr/src/", f"{root}/usr/src/", text))
 
 
+def cached_packages(release: str) -> KernelPackages | None:
+    """The packages of a kernel already fetched into the cache, without reading any index."""
+    if not is_debian_release(release):
+        return None
+    try:
+        text = (kernel_dir(release) / ".complete").read_text()
+    except OSError:
+        return None
+    try:
+        fields = json.loads(text)
+    except ValueError:  # caches written before the marker was JSON hold the dataclass's repr
+        fields = dict(re.findall(r"(\w+)='([^']*)'", text))
+        fields["headers_pkgs"] = re.findall(r"'(linux-[^']+)'", text.partition("headers_pkgs=")[2])
+        fields.setdefault("modules_pkg", None)
+    try:
+        pkgs = KernelPackages(**{**fields, "headers_pkgs": tuple(fields["headers_pkgs"])})
+    except (TypeError, KeyError):
+        return None
+    return pkgs if pkgs.release == release and pkgs.suite in SUITES else None
+
+
 def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -> KernelTree:
     """Download and unpack a kernel's image, modules and headers into the cache (once)."""
     report = progress or (lambda message: None)
@@ -571,7 +594,7 @@ def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -
                 _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
         tree = _tree(pkgs, root)
         _point_makefile_into_tree(tree.headers_dir, root)
-        complete.write_text(f"{pkgs}\n")
+        complete.write_text(json.dumps(dataclasses.asdict(pkgs)) + "\n")
     return tree
 
 
@@ -585,5 +608,5 @@ def prepare(
     if kernel and not is_debian_release(kernel):
         raise ToaError(f"{kernel} is not a Debian kernel release (like 6.1.0-56-amd64): fix --kernel")
     report(f"resolve: looking up {kernel or suite} in the package index")
-    pkgs = find_release(kernel) if kernel else resolve_suite(suite)
+    pkgs = (kernel and cached_packages(kernel)) or (find_release(kernel) if kernel else resolve_suite(suite))
     return pkgs, fetch(pkgs, progress=lambda message: report(f"fetch: {message}"))

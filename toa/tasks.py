@@ -80,36 +80,6 @@ def test(c, fast=False, k=None):
 ns.add_task(test)
 
 
-@task(help={"kernel": "kernel release to build for, as `uname -r` prints it on the host; a partial one "
-                      "(3.10.0-693) is completed. Debian kernels are fetched; others build in containers/",
-            "suite": f"build for the newest kernel of a Debian suite instead: {', '.join(DEBIAN_SUITES)}",
-            "distro": "the target (e.g. ubuntu-18.04) or distro when --kernel is ambiguous",
-            "base": "base image for a non-Debian build instead of the target's default (e.g. from your registry)",
-            "out": "output directory: <out>/<release>/toa.ko, manifest.json, build.log (default: dist)",
-            "json": "print the manifest as JSON instead of a table"})
-@user_errors
-def build(c, kernel=None, suite=None, distro=None, base=None, out="dist", json=False):
-    """Build toa.ko for a kernel in a container of its distro release; write it with a manifest."""
-    from rich.console import Console
-
-    from toa import build as builder
-
-    with progress(Console(stderr=True)) as step:
-        result = builder.build_kernel(kernel, suite, distro=distro, base=base, out_dir=Path(out), progress=step)
-    manifest = jsonlib.loads(result.manifest.read_text())
-    if json:
-        print_json({**manifest, "ko": str(result.ko), "manifest": str(result.manifest)})
-        return
-    print_fields("toa build", {
-        "release": manifest["kernel_release"],
-        "built for": manifest.get("suite") or manifest.get("target"),
-        "path": str(result.ko),
-        "vermagic": manifest["vermagic"],
-        "sha256": manifest["sha256"][:16] + "…",
-    })
-
-
-ns.add_task(build)
 
 
 @task(help={"suite": "boot the newest kernel of this Debian suite (with --vmlinuz: the suite whose container "
@@ -121,15 +91,16 @@ ns.add_task(build)
             "ko": "a toa.ko built for that kernel (default: build it with toa.build)",
             "headers": "with --vmlinuz: the kernel's headers tree to build toa.ko against",
             "json": "print the report as JSON instead of a table",
-            "log_dir": "where the serial log and /init go (default: dist/<release>/lab)",
+            "log_dir": "where the serial log and /init go (default: lab/ beside the built toa.ko)",
             "timeout": "seconds before a guest that has not powered off is killed (default: 900)",
             "cycles": "insmod/rmmod cycles with a checked connection in between (default: 100)",
             "fuzz": "random-option handshakes (default: 1000; a quarter more with kind 200 accepted)",
-            "seed": "fuzz seed, to replay a run (default: random, printed in the report)"},
+            "seed": "fuzz seed, to replay a run (default: random, printed in the report)",
+            "sig_enforce": "boot with module.sig_enforce=1: toa.ko loads only if signed by a key the kernel trusts"},
       auto_shortflags=False)
 @user_errors
 def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
-           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None):
+           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None, sig_enforce=False):
     """Boot a real kernel under QEMU, load toa.ko in it and prove every TOA rule with real handshakes."""
     from rich.console import Console
 
@@ -174,9 +145,9 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
         console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
         report = lab.verify(
             vmlinuz_path, ko_path, release, modules_dir,
-            log_dir=Path(log_dir) if log_dir else Path("dist") / release / "lab",
+            log_dir=Path(log_dir) if log_dir else (Path("dist") / release if ko else ko_path.parent) / "lab",
             timeout=float(timeout), cycles=int(cycles), fuzz=int(fuzz),
-            seed=int(seed) if seed is not None else None, progress=lab_step,
+            seed=int(seed) if seed is not None else None, progress=lab_step, sig_enforce=sig_enforce,
         )
     if json:
         print_json(report.to_dict())
@@ -214,10 +185,17 @@ ns.add_task(verify)
 
 
 # The tasks of each later concern live in toa/commands/<concern>.py and are gathered here.
+from toa.commands import build as build_commands  # noqa: E402
+
+ns.add_task(build_commands.build)
+ns.add_task(build_commands.images)
 from toa.commands import render as render_commands  # noqa: E402
 ns.add_task(render_commands.render)
 from toa.commands import matrix as matrix_commands  # noqa: E402
 ns.add_task(matrix_commands.matrix)
+from toa.commands import package as package_commands  # noqa: E402
+ns.add_task(package_commands.package)
+ns.add_task(package_commands.sign)
 
 from toa.commands import deploy as deploy_commands  # noqa: E402
 
