@@ -41,6 +41,11 @@ SERIAL_TAIL_LINES = 20
 KINDS200_FRACTION = 4
 
 CASE_RE = re.compile(r"CASE (\S+) (PASS|FAIL)(?: (.*))?$")
+# What insmod prints when a kernel enforcing signatures refuses a module it cannot verify (EKEYREJECTED).
+KEY_REJECTED = "Key was rejected by service"
+# The kernel's own word on why: "Loading of unsigned module is rejected", "... module with unavailable key ...".
+SIG_REFUSAL_RE = re.compile(r"Loading of .* is rejected")
+SIG_ENFORCE_CMDLINE = "module.sig_enforce=1"
 # Kernel log lines that mean the kernel hit a bug, whatever caused it.
 KERNEL_FAULT_RE = re.compile(r"\bBUG\b|Oops|WARNING|Call Trace|general protection fault|Kernel panic")
 # Taint flags a test module is expected to set: O (out-of-tree, 4096), E (unsigned, 8192).
@@ -252,11 +257,11 @@ def build_initramfs(
 # ---------------------------------------------------------------- booting
 
 
-def qemu_argv(qemu: str, vmlinuz: Path, initrd: Path) -> list[str]:
+def qemu_argv(qemu: str, vmlinuz: Path, initrd: Path, extra_cmdline: str = "") -> list[str]:
     return [
         qemu, "-accel", "tcg", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
         "-kernel", str(vmlinuz), "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1",
+        "-append", " ".join(filter(None, ["console=ttyS0 panic=-1", extra_cmdline])),
     ]
 
 
@@ -314,6 +319,7 @@ def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[s
 def boot_guest(
     vmlinuz: Path, ko: bytes, modules_dir: Path | None, init_for: Callable[[list[str]], str], *,
     log_dir: Path, timeout: float, on_line: Callable[[str], None], say: Callable[[str], None],
+    extra_cmdline: str = "",
 ) -> BootResult:
     """Boot VMLINUZ with a busybox initramfs holding toa.ko, the test peer, tun.ko (with what it
     depends on) and the /init that INIT_FOR renders for those tun modules; the /init and the serial
@@ -334,7 +340,7 @@ def boot_guest(
         say("building the initramfs")
         build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko, modules=tun)
         say("booting under QEMU (TCG)")
-        return boot(qemu_argv(qemu, vmlinuz, initrd), log_dir / "serial.log", timeout, on_line)
+        return boot(qemu_argv(qemu, vmlinuz, initrd, extra_cmdline), log_dir / "serial.log", timeout, on_line)
 
 
 # ---------------------------------------------------------------- reading the serial console
@@ -402,6 +408,21 @@ def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
     return checks
 
 
+def signature_check(lines: list[str], sig_enforce: bool) -> Check | None:
+    """A refused signature named as the cause (insmod's failing checks alone would not say why);
+    under sig_enforce, that the kernel accepted toa.ko's signature."""
+    rejected = next((line.strip() for line in lines if KEY_REJECTED in line), None)
+    if rejected:
+        kernel_says = next((match.group() for match in map(SIG_REFUSAL_RE.search, lines) if match), rejected)
+        return Check("module-signature", False, (
+            f"{KEY_REJECTED} ({kernel_says}): the kernel enforces module signatures and does not trust toa.ko's "
+            "signer; sign it with a key the kernel trusts (`invoke sign`, then enroll the certificate with mokutil) "
+            "or boot without module.sig_enforce=1"))
+    if sig_enforce:
+        return Check("module-signature", True, f"{SIG_ENFORCE_CMDLINE}: the kernel accepted toa.ko's signature")
+    return None
+
+
 # ---------------------------------------------------------------- the lab
 
 
@@ -417,8 +438,10 @@ def verify(
     fuzz: int = 1000,
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
+    sig_enforce: bool = False,
 ) -> LabReport:
-    """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made."""
+    """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made.
+    SIG_ENFORCE boots with module.sig_enforce=1: only modules signed by a key the kernel trusts load."""
     say = progress or (lambda message: None)
     vmlinuz, ko = Path(vmlinuz).resolve(), Path(ko).resolve()
     if not vmlinuz.is_file():
@@ -446,11 +469,15 @@ def verify(
         vmlinuz, ko_bytes, modules_dir,
         lambda tun_modules: render_init(tun_modules=tun_modules, seed=seed, fuzz=fuzz, cycles=cycles),
         log_dir=Path(log_dir), timeout=timeout, on_line=on_line, say=say,
+        extra_cmdline=SIG_ENFORCE_CMDLINE if sig_enforce else "",
     )
 
     duration = time.monotonic() - started
     tail = result.lines[-SERIAL_TAIL_LINES:]
     checks = parse_serial(result.lines, fuzz=fuzz, cycles=cycles)
+    signature = signature_check(result.lines, sig_enforce)
+    if signature:
+        checks.insert(1, signature)
     if result.timed_out:
         checks.append(Check("guest-timeout", False, f"no poweroff within {timeout:.0f}s: QEMU killed; serial log {serial_log}"))
     else:

@@ -26,8 +26,10 @@ from typing import Callable
 import jinja2
 
 import toa
+from toa import render, targets
 from toa.errors import ToaError
 from toa.kernel import validate_release
+from toa.render import AutoloadFile
 
 MODULE_SOURCE = Path(toa.__file__).parent / "module"
 # The templates: beside the package in a source tree (and editable installs), else where pip put them.
@@ -59,12 +61,12 @@ class Artifact:
 
 
 def find_artifacts(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
-    """The built modules under DIST (dist/<target>/<release>/ or dist/<release>/), all of them or
-    those for KERNELS; one ToaError naming what is missing and how to build it."""
+    """The built modules under DIST (<dist>/<target>/<release>/), all of them or those for KERNELS;
+    one ToaError naming what is missing and how to build it."""
     dist = Path(dist)
     wanted = [validate_release(kernel) for kernel in kernels or []]
     found: dict[str, list[Artifact]] = {}
-    for manifest_path in sorted(dist.glob("*/manifest.json")) + sorted(dist.glob("*/*/manifest.json")):
+    for manifest_path in sorted(dist.glob("*/*/manifest.json")):
         ko = manifest_path.with_name("toa.ko")
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -96,9 +98,18 @@ def module_version(source: Path = MODULE_SOURCE) -> str:
     return toa.__version__
 
 
-def autoload_files() -> dict[str, str]:
-    """Files that load toa at boot: path inside the package root -> content."""
-    return {"etc/modules-load.d/toa.conf": "# Load the TOA module at boot (installed by toa).\ntoa\n"}
+def autoload_files(artifact: Artifact) -> list[AutoloadFile]:
+    """The files that load toa at boot on a systemd host of the module's target (a package manager's
+    host): whole files a package can own."""
+    target_id = artifact.manifest.get("target")
+    if not target_id:
+        raise ToaError(f"{artifact.manifest_path} names no target: rebuild with `invoke build --kernel {artifact.release}`")
+    files = render.autoload_files(targets.get(target_id), artifact.release, init="systemd")
+    shared = [file.path for file in files if file.kind != "file"]
+    if shared or render.module_path(targets.get(target_id), artifact.release) != f"/lib/modules/{artifact.release}/extra/toa.ko":
+        raise ToaError(f"{target_id} hosts do not take toa from a package ({', '.join(shared) or 'read-only /lib/modules'}): "
+                       "use `invoke deploy` for them")
+    return files
 
 
 def package_name(release: str) -> str:
@@ -106,7 +117,7 @@ def package_name(release: str) -> str:
     return "toa-kmod-" + re.sub(r"[^a-z0-9+.-]", "-", validate_release(release).lower())
 
 
-def render(name: str, **values) -> str:
+def render_package_template(name: str, **values) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
@@ -141,7 +152,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 def _stage_sources(destination: Path, version: str) -> None:
     """The module sources plus dkms.conf, as DKMS wants them in /usr/src/toa-<version>/."""
     shutil.copytree(MODULE_SOURCE, destination, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
-    _write(destination / "dkms.conf", render("dkms.conf.j2", version=version))
+    _write(destination / "dkms.conf", render_package_template("dkms.conf.j2", version=version))
 
 
 def _dpkg_deb(root: Path, deb: Path) -> Path:
@@ -167,9 +178,9 @@ def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) 
         root = Path(scratch_name) / "root"
         _stage_sources(root / "usr/src" / f"toa-{version}", version)
         values = {"version": version, "maintainer": MAINTAINER}
-        _write(root / "DEBIAN/control", render("dkms-control.j2", **values))
-        _write(root / "DEBIAN/postinst", render("dkms-postinst.j2", **values), 0o755)
-        _write(root / "DEBIAN/prerm", render("dkms-prerm.j2", **values), 0o755)
+        _write(root / "DEBIAN/control", render_package_template("dkms-control.j2", **values))
+        _write(root / "DEBIAN/postinst", render_package_template("dkms-postinst.j2", **values), 0o755)
+        _write(root / "DEBIAN/prerm", render_package_template("dkms-prerm.j2", **values), 0o755)
         say(f"building toa-dkms_{version}_all.deb")
         deb = _dpkg_deb(root, out_dir / f"toa-dkms_{version}_all.deb")
         tarball = out_dir / f"toa-{version}-dkms.tar.gz"
@@ -180,13 +191,15 @@ def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) 
 
 
 def _stage_kmod(root: Path, artifact: Artifact) -> list[str]:
-    """/lib/modules/<release>/extra/toa.ko and the autoload files under ROOT; returns the latter."""
+    """/lib/modules/<release>/extra/toa.ko and the autoload files under ROOT; returns the latter's
+    paths (relative, they are the package's configuration files)."""
+    files = autoload_files(artifact)
     module_dir = root / "lib/modules" / artifact.release / "extra"
     module_dir.mkdir(parents=True)
     shutil.copyfile(artifact.ko, module_dir / "toa.ko")
-    for path, content in autoload_files().items():
-        _write(root / path, content)
-    return sorted(autoload_files())
+    for file in files:
+        _write(root / file.path.lstrip("/"), file.content, file.mode)
+    return sorted(file.path.lstrip("/") for file in files)
 
 
 def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
@@ -198,10 +211,10 @@ def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
     with tempfile.TemporaryDirectory(prefix="toa-kmod-deb-") as scratch_name:
         root = Path(scratch_name) / "root"
         config_files = _stage_kmod(root, artifact)
-        _write(root / "DEBIAN/control", render("kmod-control.j2", **values))
+        _write(root / "DEBIAN/control", render_package_template("kmod-control.j2", **values))
         _write(root / "DEBIAN/conffiles", "".join(f"/{path}\n" for path in config_files))
-        _write(root / "DEBIAN/postinst", render("kmod-postinst.j2", **values), 0o755)
-        _write(root / "DEBIAN/postrm", render("kmod-postrm.j2", **values), 0o755)
+        _write(root / "DEBIAN/postinst", render_package_template("kmod-postinst.j2", **values), 0o755)
+        _write(root / "DEBIAN/postrm", render_package_template("kmod-postrm.j2", **values), 0o755)
         if progress:
             progress(f"building {name}_{version}_amd64.deb")
         return _dpkg_deb(root, Path(out_dir) / f"{name}_{version}_amd64.deb")
@@ -219,7 +232,7 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         staged = scratch / "root"
         config_files = _stage_kmod(staged, artifact)
         spec = scratch / f"{name}.spec"
-        _write(spec, render("kmod.spec.j2", package=name, version=version, release=artifact.release,
+        _write(spec, render_package_template("kmod.spec.j2", package=name, version=version, release=artifact.release,
                             vermagic=artifact.manifest.get("vermagic", ""), staged=staged,
                             config_files=config_files))
         rpm_name = f"{name}-{version}-1.x86_64.rpm"

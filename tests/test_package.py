@@ -1,0 +1,232 @@
+"""toa.package: the DKMS package installed and rebuilt by Debian's real dkms in a Debian container,
+the kmod .deb installed with dpkg where modprobe finds it, the .rpm read back with rpm's own tools."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import toa
+from tests.cli import assert_one_line_error, toa as run_toa
+from toa import build, debian, package
+from toa.errors import ToaError
+
+DKMS_IMAGE = "toa-test:dkms-bookworm"
+
+
+@pytest.fixture(scope="module")
+def first_kernel() -> str:
+    """The kernel whose headers the DKMS container starts with: bookworm's newest."""
+    return debian.resolve_suite("bookworm").release
+
+
+@pytest.fixture(scope="module")
+def second_kernel() -> str:
+    """The kernel a headers upgrade brings in later: the newer series bookworm-security carries."""
+    return debian.resolve_suite("bookworm-security").release
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory, first_kernel) -> Path:
+    """A dist/ with the real module built for FIRST_KERNEL."""
+    out = tmp_path_factory.mktemp("dist")
+    build.build_kernel(first_kernel, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dkms_image(first_kernel, second_kernel):
+    """Debian bookworm with Debian's dkms and FIRST_KERNEL's headers installed; SECOND_KERNEL's
+    headers are downloaded only, so that a container installs them offline later."""
+    client = build.docker_client()
+    base = build.base_image(client, "bookworm")
+    dockerfile = f"""FROM {base.tags[0]}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN echo 'deb {debian.mirror_for("security")} bookworm-security main' > /etc/apt/sources.list.d/security.list \\
+    && apt-get update \\
+    && apt-get install -y --no-install-recommends dkms dwarves linux-headers-{first_kernel} \\
+    && apt-get install -y --no-install-recommends --download-only linux-headers-{second_kernel}
+"""
+    image, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=DKMS_IMAGE, rm=True, forcerm=True,
+                                   pull=False)
+    return image
+
+
+class Container:
+    """A throwaway container of IMAGE with the packages at /pkgs; run() executes one command in it."""
+
+    def __init__(self, image, packages: Path):
+        self._container = build.docker_client().containers.run(
+            image.id, ["sleep", "infinity"], detach=True, network_disabled=True,
+            volumes={str(packages): {"bind": "/pkgs", "mode": "ro"}},
+        )
+
+    def run(self, *argv: str) -> tuple[int, str]:
+        result = self._container.exec_run(list(argv), environment={"DEBIAN_FRONTEND": "noninteractive"})
+        return result.exit_code, result.output.decode(errors="replace")
+
+    def ok(self, *argv: str) -> str:
+        code, output = self.run(*argv)
+        assert code == 0, f"{' '.join(argv)} failed ({code}):\n{output[-3000:]}"
+        return output
+
+    def remove(self):
+        self._container.remove(force=True)
+
+
+@pytest.fixture
+def container_of(dkms_image):
+    made = []
+
+    def start(packages: Path) -> Container:
+        made.append(Container(dkms_image, packages))
+        return made[-1]
+
+    yield start
+    for container in made:
+        container.remove()
+
+
+@pytest.mark.docker
+def test_dkms_package_builds_for_the_headers_and_again_after_a_headers_upgrade(
+        tmp_path, container_of, first_kernel, second_kernel):
+    deb, tarball = package.build_packages("dkms", out_dir=tmp_path)
+    version = toa.__version__
+    assert deb.name == f"toa-dkms_{version}_all.deb" and tarball.name == f"toa-{version}-dkms.tar.gz"
+    container = container_of(tmp_path)
+
+    container.ok("dpkg", "-i", f"/pkgs/{deb.name}")
+    status = container.ok("dkms", "status")
+    assert f"toa/{version}, {first_kernel}, x86_64: installed" in status
+    assert second_kernel not in status
+    conf = container.ok("cat", f"/usr/src/toa-{version}/dkms.conf")
+    assert 'MAKE[0]="make KDIR=/lib/modules/${kernelver}/build"' in conf and 'AUTOINSTALL="yes"' in conf
+    info = container.ok("modinfo", "-k", first_kernel, "toa")
+    assert f"vermagic:       {first_kernel} " in info
+
+    # A kernel upgrade: the new headers' postinst hook has DKMS build toa for that kernel too.
+    container.ok("apt-get", "install", "-y", "--no-install-recommends", "--no-download", f"linux-headers-{second_kernel}")
+    status = container.ok("dkms", "status")
+    assert f"toa/{version}, {first_kernel}, x86_64: installed" in status
+    assert f"toa/{version}, {second_kernel}, x86_64: installed" in status
+    assert f"vermagic:       {second_kernel} " in container.ok("modinfo", "-k", second_kernel, "toa")
+
+    # Removing the package takes toa out of DKMS for every kernel.
+    container.ok("dpkg", "-r", "toa-dkms")
+    assert "toa" not in container.ok("dkms", "status")
+    assert container.run("modinfo", "-k", first_kernel, "toa")[0] != 0
+
+    # The plain tarball loads into DKMS the way `dkms mktarball --source-only` tarballs do.
+    container.ok("dkms", "ldtarball", f"/pkgs/{tarball.name}")
+    assert f"toa/{version}: added" in container.ok("dkms", "status")
+
+
+@pytest.mark.docker
+def test_kmod_deb_installs_where_modprobe_finds_it(dist, tmp_path, container_of, first_kernel):
+    out = tmp_path / "packages"
+    [deb] = package.build_packages("deb", dist, [first_kernel], out)
+    assert deb.name == f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb"
+    container = container_of(out)
+
+    container.ok("dpkg", "-i", f"/pkgs/{deb.name}")
+    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", first_kernel, "-n", "toa")
+    assert f"insmod /lib/modules/{first_kernel}/extra/toa.ko" in container.ok(
+        "modprobe", "--show-depends", "-S", first_kernel, "toa")
+    assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
+    built = (next(dist.glob(f"*/{first_kernel}/toa.ko"))).read_bytes()
+    assert container.ok("sha256sum", f"/lib/modules/{first_kernel}/extra/toa.ko").split()[0] == \
+        __import__("hashlib").sha256(built).hexdigest()
+
+    container.ok("dpkg", "--purge", f"toa-kmod-{first_kernel}")
+    assert container.run("modinfo", "-k", first_kernel, "toa")[0] != 0
+    assert container.run("test", "-e", "/etc/modules-load.d/toa.conf")[0] != 0
+
+
+@pytest.mark.docker
+def test_kmod_rpm_lists_the_module_and_runs_depmod(dist, tmp_path, first_kernel):
+    if shutil.which("rpm") is None:
+        pytest.fail("rpm not installed: apt-get install rpm")
+    [rpm] = package.build_packages("rpm", dist, [first_kernel], tmp_path)
+    assert rpm.name == f"toa-kmod-{first_kernel}-{toa.__version__}-1.x86_64.rpm"
+
+    def query(*args):
+        return subprocess.run(["rpm", "-qp", *args, str(rpm)], capture_output=True, text=True, check=True).stdout
+
+    files = query("-l").split()
+    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in files
+    assert "/etc/modules-load.d/toa.conf" in files
+    assert "/etc/modules-load.d/toa.conf" in query("--configfiles").split()
+    scripts = query("--scripts")
+    assert f"postinstall scriptlet (using /bin/sh):\ndepmod -a {first_kernel}" in scripts
+    assert "postuninstall scriptlet" in scripts and scripts.count(f"depmod -a {first_kernel}") == 2
+    # The module goes in exactly as built: rpm did not strip it.
+    built = next(dist.glob(f"*/{first_kernel}/toa.ko"))
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True).stdout
+    subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=unpacked, check=True)
+    assert (unpacked / f"lib/modules/{first_kernel}/extra/toa.ko").read_bytes() == built.read_bytes()
+
+
+@pytest.mark.docker
+def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
+    result = run_toa("package", "--format", "deb", "--dist", str(dist), "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "format": "deb", "packages": [str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "zip"], "unknown package format 'zip'"),
+    ([], "give --format"),
+    (["--format", "dkms", "--kernel", "6.1.0-56-amd64"], "--kernel is for deb and rpm"),
+    (["--format", "deb", "--kernel", "6.1.0-1-amd64"], "no toa.ko for 6.1.0-1-amd64"),
+    (["--format", "rpm", "--kernel", "6.1;reboot"], "6.1;reboot"),
+])
+def test_package_task_refuses_with_one_line(args, fragment, tmp_path):
+    assert_one_line_error(run_toa("package", "--dist", str(tmp_path), *args), fragment)
+
+
+def _artifact(dist: Path, target: str, release: str, manifest: dict | None = None) -> Path:
+    folder = dist / target / release
+    folder.mkdir(parents=True)
+    (folder / "toa.ko").write_bytes(b"\x7fELF")
+    (folder / "manifest.json").write_text(json.dumps(manifest or {"kernel_release": release, "target": target}))
+    return folder
+
+
+def test_find_artifacts_reads_the_dist_layout(tmp_path):
+    _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
+    _artifact(tmp_path, "rocky-9", "5.14.0-427.13.1.el9_4.x86_64")
+    _artifact(tmp_path, "debian-13", "6.12.1-amd64", {"kernel_release": "other"})  # not its own folder: skipped
+    (tmp_path / "packages").mkdir()
+    found = package.find_artifacts(tmp_path)
+    assert [a.release for a in found] == ["5.14.0-427.13.1.el9_4.x86_64", "6.1.0-56-amd64"]
+    assert package.find_artifacts(tmp_path, ["6.1.0-56-amd64"])[0].ko == tmp_path / "debian-12/6.1.0-56-amd64/toa.ko"
+
+
+def test_find_artifacts_refuses_an_ambiguous_release(tmp_path):
+    _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
+    _artifact(tmp_path, "ubuntu-22.04", "6.1.0-56-amd64")
+    with pytest.raises(ToaError, match="several builds for 6.1.0-56-amd64"):
+        package.find_artifacts(tmp_path, ["6.1.0-56-amd64"])
+    with pytest.raises(ToaError, match="no built toa.ko"):
+        package.find_artifacts(tmp_path / "empty")
+
+
+def test_package_names_keep_to_the_allowed_characters():
+    assert package.package_name("6.12.117+deb13-amd64") == "toa-kmod-6.12.117+deb13-amd64"
+    assert package.package_name("4.12.14-122.37_default") == "toa-kmod-4.12.14-122.37-default"
+
+
+def test_coreos_hosts_get_no_kmod_package(tmp_path):
+    folder = _artifact(tmp_path, "fedora-coreos", "6.8.5-301.fc40.x86_64")
+    artifact = package.Artifact(folder / "toa.ko", folder / "manifest.json",
+                                json.loads((folder / "manifest.json").read_text()))
+    with pytest.raises(ToaError, match="do not take toa from a package"):
+        package.autoload_files(artifact)

@@ -1,0 +1,63 @@
+"""Tasks that hand toa.ko to package managers and Secure Boot: `package` and `sign`."""
+
+from pathlib import Path
+
+from invoke import task
+
+from toa.commands.common import print_fields, print_json, progress, user_errors
+from toa.errors import ToaError
+
+
+@task(iterable=["kernel"],
+      help={"format": "dkms (source package that rebuilds on kernel upgrades), deb or rpm (per-kernel kmod packages)",
+            "kernel": "with deb/rpm: package the module built for this kernel release (repeatable; "
+                      "default: every module under --dist)",
+            "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",
+            "out": "where the packages go (default: <dist>/packages)",
+            "json": "print the package paths as JSON"})
+@user_errors
+def package(c, format=None, kernel=None, dist="dist", out=None, json=False):
+    """Package toa for package managers: a DKMS package, or kmod .deb/.rpm packages of built modules."""
+    from rich.console import Console
+
+    from toa import package as packaging
+
+    if not format:
+        raise ToaError(f"give --format: one of {', '.join(packaging.FORMATS)}")
+    with progress(Console(stderr=True)) as step:
+        paths = packaging.build_packages(format, Path(dist), kernel or None, Path(out) if out else None, progress=step)
+    if json:
+        print_json({"format": format, "packages": [str(path) for path in paths]})
+    else:
+        print_fields(f"toa package: {format}", {path.name: str(path.parent) for path in paths})
+
+
+@task(iterable=["kernel"],
+      help={"key": "the signing private key (PEM or DER, unencrypted)",
+            "cert": "the X.509 certificate of that key (PEM or DER); the kernel must trust it to load the module",
+            "kernel": "sign the module built for this kernel release (repeatable; default: every module under --dist)",
+            "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",
+            "json": "print the updated manifests as JSON"})
+@user_errors
+def sign(c, key=None, cert=None, kernel=None, dist="dist", json=False):
+    """Sign built modules with the kernel's own sign-file; the manifest records the signer."""
+    from rich.console import Console
+
+    from toa import sign as signing
+
+    if not key or not cert:
+        raise ToaError("give --key KEY and --cert CERT (the signing key and its X.509 certificate)")
+    with progress(Console(stderr=True)) as step:
+        signed = signing.sign_modules(Path(key), Path(cert), Path(dist), kernel or None, progress=step)
+    if json:
+        print_json([{**manifest, "ko": str(artifact.ko)} for artifact, manifest in signed])
+        return
+    for artifact, manifest in signed:
+        signature = manifest["signature"]
+        print_fields(f"toa sign: {artifact.release}", {
+            "path": str(artifact.ko),
+            "signer": signature["signer"],
+            "key serial": signature["serial"],
+            "hash": signature["hash"],
+            "sha256": manifest["sha256"][:16] + "…",
+        })
