@@ -3,6 +3,7 @@ the kmod .deb installed with dpkg where modprobe finds it, the .rpm read back wi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -140,7 +141,7 @@ def test_kmod_deb_installs_where_modprobe_finds_it(dist, tmp_path, container_of,
     assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
     built = (next(dist.glob(f"*/{first_kernel}/toa.ko"))).read_bytes()
     assert container.ok("sha256sum", f"/lib/modules/{first_kernel}/extra/toa.ko").split()[0] == \
-        __import__("hashlib").sha256(built).hexdigest()
+        hashlib.sha256(built).hexdigest()
 
     container.ok("dpkg", "--purge", f"toa-kmod-{first_kernel}")
     assert container.run("modinfo", "-k", first_kernel, "toa")[0] != 0
@@ -203,20 +204,18 @@ def _artifact(dist: Path, target: str, release: str, manifest: dict | None = Non
 def test_find_artifacts_reads_the_dist_layout(tmp_path):
     _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
     _artifact(tmp_path, "rocky-9", "5.14.0-427.13.1.el9_4.x86_64")
-    _artifact(tmp_path, "debian-13", "6.12.1-amd64", {"kernel_release": "other"})  # not its own folder: skipped
     (tmp_path / "packages").mkdir()
     found = package.find_artifacts(tmp_path)
     assert [a.release for a in found] == ["5.14.0-427.13.1.el9_4.x86_64", "6.1.0-56-amd64"]
     assert package.find_artifacts(tmp_path, ["6.1.0-56-amd64"])[0].ko == tmp_path / "debian-12/6.1.0-56-amd64/toa.ko"
-
-
-def test_find_artifacts_refuses_an_ambiguous_release(tmp_path):
-    _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
-    _artifact(tmp_path, "ubuntu-22.04", "6.1.0-56-amd64")
-    with pytest.raises(ToaError, match="several builds for 6.1.0-56-amd64"):
-        package.find_artifacts(tmp_path, ["6.1.0-56-amd64"])
     with pytest.raises(ToaError, match="no built toa.ko"):
         package.find_artifacts(tmp_path / "empty")
+
+
+def test_find_artifacts_refuses_a_manifest_of_another_kernel(tmp_path):
+    _artifact(tmp_path, "debian-13", "6.12.1-amd64", {"kernel_release": "6.12.2-amd64"})
+    with pytest.raises(ToaError, match="does not describe a build for 6.12.1-amd64"):
+        package.find_artifacts(tmp_path)
 
 
 def test_package_names_keep_to_the_allowed_characters():

@@ -26,7 +26,7 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import render, targets
+from toa import build, render, targets
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.render import AutoloadFile
@@ -61,32 +61,26 @@ class Artifact:
 
 
 def find_artifacts(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
-    """The built modules under DIST (<dist>/<target>/<release>/), all of them or those for KERNELS;
-    one ToaError naming what is missing and how to build it."""
+    """The built modules under DIST (<dist>/<target>/<release>/), one per kernel release: those for
+    KERNELS, or all of them; one ToaError naming what is missing and how to build it."""
     dist = Path(dist)
-    wanted = [validate_release(kernel) for kernel in kernels or []]
-    found: dict[str, list[Artifact]] = {}
-    for manifest_path in sorted(dist.glob("*/*/manifest.json")):
-        ko = manifest_path.with_name("toa.ko")
+    releases = ([validate_release(kernel) for kernel in kernels] if kernels
+                else sorted({path.parent.name for path in dist.glob("*/*/manifest.json")}))
+    if not releases:
+        raise ToaError(f"no built toa.ko under {dist}/: run `invoke build --kernel RELEASE` first")
+    artifacts = []
+    for release in releases:
+        folder = build.find_artifact(dist, release)
+        if folder is None:
+            raise ToaError(f"no toa.ko for {release} under {dist}/: run `invoke build --kernel {release}` first")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not ko.is_file() or manifest.get("kernel_release") != manifest_path.parent.name:
-            continue
-        found.setdefault(manifest["kernel_release"], []).append(Artifact(ko, manifest_path, manifest))
-    if not wanted:
-        if not found:
-            raise ToaError(f"no built toa.ko under {dist}/: run `invoke build --kernel RELEASE` first")
-        return [artifact for release in sorted(found) for artifact in found[release]]
-    missing = [release for release in wanted if release not in found]
-    if missing:
-        raise ToaError(f"no toa.ko for {', '.join(missing)} under {dist}/: run `invoke build --kernel {missing[0]}` first")
-    twice = [release for release in wanted if len(found[release]) > 1]
-    if twice:
-        places = ", ".join(str(artifact.ko.parent) for artifact in found[twice[0]])
-        raise ToaError(f"several builds for {twice[0]} ({places}): pass --dist with the one to use")
-    return [found[release][0] for release in wanted]
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except ValueError:
+            manifest = {}
+        if manifest.get("kernel_release") != release:
+            raise ToaError(f"{folder}/manifest.json does not describe a build for {release}: run `invoke build --kernel {release} --force`")
+        artifacts.append(Artifact(folder / "toa.ko", folder / "manifest.json", manifest))
+    return artifacts
 
 
 def module_version(source: Path = MODULE_SOURCE) -> str:
