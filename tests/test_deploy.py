@@ -1,0 +1,233 @@
+"""invoke deploy / status: pure tests of the fact parsers and the plan on output recorded from a real
+guest, then a real fleet: three QEMU guests booting real Debian kernels (two 6.1, one 5.10) with
+systemd and sshd, deployed to over SSH with the real command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.cli import assert_one_line_error, toa
+from toa import deploy, render, targets
+from toa.errors import ToaError
+from toa.nodes import Node
+from toa.remote import HostSpec
+
+RELEASE = "6.1.0-56-amd64"
+MODULE_FILE = f"/lib/modules/{RELEASE}/extra/toa.ko"
+FILES = render.autoload_files(targets.get("debian-12"), RELEASE, init="systemd")
+SRCVERSION = "0123456789ABCDEF0123456"
+SHA256 = "5" * 64
+
+
+def _artifact(sha256=SHA256, srcversion=SRCVERSION):
+    return deploy.Artifact(Path("dist/debian-12") / RELEASE / "toa.ko", RELEASE, "debian-12", sha256, srcversion)
+
+
+# ---------------------------------------------------------------- pure: recorded output of a real guest
+
+# Recorded on a bookworm guest booting 6.1.0-56-amd64 (toa.guests): state_command before any deploy
+# (fresh), after one with two temp names left beside the files (deployed); load_command for a reload
+# with kinds=254,200 (reload), and for a reload with kinds=1, which the module refuses (badload).
+RECORDED = {
+    'fresh': (
+        '@@absent 0\n'
+        '@@absent 1\n'
+    ),
+    'deployed': (
+        '@@loaded 8A22A252B656421042FCE4E\n'
+        '@@parameter kinds 254,253\n'
+        '@@installed b591a3e85ba26f518f3606da8711457f2096ff72f4f80199fccacc5a8f0314d4 8A22A252B656421042FCE4E\n'
+        '@@indexed\n'
+        '@@stale /lib/modules/6.1.0-56-amd64/extra/.toa.ko.new-0123abcd\n'
+        '@@stale /etc/modprobe.d/.toa.conf.toa-new-deadbeef\n'
+        '@@file 0 644 IyBXcml0dGVuIGJ5IHRvYTogc3lzdGVtZC1tb2R1bGVzLWxvYWQgbG9hZHMgdGhlIHRvYSBtb2R1bGUgKGNsaWVudCBhZGRyZXNzZXMgZnJvbSBUQ1Agb3B0aW9ucykKIyBhdCBib290LCBiZWZvcmUgdGhlIG5ldHdvcmsgYW5kIHNlcnZpY2VzIHN0YXJ0LiBUbyBzdG9wIGxvYWRpbmcgaXQgYXQgYm9vdCwgZGVsZXRlIHRoaXMgZmlsZS4KdG9hCg==\n'
+        '@@file 1 644 IyBXcml0dGVuIGJ5IHRvYTogb3B0aW9ucyBvZiB0aGUgdG9hIG1vZHVsZSAoY2xpZW50IGFkZHJlc3NlcyBmcm9tIFRDUCBvcHRpb25zKSwgYXBwbGllZAojIHdoZW5ldmVyIG1vZHByb2JlIGxvYWRzIGl0LiBUbyBnbyBiYWNrIHRvIHRoZSBtb2R1bGUncyBkZWZhdWx0cywgZGVsZXRlIHRoaXMgZmlsZS4KIyBObyBvcHRpb25zOiB0aGUgbW9kdWxlJ3MgZGVmYXVsdHMgYXBwbHkgKGtpbmRzPTI1NCwyNTMpLgo=\n'
+    ),
+    'reload': (
+        '@@exit 0\n'
+        '@@modprobe \n'
+        '@@srcversion 8A22A252B656421042FCE4E\n'
+        '@@parameter kinds 254,200\n'
+        '@@log [   32.687768] toa-deploy: load 00112233\n'
+        '@@log [   32.827285] TOA: toa unloaded\n'
+        '@@log [   33.027650] TOA: toa loaded\n'
+    ),
+    'badload': (
+        '@@exit 1\n'
+        "@@modprobe modprobe: ERROR: could not insert 'toa': Invalid argument\n"
+        '@@log [   82.021386] toa-deploy: load 44556677\n'
+        '@@log [   82.311750] TOA: toa unloaded\n'
+        '@@log [   82.407667] TOA: kinds: 1 is not a TCP option kind that carries data (2..255)\n'
+    ),
+}
+RECORDED_SRCVERSION = "8A22A252B656421042FCE4E"
+RECORDED_SHA256 = "b591a3e85ba26f518f3606da8711457f2096ff72f4f80199fccacc5a8f0314d4"
+
+
+def test_state_of_a_fresh_host():
+    state = deploy.parse_state(RECORDED["fresh"], FILES)
+    assert state == deploy.ModuleState(files={f.path: None for f in FILES})
+    plan = deploy.make_plan(state, _artifact(), FILES, MODULE_FILE, None)
+    assert (plan.install, plan.depmod, plan.load, plan.stale) == (True, True, "load", ())
+    assert [change.entry.path for change in plan.files] == [f.path for f in FILES]
+    assert all(change.previous is None for change in plan.files)
+
+
+def test_state_of_a_deployed_host_with_leftovers():
+    state = deploy.parse_state(RECORDED["deployed"], FILES)
+    assert state.loaded and state.loaded_srcversion == RECORDED_SRCVERSION
+    assert state.parameters == {"kinds": "254,253"}
+    assert state.installed_srcversion == RECORDED_SRCVERSION and state.indexed
+    assert state.stale == [f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd",
+                           "/etc/modprobe.d/.toa.conf.toa-new-deadbeef"]
+    for entry in FILES:
+        assert state.files[entry.path] == deploy.Current("file", entry.content, 0o644)
+    artifact = _artifact(RECORDED_SHA256, RECORDED_SRCVERSION)
+    plan = deploy.make_plan(state, artifact, FILES, MODULE_FILE, None)
+    assert plan == deploy.Plan(stale=tuple(state.stale))  # only the leftovers to clean
+    state.stale.clear()
+    assert deploy.make_plan(state, artifact, FILES, MODULE_FILE, None).empty
+
+
+def test_plan_reloads_for_another_build_or_other_options():
+    state = deploy.parse_state(RECORDED["deployed"], FILES)
+    state.stale.clear()
+    other_build = deploy.make_plan(state, _artifact(RECORDED_SHA256, "0" * 23), FILES, MODULE_FILE, None)
+    assert (other_build.install, other_build.load, other_build.files) == (False, "reload", ())
+    options = {"kinds": "254,200"}
+    with_options = deploy.make_plan(state, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION),
+                                    render.autoload_files(targets.get("debian-12"), RELEASE, options=options),
+                                    MODULE_FILE, options)
+    assert with_options.load == "reload"
+    assert [change.entry.path for change in with_options.files] == ["/etc/modprobe.d/toa.conf"]
+    new_file = deploy.make_plan(state, _artifact(SHA256, RECORDED_SRCVERSION), FILES, MODULE_FILE, None)
+    assert (new_file.install, new_file.depmod, new_file.load) == (True, True, None)
+
+
+def test_plan_deletes_only_temp_names_it_makes():
+    state = deploy.ModuleState(stale=[
+        "/etc/passwd", f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd/../../../../etc/shadow",
+        f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd x", "/etc/modprobe.d/.toa.conf.toa-new-deadbeef",
+    ])
+    plan = deploy.make_plan(state, _artifact(), FILES, MODULE_FILE, None)
+    assert plan.stale == ("/etc/modprobe.d/.toa.conf.toa-new-deadbeef",)
+
+
+def test_lines_file_merges_into_the_shared_file():
+    etc_modules = render.autoload_files(targets.get("debian-12"), RELEASE, init="sysv")
+    shared = next(entry for entry in etc_modules if entry.kind == "lines")
+    state = deploy.ModuleState(files={shared.path: deploy.Current("file", "# /etc/modules\nloop\n", 0o644)})
+    change = next(c for c in deploy.make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).files
+                  if c.entry is shared)
+    assert change.text.startswith("# /etc/modules\nloop\n") and change.text.endswith(shared.content)
+    state.files[shared.path] = deploy.Current("file", change.text, 0o644)
+    assert shared.path not in [c.entry.path for c in deploy.make_plan(state, _artifact(), etc_modules,
+                                                                       MODULE_FILE, None).files]
+
+
+def test_load_output_of_a_reload():
+    outcome = deploy.parse_load(RECORDED["reload"])
+    assert outcome.exit_code == 0 and outcome.srcversion == RECORDED_SRCVERSION
+    assert outcome.parameters == {"kinds": "254,200"}
+    assert any("TOA: toa unloaded" in line for line in outcome.kernel_log)
+    deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,200"})
+    with pytest.raises(ToaError, match="srcversion"):
+        deploy.check_load(outcome, _artifact(RECORDED_SHA256, "0" * 23), {"kinds": "254,200"})
+    with pytest.raises(ToaError, match="wanted"):
+        deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
+
+
+def test_load_output_of_a_failed_modprobe():
+    outcome = deploy.parse_load(RECORDED["badload"])
+    assert outcome.exit_code not in (0, None)
+    with pytest.raises(ToaError, match=r"^loading toa failed \(exit 1\): modprobe: ERROR: could not insert 'toa'"):
+        deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
+
+
+def test_a_kernel_that_wants_signed_modules_says_so():
+    # modprobe's and the kernel's words when module.sig_enforce=1 (or Secure Boot) refuses toa.ko
+    output = (
+        "@@exit 1\n@@modprobe modprobe: ERROR: could not insert 'toa': Key was rejected by service\n"
+        "@@log [   30.100000] toa-deploy: load 0011\n@@log [   30.200000] Loading of unsigned module is rejected\n"
+    )
+    with pytest.raises(ToaError) as error:
+        deploy.check_load(deploy.parse_load(output), _artifact(), {})
+    assert "only loads signed modules" in str(error.value) and "sign toa.ko" in str(error.value)
+
+
+def test_commands_quote_what_they_carry():
+    hostile = FILES + [render.AutoloadFile("/etc/it's $(here)", "x", 0o644)]
+    command = deploy.state_command(MODULE_FILE, RELEASE, hostile)
+    assert "f='/etc/it'\"'\"'s $(here)'" in command
+    write = deploy._write_file_script("/etc/modprobe.d/toa.conf", "file", "options toa kinds=254 `reboot`\n", 0o644)
+    assert "`reboot`" not in write and "$(" not in write
+
+
+def test_artifacts_are_found_by_exact_release(tmp_path):
+    def put(target, release, data=b"module", **manifest):
+        directory = tmp_path / target / release
+        directory.mkdir(parents=True)
+        (directory / "toa.ko").write_bytes(data)
+        fields = {"kernel_release": release, "target": target, "sha256": hashlib.sha256(data).hexdigest(),
+                  "srcversion": SRCVERSION, **manifest}
+        (directory / "manifest.json").write_text(json.dumps(fields))
+
+    put("debian-12", RELEASE)
+    put("ubuntu-22.04", RELEASE, b"other")
+    assert deploy.find_artifact(tmp_path, RELEASE, "ubuntu-22.04").ko == tmp_path / "ubuntu-22.04" / RELEASE / "toa.ko"
+    assert deploy.find_artifact(tmp_path, RELEASE, "debian-12").target == "debian-12"
+    assert deploy.find_artifact(tmp_path, "6.1.0-57-amd64") is None
+    put("debian-11", "5.10.0-46-amd64", sha256="0" * 64)
+    with pytest.raises(ToaError, match="does not match the sha256"):
+        deploy.find_artifact(tmp_path, "5.10.0-46-amd64")
+    with pytest.raises(ToaError, match="invalid kernel release"):
+        deploy.find_artifact(tmp_path, "*")
+
+
+def _node(name):
+    return Node(HostSpec(name))
+
+
+def test_batches_stop_after_max_fail():
+    seen, lock = [], threading.Lock()
+
+    def work(node):
+        with lock:
+            seen.append(node.spec.host)
+        return deploy.HostResult(node.name, action="failed" if node.spec.host.startswith("bad") else "installed")
+
+    nodes = [_node(n) for n in ("bad1", "ok1", "bad2", "ok2", "ok3", "ok4")]
+    results = deploy.run_fleet(nodes, work, parallel=2, batch=2, max_fail=1)
+    assert [r.action for r in results] == ["failed", "installed", "failed", "installed", "skipped", "skipped"]
+    assert sorted(seen) == ["bad1", "bad2", "ok1", "ok2"]
+    assert "more than --max-fail 1" in results[-1].detail
+    assert [r.action for r in deploy.run_fleet(nodes, work, parallel=3)] == [
+        "failed", "installed", "failed", "installed", "installed", "installed"]
+
+
+# ---------------------------------------------------------------- CLI checks that need no host
+
+
+def test_hostile_nodes_lines_are_rejected_before_any_connection(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    # the first line is a host that cannot be reached: were it contacted first, the error would say so
+    for hostile in ("root@host;reboot", "$(reboot)", "`reboot`", "host:0", "host:70000", "a@@b", "host sudo=maybe"):
+        nodes.write_text(f"root@127.0.0.1:1\n{hostile}\n")
+        result = toa("deploy", "--hosts", str(nodes))
+        assert_one_line_error(result, f"{nodes}:2:")
+        assert result.returncode == 2 and result.stdout == ""
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text("root@127.0.0.1:1\n")
+    assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--option", "kinds=1"), "invalid kinds")
+    assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--option", "debug=1"), "unknown module option")
+    assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--parallel", "0"), "--parallel")
+    assert_one_line_error(toa("status", "--hosts", str(tmp_path / "absent")), "not found: fix --hosts")
