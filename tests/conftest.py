@@ -154,3 +154,12 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
         )
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def guest_kernels():
+    """Two different real Debian kernels for QEMU guests (the newest of bookworm and of bullseye),
+    fetched into the cache: toa.guests boots them as fleet hosts."""
+    from toa import debian
+
+    return [debian.prepare(None, suite)[1] for suite in ("bookworm", "bullseye")]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import selectors
 import shutil
 import socket
 import subprocess
@@ -58,16 +59,27 @@ GUEST_NETWORK = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": "10.0.
 # Units a headless test host gains nothing from; masking them shortens every boot under TCG.
 MASKED_UNITS = (
     "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
-    "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "getty@tty1.service",
-    "systemd-firstboot.service",
+    "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "systemd-firstboot.service",
+    "systemd-network-generator.service", "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount", "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+    "modprobe@dm_mod.service", "modprobe@drm.service", "modprobe@efi_pstore.service", "modprobe@fuse.service",
+    "modprobe@loop.service", "systemd-journald-audit.socket",
+    # Consoles: the serial getty stays; without a display, the virtual terminals' gettys are waste.
+    "getty@tty1.service", "getty-static.service",
 )
 # Modules the initramfs loads to reach the root disk (with what they depend on; built-in ones are skipped).
 BOOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
-# Modules the guest's own /lib/modules carries beyond those: its NIC, entropy and what tests use.
-SYSTEM_MODULES = ("virtio_net", "virtio_rng", "tun")
+# Modules the guest's own /lib/modules carries beyond those: its NIC, entropy, what systemd asks for
+# (autofs4, called autofs since 6.12) and what tests use.
+SYSTEM_MODULES = ("virtio_net", "virtio_rng", "autofs4", "autofs", "tun")
 # Files of /lib/modules/<release> that depmod and modprobe read besides the modules themselves.
 MODULE_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
 SSH_POLL_SECONDS = 0.5
+# How long one round of SSH probes lasts, and how often a round opens a new connection.
+SSH_PROBE_SECONDS = 15.0
+CONNECT_INTERVAL_SECONDS = 1.5
+MAX_OPEN_PROBES = 4
 SERIAL_TAIL_LINES = 15
 
 INIT_TEMPLATE = """#!/bin/busybox sh
@@ -339,6 +351,47 @@ def _tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> str:
     return " | ".join(line for line in text.splitlines()[-lines:] if line.strip()) or "(empty)"
 
 
+def _ssh_banner_within(port: int, seconds: float) -> bool:
+    """True when sshd behind the forwarded port sends its banner within `seconds`.
+
+    QEMU accepts on the forwarded port even when nothing listens in the guest: it hangs up when the
+    guest refuses, and keeps resending the SYN (with growing delays) while the guest has no network
+    yet. A loaded guest's sshd may also take seconds to send its banner. So a new connection is
+    opened every CONNECT_INTERVAL_SECONDS while a few older ones keep waiting, and any banner counts.
+    """
+    deadline = time.monotonic() + seconds
+    next_connect = 0.0
+    selector = selectors.DefaultSelector()
+    try:
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_connect:
+                next_connect = now + CONNECT_INTERVAL_SECONDS
+                probes = sorted(selector.get_map().values(), key=lambda key: key.data)
+                if len(probes) >= MAX_OPEN_PROBES:  # sshd drops logins beyond its MaxStartups (10)
+                    selector.unregister(probes[0].fileobj)
+                    probes[0].fileobj.close()
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probe.setblocking(False)
+                probe.connect_ex((LOOPBACK, port))
+                selector.register(probe, selectors.EVENT_READ, data=now)
+            wait = max(0.0, min(next_connect, deadline) - time.monotonic())
+            for key, _events in selector.select(timeout=wait):
+                try:
+                    data = key.fileobj.recv(64)
+                except OSError:
+                    data = b""
+                if data.startswith(b"SSH-"):
+                    return True
+                selector.unregister(key.fileobj)  # refused or hung up: the guest is not listening yet
+                key.fileobj.close()
+        return False
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+
+
 @dataclass
 class Guest:
     """One QEMU guest with its own overlay disk, reachable by SSH on LOOPBACK:port."""
@@ -390,7 +443,7 @@ class Guest:
         return remote.SshOptions(key_filename=str(self.key_path), known_hosts=str(self.known_hosts))
 
     def qemu_argv(self) -> list[str]:
-        cmdline = f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={self.name}"
+        cmdline = f"{KERNEL_ARGS} systemd.hostname={self.name}"
         return [
             lab.find_qemu(), "-accel", "tcg", "-smp", "1", "-m", str(self.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none",
@@ -432,29 +485,18 @@ class Guest:
         if self.process is not None:
             self.process.wait()
 
-    def _ssh_banner(self) -> bool:
-        # QEMU accepts on the forwarded port even before the guest listens, then hangs up: only
-        # sshd's banner shows the guest is up.
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=2) as conn:
-                conn.settimeout(5)
-                return conn.recv(64).startswith(b"SSH-")
-        except OSError:
-            return False
-
     def _failure(self, what: str) -> ToaError:
         return ToaError(f"guest {self.name} ({self.release}) {what}; QEMU: {_tail(self.qemu_log, 3)}; "
                         f"console: {_tail(self.serial_log)}")
 
     def wait_for_ssh(self, timeout: float = 180.0) -> float:
-        """Block until sshd in the guest answers; returns the seconds waited."""
+        """Block until sshd in the guest sends its banner; returns the seconds waited."""
         started = time.monotonic()
-        while not self._ssh_banner():
+        while not _ssh_banner_within(self.port, min(SSH_PROBE_SECONDS, timeout)):
             if not self.is_running():
                 raise self._failure(f"stopped before sshd answered (QEMU exit {self.process and self.process.returncode})")
             if time.monotonic() - started > timeout:
                 raise self._failure(f"has no sshd answering on port {self.port} after {timeout:.0f}s")
-            time.sleep(SSH_POLL_SECONDS)
         return time.monotonic() - started
 
     def connect(self, user: str | None = None) -> Connection:
