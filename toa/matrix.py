@@ -153,6 +153,12 @@ def distro_of(release: str) -> str:
     return kernel.default_targets[0].name if kernel else "Debian"
 
 
+def _shown(path: Path) -> str:
+    """PATH relative to the working directory when inside it: the table is committed, machines differ."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -178,7 +184,7 @@ def run_suite(suite: str, settings: LabSettings, *, dist: Path,
         if built_for != tree.release:
             raise ToaError(f"built for {built_for}, not the fetched {tree.release}: the suite's index changed; rerun")
         row.build = True
-        row.ko = str(result.ko)
+        row.ko = _shown(result.ko)
     except ToaError as exc:
         row.build, row.error = False, f"build: {_first_line(exc)}"
         return row
@@ -206,7 +212,7 @@ def run_suite(suite: str, settings: LabSettings, *, dist: Path,
         row.lab_seconds = time.monotonic() - started
         return row
     row.lab_seconds = report.duration
-    row.lab, row.seed, row.serial_log = report.ok, report.seed, str(report.serial_log)
+    row.lab, row.seed, row.serial_log = report.ok, report.seed, _shown(report.serial_log)
     row.checks_total = len(report.checks)
     row.checks_passed = sum(check.passed for check in report.checks)
     row.failed_checks = [check.name for check in report.failed]

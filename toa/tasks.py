@@ -191,8 +191,6 @@ ns.add_task(build_commands.build)
 ns.add_task(build_commands.images)
 from toa.commands import render as render_commands  # noqa: E402
 ns.add_task(render_commands.render)
-from toa.commands import matrix as matrix_commands  # noqa: E402
-ns.add_task(matrix_commands.matrix)
 from toa.commands import package as package_commands  # noqa: E402
 ns.add_task(package_commands.package)
 ns.add_task(package_commands.sign)
@@ -201,3 +199,5 @@ from toa.commands import deploy as deploy_commands  # noqa: E402
 
 ns.add_task(deploy_commands.deploy)
 ns.add_task(deploy_commands.status)
+from toa.commands import matrix as matrix_commands  # noqa: E402
+ns.add_task(matrix_commands.matrix)

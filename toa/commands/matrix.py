@@ -108,9 +108,10 @@ def _print_rows(rows):
             return Text("-")
         return Text("PASS", style="green") if value else Text("FAIL", style="bold red")
 
+    headings = {"toa_loaded": "TOA loaded", "v4": "v4 proof", "v6": "v6 proof"}
     table = Table(title="toa matrix", title_justify="left")
     for column in ("suite", "kernel", "build", *LAB_COLUMNS, "lab", "checks"):
-        table.add_column(column, overflow="fold")
+        table.add_column(headings.get(column, column), overflow="fold")
     for row in rows:
         table.add_row(row.suite, row.kernel or "-", cell(row.build),
                       *(cell(getattr(row, column)) for column in LAB_COLUMNS),
