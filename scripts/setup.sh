@@ -11,7 +11,9 @@ packages=(
   busybox-static       # the lab's guest userland
   gcc libc6-dev make   # the lab's static guest test program
   cpio xz-utils zstd kmod
-  openssh-server       # the tests' loopback SSH host
+  openssh-server openssh-client   # the tests' loopback SSH host; the lab fleet's sshd
+  qemu-utils e2fsprogs # the lab fleet's disks (qemu-img overlays, mkfs.ext4 -d)
+  rpm openssl          # kmod .rpm packages; module signing keys
   python3-pip python3-venv
 )
 missing=()

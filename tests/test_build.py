@@ -333,8 +333,10 @@ def test_several_kernels_from_a_file_one_failing(kernel_trees, docker_client, tm
 def test_missing_headers_package_names_package_repos_and_nearest(docker_client):
     """The ubuntu/ recipe on a Debian base image asked for a kernel its archive does not carry."""
     base = build.base_image(docker_client, "bookworm").tags[0]
+    streamed = []
     with pytest.raises(ToaError) as error:
-        build.build_for_target(targets.get("ubuntu-22.04"), "6.1.0-9-amd64", base=base)
+        build.build_for_target(targets.get("ubuntu-22.04"), "6.1.0-9-amd64", base=base, progress=streamed.append)
+    assert any(": Step 1/" in line for line in streamed)  # the image build's log is streamed as progress
     message = str(error.value)
     assert message.startswith(f"linux-headers-6.1.0-9-amd64 is not in the repositories configured in {base}; "
                               "nearest available: linux-headers-")

@@ -145,21 +145,33 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
         "BASE": base.tags[0],
         "COMPILER": compiler_pkg,
         "APT_CHECK_VALID_UNTIL": "true" if debian.SUITES[suite].expiring_release else "false",
-    })
+    }, progress=progress)
 
 
-def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None):
-    """Build an image from PATH's Dockerfile; a failed build is one ToaError with the log's last lines."""
+def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None,
+                  progress: Callable[[str], None] | None = None):
+    """Build an image from PATH's Dockerfile, streaming its log lines to PROGRESS; a failed build is
+    one ToaError with the log's last lines (the whole log rides along as .build_log)."""
+    lines: list[str] = []
+    image_id, failure = None, None
     try:
-        image, _ = client.images.build(path=str(path), tag=tag, buildargs=buildargs, labels=labels or {},
-                                       pull=False, rm=True, forcerm=True)
-    except docker.errors.BuildError as exc:
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", entry["stream"]).rstrip() for entry in exc.build_log if entry.get("stream")]
+        for entry in client.api.build(path=str(path), tag=tag, buildargs=buildargs, labels=labels or {},
+                                      pull=False, rm=True, forcerm=True, decode=True):
+            for line in re.sub(r"\x1b\[[0-9;]*m", "", entry.get("stream", "")).splitlines():
+                lines.append(line.rstrip())
+                if line.strip():
+                    _say(progress, f"{tag}: {line.strip()[:100]}")
+            if "error" in entry:
+                failure = entry["error"].strip()
+            image_id = (entry.get("aux") or {}).get("ID", image_id)
+    except docker.errors.APIError as exc:
+        failure = str(exc.explanation or exc)
+    if failure or image_id is None:
         tail = " | ".join(line for line in lines[-5:] if line)
-        error = ToaError(f"building {tag} failed: {exc.msg}: {tail}")
+        error = ToaError(f"building {tag} failed: {failure or 'no image produced'}: {tail}")
         error.build_log = "\n".join(lines)  # for callers that recognise a known failure in it
-        raise error from None
-    return image
+        raise error
+    return client.images.get(image_id)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -458,7 +470,7 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
             shutil.copyfile(package, Path(context) / "packages" / package.name)
         try:
             return _docker_build(client, Path(context), tag, args,
-                                 labels={"org.toa.base": base, "org.toa.packages": given})
+                                 labels={"org.toa.base": base, "org.toa.packages": given}, progress=progress)
         except ToaError as exc:
             log = getattr(exc, "build_log", "")
             if HEADERS_NOT_FOUND_MARK not in log:
@@ -612,7 +624,7 @@ def plan(
             raise ToaError(f"the running kernel {kernel} belongs to no distro toa knows: give --kernel RELEASE, "
                            "--suite SUITE, or --local to build against its installed headers")
         say(f"resolve: building for the running kernel {kernel}")
-    if kernel and not suite and not debian.is_debian_release(kernel):
+    if kernel and not suite and (distro or not debian.is_debian_release(kernel)):
         resolution = kernels.resolve(kernel, distro)
         release, target = resolution.kernel.release, resolution.target
         say(f"resolve: {kernel} is {release} ({target.name})")
