@@ -5,8 +5,9 @@ Each target's `autoload` style (toa/targets.toml) picks the mechanism:
 - modules-load.d     systemd hosts: /etc/modules-load.d/toa.conf, read by systemd-modules-load.
                      Debian-likes without systemd get a line in /etc/modules instead; other
                      families without systemd use their own style below.
-- sysconfig-modules  CentOS/RHEL 6: /etc/sysconfig/modules/toa.modules, an executable sh script
-                     that rc.sysinit runs; it loads toa only if toa.ko exists for the running kernel.
+- sysconfig-modules  CentOS/RHEL 6 and 7: /etc/sysconfig/modules/toa.modules, an executable sh script
+                     that rc.sysinit (6) or rhel-loadmodules.service (7) runs; it loads toa only if
+                     toa.ko exists for the running kernel.
 - sysconfig-kernel   SLES 11: MODULES_LOADED_ON_BOOT in /etc/sysconfig/kernel (see below).
 - coreos-unit        Fedora CoreOS, Flatcar, CoreOS: /lib/modules is read-only, so toa.ko lives in
                      /var/lib/toa/<release>/ and a systemd unit insmods it before network-pre.target.
