@@ -41,11 +41,6 @@ LAB_COLUMNS = {
     "v6": ("v6-kind253", "v6-kind254"),
 }
 
-# Lighter than `invoke verify`'s defaults (fuzz 1000, cycles 100): the matrix boots every kernel.
-DEFAULT_FUZZ = 200
-DEFAULT_CYCLES = 10
-DEFAULT_TIMEOUT = 900
-
 
 @dataclass(frozen=True)
 class DistroBuild:
@@ -106,9 +101,9 @@ def plan(suites: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class LabSettings:
-    fuzz: int = DEFAULT_FUZZ
-    cycles: int = DEFAULT_CYCLES
-    timeout: float = DEFAULT_TIMEOUT
+    fuzz: int
+    cycles: int
+    timeout: float
     seed: int | None = None
 
 

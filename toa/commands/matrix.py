@@ -20,6 +20,7 @@ def _count(value, flag, minimum):
     return number
 
 
+# Lighter lab settings than `invoke verify`'s (fuzz 1000, cycles 100): the matrix boots every kernel.
 @task(iterable=["suite"], auto_shortflags=False,
       help={"suite": f"run only this Debian suite's newest kernel; repeat for more (default: all: "
                      f"{', '.join(DEBIAN_SUITES)})",
