@@ -14,6 +14,7 @@ packages=(
   openssh-server openssh-client   # the tests' loopback SSH host; the lab fleet's sshd
   qemu-utils e2fsprogs # the lab fleet's disks (qemu-img overlays, mkfs.ext4 -d)
   rpm openssl          # kmod .rpm packages; module signing keys
+  shellcheck           # actionlint checks the workflow's scripts with it
   python3-pip python3-venv
 )
 missing=()

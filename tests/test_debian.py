@@ -245,3 +245,11 @@ def test_kernels_in_index_needs_headers_common_and_kbuild_of_the_same_upload():
     # 6.1.0-8's kbuild is not in the index at its version: incomplete, left out.
     assert [k.release for k in kernels] == ["6.1.0-9-amd64"]
     assert kernels[0].modules_pkg is None
+
+
+def test_mirror_environment_overrides_apt_sources(monkeypatch):
+    monkeypatch.setenv("TOA_DEBIAN_MIRROR", "http://mirror.example.org/debian")
+    assert debian.mirror_for("debian") == "http://mirror.example.org/debian"
+    monkeypatch.setenv("TOA_DEBIAN_SECURITY_MIRROR", "http://x;reboot")
+    with pytest.raises(ToaError, match="TOA_DEBIAN_SECURITY_MIRROR='http://x;reboot' is not a mirror URL"):
+        debian.mirror_for("security")

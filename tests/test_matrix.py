@@ -150,7 +150,7 @@ def _as_argv(run: str, env: dict, values: dict) -> list[str]:
     for variable, expression in env.items():
         field = re.fullmatch(r"\$\{\{ matrix\.(\w+) \}\}", expression).group(1)
         run = run.replace(f'"${variable}"', shlex.quote(values[field]))
-    run = run.replace('sudo "$(command -v invoke)"', "invoke")
+    run = re.sub(r'sudo (--preserve-env=[A-Z_,]+ )?"\$\(command -v invoke\)"', "invoke", run)
     return shlex.split(run)
 
 

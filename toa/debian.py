@@ -207,8 +207,18 @@ def find_mirrors(entries: list[SourceEntry]) -> dict[str, str]:
     return mirrors
 
 
+MIRROR_ENV = {"debian": "TOA_DEBIAN_MIRROR", "security": "TOA_DEBIAN_SECURITY_MIRROR"}
+
+
 def mirror_for(archive: str) -> str | None:
-    """The URL apt here uses for the Debian archive ("debian") or its security archive ("security")."""
+    """The Debian archive's ("debian") or security archive's ("security") URL: $TOA_DEBIAN_MIRROR /
+    $TOA_DEBIAN_SECURITY_MIRROR when set (hosts whose apt sources name no Debian mirror, e.g. an
+    Ubuntu CI runner), else the one apt here uses."""
+    override = os.environ.get(MIRROR_ENV[archive])
+    if override:
+        if not MIRROR_RE.fullmatch(override):
+            raise ToaError(f"${MIRROR_ENV[archive]}={override!r} is not a mirror URL like http://deb.debian.org/debian")
+        return override
     return find_mirrors(system_sources()).get(archive)
 
 
@@ -216,7 +226,8 @@ def _require_mirror(pocket: Pocket) -> str:
     mirror = mirror_for(pocket.archive)
     if mirror is None:
         what = "Debian security mirror (a *-security suite)" if pocket.archive == "security" else "Debian mirror"
-        raise ToaError(f"no {what} in {APT_SOURCES_FILE} or {APT_SOURCES_DIR}/: add one to apt's sources")
+        raise ToaError(f"no {what} in {APT_SOURCES_FILE} or {APT_SOURCES_DIR}/: add one to apt's sources "
+                       f"or set ${MIRROR_ENV[pocket.archive]}")
     return mirror
 
 
