@@ -16,7 +16,7 @@ from tests.cli import assert_one_line_error, toa
 from toa import deploy, render, targets
 from toa.errors import ToaError
 from toa.nodes import Node
-from toa.remote import HostSpec
+from toa.remote import HostSpec, SshOptions
 
 RELEASE = "6.1.0-56-amd64"
 MODULE_FILE = f"/lib/modules/{RELEASE}/extra/toa.ko"
@@ -107,7 +107,7 @@ def test_plan_reloads_for_another_build_or_other_options():
     assert with_options.load == "reload"
     assert [change.entry.path for change in with_options.files] == ["/etc/modprobe.d/toa.conf"]
     new_file = deploy.make_plan(state, _artifact(SHA256, RECORDED_SRCVERSION), FILES, MODULE_FILE, None)
-    assert (new_file.install, new_file.depmod, new_file.load) == (True, True, None)
+    assert (new_file.install, new_file.depmod, new_file.load) == (True, True, "reload")
 
 
 def test_plan_deletes_only_temp_names_it_makes():
@@ -231,3 +231,230 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--option", "debug=1"), "unknown module option")
     assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--parallel", "0"), "--parallel")
     assert_one_line_error(toa("status", "--hosts", str(tmp_path / "absent")), "not found: fix --hosts")
+
+
+# ---------------------------------------------------------------- a real fleet
+
+OLD_RELEASE = "5.10.0-46-amd64"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """toa.ko built for both kernels (a full dist) and a dist with the 6.1 build only."""
+    from toa import build
+
+    dist = tmp_path_factory.mktemp("dist")
+    for release in (RELEASE, OLD_RELEASE):
+        build.build_kernel(kernel=release, out_dir=dist)
+    partial = tmp_path_factory.mktemp("dist-6.1-only")
+    found = deploy.find_artifact(dist, RELEASE)
+    shutil.copytree(found.ko.parent, partial / found.ko.parent.parent.name / RELEASE)
+    return dist, partial
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Three guests: guest1 and guest3 boot 6.1.0-56-amd64, guest2 boots 5.10.0-46-amd64."""
+    from toa import debian, guests
+
+    trees = [debian.prepare(release, None)[1] for release in (RELEASE, OLD_RELEASE)]
+    with guests.fleet(trees, tmp_path_factory.mktemp("fleet"), count=3) as running:
+        yield running
+
+
+def _nodes_file(path, fleet, *lines):
+    path.write_text("# the test fleet\n" + "".join(line + "\n" for line in lines or [g.node_line() for g in fleet]))
+    return path
+
+
+def _known_hosts(path, fleet):
+    path.write_text("".join(g.known_hosts.read_text() for g in fleet))
+    return path
+
+
+def _fleet_args(tmp_path, fleet, *lines):
+    return ["--hosts", str(_nodes_file(tmp_path / "nodes.txt", fleet, *lines)), "--key", str(fleet[0].key_path),
+            "--known-hosts", str(_known_hosts(tmp_path / "known_hosts", fleet))]
+
+
+def _deploy_json(*args):
+    result = toa("deploy", *args, "--json")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result, {host["host"]: host for host in json.loads(result.stdout)["hosts"]}
+
+
+def _guest_facts(guest):
+    """What a guest has: loaded srcversion, module file hash, temp names, autoload files."""
+    out = guest.run(
+        "cat /sys/module/toa/srcversion 2>/dev/null || echo none; "
+        "sha256sum /lib/modules/$(uname -r)/extra/toa.ko 2>/dev/null | cut -d' ' -f1 | grep . || echo none; "
+        "find /lib/modules/$(uname -r)/extra /etc/modules-load.d /etc/modprobe.d -name '.*toa*' | wc -l; "
+        "for f in /etc/modules-load.d/toa.conf /etc/modprobe.d/toa.conf; do "
+        "if [ -f $f ]; then base64 -w0 < $f; echo; else echo none; fi; done"
+    ).split("\n")
+    return {"srcversion": out[0], "sha256": out[1], "temp_names": int(out[2]), "autoload": out[3:5]}
+
+
+def _rendered(release, options=None):
+    import base64
+
+    files = render.autoload_files(targets.get("debian-12"), release, init="systemd", options=options)
+    return [base64.b64encode(f.content.encode()).decode() for f in files]
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_a_host_without_an_artifact_fails_alone(fleet, artifacts, tmp_path):
+    full, only_61 = artifacts
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(only_61))
+    assert result.returncode == 1
+    guest1, guest2, guest3 = (hosts[g.node_line()] for g in fleet)
+    assert guest2["action"] == "failed"
+    assert f"invoke build --kernel {OLD_RELEASE}" in guest2["detail"], guest2
+    artifact = deploy.find_artifact(only_61, RELEASE)
+    for guest, row in ((fleet[0], guest1), (fleet[2], guest3)):
+        assert row["action"] == "installed", row
+        facts = _guest_facts(guest)
+        assert facts == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                         "autoload": _rendered(RELEASE)}
+    assert _guest_facts(fleet[1])["srcversion"] == "none"
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_dry_run_prints_the_plan_and_changes_nothing(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert [hosts[g.node_line()]["action"] for g in fleet] == ["unchanged", "would-install", "unchanged"]
+    assert "load toa" in hosts[fleet[1].node_line()]["changes"]
+    assert _guest_facts(fleet[1]) == {"srcversion": "none", "sha256": "none", "temp_names": 0,
+                                      "autoload": ["none", "none"]}
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remains(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    victim = fleet[1]
+
+    def pull_the_plug(host, step):
+        if host == victim.node_line() and step == "installed":  # toa.ko renamed into place, not loaded
+            victim.kill()
+
+    nodes = [Node(HostSpec("127.0.0.1", "root", g.port)) for g in fleet]
+    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+        key_filename=str(victim.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
+    results = deploy.deploy(nodes, options, progress=pull_the_plug)
+    assert [r.action for r in results] == ["unchanged", "failed", "unchanged"], results
+    assert not victim.is_running()
+
+    victim.start()
+    victim.wait_for_ssh()
+    artifact = deploy.find_artifact(full, OLD_RELEASE)
+    facts = _guest_facts(victim)
+    assert facts["temp_names"] == 0
+    assert facts["sha256"] in ("none", artifact.sha256)  # absent, or the whole new file
+    assert all(text in ("none", wanted) for text, wanted in zip(facts["autoload"], _rendered(OLD_RELEASE)))
+
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert hosts[victim.node_line()]["action"] in ("installed", "updated")
+    assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                                    "autoload": _rendered(OLD_RELEASE)}
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    args = _fleet_args(tmp_path, fleet)
+    result = toa("deploy", *args, "--dist", str(full))
+    assert result.returncode == 0, result.stderr
+    assert "nothing changed" in result.stdout
+    result, hosts = _deploy_json(*args, "--dist", str(full))
+    assert {row["action"] for row in hosts.values()} == {"unchanged"}
+    assert all(row["changes"] == [] for row in hosts.values())
+
+    status = toa("status", *args, "--dist", str(full), "--json")
+    assert status.returncode == 0, status.stderr
+    rows = {row["host"]: row for row in json.loads(status.stdout)["hosts"]}
+    for guest in fleet:
+        artifact = deploy.find_artifact(full, guest.release)
+        row = rows[guest.node_line()]
+        assert (row["kernel"], row["loaded"], row["loaded_srcversion"], row["installed_srcversion"],
+                row["artifact"], row["autoload"], row["error"]) == (
+            guest.release, True, artifact.srcversion, artifact.srcversion, "match", "complete", None)
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_a_failed_load_rolls_back_to_the_previous_module(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    guest = fleet[0]
+    good = deploy.find_artifact(full, RELEASE)
+    before = _guest_facts(guest)
+    # a dist whose 6.1 toa.ko is really the 5.10 build: it uploads and installs, then the kernel refuses it
+    wrong = deploy.find_artifact(full, OLD_RELEASE)
+    bad_dir = tmp_path / "bad-dist" / "debian-12" / RELEASE
+    bad_dir.mkdir(parents=True)
+    shutil.copyfile(wrong.ko, bad_dir / "toa.ko")
+    (bad_dir / "manifest.json").write_text(json.dumps({
+        "kernel_release": RELEASE, "target": "debian-12", "sha256": wrong.sha256, "srcversion": wrong.srcversion}))
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(tmp_path / "bad-dist"))
+    assert result.returncode == 1
+    row = hosts[guest.node_line()]
+    assert row["action"] == "failed" and "loading toa failed" in row["detail"] and "rolled back" in row["detail"], row
+    assert _guest_facts(guest) == before == {"srcversion": good.srcversion, "sha256": good.sha256, "temp_names": 0,
+                                             "autoload": _rendered(RELEASE)}
+    assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, artifacts, tmp_path):
+    from toa.guests import SUDO_USER
+
+    full, _ = artifacts
+    guest = fleet[2]
+    refused, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, f"{guest.node_line(SUDO_USER)} sudo=no"),
+                                  "--dist", str(full))
+    assert refused.returncode == 1 and "not root and sudo=no" in hosts[guest.node_line(SUDO_USER)]["detail"]
+
+    args = _fleet_args(tmp_path, fleet, f"{guest.node_line(SUDO_USER)} sudo=yes")
+    result, hosts = _deploy_json(*args, "--dist", str(full), "--option", "kinds=254,200")
+    row = hosts[guest.node_line(SUDO_USER)]
+    assert result.returncode == 0 and row["action"] == "updated", row
+    assert row["changes"] == ["reload toa", "write /etc/modprobe.d/toa.conf"]
+    assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
+
+    guest.reboot()
+    artifact = deploy.find_artifact(full, RELEASE)
+    assert _guest_facts(guest) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                                   "autoload": _rendered(RELEASE, {"kinds": "254,200"})}
+    assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
+    # loaded once in this boot, by systemd-modules-load from the rendered file, before sshd started
+    assert guest.run("dmesg").count("TOA: toa loaded") == 1
+    shown = guest.run("systemctl show -p ExecMainStatus -p ExecMainExitTimestampMonotonic systemd-modules-load; "
+                      "systemctl show -p ExecMainStartTimestampMonotonic ssh")
+    values = dict(line.split("=", 1) for line in shown.split())
+    assert values["ExecMainStatus"] == "0", shown
+    assert 0 < int(values["ExecMainExitTimestampMonotonic"]) < int(values["ExecMainStartTimestampMonotonic"]), shown
+
+    result, hosts = _deploy_json(*args, "--dist", str(full))  # back to the module's defaults
+    assert hosts[guest.node_line(SUDO_USER)]["action"] == "updated"
+    assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
+
+
+@pytest.mark.lab
+def test_new_host_keys_only_with_the_explicit_flag(fleet, tmp_path):
+    guest = fleet[0]
+    nodes = _nodes_file(tmp_path / "nodes.txt", fleet, guest.node_line())
+    recorded = tmp_path / "new_known_hosts"
+    base = ["--hosts", str(nodes), "--key", str(guest.key_path), "--known-hosts", str(recorded), "--json"]
+    refused = toa("status", *base[:-3], "--json")
+    assert refused.returncode == 1 and "host key" in json.loads(refused.stdout)["hosts"][0]["error"]
+    accepted = toa("status", *base, "--accept-new-host-keys")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert recorded.read_text() == guest.known_hosts.read_text()
+    assert toa("status", *base).returncode == 0

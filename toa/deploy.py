@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -258,7 +259,9 @@ def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile],
     depmod = modules_dep_entry(module_file, artifact.release) is not None and (install or not state.indexed)
     if not state.loaded:
         load = "load"
-    elif state.loaded_srcversion != artifact.srcversion or any(
+    # srcversion hashes the sources only, so builds for two kernels share it: a replaced file is
+    # always reloaded, so that what runs is what is installed
+    elif install or state.loaded_srcversion != artifact.srcversion or any(
         state.parameters.get(name) != value for name, value in wanted_parameters(options).items()
     ):
         load = "reload"
@@ -384,15 +387,16 @@ class DeployOptions:
     dry_run: bool = False
 
 
+CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+
 class Host:
     """One open connection and the way to run commands as root on it."""
 
     def __init__(self, node: Node, ssh: remote.SshOptions):
         self.node = node
         key = str(node.key) if node.key else ssh.key_filename
-        self.conn = remote.connect(node.spec, remote.SshOptions(
-            key_filename=key, known_hosts=ssh.known_hosts, check_host_key=ssh.check_host_key,
-            timeout=ssh.timeout, accept_new_host_keys=ssh.accept_new_host_keys))
+        self.conn = remote.connect(node.spec, dataclasses.replace(ssh, key_filename=key))
         try:
             self.conn.transport.set_keepalive(5)  # notice a host that vanished mid-command
             self.sudo = self._sudo_prefix()
@@ -417,17 +421,20 @@ class Host:
         return remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}")
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        except CONNECTION_ERRORS:
+            pass  # the host went away: nothing left to close politely
 
 
 _build_lock = threading.Lock()
 
 
-def _artifact_for(release: str, target_id: str | None, options: DeployOptions, say) -> Artifact:
+def _artifact_for(release: str, target_id: str | None, options: DeployOptions, say) -> Artifact | None:
     artifact = find_artifact(options.dist, release, target_id)
-    if artifact is not None:
-        return artifact
-    if not options.build_missing or options.dry_run:
+    if artifact is not None or (options.dry_run and options.build_missing):
+        return artifact  # a dry run builds nothing: None says a build would come first
+    if not options.build_missing:
         raise ToaError(f"no toa.ko built for kernel {release} in {options.dist}: run "
                        f"`invoke build --kernel {release} --out {options.dist}` (or deploy with --build-missing)")
     from toa import build
@@ -496,7 +503,7 @@ def _install_module(host: Host, artifact: Artifact, module_file: str, say) -> No
     finally:
         try:
             host.run_as_user(f"rm -rf {q(staging)}")
-        except (ToaError, paramiko.SSHException, EOFError, OSError):
+        except (ToaError, *CONNECTION_ERRORS):
             pass  # the host is gone; the next boot or run finds a stale upload under /tmp only
 
 
@@ -538,7 +545,7 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
     def attempt(what: str, script: str) -> None:
         try:
             host.run_as_root(script)
-        except (ToaError, paramiko.SSHException, EOFError, OSError) as exc:
+        except (ToaError, *CONNECTION_ERRORS) as exc:
             problems.append(f"{what}: {exc}")
 
     for change in reversed(done.files):
@@ -548,10 +555,17 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
                 else _write_file_script(change.entry.path, previous.kind, previous.text, previous.mode))
     q = shlex.quote
     if done.installed:
-        restore = 'mv -f -T "$m.prev" "$m"' if state.installed_sha256 else 'rm -f "$m"'
+        # only when toa.ko really changed, and only from a toa.ko.prev that is the file this run found:
+        # an install cut short before its hard link must not bring back an older toa.ko.prev
+        old = state.installed_sha256
+        restore = (f'[ "$(sha256sum < "$m.prev" | cut -d" " -f1)" = {q(old)} ] || '
+                   '{ echo "toa.ko.prev is not the module this run replaced" >&2; exit 1; }; mv -f -T "$m.prev" "$m"'
+                   if old else 'rm -f "$m"')
         depmod = f"depmod -a {q(release)}" if modules_dep_entry(module_file, release) is not None else "true"
-        attempt("restoring the previous toa.ko",
-                f"{PATH_SETTING}\nm={q(module_file)}\n{restore} && sync && {depmod}\n")
+        attempt("restoring the previous toa.ko", "\n".join([
+            PATH_SETTING, f"m={q(module_file)}",
+            f'if [ "$(sha256sum < "$m" 2>/dev/null | cut -d" " -f1)" != {q(old or "")} ]; then {restore}; fi',
+            f"sync; {depmod}", ""]))
     if done.load_attempted:
         if state.loaded and state.loaded_srcversion:
             arguments = render.module_options({k: v for k, v in state.parameters.items() if k in DEFAULT_PARAMETERS})
@@ -568,9 +582,6 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, ToaError):
         return str(exc)
     return f"connection lost: {exc or type(exc).__name__}"
-
-
-CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
 def _read(host: Host, options: DeployOptions, say):
@@ -602,6 +613,11 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         platform, release, module_file, files, state = _read(host, options, say)
         result.kernel = release
         artifact = _artifact_for(release, platform.target.id, options, say)
+        if artifact is None:
+            result.action = "would-install"
+            result.detail = f"build toa.ko for {release} (--build-missing), then install, load and autoload it"
+            say("done")
+            return result
         parameters = wanted_parameters(options.options)
         plan = make_plan(state, artifact, files, module_file, options.options)
         result.changes = plan.describe(artifact)
