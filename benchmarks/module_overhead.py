@@ -10,9 +10,16 @@ One QEMU boot of the kernel runs several rounds; each round measures once withou
   getpeername-toa     getpeername()/s on an accepted socket whose TOA address is returned
 
 A handshake is the whole connection: SYN, SYN-ACK, ACK written through the guest's TUN device,
-accept() (which asks for the peer address too) and an abortive close. The medians per side and
-their ratio (with-toa / baseline) are printed. The exit status is non-zero only when the guest
-did not boot and finish or a measurement is missing, never because of a ratio.
+accept() (which asks for the peer address too) and an abortive close. From each round's two TOA
+measurements comes one more figure, what a server behind a balancer pays per connection:
+
+  connection          connections/s of accept() plus one getpeername(): one handshake-toa and
+                      one getpeername-toa call, seconds per operation added up within the round
+
+The median rate per side and the median of the per-round ratios (with-toa / baseline: both sides
+of a round run back to back) are printed, and written as JSON for benchmarks/report.py. The exit
+status is non-zero only when the guest did not boot and finish or a measurement is missing, never
+because of a ratio.
 
     python benchmarks/module_overhead.py --suite bookworm [--rounds N]
 """
@@ -21,14 +28,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from toa import build, debian, lab
-from toa.errors import ToaError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
+
+from toa import build, debian, lab  # noqa: E402
+from toa.errors import ToaError  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INIT_TEMPLATE = "init.sh.j2"
@@ -40,6 +50,11 @@ METRICS = {
     "getpeername-plain": "calls/s",
     "getpeername-toa": "calls/s",
 }
+# Figures derived per round and side from two measurements: name -> (unit, the metrics it adds up).
+DERIVED = {"connection": ("connections/s", ("handshake-toa", "getpeername-toa"))}
+UNITS = {**METRICS, **{name: unit for name, (unit, _parts) in DERIVED.items()}}
+# The connection rate with toa loaded should stay within 1% of the rate without it.
+GOAL_CONNECTION_RATIO = 0.99
 # One bookworm boot with these stays well under two minutes under TCG.
 DEFAULT_ROUNDS = 5
 DEFAULT_HANDSHAKES = 10000
@@ -71,12 +86,14 @@ class Sample:
 @dataclass(frozen=True)
 class Row:
     metric: str
-    baseline: float
-    with_toa: float
+    baseline: float  # median rate without the module
+    with_toa: float  # median rate with it loaded
+    round_ratios: tuple[float, ...]  # with-toa / baseline of each round
 
     @property
     def ratio(self) -> float:
-        return self.with_toa / self.baseline
+        """The median of the per-round ratios (TCG is noisy; each round's sides ran back to back)."""
+        return statistics.median(self.round_ratios)
 
 
 @dataclass
@@ -109,14 +126,32 @@ def missing_samples(samples: list[Sample], rounds: int) -> list[str]:
             if (metric, side, r) not in have]
 
 
+def round_rates(samples: list[Sample]) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> side -> round -> rate, the derived figures included where their parts were measured."""
+    rates: dict[str, dict[str, dict[int, float]]] = {name: {side: {} for side in SIDES} for name in UNITS}
+    seconds_per_op: dict[tuple[str, str, int], float] = {}
+    for sample in samples:
+        if sample.seconds > 0:
+            rates[sample.metric][sample.side][sample.round] = sample.rate
+            seconds_per_op[sample.metric, sample.side, sample.round] = sample.seconds / sample.ops
+    for name, (_unit, parts) in DERIVED.items():
+        for side in SIDES:
+            for round_ in {s.round for s in samples}:
+                costs = [seconds_per_op.get((part, side, round_)) for part in parts]
+                if all(costs):
+                    rates[name][side][round_] = 1.0 / sum(costs)
+    return rates
+
+
 def summarize(samples: list[Sample]) -> list[Row]:
-    """Median rate per metric and side, for metrics measured on both sides."""
+    """Median rate per metric and side and the median per-round ratio, for metrics measured on both sides."""
     rows = []
-    for metric in METRICS:
-        rates = {side: [s.rate for s in samples if s.metric == metric and s.side == side and s.seconds > 0]
-                 for side in SIDES}
-        if all(rates.values()):
-            rows.append(Row(metric, statistics.median(rates["baseline"]), statistics.median(rates["toa"])))
+    for metric, by_side in round_rates(samples).items():
+        paired = sorted(set(by_side["baseline"]) & set(by_side["toa"]))
+        if paired:
+            rows.append(Row(metric, statistics.median(by_side["baseline"].values()),
+                            statistics.median(by_side["toa"].values()),
+                            tuple(by_side["toa"][r] / by_side["baseline"][r] for r in paired)))
     return rows
 
 
@@ -195,6 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
     parser.add_argument("--out", type=Path, default=Path("dist"),
                         help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/ (default: dist)")
+    parser.add_argument("--json", type=Path,
+                        help="where to write the results (default: benchmarks/results/module_overhead.json)")
     return parser.parse_args(argv)
 
 
@@ -206,28 +243,52 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
     table.add_column("baseline", justify="right")
     table.add_column("with-toa", justify="right")
     table.add_column("ratio", justify="right")
+    table.add_column("ratio range", justify="right")
     table.add_column("unit")
     for row in outcome.rows:
         table.add_row(row.metric, f"{row.baseline:,.0f}", f"{row.with_toa:,.0f}", f"{row.ratio:.3f}",
-                      METRICS[row.metric])
+                      f"{min(row.round_ratios):.3f}-{max(row.round_ratios):.3f}", UNITS[row.metric])
     console.print(table)
-    notes = (
+    notes = [
         f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline and toa alternating in one boot; "
-        f"median per side; {args.handshakes} handshakes and {args.calls} getpeername() calls per measurement",
-        "ratio = with-toa / baseline: below 1 means slower with the module loaded",
+        f"median rate per side; {args.handshakes} handshakes and {args.calls} getpeername() calls per measurement",
+        "ratio = median over rounds of with-toa / baseline (range: the rounds' lowest and highest): "
+        "below 1 means slower with the module loaded",
+        "connection = accept() plus one getpeername() per connection: one handshake-toa and one getpeername-toa "
+        "call, their seconds per operation added within each round",
         "QEMU emulates the CPU (TCG), which inflates absolute costs: the rates are not those of real "
         "hardware; the ratios, measured within one boot, are what compare",
-    )
+    ]
+    connection = next((row for row in outcome.rows if row.metric == "connection"), None)
+    if connection is not None:
+        verdict = ("met" if connection.ratio >= GOAL_CONNECTION_RATIO
+                   else f"missed by {GOAL_CONNECTION_RATIO - connection.ratio:.3f}")
+        notes.append(f"goal connection ratio >= {GOAL_CONNECTION_RATIO}: measured {connection.ratio:.3f}, {verdict}")
     for note in notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
     for problem in outcome.problems:
         err_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
 
 
+def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: list[str] | None = None) -> dict:
+    connection = next((row for row in outcome.rows if row.metric == "connection"), None)
+    return results.record("module_overhead", machine, {
+        "kernel": outcome.release,
+        "rounds": args.rounds, "handshakes": args.handshakes, "calls": args.calls,
+        "rows": [{"metric": row.metric, "unit": UNITS[row.metric], "baseline": row.baseline,
+                  "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios)}
+                 for row in outcome.rows],
+        "goals": {"connection ratio": {"goal": f">= {GOAL_CONNECTION_RATIO}", "measured": connection.ratio,
+                                       "met": connection.ratio >= GOAL_CONNECTION_RATIO}} if connection else {},
+        "problems": outcome.problems,
+    }, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = parse_args(argv)
+    machine = results.machine()
     console, err_console = Console(), Console(stderr=True)
     try:
         with err_console.status("starting") as status:
@@ -244,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_outcome(outcome, args, console, err_console)
+    if outcome.rows and not outcome.problems:  # a broken run must not replace the last good results
+        print(f"results: {results.write(document(outcome, args, machine, argv), args.json)}")
     if outcome.problems:
         err_console.print(f"serial log: {log_dir / 'serial.log'}", markup=False, highlight=False, soft_wrap=True)
         return 1

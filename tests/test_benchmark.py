@@ -1,9 +1,13 @@
-"""Offline checks of benchmarks/module_overhead.py: reading BENCH lines into medians and ratios, and
-the verdict on a guest console. No kernel is booted here (running the benchmark itself does that)."""
+"""The benchmark scripts: their pure parts on made-up inputs (BENCH lines into medians and ratios, the
+verdict on a guest console, deploy runs into ratios and per-host costs, the report), then each script
+run end to end in a tiny configuration, checking that it measures and prints ratios that come from
+its own measurements. No test here asserts a time."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +19,8 @@ from toa import lab
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "module_overhead.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("module_overhead", SCRIPT)
+def _load_script(name: str = "module_overhead"):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
@@ -50,10 +54,12 @@ def test_medians_per_side_and_ratio():
     outcome = bench.evaluate(lines, 3, timed_out=False, returncode=0)
     assert outcome.problems == []
     assert outcome.release == "6.1.0-56-amd64"
-    assert [row.metric for row in outcome.rows] == list(bench.METRICS)
-    for row in outcome.rows:
+    assert [row.metric for row in outcome.rows] == [*bench.METRICS, "connection"]
+    for row in outcome.rows[:-1]:
         assert row.baseline == pytest.approx(500.0)
         assert row.with_toa == pytest.approx(400.0)
+        # per-round ratios 0.8, 0.2 and 400: the median, not the ratio of the median rates
+        assert row.round_ratios == pytest.approx((0.8, 0.2, 400.0))
         assert row.ratio == pytest.approx(0.8)
 
 
@@ -137,3 +143,195 @@ def test_round_counts_must_be_positive(capsys):
     assert exit_info.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
     assert bench.parse_args(["--suite", "bookworm"]).rounds == bench.DEFAULT_ROUNDS
+
+
+def test_connection_adds_the_two_toa_costs_of_each_round():
+    lines = ["TOA-BENCH BEGIN release=6.1.0-56-amd64"]
+    # handshake-toa 1000 ops: 1 s baseline, 2 s toa; getpeername-toa 1000 ops: 1 s and 1 s.
+    # Per connection: baseline 0.001 + 0.001 s (500/s); toa 0.002 + 0.001 s (333.3/s); ratio 2/3.
+    seconds = {("handshake-toa", "baseline"): 1.0, ("handshake-toa", "toa"): 2.0,
+               ("getpeername-toa", "baseline"): 1.0, ("getpeername-toa", "toa"): 1.0}
+    for (metric, side), value in seconds.items():
+        lines.append(bench_line(metric, side, 1, 1000, value))
+    rows = {row.metric: row for row in bench.summarize(bench.parse_samples(lines))}
+    assert rows["connection"].baseline == pytest.approx(500.0)
+    assert rows["connection"].with_toa == pytest.approx(1000 / 3)
+    assert rows["connection"].ratio == pytest.approx(2 / 3)
+    assert "handshake-plain" not in rows  # measured on neither side
+
+
+def test_connection_needs_both_parts_in_the_same_round():
+    lines = [bench_line("handshake-toa", "baseline", 1, 10, 1.0), bench_line("getpeername-toa", "baseline", 2, 10, 1.0),
+             bench_line("handshake-toa", "toa", 1, 10, 1.0), bench_line("getpeername-toa", "toa", 1, 10, 1.0)]
+    assert "connection" not in [row.metric for row in bench.summarize(bench.parse_samples(lines))]
+
+
+# ---------------------------------------------------------------- deploy_vs_ansible: pure parts
+
+deploy_bench = _load_script("deploy_vs_ansible")
+build_bench = _load_script("build_cost")
+report = _load_script("report")
+
+
+def _runs(walls: dict[tuple[str, int], list[float]], cpu: float = 1.0):
+    return [deploy_bench.Run(tool, n, repeat, wall, cpu * n) for (tool, n), values in walls.items()
+            for repeat, wall in enumerate(values, 1)]
+
+
+def test_deploy_summary_medians_ratios_and_cost_per_added_host():
+    runs = _runs({("floor", 1): [2.0], ("toa", 1): [3.0], ("ansible", 1): [30.0],
+                  ("floor", 8): [10.0, 12.0, 11.0], ("toa", 8): [14.0, 15.0, 99.0], ("ansible", 8): [200.0]})
+    summary = deploy_bench.summarize(runs, [1, 8])
+    assert summary["tools"] == ["floor", "toa", "ansible"]
+    assert summary["median"]["toa"]["8"]["wall_seconds"] == 15.0
+    assert summary["ratios"]["8"] == {"toa/floor": pytest.approx(15 / 11), "ansible/toa": pytest.approx(200 / 15)}
+    assert summary["ratios"]["1"]["toa/floor"] == pytest.approx(1.5)
+    assert summary["per_added_host"]["toa"]["wall_seconds"] == pytest.approx((15 - 3) / 7)
+    assert summary["per_added_host"]["toa"]["cpu_seconds"] == pytest.approx(1.0)
+    goals = deploy_bench.goals(summary)
+    assert goals["toa/floor at N=8"]["met"] and goals["ansible/toa at N=8"]["met"]
+    slow = deploy_bench.summarize(_runs({("floor", 8): [10.0], ("toa", 8): [20.0], ("ansible", 8): [100.0]}), [8])
+    verdicts = deploy_bench.goals(slow)
+    assert not verdicts["toa/floor at N=8"]["met"] and not verdicts["ansible/toa at N=8"]["met"]
+    assert deploy_bench.miss_text("toa/floor at N=8", verdicts["toa/floor at N=8"]) == "missed by a factor of 1.33"
+    assert deploy_bench.miss_text("ansible/toa at N=8", verdicts["ansible/toa at N=8"]) == "missed by a factor of 2.40"
+    assert slow["per_added_host"] == {}  # one N: no slope
+
+
+def test_a_host_missing_any_part_of_the_work_is_reported():
+    artifact = deploy_bench.deploy.Artifact(Path("toa.ko"), "5.10.0-46-amd64", "debian-12", "ab" * 32, "8A22A2")
+    done = f"@@loaded 8A22A2\n@@installed {'ab' * 32}\n@@autoload 1\n"
+    assert deploy_bench.check_problems(done, artifact) == []
+    problems = deploy_bench.check_problems("@@loaded \n@@installed \n@@autoload 0\n", artifact)
+    assert problems == ["loaded srcversion none, not 8A22A2", "the installed toa.ko is not the artifact",
+                        "no toa line in /etc/modules-load.d/toa.conf"]
+
+
+def test_every_tool_gets_the_same_key_and_checked_known_hosts(tmp_path):
+    guests = [deploy_bench.guests.Guest(f"guest{i}", _image(), tmp_path, 40000 + i) for i in (1, 2)]
+    key, known_hosts = Path("/keys/client key"), tmp_path / "known_hosts"
+    inventory = deploy_bench.inventory_text(guests, key, known_hosts)
+    assert "guest2 ansible_host=127.0.0.1 ansible_port=40002" in inventory
+    assert "ansible_user=root" in inventory
+    options = deploy_bench.ssh_options(key, known_hosts)
+    assert "StrictHostKeyChecking=yes" in options and f"UserKnownHostsFile={known_hosts}" in options
+    assert "'IdentityFile=/keys/client key'" in inventory  # quoted for the shell ansible hands it to
+    assert deploy_bench.nodes_text(guests) == "root@127.0.0.1:40001\nroot@127.0.0.1:40002\n"
+    assert deploy_bench.known_hosts_text(guests).splitlines() == [
+        "[127.0.0.1]:40001 ssh-ed25519 AAAAkey", "[127.0.0.1]:40002 ssh-ed25519 AAAAkey"]
+
+
+def _image():
+    return deploy_bench.guests.GuestImage("5.10.0-46-amd64", Path("vmlinuz"), Path("initrd"), Path("disk"),
+                                          Path("key"), "ssh-ed25519 AAAAkey")
+
+
+def test_reset_removes_what_every_tool_writes():
+    release = "5.10.0-46-amd64"
+    module = f"/lib/modules/{release}/extra/toa.ko"
+    script = deploy_bench.reset_command(release, module)
+    for path in (module, "/etc/modules-load.d/toa.conf", "/etc/modprobe.d/toa.conf", module + ".prev"):
+        assert path in script
+    assert "dmesg -C" in script and f"depmod -a {release}" in script  # the floor's dmesg check must not see old lines
+
+
+def test_profile_steps_add_up_per_host_and_take_the_median():
+    marks = {"a": [(0.0, "connect"), (1.0, "autoload"), (1.5, "autoload"), (2.5, "done")],
+             "b": [(0.0, "connect"), (3.0, "autoload"), (3.5, "done")],
+             "c": [(0.0, "connect"), (2.0, "done")]}
+    assert deploy_bench.step_medians(marks) == {"connect": 2.0, "autoload": 0.5}
+
+
+def test_host_counts_are_checked():
+    assert deploy_bench.parse_args(["--hosts", "8,1,4,4"]).hosts == [1, 4, 8]
+    for bad in ("0", "1,x", "17", ""):
+        with pytest.raises(SystemExit):
+            deploy_bench.parse_args(["--hosts", bad])
+    with pytest.raises(SystemExit):
+        deploy_bench.parse_args(["--tools", "floor,chef"])
+
+
+def test_build_summary_is_the_median_of_per_round_ratios():
+    measurement = build_bench.Measurement("6.1.0-56-amd64", "/headers", [
+        build_bench.Round(10.0, 11.0, 0.5, 0.01, 0.05, 0.3, 0.4, 0.2),
+        build_bench.Round(20.0, 10.0, 0.7, 0.02, 0.05, 0.3, 0.4, 0.2),
+        build_bench.Round(5.0, 10.0, 0.6, 0.03, 0.05, 0.3, 0.4, 0.2)])
+    summary = measurement.summary()
+    assert summary["cold_over_bare"] == pytest.approx(1.1)  # ratios 1.1, 0.5, 2.0
+    assert summary["bare_make_seconds"] == 10.0 and summary["warm_seconds"] == 0.6
+    doc = build_bench.document(measurement, {"cores": 2}, [])
+    assert doc["goals"]["warm_seconds"]["met"] is False and doc["goals"]["cold_over_bare"]["met"] is True
+
+
+# ---------------------------------------------------------------- the report, from the committed results
+
+
+def test_report_from_the_committed_results_shows_their_numbers(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    found = report.load(report.results.RESULTS_DIR)
+    assert set(found) == set(report.NAMES)
+    for doc in found.values():
+        assert doc["date"] in text and doc["machine"]["cpu"] in text
+    deploy_doc = found["deploy_vs_ansible"]
+    for n, ratios in deploy_doc["summary"]["ratios"].items():
+        for value in ratios.values():
+            assert f"{value:.2f}" in text
+    assert f"{found['build_cost']['summary']['cold_over_bare']:.3f}" in text
+    for row in found["module_overhead"]["rows"]:
+        assert f"| {row['metric']} |" in text and f"{row['ratio']:.3f}" in text
+    for doc in found.values():
+        for goal in doc["goals"].values():
+            assert ("met" if goal["met"] else "missed") in text
+
+
+def test_report_without_results_is_a_one_line_error(tmp_path, capsys):
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "B.md")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "B.md").exists()
+
+
+# ---------------------------------------------------------------- the scripts, end to end
+
+
+def _run(script: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT.parent / script), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=SCRIPT.parent.parent)
+
+
+def test_build_cost_end_to_end(tmp_path):
+    result = _run("build_cost.py", "--rounds", "1", "--json", str(tmp_path / "build.json"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "build.json").read_text())
+    (one,) = doc["rounds"]
+    assert all(value > 0 for value in one.values())
+    printed = re.search(r"ratio cold/bare = ([0-9.]+)", result.stdout)
+    assert printed and float(printed[1]) == pytest.approx(one["cold"] / one["bare"], abs=0.0005)
+    assert re.search(r"warm re-run = ([0-9.]+) s", result.stdout)[1] == f"{one['warm']:.3f}"
+
+
+@pytest.mark.lab
+def test_deploy_vs_ansible_end_to_end_on_one_guest(tmp_path):
+    result = _run("deploy_vs_ansible.py", "--hosts", "1", "--tools", "floor,toa,ansible", "--json",
+                  str(tmp_path / "deploy.json"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "deploy.json").read_text())
+    walls = {run["tool"]: run["wall_seconds"] for run in doc["runs"]}
+    assert sorted(walls) == ["ansible", "floor", "toa"] and all(wall > 0 for wall in walls.values())
+    printed = dict(re.findall(r"([a-z-]+/[a-z-]+) = ([0-9.]+)", result.stdout.split("N=1:", 1)[1].splitlines()[0]))
+    assert float(printed["toa/floor"]) == pytest.approx(walls["toa"] / walls["floor"], abs=0.005)
+    assert float(printed["ansible/toa"]) == pytest.approx(walls["ansible"] / walls["toa"], abs=0.005)
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_module_overhead_end_to_end_one_round(tmp_path):
+    result = _run("module_overhead.py", "--suite", "bookworm", "--rounds", "1", "--handshakes", "200",
+                  "--calls", "2000", "--out", str(tmp_path / "dist"), "--json", str(tmp_path / "overhead.json"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    rows = {row["metric"]: row for row in doc["rows"]}
+    assert set(rows) == {*bench.METRICS, "connection"}
+    for row in rows.values():
+        assert row["ratio"] == pytest.approx(row["with_toa"] / row["baseline"])  # one round: one ratio
+        assert re.search(rf"{row['metric']}\s.*\s{row['ratio']:.3f}\s", result.stdout)

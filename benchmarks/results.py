@@ -1,0 +1,88 @@
+"""What every benchmark script records beside its numbers: the machine, the date, the command line,
+and the JSON file that benchmarks/report.py turns into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.system()
+
+
+def machine() -> dict:
+    """The machine a measurement ran on, as BENCHMARKS.md names it."""
+    return {
+        "hostname": platform.node(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "os": os_name(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        # Other work on the machine during the run skews wall times; the report shows it.
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the per-round ratios (each round's two sides measured back to back)."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
+class StepFailed(Exception):
+    """A step of a benchmark did not do its work: there is no honest number for it (exit status 1)."""
+
+
+def record(name: str, machine_at_start: dict, measurements: dict, argv: list[str] | None = None) -> dict:
+    """The JSON document of one benchmark run (machine() taken when the run started)."""
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", f"benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_at_start,
+        **measurements,
+    }
+
+
+def write(document: dict, path: Path | None) -> Path:
+    """Write the run's JSON (default benchmarks/results/<name>.json); returns the path."""
+    path = Path(path) if path else RESULTS_DIR / f"{document['benchmark']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
