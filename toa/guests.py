@@ -13,6 +13,7 @@ replayed at the next mount) and a restart or `systemctl reboot` boots the same k
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import gzip
@@ -31,10 +32,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import jinja2
-import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 
 from toa import debian, lab, remote
 from toa.debian import KernelTree
@@ -76,6 +77,11 @@ SYSTEM_MODULES = ("virtio_net", "virtio_rng", "autofs4", "autofs", "tun")
 MODULE_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
 SSH_POLL_SECONDS = 0.5
+# A short command that takes longer than this is talking to a guest on its way down.
+COMMAND_SECONDS = 30.0
+# Time allowed for one guest to boot to SSH under TCG on a busy host, and per extra guest in a fleet.
+BOOT_SECONDS = 180.0
+BOOT_SECONDS_PER_GUEST = 60.0
 # How long one round of SSH probes lasts, and how often a round opens a new connection.
 SSH_PROBE_SECONDS = 15.0
 CONNECT_INTERVAL_SECONDS = 1.5
@@ -351,6 +357,16 @@ def _tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> str:
     return " | ".join(line for line in text.splitlines()[-lines:] if line.strip()) or "(empty)"
 
 
+# Guests started by this process: killed when it exits, so an aborted run leaves no QEMU behind.
+_running: set[Guest] = set()
+
+
+@atexit.register
+def _kill_leftover_guests() -> None:
+    for guest in list(_running):
+        guest.kill()
+
+
 def _ssh_banner_within(port: int, seconds: float) -> bool:
     """True when sshd behind the forwarded port sends its banner within `seconds`.
 
@@ -392,7 +408,7 @@ def _ssh_banner_within(port: int, seconds: float) -> bool:
         selector.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class Guest:
     """One QEMU guest with its own overlay disk, reachable by SSH on LOOPBACK:port."""
 
@@ -477,6 +493,7 @@ class Guest:
         with self.qemu_log.open("a") as log:
             self.process = subprocess.Popen(self.qemu_argv(), stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT)
+        _running.add(self)
 
     def kill(self) -> None:
         """Pull the plug: SIGKILL QEMU, whatever the guest was doing."""
@@ -484,12 +501,13 @@ class Guest:
             self.process.kill()
         if self.process is not None:
             self.process.wait()
+        _running.discard(self)
 
     def _failure(self, what: str) -> ToaError:
         return ToaError(f"guest {self.name} ({self.release}) {what}; QEMU: {_tail(self.qemu_log, 3)}; "
                         f"console: {_tail(self.serial_log)}")
 
-    def wait_for_ssh(self, timeout: float = 180.0) -> float:
+    def wait_for_ssh(self, timeout: float = BOOT_SECONDS) -> float:
         """Block until sshd in the guest sends its banner; returns the seconds waited."""
         started = time.monotonic()
         while not _ssh_banner_within(self.port, min(SSH_PROBE_SECONDS, timeout)):
@@ -509,18 +527,26 @@ class Guest:
         with self.connect(user) as conn:
             return remote.run(conn, command)
 
-    def boot_id(self) -> str:
-        return self.run("cat /proc/sys/kernel/random/boot_id").strip()
+    def boot_id(self, timeout: float = COMMAND_SECONDS) -> str:
+        """This boot's random id (a new one after every reboot or restart)."""
+        with self.connect() as conn:
+            try:
+                result = conn.run("cat /proc/sys/kernel/random/boot_id", hide=True, warn=True, in_stream=False,
+                                  timeout=timeout)
+            except CommandTimedOut:
+                raise self._failure(f"did not answer within {timeout:.0f}s") from None
+        if result.failed:
+            raise self._failure("could not read its boot id")
+        return result.stdout.strip()
 
-    def reboot(self, timeout: float = 240.0) -> float:
+    def reboot(self, timeout: float = BOOT_SECONDS + BOOT_SECONDS_PER_GUEST) -> float:
         """`systemctl reboot` in the guest, then wait until a new boot answers SSH; returns the seconds."""
         before = self.boot_id()
         started = time.monotonic()
         with self.connect() as conn:
-            try:
-                conn.run("systemctl reboot", hide=True, warn=True, in_stream=False)
-            except (paramiko.SSHException, EOFError, OSError):
-                pass  # sshd may go down before the command's exit status arrives
+            # A timer in PID 1 reboots a second later, so this command returns before sshd stops;
+            # otherwise the session can hang on a connection the rebooting guest never closes.
+            remote.run(conn, "systemd-run --quiet --on-active=1 systemctl reboot")
         while time.monotonic() - started < timeout:
             self.wait_for_ssh(timeout - (time.monotonic() - started))
             try:
@@ -555,11 +581,16 @@ def new_guests(images: list[GuestImage], workdir: Path, *, count: int | None = N
 
 @contextlib.contextmanager
 def fleet(kernel_trees: list[KernelTree], workdir: Path, *, count: int | None = None, suite: str = DEFAULT_SUITE,
-          memory_mb: int = DEFAULT_MEMORY_MB, boot_timeout: float = 300.0,
+          memory_mb: int = DEFAULT_MEMORY_MB, boot_timeout: float | None = None,
           progress: Callable[[str], None] | None = None) -> Iterator[list[Guest]]:
-    """Boot `count` guests (default: one per kernel) at once and wait for their sshd; kill them all on exit."""
+    """Boot `count` guests (default: one per kernel) at once and wait for their sshd; kill them all on exit.
+
+    boot_timeout defaults to BOOT_SECONDS plus BOOT_SECONDS_PER_GUEST for each guest: they share the
+    host's cores, so a larger fleet takes longer to come up."""
     images = [guest_image(tree, suite=suite, progress=progress) for tree in kernel_trees]
     guests = new_guests(images, Path(workdir), count=count, memory_mb=memory_mb)
+    if boot_timeout is None:
+        boot_timeout = BOOT_SECONDS + BOOT_SECONDS_PER_GUEST * len(guests)
     try:
         for guest in guests:
             _say(progress, f"booting {guest.name} ({guest.release}) on port {guest.port}")
