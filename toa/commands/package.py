@@ -32,7 +32,7 @@ def package(c, format=None, kernel=None, dist="dist", out=None, json=False):
         print_fields(f"toa package: {format}", {path.name: str(path.parent) for path in paths})
 
 
-@task(iterable=["kernel"],
+@task(iterable=["kernel"], auto_shortflags=False,
       help={"key": "the signing private key (PEM or DER, unencrypted)",
             "cert": "the X.509 certificate of that key (PEM or DER); the kernel must trust it to load the module",
             "kernel": "sign the module built for this kernel release (repeatable; default: every module under --dist)",
