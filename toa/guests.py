@@ -123,6 +123,9 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UseDNS no
+# Readiness probes of a slow (TCG) guest can still be pending in sshd when the first real login
+# arrives; the default (10) would make sshd drop that login at random.
+MaxStartups 100:30:200
 """
 SUDOERS = f"{SUDO_USER} ALL=(ALL) NOPASSWD:ALL\n"
 
