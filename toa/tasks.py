@@ -186,18 +186,12 @@ ns.add_task(verify)
 
 # The tasks of each later concern live in toa/commands/<concern>.py and are gathered here.
 from toa.commands import build as build_commands  # noqa: E402
-
-ns.add_task(build_commands.build)
-ns.add_task(build_commands.images)
-from toa.commands import render as render_commands  # noqa: E402
-ns.add_task(render_commands.render)
-from toa.commands import package as package_commands  # noqa: E402
-ns.add_task(package_commands.package)
-ns.add_task(package_commands.sign)
-
 from toa.commands import deploy as deploy_commands  # noqa: E402
-
-ns.add_task(deploy_commands.deploy)
-ns.add_task(deploy_commands.status)
 from toa.commands import matrix as matrix_commands  # noqa: E402
-ns.add_task(matrix_commands.matrix)
+from toa.commands import package as package_commands  # noqa: E402
+from toa.commands import render as render_commands  # noqa: E402
+
+for concern_task in (build_commands.build, build_commands.images, render_commands.render,
+                     deploy_commands.deploy, deploy_commands.status, package_commands.package,
+                     package_commands.sign, matrix_commands.matrix):
+    ns.add_task(concern_task)
