@@ -38,6 +38,7 @@ def test_guests_boot_their_own_kernel_under_systemd(two_guests, guest_kernels):
             assert remote.run(conn, "uname -r").strip() == guest.release
             assert remote.run(conn, "cat /proc/1/comm").strip() == "systemd"
             assert remote.run(conn, "hostname").strip() == guest.name
+            assert remote.run(conn, "cat /etc/machine-id").strip() == guest.machine_id
             # What deploys rely on: depmod works and the module tree's extra/ is writable.
             remote.run(conn, f"touch /lib/modules/{guest.release}/extra/probe && depmod -a && modprobe tun")
             assert "tun" in remote.run(conn, "cut -d' ' -f1 /proc/modules").split()
@@ -80,6 +81,8 @@ def test_a_killed_guest_restarts_with_its_disk_intact(two_guests):
 def test_systemctl_reboot_comes_back_on_the_same_kernel(two_guests):
     guest = two_guests[0]
     qemu_pid = guest.process.pid
+    # What deploys rely on for autoload: the distro's systemd-modules-load reads modules-load.d at boot.
+    guest.run("echo tun > /etc/modules-load.d/guest-test.conf && modprobe -r tun")
     before = guest.boot_id()
     seconds = guest.reboot()
     print(f"\n{guest.name} ({guest.release}) rebooted to SSH in {seconds:.1f}s")
@@ -87,6 +90,7 @@ def test_systemctl_reboot_comes_back_on_the_same_kernel(two_guests):
     assert guest.boot_id() != before
     assert guest.run("uname -r").strip() == guest.release
     assert guest.run("cat /proc/1/comm").strip() == "systemd"
+    assert "tun" in guest.run("cut -d' ' -f1 /proc/modules").split()
 
 
 def test_guest_names_and_kernels_without_modules_are_refused(tmp_path):

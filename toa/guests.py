@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,6 +78,8 @@ SYSTEM_MODULES = ("virtio_net", "virtio_rng", "autofs4", "autofs", "tun")
 MODULE_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
 SSH_POLL_SECONDS = 0.5
+# A TCG guest on a loaded host can take well over the usual 15 s for the SSH handshake.
+SSH_TIMEOUT_SECONDS = 60.0
 # A short command that takes longer than this is talking to a guest on its way down.
 COMMAND_SECONDS = 30.0
 # Time allowed for one guest to boot to SSH under TCG on a busy host, and per extra guest in a fleet.
@@ -421,6 +424,8 @@ class Guest:
     port: int
     ssh_user: str = "root"
     memory_mb: int = DEFAULT_MEMORY_MB
+    # Guests share one disk image; each gets its own identity (journal, Ansible facts) at boot.
+    machine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -459,10 +464,11 @@ class Guest:
         return f"{user or self.ssh_user}@{LOOPBACK}:{self.port}"
 
     def ssh_options(self) -> remote.SshOptions:
-        return remote.SshOptions(key_filename=str(self.key_path), known_hosts=str(self.known_hosts))
+        return remote.SshOptions(key_filename=str(self.key_path), known_hosts=str(self.known_hosts),
+                                 timeout=SSH_TIMEOUT_SECONDS)
 
     def qemu_argv(self) -> list[str]:
-        cmdline = f"{KERNEL_ARGS} systemd.hostname={self.name}"
+        cmdline = f"{KERNEL_ARGS} systemd.hostname={self.name} systemd.machine_id={self.machine_id}"
         return [
             lab.find_qemu(), "-accel", "tcg", "-smp", "1", "-m", str(self.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none",
