@@ -239,7 +239,7 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
     from rich.table import Table
 
     table = Table(title=f"toa.ko overhead on {outcome.release or 'an unknown kernel'}", title_justify="left")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     table.add_column("baseline", justify="right")
     table.add_column("with-toa", justify="right")
     table.add_column("ratio", justify="right")

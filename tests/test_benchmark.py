@@ -335,3 +335,9 @@ def test_module_overhead_end_to_end_one_round(tmp_path):
     for row in rows.values():
         assert row["ratio"] == pytest.approx(row["with_toa"] / row["baseline"])  # one round: one ratio
         assert re.search(rf"{row['metric']}\s.*\s{row['ratio']:.3f}\s", result.stdout)
+
+
+def test_goal_verdicts_say_how_far_off():
+    assert report.goal_text({"goal": "<= 0.3 s", "measured": 0.45, "met": False}) == "missed: 1.50x the limit"
+    assert report.goal_text({"goal": ">= 12.0", "measured": 9.0, "met": False}) == "missed: reaches 0.75 of the goal"
+    assert report.goal_text({"goal": ">= 0.99", "measured": 1.0, "met": True}) == "met"
