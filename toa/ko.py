@@ -9,9 +9,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from toa.errors import ToaError
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -35,6 +32,10 @@ def read_module(path: Path) -> bytes:
 
 def modinfo(module: Path | bytes) -> dict[str, str]:
     """The key=value pairs of a module's .modinfo section (a file, or its bytes)."""
+    # Imported here: pyelftools costs a noticeable share of a warm `invoke build` that reads no module.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     data = read_module(module) if isinstance(module, Path) else module
     try:
         section = ELFFile(io.BytesIO(data)).get_section_by_name(".modinfo")
