@@ -90,6 +90,8 @@ SSH_PROBE_SECONDS = 15.0
 CONNECT_INTERVAL_SECONDS = 1.5
 MAX_OPEN_PROBES = 4
 SERIAL_TAIL_LINES = 15
+# What every kernel prints on the console as it restarts the machine.
+RESTART_MESSAGE = "reboot: Restarting system"
 
 INIT_TEMPLATE = """#!/bin/busybox sh
 # Load the root disk's drivers, mount it and hand over to the distro's own init.
@@ -549,22 +551,31 @@ class Guest:
         return result.stdout.strip()
 
     def reboot(self, timeout: float = BOOT_SECONDS + BOOT_SECONDS_PER_GUEST) -> float:
-        """`systemctl reboot` in the guest, then wait until a new boot answers SSH; returns the seconds."""
+        """`systemctl reboot` in the guest, then wait until the new boot answers SSH; returns the seconds."""
         before = self.boot_id()
+        console_seen = self.serial_log.stat().st_size
         started = time.monotonic()
         with self.connect() as conn:
             # A timer in PID 1 reboots a second later, so this command returns before sshd stops;
             # otherwise the session can hang on a connection the rebooting guest never closes.
-            remote.run(conn, "systemd-run --quiet --on-active=1 systemctl reboot")
-        while time.monotonic() - started < timeout:
-            self.wait_for_ssh(timeout - (time.monotonic() - started))
-            try:
-                if self.boot_id() != before:
-                    return time.monotonic() - started
-            except ToaError:
-                pass  # the old sshd was stopping, or the new one is not taking logins yet
+            remote.run(conn, "systemd-run --quiet --on-active=1 --timer-property=AccuracySec=100ms systemctl reboot")
+        # Wait for the kernel to restart before probing SSH: the old sshd may still answer until then,
+        # and a login begun just before the restart would hang until its timeout.
+        while RESTART_MESSAGE not in self._console_since(console_seen):
+            if not self.is_running():
+                raise self._failure("stopped instead of rebooting")
+            if time.monotonic() - started > timeout:
+                raise self._failure(f"did not restart within {timeout:.0f}s of `systemctl reboot`")
             time.sleep(SSH_POLL_SECONDS)
-        raise self._failure(f"did not come back from a reboot within {timeout:.0f}s")
+        self.wait_for_ssh(max(1.0, timeout - (time.monotonic() - started)))
+        if self.boot_id() == before:
+            raise self._failure("answers SSH with the boot id it had before the reboot")
+        return time.monotonic() - started
+
+    def _console_since(self, offset: int) -> str:
+        with self.serial_log.open("rb") as console:
+            console.seek(offset)
+            return console.read().decode(errors="replace")
 
 
 def new_guests(images: list[GuestImage], workdir: Path, *, count: int | None = None,
