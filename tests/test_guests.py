@@ -1,15 +1,18 @@
 """Fleet-host guests: real Debian kernels booting a real Debian userland (systemd, sshd) under QEMU.
 
 Every check goes over real SSH (toa.remote, host keys checked) into real TCG guests: two kernels at
-once, a power cut and restart, and a reboot through the guest's own systemd.
+once, a power cut and restart, a reboot through the guest's own systemd, and guests that cannot boot
+failing with their console.
 """
 
 from __future__ import annotations
 
+import gzip
 import time
+
 import pytest
 
-from toa import guests, remote
+from toa import guests, lab, remote
 from toa.debian import KernelTree
 from toa.errors import ToaError
 
@@ -115,5 +118,22 @@ def test_a_guest_that_cannot_mount_its_disk_fails_with_its_console(guest_kernels
     try:
         with pytest.raises(ToaError, match="guest1 .* stopped before sshd answered.*cannot mount /dev/vda"):
             guest.wait_for_ssh(timeout=120)
+    finally:
+        guest.kill()
+
+
+def test_a_guest_whose_kernel_panics_fails_fast_with_the_panic(guest_kernels, tmp_path):
+    image = guests.guest_image(guest_kernels[0])
+    # An initramfs without /init: the kernel cannot mount a root it has no drivers for, and panics.
+    empty = tmp_path / "empty.cpio.gz"
+    empty.write_bytes(gzip.compress(lab.Cpio().finish()))
+    panicking = guests.GuestImage(image.release, image.vmlinuz, empty, image.disk, image.client_key, image.host_key)
+    guest = guests.new_guests([panicking], tmp_path)[0]
+    guest.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ToaError, match="kernel panicked before sshd answered.*Kernel panic - not syncing"):
+            guest.wait_for_ssh(timeout=120)
+        assert time.monotonic() - started < 90
     finally:
         guest.kill()
