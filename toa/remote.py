@@ -88,7 +88,11 @@ class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
 
 def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
     """An open Fabric connection. Unknown or changed host keys are refused unless opted out."""
-    connect_kwargs = {"key_filename": options.key_filename} if options.key_filename else {}
+    # The banner and auth waits get the same budget as the TCP connect: a loaded host (or a guest
+    # just booted) can take longer than paramiko's own 15 s default to greet.
+    connect_kwargs = {"banner_timeout": options.timeout, "auth_timeout": options.timeout}
+    if options.key_filename:
+        connect_kwargs["key_filename"] = options.key_filename
     conn = Connection(
         spec.host, user=spec.user, port=spec.port,
         connect_timeout=options.timeout, connect_kwargs=connect_kwargs,
