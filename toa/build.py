@@ -182,16 +182,13 @@ def artifact_dir(out_dir: Path, target_id: str, release: str) -> Path:
     return Path(out_dir) / target_id / validate_release(release)
 
 
-def find_artifact(out_dir: Path, release: str) -> Path | None:
-    """The artifact directory built for exactly RELEASE under OUT_DIR, if any (newest build first)."""
-    validate_release(release)
-    found = [m.parent for m in Path(out_dir).glob(f"*/{glob_escape(release)}/manifest.json")
-             if (m.parent / "toa.ko").is_file()]
-    return max(found, key=lambda d: (d / "manifest.json").stat().st_mtime, default=None)
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
+def find_artifact(out_dir: Path, release: str, prefer_target: str | None = None) -> Path | None:
+    """The artifact directory built for exactly RELEASE under OUT_DIR, if any: PREFER_TARGET's build
+    where several targets built the same release, else the newest."""
+    validate_release(release)  # also keeps glob characters out of the pattern
+    found = [m.parent for m in Path(out_dir).glob(f"*/{release}/manifest.json") if (m.parent / "toa.ko").is_file()]
+    return max(found, key=lambda d: (d.parent.name == prefer_target, (d / "manifest.json").stat().st_mtime),
+               default=None)
 
 
 def source_hash(module_source: Path = MODULE_SOURCE) -> str:

@@ -41,7 +41,7 @@ from typing import Callable
 
 import paramiko
 
-from toa import detect, remote, render
+from toa import build, detect, remote, render
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.nodes import Node
@@ -79,20 +79,14 @@ class Artifact:
 def find_artifact(dist: Path, release: str, target_id: str | None = None) -> Artifact | None:
     """The toa.ko built for exactly RELEASE under DIST (<dist>/<target>/<release>/), preferring
     TARGET_ID's build where several targets built the same release; None if there is none."""
-    validate_release(release)  # also keeps glob characters out of the pattern
-    found = []
-    for manifest_path in Path(dist).glob(f"*/{release}/manifest.json"):
-        ko = manifest_path.parent / "toa.ko"
-        if not ko.is_file():
-            continue
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ToaError(f"{manifest_path} is unreadable ({exc}): rebuild with `invoke build --kernel {release}`") from None
-        found.append((manifest.get("target") == target_id, manifest_path.stat().st_mtime, ko, manifest))
-    if not found:
+    directory = build.find_artifact(dist, release, prefer_target=target_id)
+    if directory is None:
         return None
-    _, _, ko, manifest = max(found, key=lambda item: item[:2])
+    ko, manifest_path = directory / "toa.ko", directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ToaError(f"{manifest_path} is unreadable ({exc}): rebuild with `invoke build --kernel {release}`") from None
     sha256, srcversion = manifest.get("sha256", ""), manifest.get("srcversion") or ""
     if manifest.get("kernel_release") != release or not _SHA256.fullmatch(sha256) or not _SRCVERSION.fullmatch(srcversion):
         raise ToaError(f"{ko.parent}/manifest.json does not describe a toa.ko for {release}: "
@@ -437,7 +431,6 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
     if not options.build_missing:
         raise ToaError(f"no toa.ko built for kernel {release} in {options.dist}: run "
                        f"`invoke build --kernel {release} --out {options.dist}` (or deploy with --build-missing)")
-    from toa import build
 
     with _build_lock:  # one build at a time; hosts with the same kernel wait for it and reuse it
         artifact = find_artifact(options.dist, release, target_id)
