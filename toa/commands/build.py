@@ -134,7 +134,6 @@ def images(c, suite=None, json=False):
     if json:
         print_json(sorted(listing, key=lambda row: row["tag"]))
         return
-    from rich.console import Console as Out
     from rich.table import Table
 
     table = Table(title="toa images", title_justify="left")
@@ -142,4 +141,4 @@ def images(c, suite=None, json=False):
         table.add_column(column)
     for row in sorted(listing, key=lambda row: row["tag"]):
         table.add_row(*(str(row[k]) for k in ("tag", "id", "created", "size_mb")))
-    Out().print(table)
+    Console().print(table)
