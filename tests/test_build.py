@@ -359,3 +359,15 @@ def test_headers_package_files_are_installed_instead_of_the_archive(kernel_trees
     assert _modinfo_field(result.ko, "vermagic").split()[0] == tree.release
     image = docker_client.images.get(json.loads(result.manifest.read_text())["build_image"]["id"])
     assert image.labels["org.toa.packages"]
+
+
+def test_images_task_makes_and_lists_the_debian_base_image(docker_client):
+    result = run_toa("images", "--suite", "bookworm", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {row["tag"]: row for row in json.loads(result.stdout)}
+    image = docker_client.images.get("toa-base:debian-bookworm")
+    assert listed["toa-base:debian-bookworm"]["id"] == image.short_id.split(":")[-1]
+    assert all(tag.startswith(("toa-base:", "toa-build:")) for tag in listed)
+    refused = run_toa("images", "--suite", "hamm")
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "unknown Debian suite")
