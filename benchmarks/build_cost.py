@@ -208,18 +208,12 @@ def print_document(doc: dict) -> None:
                           f"({goal['measured'] / target:.2f}x the goal)", markup=False, highlight=False, soft_wrap=True)
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time invoke build --local against a bare make, cold and warm.")
     parser.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Debian kernel release (default: {DEFAULT_KERNEL})")
     parser.add_argument("--headers", type=Path,
                         help="headers tree to build against (default: the kernel's, fetched and cached by toa.debian)")
-    parser.add_argument("--rounds", type=positive, default=DEFAULT_ROUNDS,
+    parser.add_argument("--rounds", type=results.positive, default=DEFAULT_ROUNDS,
                         help=f"bare/cold/warm rounds (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--json", type=Path,
                         help="where to write the results (default: benchmarks/results/build_cost.json)")

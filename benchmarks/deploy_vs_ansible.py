@@ -445,12 +445,6 @@ def parse_counts(text: str) -> list[int]:
     return sorted({int(word) for word in words})
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time invoke deploy against Ansible and bare scp+ssh on QEMU guests.")
     parser.add_argument("--kernel", default=DEFAULT_KERNEL,
@@ -458,7 +452,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hosts", type=parse_counts, default=list(DEFAULT_COUNTS),
                         help="numbers of hosts to deploy to, e.g. 1,4,8: one fleet of the largest is booted "
                              "and each run uses its first N guests (default: 1,4,8)")
-    parser.add_argument("--repeats", type=positive, default=1,
+    parser.add_argument("--repeats", type=results.positive, default=1,
                         help="runs per tool and N; the medians are reported (default: 1)")
     parser.add_argument("--tools", default=",".join(t for t in TOOLS if t != "ansible-tuned"),
                         help=f"which of {', '.join(TOOLS)} to run (default: all but ansible-tuned)")
@@ -466,7 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time each step of one toa deploy to the largest N (where toa's time goes)")
     parser.add_argument("--dist", type=Path, default=Path("dist"),
                         help="where toa.ko for the kernel is, or is built: <dist>/<target>/<release>/ (default: dist)")
-    parser.add_argument("--boot-timeout", type=positive, default=900,
+    parser.add_argument("--boot-timeout", type=results.positive, default=900,
                         help="seconds for the whole fleet to answer SSH (default: 900)")
     parser.add_argument("--json", type=Path,
                         help="where to write the results (default: benchmarks/results/deploy_vs_ansible.json)")

@@ -209,24 +209,18 @@ def run_guest(
 # ---------------------------------------------------------------- the command
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Measure toa.ko's overhead in a real Debian kernel under QEMU.")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--suite", help=f"the newest kernel of a Debian suite: {', '.join(debian.suites())}")
     which.add_argument("--kernel", help="one full Debian kernel release, e.g. 6.1.0-56-amd64")
-    parser.add_argument("--rounds", type=positive, default=DEFAULT_ROUNDS,
+    parser.add_argument("--rounds", type=results.positive, default=DEFAULT_ROUNDS,
                         help=f"baseline/toa rounds in the boot (default: {DEFAULT_ROUNDS})")
-    parser.add_argument("--handshakes", type=positive, default=DEFAULT_HANDSHAKES,
+    parser.add_argument("--handshakes", type=results.positive, default=DEFAULT_HANDSHAKES,
                         help=f"timed handshakes per metric, side and round (default: {DEFAULT_HANDSHAKES})")
-    parser.add_argument("--calls", type=positive, default=DEFAULT_CALLS,
+    parser.add_argument("--calls", type=results.positive, default=DEFAULT_CALLS,
                         help=f"timed getpeername() calls per metric, side and round (default: {DEFAULT_CALLS})")
-    parser.add_argument("--timeout", type=positive, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=results.positive, default=DEFAULT_TIMEOUT,
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
     parser.add_argument("--out", type=Path, default=Path("dist"),
                         help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/ (default: dist)")

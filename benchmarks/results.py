@@ -3,6 +3,7 @@ and the JSON file that benchmarks/report.py turns into BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -86,3 +87,10 @@ def write(document: dict, path: Path | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def positive(text: str) -> int:
+    """An argparse type for the scripts' counts and timeouts."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)

@@ -3,12 +3,10 @@
 Used by the top-level tasks.py (``invoke ...``) and by the ``toa`` console command.
 """
 
-import json as jsonlib
 from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from toa.debian import SUITES as DEBIAN_SUITES
 from toa.commands.common import SSH_HELP, print_fields, print_json, progress, ssh_connect, user_errors
 from toa.errors import ToaError
 

@@ -63,3 +63,14 @@ def progress(console):
     """A rich status line; yields the function that updates it."""
     with console.status("starting") as status:
         yield lambda message: status.update(message)
+
+
+def module_options(words) -> dict[str, str]:
+    """--option NAME=VALUE flags as a dict (toa.render checks the names and values)."""
+    options = {}
+    for word in words or []:
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise ToaError(f"invalid --option {word[:40]!r}: give NAME=VALUE, e.g. kinds=254,253")
+        options[name] = value
+    return options

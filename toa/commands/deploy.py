@@ -8,7 +8,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, user_errors
+from toa.commands.common import module_options, print_json, user_errors
 from toa.errors import ToaError
 
 FLEET_HELP = {
@@ -27,12 +27,7 @@ FLEET_HELP = {
 def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_missing=False, dry_run=False):
     from toa import deploy, remote
 
-    options = {}
-    for word in option or []:
-        name, sep, value = word.partition("=")
-        if not sep:
-            raise ToaError(f"--option {word[:40]!r}: write it as name=value, e.g. --option kinds=254,253")
-        options[name] = value
+    options = module_options(option)
     if key and not Path(key).is_file():
         raise ToaError(f"key file {key} does not exist: fix --key")
     ssh = remote.SshOptions(key_filename=key, known_hosts=known_hosts, accept_new_host_keys=accept_new_host_keys)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import task
 
-from toa.commands.common import print_json, user_errors
+from toa.commands.common import module_options, print_json, user_errors
 from toa.errors import ToaError
 
 
@@ -29,12 +29,7 @@ def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, j
         raise ToaError("give --kernel RELEASE (as `uname -r` prints it on the host)")
     if not out:
         raise ToaError("give --out DIR: the directory to write the files into")
-    options = {}
-    for item in option or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ToaError(f"invalid --option {item[:40]!r}: give NAME=VALUE, e.g. kinds=254,253")
-        options[name] = value
+    options = module_options(option)
     resolution = kernels.resolve(kernel, distro)
     release, target = resolution.kernel.release, resolution.target
     files = rendering.autoload_files(target, release, init=init, options=options)
