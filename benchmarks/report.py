@@ -138,8 +138,8 @@ def build_notes(doc: dict) -> list[str]:
             f"Warm re-run: {summary['warm_seconds']:.2f} s, of which toa's own up-to-date check takes "
             f"{summary['warm_in_process_seconds']:.3f} s. The rest is start-up, measured in fresh processes: the "
             f"interpreter alone {summary['python_startup_seconds']:.2f} s, `import docker` "
-            f"{summary['import_docker_seconds']:.2f} s, `import toa.build` {summary['import_build_seconds']:.2f} s "
-            f"(it imports the docker SDK and pyelftools at module level, even for --local), invoke with toa's "
+            f"{summary['import_docker_seconds']:.2f} s, `import toa.build` {summary['import_build_seconds']:.2f} s, "
+            f"invoke with toa's "
             f"tasks {summary['invoke_startup_seconds']:.2f} s.")
     if not doc["goals"]["cold_over_bare"]["met"]:
         ratios = [one["cold"] / one["bare"] for one in doc["rounds"]]

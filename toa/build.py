@@ -22,10 +22,8 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import docker
-import docker.errors
 
 import toa
 from toa import debian, targets
@@ -34,6 +32,9 @@ from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.ko import modinfo
 from toa.targets import Target
+
+if TYPE_CHECKING:
+    import docker
 
 MODULE_SOURCE = Path(toa.__file__).parent / "module"
 # The recipes: beside the package in a source tree (and editable installs), else where pip put them.
@@ -62,6 +63,10 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
 
 def docker_client() -> docker.DockerClient:
     """A client for the local engine, or one line saying how to get one."""
+    # Imported here, not at the top: --local builds and warm re-runs' start-up need none of the SDK.
+    import docker
+    import docker.errors
+
     where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
         client = docker.from_env()
@@ -72,6 +77,8 @@ def docker_client() -> docker.DockerClient:
 
 
 def _image(client: docker.DockerClient, tag: str):
+    import docker.errors
+
     try:
         return client.images.get(tag)
     except docker.errors.ImageNotFound:
@@ -152,6 +159,8 @@ def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], label
                   progress: Callable[[str], None] | None = None):
     """Build an image from PATH's Dockerfile, streaming its log lines to PROGRESS; a failed build is
     one ToaError with the log's last lines (the whole log rides along as .build_log)."""
+    import docker.errors
+
     lines: list[str] = []
     image_id, failure = None, None
     try:
@@ -442,6 +451,8 @@ def repositories_searched(args: dict[str, str]) -> str:
 def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress, packages: list[Path]):
     """Build (or reuse) the image of a containers/ recipe; a base image that is not here is pulled
     first. PACKAGES (headers package files the user gave) go into the build context's packages/."""
+    import docker.errors
+
     base = args["BASE"]
     given = ",".join(sorted(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in packages))
     existing = _image(client, tag)
