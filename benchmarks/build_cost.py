@@ -15,7 +15,7 @@ Every result is checked (bare make left a toa.ko for the kernel; cold said built
 skipped), so a step that did nothing cannot look fast. The ratios are medians of per-round ratios;
 the exit status is non-zero only when a step failed, never because of a time.
 
-    python benchmarks/build_cost.py --kernel 6.1.0-56-amd64 [--rounds 5] [--json FILE]
+    python benchmarks/build_cost.py [--suite bookworm | --kernel RELEASE] [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
-from toa import build, debian, ko  # noqa: E402
+from toa import build, ko  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
 from toa.kernel import validate_release  # noqa: E402
 
 # bookworm's kernel builds with this host's own gcc-12; older suites' headers want other compilers.
-DEFAULT_KERNEL = "6.1.0-56-amd64"
+DEFAULT_SUITE = "bookworm"
 DEFAULT_ROUNDS = 5
 GOALS = {"cold_over_bare": 1.1, "warm_seconds": 0.3}
 
@@ -210,7 +210,7 @@ def print_document(doc: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time invoke build --local against a bare make, cold and warm.")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Debian kernel release (default: {DEFAULT_KERNEL})")
+    results.add_kernel_choice(parser, DEFAULT_SUITE)
     parser.add_argument("--headers", type=Path,
                         help="headers tree to build against (default: the kernel's, fetched and cached by toa.debian)")
     parser.add_argument("--rounds", type=results.positive, default=DEFAULT_ROUNDS,
@@ -226,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = results.machine()
     try:
-        release = validate_release(args.kernel)
         with Console(stderr=True).status("starting") as status:
-            headers = args.headers or debian.prepare(release, None, progress=status.update)[1].headers_dir
+            if args.headers:  # any kernel's headers, not only Debian's: --kernel names their release
+                if not args.kernel:
+                    raise ToaError("--headers needs --kernel RELEASE, the release those headers are for")
+                release, headers = validate_release(args.kernel), args.headers
+            else:
+                _pkgs, tree = results.prepare_kernel(args, status.update)
+                release, headers = tree.release, tree.headers_dir
             measurement = measure(release, Path(headers).resolve(), args.rounds, say=status.update)
     except ToaError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,7 @@ fast. Wall time and the host CPU time of the tool's processes are recorded per r
 ratios compare tools measured minutes apart on the same guests. The exit status is non-zero only
 when a tool failed or a guest could not be reached, never because of a ratio.
 
-    python benchmarks/deploy_vs_ansible.py [--kernel 5.10.0-46-amd64] [--hosts 1,4,8] [--repeats 1]
+    python benchmarks/deploy_vs_ansible.py [--suite bullseye | --kernel RELEASE] [--hosts 1,4,8] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -46,13 +46,12 @@ import results  # noqa: E402  (a sibling file, found when run as a script or loa
 
 from toa import build, debian, deploy, guests, remote, render, targets  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
-from toa.kernel import validate_release  # noqa: E402
 from toa.nodes import Node  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 PLAYBOOK = BENCH_DIR / "playbook.yml"
-# The goal figures were measured on this kernel, before toa existed.
-DEFAULT_KERNEL = "5.10.0-46-amd64"
+# The goal figures were measured on bullseye's 5.10 kernel, before toa existed.
+DEFAULT_SUITE = "bullseye"
 DEFAULT_COUNTS = (1, 4, 8)
 # The guests' userland is bookworm: detection calls the hosts Debian 12, whatever kernel they boot.
 GUEST_TARGET = "debian-12"
@@ -447,8 +446,7 @@ def parse_counts(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time invoke deploy against Ansible and bare scp+ssh on QEMU guests.")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL,
-                        help=f"Debian kernel the guests boot (default: {DEFAULT_KERNEL})")
+    results.add_kernel_choice(parser, DEFAULT_SUITE)
     parser.add_argument("--hosts", type=parse_counts, default=list(DEFAULT_COUNTS),
                         help="numbers of hosts to deploy to, e.g. 1,4,8: one fleet of the largest is booted "
                              "and each run uses its first N guests (default: 1,4,8)")
@@ -484,8 +482,8 @@ def artifact_for(release: str, dist: Path, say) -> deploy.Artifact:
 
 
 def measure(args: argparse.Namespace, say) -> dict:
-    release = validate_release(args.kernel)
-    _pkgs, tree = debian.prepare(release, None, progress=say)
+    _pkgs, tree = results.prepare_kernel(args, say)
+    release = tree.release
     artifact = artifact_for(release, args.dist, say)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="toa-deploy-bench-") as workdir_name:

@@ -21,7 +21,7 @@ of a round run back to back) are printed, and written as JSON for benchmarks/rep
 status is non-zero only when the guest did not boot and finish or a measurement is missing, never
 because of a ratio.
 
-    python benchmarks/module_overhead.py --suite bookworm [--rounds N]
+    python benchmarks/module_overhead.py [--suite bookworm | --kernel RELEASE] [--rounds N]
 """
 
 from __future__ import annotations
@@ -211,9 +211,7 @@ def run_guest(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Measure toa.ko's overhead in a real Debian kernel under QEMU.")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--suite", help=f"the newest kernel of a Debian suite: {', '.join(debian.suites())}")
-    which.add_argument("--kernel", help="one full Debian kernel release, e.g. 6.1.0-56-amd64")
+    results.add_kernel_choice(parser, "bookworm")
     parser.add_argument("--rounds", type=results.positive, default=DEFAULT_ROUNDS,
                         help=f"baseline/toa rounds in the boot (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--handshakes", type=results.positive, default=DEFAULT_HANDSHAKES,
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             def progress(message: str) -> None:
                 status.update(message)
 
-            pkgs, tree = debian.prepare(args.kernel, args.suite, progress=progress)
+            pkgs, tree = results.prepare_kernel(args, progress)
             ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
                                     progress=lambda message: progress(f"build: {message}")).ko
             log_dir = ko.parent / "bench"

@@ -94,3 +94,24 @@ def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return int(text)
+
+
+def add_kernel_choice(parser: argparse.ArgumentParser, default_suite: str) -> None:
+    """--suite (the newest kernel of a Debian suite, resolved when the run starts) or --kernel (an exact
+    release, pinned on purpose). Debian replaces a suite's kernel ABI every few weeks, so a default
+    names a suite, never a release."""
+    from toa import debian
+
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--suite", default=default_suite,
+                       help=f"the newest kernel of this Debian suite: {', '.join(debian.suites())} "
+                            f"(default: {default_suite})")
+    which.add_argument("--kernel", help="one full Debian kernel release instead, as `uname -r` prints it "
+                                        "(it must still be on the mirror or in toa's cache)")
+
+
+def prepare_kernel(args: argparse.Namespace, progress):
+    """The kernel --suite or --kernel names, resolved and fetched: (KernelPackages, KernelTree)."""
+    from toa import debian
+
+    return debian.prepare(args.kernel, None if args.kernel else args.suite, progress=progress)

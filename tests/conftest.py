@@ -1,4 +1,10 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures and the markers that say what a test needs.
+
+Markers: `network` (the Debian mirror), `docker` (a Docker engine), `ssh` (a real sshd on loopback), `lab`
+(QEMU boots of real kernels). A test with none of them is `pure`: it is given no way out (no Docker
+engine, no QEMU, sshd, ssh, apt-get or debootstrap on PATH, no connection beyond loopback), so a test that
+needs more than it says fails instead of passing by luck. `invoke test --fast` runs the pure tests, in a
+network namespace of their own where `unshare` allows it.
 
 `sshd` runs a real OpenSSH server on loopback so that code which talks SSH is
 tested against the real protocol, real host-key checks and real key auth.
@@ -24,6 +30,63 @@ PRIVSEP_DIR = Path("/run/sshd")
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 10.0
 START_ATTEMPTS = 3
+
+
+NEEDS = ("network", "docker", "ssh", "lab")
+# What a pure test may not start: each stands for something a marker names.
+FORBIDDEN_TOOLS = ("qemu-system-x86_64", "docker", "dockerd", "sshd", "ssh", "scp", "apt-get", "debootstrap")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in NEEDS):
+            item.add_marker(pytest.mark.pure)
+
+
+@pytest.fixture(scope="session")
+def _forbidden_tools_dir(tmp_path_factory) -> Path:
+    """Stand-ins for FORBIDDEN_TOOLS that fail loudly, first on a pure test's PATH."""
+    bin_dir = tmp_path_factory.mktemp("pure-bin")
+    for tool in FORBIDDEN_TOOLS:
+        stub = bin_dir / tool
+        stub.write_text(f"#!/bin/sh\necho 'a pure test ran {tool}: mark the test with what it needs' >&2\nexit 127\n")
+        stub.chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture(autouse=True)
+def _pure_tests_stay_pure(request, monkeypatch):
+    """A pure test (no marker of NEEDS) gets no Docker engine, no tools of FORBIDDEN_TOOLS and no
+    connection beyond loopback; the environment carries the first two into the processes it starts."""
+    if request.node.get_closest_marker("pure") is None:
+        return
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/pure-test/docker.sock")
+    monkeypatch.setenv("PATH", f"{request.getfixturevalue('_forbidden_tools_dir')}{os.pathsep}{os.environ['PATH']}")
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse_beyond_loopback(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            raise AssertionError(f"a pure test connected to {address!r}: mark it network")
+
+    def connect(sock, address):
+        refuse_beyond_loopback(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        refuse_beyond_loopback(sock, address)
+        return real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ def test_deploy_summary_medians_ratios_and_cost_per_added_host():
 
 
 def test_a_host_missing_any_part_of_the_work_is_reported():
-    artifact = deploy_bench.deploy.Artifact(Path("toa.ko"), "5.10.0-46-amd64", "debian-12", "ab" * 32, "8A22A2")
+    artifact = deploy_bench.deploy.Artifact(Path("toa.ko"), "5.10.0-40-amd64", "debian-12", "ab" * 32, "8A22A2")
     done = f"@@loaded 8A22A2\n@@installed {'ab' * 32}\n@@autoload 1\n"
     assert deploy_bench.check_problems(done, artifact) == []
     problems = deploy_bench.check_problems("@@loaded \n@@installed \n@@autoload 0\n", artifact)
@@ -222,12 +222,12 @@ def test_every_tool_gets_the_same_key_and_checked_known_hosts(tmp_path):
 
 
 def _image():
-    return deploy_bench.guests.GuestImage("5.10.0-46-amd64", Path("vmlinuz"), Path("initrd"), Path("disk"),
+    return deploy_bench.guests.GuestImage("5.10.0-40-amd64", Path("vmlinuz"), Path("initrd"), Path("disk"),
                                           Path("key"), "ssh-ed25519 AAAAkey")
 
 
 def test_reset_removes_what_every_tool_writes():
-    release = "5.10.0-46-amd64"
+    release = "5.10.0-40-amd64"
     module = f"/lib/modules/{release}/extra/toa.ko"
     script = deploy_bench.reset_command(release, module)
     for path in (module, "/etc/modules-load.d/toa.conf", "/etc/modprobe.d/toa.conf", module + ".prev"):
@@ -299,6 +299,7 @@ def _run(script: str, *args: str, timeout: float = 1800) -> subprocess.Completed
                           timeout=timeout, stdin=subprocess.DEVNULL, cwd=SCRIPT.parent.parent)
 
 
+@pytest.mark.network
 def test_build_cost_end_to_end(tmp_path):
     result = _run("build_cost.py", "--rounds", "1", "--json", str(tmp_path / "build.json"))
     assert result.returncode == 0, result.stderr
@@ -311,6 +312,9 @@ def test_build_cost_end_to_end(tmp_path):
 
 
 @pytest.mark.lab
+@pytest.mark.network
+@pytest.mark.docker
+@pytest.mark.ssh
 def test_deploy_vs_ansible_end_to_end_on_one_guest(tmp_path):
     result = _run("deploy_vs_ansible.py", "--hosts", "1", "--tools", "floor,toa,ansible", "--json",
                   str(tmp_path / "deploy.json"))
@@ -325,6 +329,7 @@ def test_deploy_vs_ansible_end_to_end_on_one_guest(tmp_path):
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.network
 def test_module_overhead_end_to_end_one_round(tmp_path):
     result = _run("module_overhead.py", "--suite", "bookworm", "--rounds", "1", "--handshakes", "200",
                   "--calls", "2000", "--out", str(tmp_path / "dist"), "--json", str(tmp_path / "overhead.json"))

@@ -182,10 +182,10 @@ def test_artifacts_are_found_by_exact_release(tmp_path):
     put("ubuntu-22.04", RELEASE, b"other")
     assert deploy.find_artifact(tmp_path, RELEASE, "ubuntu-22.04").ko == tmp_path / "ubuntu-22.04" / RELEASE / "toa.ko"
     assert deploy.find_artifact(tmp_path, RELEASE, "debian-12").target == "debian-12"
-    assert deploy.find_artifact(tmp_path, "6.1.0-57-amd64") is None
-    put("debian-11", "5.10.0-46-amd64", sha256="0" * 64)
+    assert deploy.find_artifact(tmp_path, "6.1.0-55-amd64") is None
+    put("debian-11", "5.10.0-40-amd64", sha256="0" * 64)
     with pytest.raises(ToaError, match="does not match the sha256"):
-        deploy.find_artifact(tmp_path, "5.10.0-46-amd64")
+        deploy.find_artifact(tmp_path, "5.10.0-40-amd64")
     with pytest.raises(ToaError, match="invalid kernel release"):
         deploy.find_artifact(tmp_path, "*")
 
@@ -235,30 +235,33 @@ def test_bad_flags_are_one_line_errors(tmp_path):
 
 # ---------------------------------------------------------------- a real fleet
 
-OLD_RELEASE = "5.10.0-46-amd64"
+@pytest.fixture(scope="module")
+def releases(guest_kernels):
+    """(new, old): the newest kernels of bookworm and bullseye, as the mirror has them today."""
+    return tuple(tree.release for tree in guest_kernels)
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """toa.ko built for both kernels (a full dist) and a dist with the 6.1 build only."""
+def artifacts(releases, tmp_path_factory):
+    """toa.ko built for both kernels (a full dist) and a dist with the new kernel's build only."""
     from toa import build
 
+    new, _old = releases
     dist = tmp_path_factory.mktemp("dist")
-    for release in (RELEASE, OLD_RELEASE):
+    for release in releases:
         build.build_kernel(kernel=release, out_dir=dist)
-    partial = tmp_path_factory.mktemp("dist-6.1-only")
-    found = deploy.find_artifact(dist, RELEASE)
-    shutil.copytree(found.ko.parent, partial / found.ko.parent.parent.name / RELEASE)
+    partial = tmp_path_factory.mktemp("dist-new-only")
+    found = deploy.find_artifact(dist, new)
+    shutil.copytree(found.ko.parent, partial / found.ko.parent.parent.name / new)
     return dist, partial
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """Three guests: guest1 and guest3 boot 6.1.0-56-amd64, guest2 boots 5.10.0-46-amd64."""
-    from toa import debian, guests
+def fleet(guest_kernels, tmp_path_factory):
+    """Three guests: guest1 and guest3 boot the new kernel (bookworm's), guest2 the old (bullseye's)."""
+    from toa import guests
 
-    trees = [debian.prepare(release, None)[1] for release in (RELEASE, OLD_RELEASE)]
-    with guests.fleet(trees, tmp_path_factory.mktemp("fleet"), count=3) as running:
+    with guests.fleet(guest_kernels, tmp_path_factory.mktemp("fleet"), count=3) as running:
         yield running
 
 
@@ -304,24 +307,29 @@ def _rendered(release, options=None):
 
 @pytest.mark.lab
 @pytest.mark.docker
-def test_a_host_without_an_artifact_fails_alone(fleet, artifacts, tmp_path):
-    full, only_61 = artifacts
-    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(only_61))
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_host_without_an_artifact_fails_alone(fleet, releases, artifacts, tmp_path):
+    new, old = releases
+    full, only_new = artifacts
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(only_new))
     assert result.returncode == 1
     guest1, guest2, guest3 = (hosts[g.node_line()] for g in fleet)
     assert guest2["action"] == "failed"
-    assert f"invoke build --kernel {OLD_RELEASE}" in guest2["detail"], guest2
-    artifact = deploy.find_artifact(only_61, RELEASE)
+    assert f"invoke build --kernel {old}" in guest2["detail"], guest2
+    artifact = deploy.find_artifact(only_new, new)
     for guest, row in ((fleet[0], guest1), (fleet[2], guest3)):
         assert row["action"] == "installed", row
         facts = _guest_facts(guest)
         assert facts == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
-                         "autoload": _rendered(RELEASE)}
+                         "autoload": _rendered(new)}
     assert _guest_facts(fleet[1])["srcversion"] == "none"
 
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
 def test_dry_run_prints_the_plan_and_changes_nothing(fleet, artifacts, tmp_path):
     full, _ = artifacts
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full), "--dry-run")
@@ -334,7 +342,10 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet, artifacts, tmp_path)
 
 @pytest.mark.lab
 @pytest.mark.docker
-def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remains(fleet, artifacts, tmp_path):
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remains(fleet, releases, artifacts, tmp_path):
+    new, old = releases
     full, _ = artifacts
     victim = fleet[1]
 
@@ -351,21 +362,23 @@ def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remain
 
     victim.start()
     victim.wait_for_ssh()
-    artifact = deploy.find_artifact(full, OLD_RELEASE)
+    artifact = deploy.find_artifact(full, old)
     facts = _guest_facts(victim)
     assert facts["temp_names"] == 0
     assert facts["sha256"] in ("none", artifact.sha256)  # absent, or the whole new file
-    assert all(text in ("none", wanted) for text, wanted in zip(facts["autoload"], _rendered(OLD_RELEASE)))
+    assert all(text in ("none", wanted) for text, wanted in zip(facts["autoload"], _rendered(old)))
 
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
     assert result.returncode == 0, result.stdout + result.stderr
     assert hosts[victim.node_line()]["action"] in ("installed", "updated")
     assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
-                                    "autoload": _rendered(OLD_RELEASE)}
+                                    "autoload": _rendered(old)}
 
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
 def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_path):
     full, _ = artifacts
     args = _fleet_args(tmp_path, fleet)
@@ -389,32 +402,38 @@ def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_
 
 @pytest.mark.lab
 @pytest.mark.docker
-def test_a_failed_load_rolls_back_to_the_previous_module(fleet, artifacts, tmp_path):
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_failed_load_rolls_back_to_the_previous_module(fleet, releases, artifacts, tmp_path):
+    new, old = releases
     full, _ = artifacts
     guest = fleet[0]
-    good = deploy.find_artifact(full, RELEASE)
+    good = deploy.find_artifact(full, new)
     before = _guest_facts(guest)
-    # a dist whose 6.1 toa.ko is really the 5.10 build: it uploads and installs, then the kernel refuses it
-    wrong = deploy.find_artifact(full, OLD_RELEASE)
-    bad_dir = tmp_path / "bad-dist" / "debian-12" / RELEASE
+    # a dist whose toa.ko for the new kernel is really the old kernel's build: it uploads and installs, then the kernel refuses it
+    wrong = deploy.find_artifact(full, old)
+    bad_dir = tmp_path / "bad-dist" / "debian-12" / new
     bad_dir.mkdir(parents=True)
     shutil.copyfile(wrong.ko, bad_dir / "toa.ko")
     (bad_dir / "manifest.json").write_text(json.dumps({
-        "kernel_release": RELEASE, "target": "debian-12", "sha256": wrong.sha256, "srcversion": wrong.srcversion}))
+        "kernel_release": new, "target": "debian-12", "sha256": wrong.sha256, "srcversion": wrong.srcversion}))
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(tmp_path / "bad-dist"))
     assert result.returncode == 1
     row = hosts[guest.node_line()]
     assert row["action"] == "failed" and "loading toa failed" in row["detail"] and "rolled back" in row["detail"], row
     assert _guest_facts(guest) == before == {"srcversion": good.srcversion, "sha256": good.sha256, "temp_names": 0,
-                                             "autoload": _rendered(RELEASE)}
+                                             "autoload": _rendered(new)}
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
 
 
 @pytest.mark.lab
 @pytest.mark.docker
-def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, artifacts, tmp_path):
+@pytest.mark.ssh
+@pytest.mark.network
+def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, releases, artifacts, tmp_path):
     from toa.guests import SUDO_USER
 
+    new, _old = releases
     full, _ = artifacts
     guest = fleet[2]
     refused, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, f"{guest.node_line(SUDO_USER)} sudo=no"),
@@ -429,9 +448,9 @@ def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, artifacts
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
 
     guest.reboot()
-    artifact = deploy.find_artifact(full, RELEASE)
+    artifact = deploy.find_artifact(full, new)
     assert _guest_facts(guest) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
-                                   "autoload": _rendered(RELEASE, {"kinds": "254,200"})}
+                                   "autoload": _rendered(new, {"kinds": "254,200"})}
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
     # loaded once in this boot, by systemd-modules-load from the rendered file, before sshd started
     assert guest.run("dmesg").count("TOA: toa loaded") == 1
@@ -447,7 +466,10 @@ def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, artifacts
 
 
 @pytest.mark.lab
-def test_new_host_keys_only_with_the_explicit_flag(fleet, tmp_path):
+@pytest.mark.ssh
+@pytest.mark.network
+def test_new_host_keys_only_with_the_explicit_flag(fleet, releases, tmp_path):
+    new, _old = releases
     guest = fleet[0]
     nodes = _nodes_file(tmp_path / "nodes.txt", fleet, guest.node_line())
     recorded = tmp_path / "new_known_hosts"

@@ -16,7 +16,6 @@ from toa import guests, lab, remote
 from toa.debian import KernelTree
 from toa.errors import ToaError
 
-pytestmark = [pytest.mark.lab, pytest.mark.ssh]
 
 MARKER = "/var/lib/toa-guest-marker"
 
@@ -31,6 +30,9 @@ def two_guests(guest_kernels, tmp_path_factory):
         yield fleet
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_guests_boot_their_own_kernel_under_systemd(two_guests, guest_kernels):
     assert {guest.release for guest in two_guests} == {tree.release for tree in guest_kernels}
     assert len({guest.port for guest in two_guests}) == len(two_guests)
@@ -47,6 +49,9 @@ def test_guests_boot_their_own_kernel_under_systemd(two_guests, guest_kernels):
             assert "tun" in remote.run(conn, "cut -d' ' -f1 /proc/modules").split()
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_guests_have_a_sudo_user_and_python(two_guests):
     guest = two_guests[0]
     assert guest.run("sudo -n id -u", user=guests.SUDO_USER).strip() == "0"
@@ -54,6 +59,9 @@ def test_guests_have_a_sudo_user_and_python(two_guests):
     assert guest.run("python3 -c 'import json, sys; print(sys.version_info[0])'").strip() == "3"
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_a_guest_with_an_unknown_host_key_is_refused(two_guests, tmp_path):
     guest = two_guests[0]
     stranger = tmp_path / "known_hosts"
@@ -65,6 +73,9 @@ def test_a_guest_with_an_unknown_host_key_is_refused(two_guests, tmp_path):
         remote.connect(remote.parse_host(guest.node_line()), options)
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_a_killed_guest_restarts_with_its_disk_intact(two_guests):
     guest = two_guests[1]
     guest.run(f"echo survived > {MARKER} && sync")
@@ -81,6 +92,9 @@ def test_a_killed_guest_restarts_with_its_disk_intact(two_guests):
     assert "recovery complete" in guest.run("dmesg | grep -i 'EXT4-fs (vda)' || true")
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_systemctl_reboot_comes_back_on_the_same_kernel(two_guests):
     guest = two_guests[0]
     qemu_pid = guest.process.pid
@@ -106,6 +120,9 @@ def test_guest_names_and_kernels_without_modules_are_refused(tmp_path):
         guests.Guest("x; reboot", image, tmp_path, 2222)
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_a_guest_that_cannot_mount_its_disk_fails_with_its_console(guest_kernels, tmp_path):
     image = guests.guest_image(guest_kernels[0])
     blank = tmp_path / "blank.raw"
@@ -122,6 +139,9 @@ def test_a_guest_that_cannot_mount_its_disk_fails_with_its_console(guest_kernels
         guest.kill()
 
 
+@pytest.mark.lab
+@pytest.mark.ssh
+@pytest.mark.network
 def test_a_guest_whose_kernel_panics_fails_fast_with_the_panic(guest_kernels, tmp_path):
     image = guests.guest_image(guest_kernels[0])
     # An initramfs without /init: the kernel cannot mount a root it has no drivers for, and panics.

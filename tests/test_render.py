@@ -28,8 +28,8 @@ SYSCONFIG_KERNEL = [("sles-11", "3.0.101-63-default"), ("sles-11", "3.0.76-0.11-
                     ("sles-11", "3.0.13-0.27-default")]
 COREOS_UNIT = [("fedora-coreos", "6.5.6-300.fc39.x86_64"), ("flatcar", "6.6.21-flatcar"),
                ("coreos", "4.19.106-coreos")]
-ETC_MODULES = [("debian-11", "5.10.0-46-amd64", "sysv"), ("ubuntu-20.04", "5.4.0-150-generic", "other"),
-               ("debian-13", "6.12.117+deb13-amd64", "sysv")]
+ETC_MODULES = [("debian-11", "5.10.0-40-amd64", "sysv"), ("ubuntu-20.04", "5.4.0-150-generic", "other"),
+               ("debian-13", "6.12.112+deb13-amd64", "sysv")]
 
 
 def by_path(files):
@@ -345,7 +345,7 @@ def _sysconfig_kernel_entry():
 
 
 def _etc_modules_entry():
-    return by_path(render.autoload_files(targets.get("debian-11"), "5.10.0-46-amd64", init="sysv"))["/etc/modules"]
+    return by_path(render.autoload_files(targets.get("debian-11"), "5.10.0-40-amd64", init="sysv"))["/etc/modules"]
 
 
 def _sourced(tmp_path, text):
@@ -393,7 +393,7 @@ def test_whole_files_replace_and_unmerge_to_deletion():
 
 
 def test_write_tree_keeps_shared_files_apart(tmp_path):
-    written = render.write_tree(render.autoload_files(targets.get("debian-11"), "5.10.0-46-amd64", init="sysv"), tmp_path)
+    written = render.write_tree(render.autoload_files(targets.get("debian-11"), "5.10.0-40-amd64", init="sysv"), tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in written) == ["etc/modprobe.d/toa.conf", "etc/modules.toa-lines"]
     assert not (tmp_path / "etc/modules").exists()
 

@@ -79,6 +79,7 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.docker
+@pytest.mark.network
 def test_sign_task_signs_with_the_kernels_sign_file_and_records_the_signer(dist, keys, bookworm_kernel):
     release = bookworm_kernel.release
     [ko] = dist.glob(f"*/{release}/toa.ko")
@@ -115,6 +116,7 @@ def test_sign_task_signs_with_the_kernels_sign_file_and_records_the_signer(dist,
 
 
 @pytest.mark.docker
+@pytest.mark.network
 def test_a_key_that_does_not_match_the_certificate_is_refused_before_signing(dist, keys, tmp_path):
     other_key, _ = make_key(tmp_path / "other")
     [ko] = dist.glob("*/*/toa.ko")
@@ -169,6 +171,7 @@ def test_a_kernel_without_module_signing_is_named(tmp_path):
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.network
 def test_sig_enforce_refuses_an_untrusted_signer_with_the_cause_named(dist, keys, bookworm_kernel, tmp_path):
     release = bookworm_kernel.release
     sign.sign_modules(*keys, dist, [release])
@@ -184,6 +187,7 @@ def test_sig_enforce_refuses_an_untrusted_signer_with_the_cause_named(dist, keys
 
 @pytest.mark.lab
 @pytest.mark.docker
+@pytest.mark.network
 def test_sig_enforce_refuses_an_unsigned_module_with_the_same_cause(unsigned_dist, bookworm_kernel, tmp_path):
     [ko] = unsigned_dist.glob(f"*/{bookworm_kernel.release}/toa.ko")
     report = lab.verify(bookworm_kernel.vmlinuz, ko, bookworm_kernel.release, bookworm_kernel.modules_dir,
