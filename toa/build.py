@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 
 import toa
-from toa import debian, targets
+from toa import debian, preflight, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -286,7 +286,7 @@ def build_module(
         artifact_dir(out_dir, debian_target(release, suite).id, release),
         make=["make", f"KDIR={headers_dir}"], compiler=compiler,
         manifest_extra={"suite": suite, "target": debian_target(release, suite).id},
-        progress=progress, module_source=module_source, force=force,
+        progress=progress, module_source=module_source, force=force, tree_dir=headers_dir,
     )
 
 
@@ -306,13 +306,41 @@ def _error_lines(log: str) -> str:
     return "\n".join((marked or lines)[-LOG_TAIL_LINES:])
 
 
+def _first_line(result: tuple[int, str]) -> str | None:
+    status, output = result
+    return output.strip().splitlines()[0] if status == 0 and output.strip() else None
+
+
+# The target tree's files the preflight reads, copied out of a recipe's build environment ($KDIR there).
+_COPY_TREE = ('cd "$KDIR" && for f in "$@"; do if [ -f "$f" ]; then cp --parents "$f" /build/.preflight-tree/; '
+              'fi; done')
+
+
+def _target_tree(run, source: Path, tree_dir: Path | None, release: str, build_name: str) -> preflight.Tree:
+    """The preflight's facts of the tree the module was built against: TREE_DIR on this machine, or
+    $KDIR inside the build environment (recipes), copied out through the build's scratch directory."""
+    if tree_dir is not None:
+        return preflight.read_tree(tree_dir, release)
+    copied = source / ".preflight-tree"
+    copied.mkdir()
+    status, log = run(["sh", "-c", _COPY_TREE, "sh", *preflight.TREE_FILES], source)
+    if status != 0:
+        raise ToaError(f"reading the kernel tree ($KDIR) in {build_name} failed: {log.strip()[-300:]}")
+    tree = preflight.read_tree(copied, release)
+    tree.where = f"$KDIR in {build_name}"
+    return tree
+
+
 def _compile(
     run, build_id: str, build_name: str, release: str, target: Path, *, make: list[str],
     compiler: str, manifest_extra: dict, progress, module_source: Path, force: bool = False,
+    tree_dir: Path | None = None,
 ) -> BuildResult:
-    """Run make on a copy of the module sources (offline, as the invoking user), check the result is
-    for RELEASE, and write toa.ko, build.log and manifest.json to TARGET. BUILD_ID names the build
-    environment (image id); the same sources, kernel and build environment are not built twice."""
+    """Run make on a copy of the module sources (offline, as the invoking user), check with the preflight
+    that RELEASE's loader will take the result (TREE_DIR: the tree it was built against, on this machine;
+    None: $KDIR in the build environment), and write toa.ko, build.log and manifest.json to TARGET.
+    BUILD_ID names the build environment (image id); the same sources, kernel and build environment are
+    not built twice."""
     if not (module_source / "Makefile").is_file():
         raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
     digest = source_hash(module_source)
@@ -333,15 +361,17 @@ def _compile(
             raise ToaError(
                 f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{_error_lines(log)}"
             )
-        info = modinfo(built)
-        vermagic = info.get("vermagic", "")
-        if vermagic.split(" ", 1)[0] != release:
-            raise ToaError(f"the toa.ko built for {release} has vermagic {vermagic!r}: the headers are for "
-                           "another kernel; nothing was written to dist")
-        status, compiler_version = run([compiler, "--version"], None)
-        if status != 0 or not compiler_version.strip():
-            raise ToaError(f"{compiler} --version failed in {build_name}: remove the image to rebuild it")
         data = built.read_bytes()
+        linker = _first_line(run(["ld", "--version"], None))
+        checks = preflight.run(data, _target_tree(run, source, tree_dir, release, build_name), linker)
+        refused = preflight.refusal(checks, release)
+        if refused:
+            raise ToaError(f"{refused}; nothing was written to dist")
+        info = modinfo(data)
+        vermagic = info.get("vermagic", "")
+        compiler_version = _first_line(run([compiler, "--version"], None))
+        if not compiler_version:
+            raise ToaError(f"{compiler} --version failed in {build_name}: remove the image to rebuild it")
         # Written beside, then renamed: dist never holds a half-written toa.ko under its final name.
         partial = target / ".toa.ko.partial"
         partial.write_bytes(data)
@@ -357,7 +387,9 @@ def _compile(
         "size": len(data),
         "source_hash": digest,
         "build_image": {"id": build_id, "tag": build_name},
-        "compiler": compiler_version.strip().splitlines()[0],
+        "compiler": compiler_version,
+        "linker": linker,
+        "preflight": preflight.as_manifest(checks),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest_path = target / "manifest.json"
@@ -388,7 +420,7 @@ def build_local(
         _local_runner, build_id, f"this machine ({headers_dir})", release,
         artifact_dir(out_dir, target_id, release), make=["make", f"KDIR={headers_dir}"], compiler=compiler,
         manifest_extra={"target": target_id, "headers": str(headers_dir)}, progress=progress,
-        module_source=module_source, force=force,
+        module_source=module_source, force=force, tree_dir=headers_dir,
     )
 
 

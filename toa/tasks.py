@@ -202,7 +202,7 @@ from toa.commands import matrix as matrix_commands  # noqa: E402
 from toa.commands import package as package_commands  # noqa: E402
 from toa.commands import render as render_commands  # noqa: E402
 
-for concern_task in (build_commands.build, build_commands.images, render_commands.render,
+for concern_task in (build_commands.build, build_commands.images, build_commands.preflight, render_commands.render,
                      deploy_commands.deploy, deploy_commands.status, package_commands.package,
                      package_commands.sign, matrix_commands.matrix):
     ns.add_task(concern_task)

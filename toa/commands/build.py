@@ -142,3 +142,33 @@ def images(c, suite=None, json=False):
     for row in sorted(listing, key=lambda row: row["tag"]):
         table.add_row(*(str(row[k]) for k in ("tag", "id", "created", "size_mb")))
     Console().print(table)
+
+
+@task(help={"ko": "the module to check (toa.ko, or any .ko/.ko.xz)",
+            "kernel": "the kernel release it must load on (default: the release its vermagic names)",
+            "headers": "that kernel's build tree (default: /lib/modules/<release>/build, else a Debian kernel's "
+                       "headers fetched into the cache)",
+            "json": "print JSON instead of a table"},
+      auto_shortflags=False)
+@user_errors
+def preflight(c, ko, kernel=None, headers=None, json=False):
+    """Check a module against what the kernel's loader accepts: vermagic, relocation types, symbol CRCs,
+    SUSE's supported tag, forced signatures. Exit status 1 when a check fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from toa import preflight as checks
+
+    release, results = checks.check_file(Path(ko), kernel, Path(headers) if headers else None)
+    refused = checks.refusal(results, release)
+    if json:
+        print_json({"ko": ko, "kernel": release, "ok": refused is None, "checks": checks.as_manifest(results)})
+    else:
+        table = Table(title=f"toa preflight: {ko} for {release}", title_justify="left")
+        for column in ("check", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        for check in results:
+            table.add_row(check.name, "pass" if check.ok else "FAIL", check.detail)
+        Console().print(table)
+    if refused:
+        raise Exit(refused if not json else None, code=1)

@@ -57,6 +57,15 @@
 #endif
 
 /*
+ * SUSE kernels built with CONFIG_SUSE_KERNEL_SUPPORTED refuse a module that has
+ * no "supported" tag (unless allow_unsupported_modules is set). toa is a
+ * third-party module: "external" in SUSE's terms, as a vendor's KMP is tagged.
+ */
+#ifdef CONFIG_SUSE_KERNEL_SUPPORTED
+MODULE_INFO(supported, "external");
+#endif
+
+/*
  * regs_get_kernel_argument(): upstream since 4.20 (5.4 and 5.14, RHEL 9
  * included, have it). 3.10, 4.4, 4.15 lack it; RHEL 8 (4.18) got it in a minor
  * release, so the probe decides rather than the version.

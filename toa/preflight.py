@@ -1,0 +1,331 @@
+"""Preflight: will the target kernel's module loader accept this toa.ko?
+
+A module can have the right vermagic and still be refused at insmod. Each check reads the module (ELF,
+through pyelftools) and the facts of the target kernel's build tree (its release, .config,
+Module.symvers and, in full source trees, the x86 module loader's source):
+
+- vermagic: the module was built for this release;
+- relocations: every relocation type is one the loader handles (R_X86_64_PLT32 only from 4.16 on, or
+  where the tree's loader source or a known distro backport says so; modules linked by binutils >= 2.31
+  carry it, and an older loader fails with "Unknown rela relocation: 4");
+- symbol versions: each imported symbol's CRC is the tree's ("disagrees about version of symbol");
+- supported: a SUSE kernel that refuses unsupported modules gets one tagged `supported`;
+- signature: a kernel that forces module signatures gets a signed module.
+
+A failed check refuses the artifact the way a vermagic mismatch does; its message names the check, the
+evidence and the fix. The results go into the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from toa.errors import ToaError
+from toa.kernel import validate_release
+
+R_X86_64_PLT32 = 4
+# The relocation types x86_64 module loaders handle (arch/x86/kernel/module.c), PLT32 aside.
+OLD_LOADER_RELOCATIONS = {0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 10: "R_X86_64_32",
+                          11: "R_X86_64_32S", 24: "R_X86_64_PC64"}
+RELOCATION_NAMES = {**OLD_LOADER_RELOCATIONS, R_X86_64_PLT32: "R_X86_64_PLT32"}
+PLT32_SINCE = (4, 16)
+# Distro kernels older than 4.16 whose loader was measured to accept R_X86_64_PLT32 (a backport of
+# "x86: Treat R_X86_64_PLT32 as R_X86_64_PC32"): a pattern of the release and what showed it.
+PLT32_BACKPORTS = [
+    (re.compile(r"3\.10\.0-(11[2-9][0-9]|1[2-9][0-9]{2})(\.[0-9.]+)?\.el7\..*"),
+     "RHEL 7.8 (3.10.0-1127) and later load such modules (measured)"),
+]
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
+# Where a tree's files live, relative to its top (a kernel's /lib/modules/<release>/build).
+TREE_FILES = ("Makefile", ".config", "Module.symvers", "include/generated/utsrelease.h",
+              "include/config/kernel.release", "arch/x86/kernel/module.c")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Module:
+    """What the checks read from a .ko."""
+
+    vermagic: str
+    modinfo: dict[str, str]
+    relocation_types: frozenset[int]
+    crcs: dict[str, int]  # imported symbol -> the CRC the module was built against (__versions)
+    signed: bool
+
+
+@dataclass
+class Tree:
+    """What the checks read from the target kernel's build tree."""
+
+    release: str
+    config: dict[str, str] = field(default_factory=dict)
+    symvers: dict[str, int] | None = None  # None: the tree has no Module.symvers
+    loader_source: str | None = None  # arch/x86/kernel/module.c where the tree carries it
+    where: str = "the kernel tree"
+    found_release: str | None = None  # the release the tree says it is for
+
+
+# ---------------------------------------------------------------- reading the module
+
+
+def read_module(data: bytes) -> Module:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+
+    from toa.ko import modinfo
+
+    info = modinfo(data)
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        types = frozenset(reloc["r_info_type"] for section in elf.iter_sections()
+                          if isinstance(section, RelocationSection) for reloc in section.iter_relocations())
+        versions = elf.get_section_by_name("__versions")
+        crcs = _versions(versions.data()) if versions is not None else {}
+        ext_crcs, ext_names = (elf.get_section_by_name(n) for n in ("__version_ext_crcs", "__version_ext_names"))
+        if ext_crcs is not None and ext_names is not None:
+            names = ext_names.data().split(b"\0")
+            values = struct.unpack(f"<{ext_crcs.data_size // 4}I", ext_crcs.data())
+            crcs.update({name.decode(): crc for name, crc in zip(names, values)})
+    except ELFError as error:
+        raise ToaError(f"the module is not a readable ELF file ({error}): rebuild it") from None
+    return Module(vermagic=info.get("vermagic", ""), modinfo=info, relocation_types=types, crcs=crcs,
+                  signed=data.endswith(SIGNATURE_MAGIC))
+
+
+def _versions(data: bytes) -> dict[str, int]:
+    """struct modversion_info { unsigned long crc; char name[64 - sizeof(long)]; }[] on x86_64."""
+    crcs = {}
+    for offset in range(0, len(data) - len(data) % 64, 64):
+        crc, raw = struct.unpack_from("<Q56s", data, offset)
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if name:
+            crcs[name] = crc & 0xFFFFFFFF
+    return crcs
+
+
+# ---------------------------------------------------------------- reading the tree
+
+
+def parse_config(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$", text, re.M))
+
+
+def parse_symvers(text: str) -> dict[str, int]:
+    """Module.symvers: CRC, symbol, module, export type[, namespace], tab-separated."""
+    symbols = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[0].startswith("0x"):
+            try:
+                symbols[parts[1]] = int(parts[0], 16)
+            except ValueError:
+                continue
+    return symbols
+
+
+def tree_release(files: dict[str, str]) -> str | None:
+    """The release a tree is for: UTS_RELEASE of utsrelease.h (kernel.release holds the upstream version
+    on Debian's headers)."""
+    match = re.search(r'#define UTS_RELEASE "([^"]+)"', files.get("include/generated/utsrelease.h", ""))
+    if match:
+        return match.group(1)
+    release = files.get("include/config/kernel.release", "").strip()
+    return release or None
+
+
+def tree_from_files(files: dict[str, str], release: str, where: str) -> Tree:
+    """The tree of RELEASE from the texts of its TREE_FILES (the ones it has)."""
+    return Tree(release=release, config=parse_config(files.get(".config", "")),
+                symvers=parse_symvers(files["Module.symvers"]) if "Module.symvers" in files else None,
+                loader_source=files.get("arch/x86/kernel/module.c"), where=where, found_release=tree_release(files))
+
+
+def read_tree(tree_dir: Path, release: str) -> Tree:
+    """The facts of a build tree on this machine (a headers directory, or a full kernel source tree)."""
+    tree_dir = Path(tree_dir)
+    if not tree_dir.is_dir():
+        raise ToaError(f"no kernel tree at {tree_dir}: pass --headers DIR, the tree of {release}")
+    files = {}
+    for name in TREE_FILES:
+        try:
+            files[name] = (tree_dir / name).read_text(errors="replace")
+        except OSError:
+            continue
+    return tree_from_files(files, release, str(tree_dir))
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def _version(release: str) -> tuple[int, int]:
+    match = re.match(r"([0-9]+)\.([0-9]+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def loader_takes_plt32(tree: Tree) -> tuple[bool, str]:
+    """Whether the tree's module loader handles R_X86_64_PLT32, and the evidence."""
+    if tree.loader_source is not None:
+        handled = "R_X86_64_PLT32" in tree.loader_source
+        return handled, f"its loader source ({tree.where}/arch/x86/kernel/module.c) " + (
+            "handles R_X86_64_PLT32" if handled else "has no case for R_X86_64_PLT32")
+    for pattern, evidence in PLT32_BACKPORTS:
+        if pattern.fullmatch(tree.release):
+            return True, evidence
+    if _version(tree.release) >= PLT32_SINCE:
+        return True, "kernels from 4.16 on handle R_X86_64_PLT32"
+    return False, f"{tree.release} predates 4.16, where the loader learnt R_X86_64_PLT32, and no known backport covers it"
+
+
+def check_vermagic(module: Module, tree: Tree) -> Check:
+    built_for = module.vermagic.split(" ", 1)[0]
+    if not module.vermagic:
+        return Check("vermagic", False, "the module has no vermagic: it was not built by kbuild; rebuild it")
+    if built_for != tree.release:
+        return Check("vermagic", False, f"its vermagic {module.vermagic!r} is for another kernel than "
+                                        f"{tree.release}: build it against the headers of {tree.release}")
+    if tree.found_release and tree.found_release != tree.release:
+        return Check("vermagic", False, f"{tree.where} is the tree of {tree.found_release}, not of {tree.release}: "
+                                        f"check it against the tree of {tree.release}")
+    return Check("vermagic", True, module.vermagic.strip())
+
+
+def check_relocations(module: Module, tree: Tree, linker: str | None = None) -> Check:
+    unknown = sorted(t for t in module.relocation_types if t not in RELOCATION_NAMES)
+    if unknown:
+        return Check("relocations", False, f"relocation types {unknown} that no x86_64 module loader handles: "
+                                           "rebuild with the kernel's own toolchain")
+    if R_X86_64_PLT32 in module.relocation_types:
+        takes, evidence = loader_takes_plt32(tree)
+        if not takes:
+            linked = f"linked by {linker}" if linker else "linked by binutils 2.31 or newer"
+            return Check("relocations", False, f"the module carries R_X86_64_PLT32 relocations ({linked}); "
+                                               f"{evidence}, so insmod would fail with 'Unknown rela relocation: "
+                                               "4': build in the distro's own container (its binutils)")
+        return Check("relocations", True, f"R_X86_64_PLT32 present; {evidence}")
+    return Check("relocations", True, "only relocation types every x86_64 loader handles")
+
+
+def check_symbol_versions(module: Module, tree: Tree) -> Check:
+    if tree.symvers is None:
+        return Check("symbol versions", True, f"not checked: {tree.where} has no Module.symvers")
+    if tree.config.get("CONFIG_MODVERSIONS") != "y" and not module.crcs:
+        return Check("symbol versions", True, "the kernel is built without CONFIG_MODVERSIONS")
+    if not module.crcs:
+        return Check("symbol versions", False, f"the module carries no symbol CRCs but {tree.release} checks "
+                                               "them (CONFIG_MODVERSIONS): build it against that kernel's tree")
+    wrong = [(name, crc, tree.symvers[name]) for name, crc in sorted(module.crcs.items())
+             if name in tree.symvers and tree.symvers[name] != crc]
+    missing = [name for name in sorted(module.crcs) if name not in tree.symvers and name != "module_layout"]
+    if wrong:
+        name, ours, theirs = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        return Check("symbol versions", False,
+                     f"the module disagrees about version of symbol {name}{more}: built against CRC "
+                     f"0x{ours:08x}, {tree.where}/Module.symvers has 0x{theirs:08x}; rebuild against that tree")
+    if missing:
+        return Check("symbol versions", False,
+                     f"{tree.release} exports no {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                     + ": the module was built against another kernel's tree; rebuild against this one")
+    return Check("symbol versions", True, f"{len(module.crcs)} symbol CRCs match {tree.where}/Module.symvers")
+
+
+def check_supported(module: Module, tree: Tree) -> Check:
+    if tree.config.get("CONFIG_SUSE_KERNEL_SUPPORTED") != "y":
+        return Check("supported", True, "the kernel does not check a supported tag")
+    tag = module.modinfo.get("supported")
+    if tag in ("yes", "external"):
+        return Check("supported", True, f"supported={tag}")
+    return Check("supported", False, "the kernel refuses unsupported modules (CONFIG_SUSE_KERNEL_SUPPORTED) and "
+                                     "the module has no supported tag: build it with toa against that kernel's "
+                                     "tree (which tags it supported=external)")
+
+
+def check_signature(module: Module, tree: Tree) -> Check:
+    if tree.config.get("CONFIG_MODULE_SIG_FORCE") == "y" and not module.signed:
+        return Check("signature", False, "the kernel refuses unsigned modules (CONFIG_MODULE_SIG_FORCE): sign it "
+                                         "with a key the kernel trusts (invoke sign --key KEY --cert CERT)")
+    if module.signed:
+        return Check("signature", True, "signed")
+    if tree.config.get("CONFIG_MODULE_SIG") == "y":
+        return Check("signature", True, "unsigned; the kernel loads it unless booted with module.sig_enforce=1 "
+                                        "or under Secure Boot lockdown")
+    return Check("signature", True, "the kernel does not check signatures")
+
+
+def run(data: bytes, tree: Tree, linker: str | None = None) -> list[Check]:
+    """Every check of the module's bytes against the tree, in order."""
+    module = read_module(data)
+    return [check_vermagic(module, tree), check_relocations(module, tree, linker),
+            check_symbol_versions(module, tree), check_supported(module, tree), check_signature(module, tree)]
+
+
+def refusal(checks: list[Check], release: str) -> str | None:
+    """The one-line reason to refuse a module, or None when every check passed."""
+    failed = [check for check in checks if not check.ok]
+    if not failed:
+        return None
+    first = failed[0]
+    more = f" (also failed: {', '.join(c.name for c in failed[1:])})" if len(failed) > 1 else ""
+    return f"preflight {first.name} check refused the toa.ko for {release}: {first.detail}{more}"
+
+
+def as_manifest(checks: list[Check]) -> list[dict]:
+    return [asdict(check) for check in checks]
+
+
+def require(data: bytes, tree: Tree, linker: str | None = None) -> list[Check]:
+    """run(), raising ToaError with the refusal when a check failed."""
+    validate_release(tree.release)
+    checks = run(data, tree, linker)
+    reason = refusal(checks, tree.release)
+    if reason:
+        raise ToaError(reason)
+    return checks
+
+
+# ---------------------------------------------------------------- any module, any tree (invoke preflight)
+
+
+def default_tree(release: str) -> Path:
+    """The tree of RELEASE when none is given: this machine's /lib/modules/<release>/build, else a
+    Debian kernel's headers fetched into toa's cache."""
+    from toa import debian
+
+    installed = Path("/lib/modules") / release / "build"
+    if (installed / "Makefile").is_file():
+        return installed
+    if debian.is_debian_release(release):
+        return debian.prepare(release, None)[1].headers_dir
+    raise ToaError(f"no kernel tree for {release} at {installed}: pass --headers DIR, that kernel's build tree")
+
+
+def check_file(ko: Path, release: str | None = None, tree_dir: Path | None = None) -> tuple[str, list[Check]]:
+    """(release, checks) of a module file against RELEASE's tree (default: the release of its vermagic)."""
+    from toa.ko import modinfo
+    from toa.ko import read_module as module_bytes
+
+    if release is not None:
+        validate_release(release)
+    ko = Path(ko)
+    if not ko.is_file():
+        raise ToaError(f"{ko} not found: pass --ko FILE, a built module")
+    modinfo(ko)  # names the file when it is not a module
+    data = module_bytes(ko)
+    if release is None:
+        release = read_module(data).vermagic.split(" ", 1)[0]
+        if not release:
+            raise ToaError(f"{ko} has no vermagic: pass --kernel RELEASE")
+    validate_release(release)
+    tree = read_tree(tree_dir or default_tree(release), release)
+    return release, run(data, tree)
