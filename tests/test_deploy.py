@@ -480,3 +480,31 @@ def test_new_host_keys_only_with_the_explicit_flag(fleet, releases, tmp_path):
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert recorded.read_text() == guest.known_hosts.read_text()
     assert toa("status", *base).returncode == 0
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_preflight_refuses_before_upload_what_the_hosts_kernel_would_not_load(fleet, artifacts, tmp_path):
+    """The host's kernel tree says it forces module signatures: the unsigned build is refused before
+    anything reaches the host; without that tree the same deploy goes through."""
+    full, _ = artifacts
+    guest = fleet[1]
+    release = guest.release
+    guest.run(f"modprobe -r toa; rm -f /lib/modules/{release}/extra/toa.ko*; depmod -a {release}; "
+              f"mkdir -p /lib/modules/{release}/build; echo CONFIG_MODULE_SIG_FORCE=y > /lib/modules/{release}/build/.config")
+    try:
+        result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(full))
+        row = hosts[guest.node_line()]
+        assert result.returncode == 1 and row["action"] == "failed", row
+        assert row["detail"].startswith(f"preflight signature check refused the toa.ko for {release}: the kernel "
+                                        "refuses unsigned modules (CONFIG_MODULE_SIG_FORCE)"), row
+        assert row["detail"].endswith("; nothing was uploaded"), row
+        facts = _guest_facts(guest)
+        assert (facts["srcversion"], facts["sha256"], facts["temp_names"]) == ("none", "none", 0)
+        assert guest.run("ls -d /tmp/toa-deploy.* 2>/dev/null | wc -l").strip() == "0"
+    finally:
+        guest.run(f"rm -rf /lib/modules/{release}/build")
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(full))
+    assert hosts[guest.node_line()]["action"] == "installed", hosts

@@ -326,9 +326,7 @@ def _target_tree(run, source: Path, tree_dir: Path | None, release: str, build_n
     status, log = run(["sh", "-c", _COPY_TREE, "sh", *preflight.TREE_FILES], source)
     if status != 0:
         raise ToaError(f"reading the kernel tree ($KDIR) in {build_name} failed: {log.strip()[-300:]}")
-    tree = preflight.read_tree(copied, release)
-    tree.where = f"$KDIR in {build_name}"
-    return tree
+    return preflight.read_tree(copied, release, where=f"$KDIR in {build_name}")
 
 
 def _compile(

@@ -41,7 +41,7 @@ from typing import Callable
 
 import paramiko
 
-from toa import build, detect, remote, render
+from toa import build, detect, preflight, remote, render
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.nodes import Node
@@ -443,6 +443,18 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
     return artifact
 
 
+def _preflight(host: Host, artifact: Artifact, release: str) -> None:
+    """Refuse, before anything is uploaded, a module the host's kernel would not load: the build's
+    preflight checks against what the host has of its kernel's tree (build tree or /boot files)."""
+    data = artifact.ko.read_bytes()
+    symbols = list(preflight.read_module(data).crcs)
+    script = preflight.host_tree_command(release, symbols)
+    tree = preflight.parse_host_tree(host.run_as_user(f"sh -c {shlex.quote(script)}"), release, host.node.name)
+    refused = preflight.refusal(preflight.run(data, tree), release)
+    if refused:
+        raise ToaError(f"{refused}; nothing was uploaded")
+
+
 def _write_file_script(path: str, kind: str, text: str, mode: int) -> str:
     """Atomically replace PATH: write a temp name beside it, sync, rename over it."""
     q = shlex.quote
@@ -613,6 +625,9 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
             return result
         parameters = wanted_parameters(options.options)
         plan = make_plan(state, artifact, files, module_file, options.options)
+        if plan.install:
+            say("preflight")
+            _preflight(host, artifact, release)
         result.changes = plan.describe(artifact)
         fresh = state.installed_sha256 is None and not state.loaded
         if plan.empty:

@@ -73,6 +73,11 @@ class Tree:
     loader_source: str | None = None  # arch/x86/kernel/module.c where the tree carries it
     where: str = "the kernel tree"
     found_release: str | None = None  # the release the tree says it is for
+    symvers_file: str | None = None  # where the CRCs were read, for messages
+
+    def __post_init__(self):
+        if self.symvers_file is None:
+            self.symvers_file = f"{self.where}/Module.symvers"
 
 
 # ---------------------------------------------------------------- reading the module
@@ -151,8 +156,9 @@ def tree_from_files(files: dict[str, str], release: str, where: str) -> Tree:
                 loader_source=files.get("arch/x86/kernel/module.c"), where=where, found_release=tree_release(files))
 
 
-def read_tree(tree_dir: Path, release: str) -> Tree:
-    """The facts of a build tree on this machine (a headers directory, or a full kernel source tree)."""
+def read_tree(tree_dir: Path, release: str, where: str | None = None) -> Tree:
+    """The facts of a build tree on this machine (a headers directory, or a full kernel source tree);
+    WHERE names it in messages (default: its path)."""
     tree_dir = Path(tree_dir)
     if not tree_dir.is_dir():
         raise ToaError(f"no kernel tree at {tree_dir}: pass --headers DIR, the tree of {release}")
@@ -162,7 +168,7 @@ def read_tree(tree_dir: Path, release: str) -> Tree:
             files[name] = (tree_dir / name).read_text(errors="replace")
         except OSError:
             continue
-    return tree_from_files(files, release, str(tree_dir))
+    return tree_from_files(files, release, where or str(tree_dir))
 
 
 # ---------------------------------------------------------------- the checks
@@ -232,12 +238,12 @@ def check_symbol_versions(module: Module, tree: Tree) -> Check:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         return Check("symbol versions", False,
                      f"the module disagrees about version of symbol {name}{more}: built against CRC "
-                     f"0x{ours:08x}, {tree.where}/Module.symvers has 0x{theirs:08x}; rebuild against that tree")
+                     f"0x{ours:08x}, {tree.symvers_file} has 0x{theirs:08x}; rebuild against that tree")
     if missing:
         return Check("symbol versions", False,
                      f"{tree.release} exports no {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                      + ": the module was built against another kernel's tree; rebuild against this one")
-    return Check("symbol versions", True, f"{len(module.crcs)} symbol CRCs match {tree.where}/Module.symvers")
+    return Check("symbol versions", True, f"{len(module.crcs)} symbol CRCs match {tree.symvers_file}")
 
 
 def check_supported(module: Module, tree: Tree) -> Check:
@@ -329,3 +335,62 @@ def check_file(ko: Path, release: str | None = None, tree_dir: Path | None = Non
     validate_release(release)
     tree = read_tree(tree_dir or default_tree(release), release)
     return release, run(data, tree)
+
+
+# ---------------------------------------------------------------- a host's kernel (invoke deploy)
+
+HOST_CONFIG_KEYS = ("CONFIG_MODVERSIONS", "CONFIG_MODULE_SIG", "CONFIG_MODULE_SIG_FORCE",
+                    "CONFIG_SUSE_KERNEL_SUPPORTED")
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.$]{0,127}")
+
+
+def host_tree_command(release: str, symbols: list[str]) -> str:
+    """One command printing what a host has of RELEASE's tree as @@-tagged lines (see parse_host_tree):
+    the build tree's files where headers are installed, else the /boot/config-* and /boot/symvers-*.gz
+    that RHEL, SUSE and Debian ship beside the kernel."""
+    import shlex
+
+    q = shlex.quote
+    validate_release(release)
+    wanted = " ".join(name for name in symbols if _SYMBOL.fullmatch(name))
+    keys = "|".join(HOST_CONFIG_KEYS)
+    return "\n".join([
+        f"b=/lib/modules/{release}/build; r={q(release)}",
+        'if [ -f "$b/.config" ]; then c="$b/.config"; elif [ -f "/boot/config-$r" ]; then c="/boot/config-$r"; '
+        'else c=; fi',
+        f'[ -n "$c" ] && echo "@@config $c" && grep -E {q("^(" + keys + ")=")} "$c" | sed "s/^/@@set /"',
+        'if [ -f "$b/Module.symvers" ]; then s="$b/Module.symvers"; read_s=cat; '
+        'elif [ -f "/boot/symvers-$r.gz" ]; then s="/boot/symvers-$r.gz"; read_s=zcat; else s=; fi',
+        # only the lines of the module's own symbols, matched whole
+        f'if [ -n "$s" ]; then echo "@@symvers $s"; "$read_s" "$s" | awk -F "\\t" -v want={q(wanted)} '
+        + q('BEGIN { n = split(want, names, " "); for (i = 1; i <= n; i++) w[names[i]] = 1 } '
+            '($2 in w) { print "@@crc " $1 " " $2 }') + '; fi',
+        'if [ -f "$b/arch/x86/kernel/module.c" ]; then '
+        'if grep -q R_X86_64_PLT32 "$b/arch/x86/kernel/module.c"; then echo "@@loader plt32"; '
+        'else echo "@@loader old"; fi; fi',
+        "true",
+    ]) + "\n"
+
+
+def parse_host_tree(output: str, release: str, host: str) -> Tree:
+    """The Tree a host_tree_command printed (config from the build tree or /boot, CRCs of the module's symbols)."""
+    tree = Tree(release=release, where=f"{host}'s kernel")
+    symvers: dict[str, int] = {}
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == "@@set":
+            name, _, value = rest.partition("=")
+            if name in HOST_CONFIG_KEYS:
+                tree.config[name] = value.strip()
+        elif tag == "@@symvers":
+            tree.symvers, tree.symvers_file = symvers, f"{host}:{rest.strip()}"
+        elif tag == "@@crc":
+            crc, _, name = rest.partition(" ")
+            try:
+                symvers[name.strip()] = int(crc, 16)
+            except ValueError:
+                continue
+        elif tag == "@@loader":
+            # the check reads the loader's text: a stand-in that says what the host's source has
+            tree.loader_source = "R_X86_64_PLT32" if rest.strip() == "plt32" else ""
+    return tree
