@@ -102,6 +102,10 @@ def test_find_release_of_unknown_release_lists_what_is_available(bookworm_packag
     bookworm_listed = re.search(r"bookworm: ([^;]*)", message).group(1).split(", ")
     assert bookworm_listed[0] == bookworm_packages.release
     assert "\n" not in message
+    assert "--local --headers DIR" in message  # what to do with a kernel that left the mirror
+    for listed in re.findall(r"[a-z-]+: ([^;]*)", message):
+        releases = listed.split(", ")
+        assert len(releases) == len(set(releases)), listed  # each once, however many pockets carry it
 
 
 def test_unknown_suite_lists_the_suites():

@@ -233,6 +233,22 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert_one_line_error(toa("status", "--hosts", str(tmp_path / "absent")), "not found: fix --hosts")
 
 
+@pytest.mark.parametrize("task", ["deploy", "status"])
+def test_help_is_help_not_a_nodes_file(task):
+    result = toa(task, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: toa [--core-opts] {task} [--options]") and "--hosts" in result.stdout
+    assert_one_line_error(toa(task), "give --hosts FILE")
+
+
+def test_invokes_own_dry_flag_is_a_dry_run_or_refused(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text("root@127.0.0.1:1\n")  # nothing listens there: the host fails, nothing is changed anywhere
+    result = toa("deploy", "--dry", "--hosts", str(nodes), "--known-hosts", str(tmp_path / "kh"), "--json")
+    assert json.loads(result.stdout)["dry_run"] is True
+    assert_one_line_error(toa("images", "--dry"), "--dry is invoke's echo-only mode and `images` has no dry run")
+
+
 # ---------------------------------------------------------------- a real fleet
 
 @pytest.fixture(scope="module")

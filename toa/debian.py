@@ -520,10 +520,13 @@ def find_release(release: str) -> KernelPackages:
         for kernel in kernels:
             if kernel.release == release:
                 return kernel
-        generic = [k.release for k in reversed(kernels) if is_generic_flavour(k.release)]
+        generic = dict.fromkeys(k.release for k in reversed(kernels) if is_generic_flavour(k.release))
         available[name] = ", ".join(generic) or "none"
     listing = "; ".join(f"{suite}: {releases}" for suite, releases in available.items())
-    raise ToaError(f"kernel {release} is in no suite's index; available (newest first): {listing}")
+    raise ToaError(f"kernel {release} is in no suite's index (Debian drops a kernel's packages when a newer ABI "
+                   "replaces it): build against its headers with --local --headers DIR (its linux-headers, -common "
+                   "and linux-kbuild .debs, e.g. from snapshot.debian.org, unpacked with dpkg-deb -x), or pick a "
+                   f"kernel the mirror has (newest first): {listing}")
 
 
 # ---------------------------------------------------------------- download and unpack

@@ -114,6 +114,8 @@ def parse(text: str, source: str = "nodes.txt", base: Path = Path(".")) -> list[
 
 def load(path: str | Path) -> list[Node]:
     """Read and check a nodes file."""
+    if not path:
+        raise ToaError("give --hosts FILE: a nodes file, one [user@]host[:port] per line")
     path = Path(path)
     try:
         text = path.read_text()

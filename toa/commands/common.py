@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import json as jsonlib
 
 from invoke import Exit
@@ -10,11 +11,19 @@ from toa.errors import ToaError
 
 
 def user_errors(fn):
-    """Turn a ToaError into one line on stderr and exit status 2, never a stack trace."""
+    """Turn a ToaError into one line on stderr and exit status 2, never a stack trace. invoke's own
+    --dry (echo commands instead of running them) means --dry-run for a task that has one; a task
+    without one refuses it rather than run for real."""
+    has_dry_run = "dry_run" in inspect.signature(fn).parameters
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if args and args[0].config.run.dry:
+                if not has_dry_run:
+                    raise ToaError(f"--dry is invoke's echo-only mode and `{fn.__name__}` has no dry run: "
+                                   "leave --dry out")
+                kwargs["dry_run"] = True
             return fn(*args, **kwargs)
         except ToaError as exc:
             raise Exit(f"toa: error: {exc}", code=2)

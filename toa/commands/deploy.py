@@ -96,7 +96,7 @@ ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green",
             "dry_run": "connect and detect, then print each host's plan without changing anything"},
       iterable=["option"], auto_shortflags=False)
 @user_errors
-def deploy(c, hosts, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
+def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
            json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None):
     """Install, load and verify toa.ko on the hosts of a nodes file, and load it at every boot.
 
@@ -129,7 +129,7 @@ def deploy(c, hosts, dist="dist", parallel=5, batch=0, max_fail=0, build_missing
 
 @task(help=FLEET_HELP, iterable=["option"], auto_shortflags=False)
 @user_errors
-def status(c, hosts, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
+def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
            option=None):
     """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files."""
     from toa import deploy as deployment
