@@ -70,6 +70,22 @@ def test_init_system(systemd, pid1, init):
     assert detect.identify(facts).init == init
 
 
+@pytest.mark.parametrize("systemd, pid1, autoload, written", [
+    (True, "systemd", "modules-load.d", "/etc/modules-load.d/toa.conf"),
+    (False, "init", "etc-modules", "/etc/modules"),
+    (False, "tini", "etc-modules", "/etc/modules"),  # a container's own PID 1: no systemd to read modules-load.d
+])
+def test_detect_names_the_autoload_style_render_writes(systemd, pid1, autoload, written):
+    from toa import render
+
+    facts = detect.Facts(files={"/etc/os-release": "ID=debian\nVERSION_ID=12\n"}, systemd=systemd, pid1=pid1,
+                         kernel="6.1.0-9-amd64")
+    platform = detect.identify(facts)
+    assert platform.as_dict()["autoload"] == autoload
+    paths = [f.path for f in render.autoload_files(platform.target, platform.kernel, init=platform.init)]
+    assert written in paths
+
+
 def test_remote_facts_parse():
     output = ("@@toa-file /etc/os-release\nID=ubuntu\nVERSION_ID=\"22.04\"\n\n"
               "@@toa-kernel 5.15.0-91-generic\n@@toa-pid1 systemd\n@@toa-systemd\n")

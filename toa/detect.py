@@ -48,6 +48,13 @@ class Platform:
             return None, None
         return self.target.headers_for(self.kernel)
 
+    def _autoload(self) -> str | None:
+        """The style `invoke render` and deploy write for this host (its target and init), or None."""
+        try:
+            return self.target.autoload_for(self.init) if self.target else None
+        except ToaError:
+            return None
+
     def as_dict(self) -> dict:
         package, path = self.headers
         known = kernels.classify(self.kernel) if self.kernel else None
@@ -61,7 +68,7 @@ class Platform:
             "kernel_targets": [t.id for t in known.targets] if known else [],
             "target": self.target.id if self.target else None,
             "build": self.target.build if self.target else None,
-            "autoload": self.target.autoload if self.target else None,
+            "autoload": self._autoload(),
             "headers_package": package,
             "headers_path": path,
         }

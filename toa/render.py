@@ -165,7 +165,7 @@ def autoload_files(
     if init not in INITS:
         raise ToaError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
     arguments = module_options(options)
-    style = _style(target, init)
+    style = target.autoload_for(init)
     if style == "coreos-unit":
         return [
             _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments),
@@ -186,17 +186,6 @@ def autoload_files(
         unsupported = "unsupported-modules" if target.version == "11" else "10-unsupported-modules.conf"
         out.append(_render(f"/etc/modprobe.d/{unsupported}", "suse-unsupported-modules.conf.j2"))
     return out
-
-
-def _style(target: Target, init: str) -> str:
-    """The target's autoload style, or where it needs systemd and the host has none, the way its
-    family loads modules without it."""
-    if target.autoload != "modules-load.d" or init == "systemd":
-        return target.autoload
-    without_systemd = {"debian": "etc-modules", "rhel": "sysconfig-modules", "suse": "sysconfig-kernel"}
-    if target.family not in without_systemd:
-        raise ToaError(f"{target.id} loads modules at boot only through systemd, and this host runs {init}")
-    return without_systemd[target.family]
 
 
 def _render(path: str, template: str, *, mode: int = 0o644, kind: str = "file", **values) -> AutoloadFile:

@@ -39,6 +39,16 @@ class Target:
         values = {"release": release, "kver": kver, "kver_base": kver.split("-", 1)[0]}
         return self.headers_package.format(**values), self.headers_path.format(**values)
 
+    def autoload_for(self, init: str) -> str:
+        """How a host of this target with INIT (systemd, sysv, other) loads modules at boot: the target's
+        style, or where that needs systemd and the host has none, the way its family does without it."""
+        if self.autoload != "modules-load.d" or init == "systemd":
+            return self.autoload
+        without_systemd = {"debian": "etc-modules", "rhel": "sysconfig-modules", "suse": "sysconfig-kernel"}
+        if self.family not in without_systemd:
+            raise ToaError(f"{self.id} loads modules at boot only through systemd, and this host runs {init}")
+        return without_systemd[self.family]
+
     def matches(self, name: str) -> bool:
         """True if NAME picks this target: its id, its distro or its family."""
         return name in (self.id, self.distro, self.family)

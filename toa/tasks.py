@@ -15,7 +15,7 @@ ns = Collection()
 
 
 @task(help={"root": "inspect a root filesystem (image or mounted disk) instead of this machine",
-            "json": "print JSON instead of a table", **SSH_HELP})
+            "json": "print JSON instead of a table", **SSH_HELP}, auto_shortflags=False)
 @user_errors
 def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_host_key_check=False):
     """Show the distro, kernel and build target of this machine, a root directory or an SSH host."""
@@ -38,7 +38,8 @@ def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_h
         print_fields(f"toa detect: {where}", info)
 
 
-@task(help={"kernel": "kernel release to install headers for (default: the running kernel)", **SSH_HELP})
+@task(help={"kernel": "kernel release to install headers for (default: the running kernel)", **SSH_HELP},
+      auto_shortflags=False)
 @user_errors
 def headers(c, kernel=None, host=None, key=None, known_hosts=None, no_host_key_check=False):
     """Install the kernel headers (kernel-devel) matching the running kernel, or --kernel."""

@@ -112,7 +112,7 @@ def _print_builds(rows):
 
 @task(iterable=["suite"], help={
     "suite": "Debian suite to make images for (repeatable; default: every suite toa builds in)",
-    "json": "print JSON instead of a table"})
+    "json": "print JSON instead of a table"}, auto_shortflags=False)
 @user_errors
 def images(c, suite=None, json=False):
     """Create the Debian base images toa builds in (debootstrap + import, no registry needed) and list them."""

@@ -14,7 +14,7 @@ from toa.errors import ToaError
                       "default: every module under --dist)",
             "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",
             "out": "where the packages go (default: <dist>/packages)",
-            "json": "print the package paths as JSON"})
+            "json": "print the package paths as JSON"}, auto_shortflags=False)
 @user_errors
 def package(c, format=None, kernel=None, dist="dist", out=None, json=False):
     """Package toa for package managers: a DKMS package, or kmod .deb/.rpm packages of built modules."""

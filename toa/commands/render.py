@@ -18,6 +18,7 @@ from toa.errors import ToaError
         "json": "print the files (path, mode, kind, content) as JSON instead of a table",
     },
     iterable=["option"],
+    auto_shortflags=False,
 )
 @user_errors
 def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, json=False):
