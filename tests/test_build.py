@@ -218,6 +218,12 @@ def test_recipe_build_arguments_follow_the_kernel():
     rocky = build.recipe_build_args(targets.get("rocky-8"), "4.18.0-513.5.1.el8_9.x86_64")
     assert rocky["REPO_URL"] == "https://dl.rockylinux.org/vault/rocky/8.9/AppStream/x86_64/os/"
     assert rocky["REPO_GPGKEY"].endswith("RPM-GPG-KEY-rockyofficial")
+    # a minor release's first kernel has no _<minor>: the build number names it (4.18.0-348 is 8.5's)
+    ga = build.recipe_build_args(targets.get("rocky-8"), "4.18.0-348.el8.x86_64")
+    assert ga["REPO_URL"] == "https://dl.rockylinux.org/vault/rocky/8.5/AppStream/x86_64/os/"
+    assert "/9.4/" in build.recipe_build_args(targets.get("rocky-9"), "5.14.0-427.el9.x86_64")["REPO_URL"]
+    assert "REPO_URL" not in build.recipe_build_args(targets.get("rocky-8"), "4.18.0-193.el8.x86_64")  # 8.2: before Rocky
+    assert build.el_minor("4.18.0-80.el8.x86_64") == ("8", "0") and build.el_minor("3.10.0-693.el7.x86_64") == (None, None)
     assert build.recipe_build_args(targets.get("fedora-coreos"), "6.5.6-200.fc38.x86_64")["BASE"].endswith(":38")
     assert build.recipe_build_args(targets.get("centos-6"), "2.6.32-754.35.1.el6.x86_64")["CENTOS_VAULT"] == "6.10"
     with pytest.raises(ToaError, match="no container recipe for SUSE Linux Enterprise Server 11"):
@@ -257,6 +263,16 @@ def test_every_recipe_renders_for_its_kernels(recipe, kernel, target, tmp_path):
     if recipe != "flatcar":
         assert release in plan["headers_package"] or release.rsplit("-", 1)[0] in plan["headers_package"]
     assert not any(tmp_path.iterdir())
+
+
+def test_an_hwe_kernel_is_built_for_its_own_release_and_says_who_else_runs_it():
+    plan = json.loads(run_toa("build", "--kernel", "5.15.0-91-generic", "--dry-run", "--json").stdout)
+    assert (plan["target"], plan["also_runs_on"]) == ("ubuntu-22.04", ["ubuntu-20.04"])
+    human = run_toa("build", "--kernel", "5.15.0-91-generic", "--dry-run")
+    assert "5.15.0-91-generic also runs on ubuntu-20.04: this builds for ubuntu-22.04" in human.stdout
+    chosen = json.loads(run_toa("build", "--kernel", "5.15.0-91-generic", "--distro", "ubuntu-20.04", "--dry-run",
+                                "--json").stdout)
+    assert (chosen["target"], chosen["also_runs_on"]) == ("ubuntu-20.04", [])
 
 
 def test_the_issue_example_dry_run():

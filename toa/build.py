@@ -9,6 +9,7 @@ base image, which installs the exact kernel's headers package from the distro's 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -432,6 +433,15 @@ _CENTOS_VAULT = {
     "el7": {123: "7.0.1406", 229: "7.1.1503", 327: "7.2.1511", 514: "7.3.1611", 693: "7.4.1708",
             862: "7.5.1804", 957: "7.6.1810", 1062: "7.7.1908", 1127: "7.8.2003", 1160: "7.9.2009"},
 }
+# RHEL 8 and 9 kernels of a minor release's first (GA) build carry no _<minor> in their release
+# (4.18.0-348.el8 is 8.5's): the build number says which minor shipped it.
+_EL_GA_BUILDS = {
+    "8": {80: "0", 147: "1", 193: "2", 240: "3", 305: "4", 348: "5", 372: "6", 425: "7", 477: "8", 513: "9",
+          553: "10"},
+    "9": {70: "0", 162: "1", 284: "2", 362: "3", 427: "4", 503: "5", 570: "6"},
+}
+# Rocky Linux's first release was 8.3: older minors are on none of its repositories.
+_ROCKY_FIRST_MINOR = {"8": 3, "9": 0}
 HEADERS_NOT_FOUND_MARK = "toa: headers package not found:"
 
 
@@ -461,12 +471,26 @@ def recipe_build_args(target: Target, release: str) -> dict[str, str]:
     vaults = _CENTOS_VAULT.get(target.build, {})
     if target.distro == "centos" and build_number and int(build_number.group(1)) in vaults:
         args["CENTOS_VAULT"] = vaults[int(build_number.group(1))]
-    minor = re.search(r"\.el(\d+)_(\d+)\.", release)
-    if target.distro == "rocky" and minor:  # older minor releases' kernels live on Rocky's vault
-        major = minor.group(1)
-        args["REPO_URL"] = f"https://dl.rockylinux.org/vault/rocky/{major}.{minor.group(2)}/AppStream/x86_64/os/"
+    major, minor = el_minor(release)
+    if target.distro == "rocky" and minor is not None and int(minor) >= _ROCKY_FIRST_MINOR.get(major, 0):
+        # older minor releases' kernels live on Rocky's vault
+        args["REPO_URL"] = f"https://dl.rockylinux.org/vault/rocky/{major}.{minor}/AppStream/x86_64/os/"
         args["REPO_GPGKEY"] = "file:///etc/pki/rpm-gpg/" + ("RPM-GPG-KEY-rockyofficial" if major == "8" else f"RPM-GPG-KEY-Rocky-{major}")
     return args
+
+
+def el_minor(release: str) -> tuple[str | None, str | None]:
+    """(major, minor) of the RHEL 8/9 release that shipped a kernel: from its _<minor> suffix
+    (4.18.0-513.5.1.el8_9), or for a GA build without one (4.18.0-348.el8), from its build number."""
+    suffixed = re.search(r"\.el(\d+)_(\d+)\.", release)
+    if suffixed:
+        return suffixed.group(1), suffixed.group(2)
+    ga = re.match(r"\d+\.\d+\.\d+-(\d+)\.el(\d+)\.", release)
+    if ga and ga.group(2) in _EL_GA_BUILDS:
+        builds = _EL_GA_BUILDS[ga.group(2)]
+        known = [number for number in builds if number <= int(ga.group(1))]
+        return ga.group(2), builds[max(known)] if known else None
+    return None, None
 
 
 def repositories_searched(args: dict[str, str]) -> str:
@@ -584,6 +608,7 @@ class BuildPlan:
     suite: str | None = None
     build_args: dict[str, str] | None = None
     headers_dir: Path | None = None
+    also_runs_on: tuple[str, ...] = ()  # other targets that run this kernel (HWE): --distro picks one
 
     def as_dict(self) -> dict:
         return {
@@ -592,6 +617,7 @@ class BuildPlan:
             "headers_package": self.headers_package, "output": str(self.output / "toa.ko"),
             "recipe": f"containers/{self.recipe}" if self.recipe else None, "suite": self.suite,
             "build_args": self.build_args, "headers_dir": str(self.headers_dir) if self.headers_dir else None,
+            "also_runs_on": list(self.also_runs_on),
         }
 
 
@@ -666,8 +692,11 @@ def plan(
         resolution = kernels.resolve(kernel, distro)
         release, target = resolution.kernel.release, resolution.target
         say(f"resolve: {kernel} is {release} ({target.name})")
+        # a kernel other releases run too (Ubuntu's HWE) is built for its own release unless --distro says
+        others = () if distro else tuple(t.id for t in resolution.kernel.targets if t.id != target.id)
         if target.container != "debian":
-            return plan_recipe(target, release, out_dir, base=base, registry=registry)
+            return dataclasses.replace(plan_recipe(target, release, out_dir, base=base, registry=registry),
+                                       also_runs_on=others)
         kernel = release
     if base or registry:
         raise ToaError("--base-image and --registry apply to container recipes; Debian kernels build on images "

@@ -42,6 +42,7 @@ from typing import Callable
 import paramiko
 
 from toa import build, detect, preflight, remote, render
+from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.nodes import Node
@@ -436,7 +437,10 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
         artifact = find_artifact(options.dist, release, target_id)
         if artifact is None:
             say("build")
-            build.build_kernel(kernel=release, out_dir=options.dist)
+            # for the host's own target where it runs this kernel (an HWE kernel's host release), else the kernel's
+            known = kernels.classify(release)
+            runs_here = target_id if known and any(t.id == target_id for t in known.targets) else None
+            build.build_kernel(kernel=release, out_dir=options.dist, distro=runs_here)
             artifact = find_artifact(options.dist, release, target_id)
     if artifact is None:
         raise ToaError(f"building toa.ko for {release} left no artifact in {options.dist}: check its build.log")

@@ -70,6 +70,9 @@ def build(c, kernel=None, kernels_file=None, suite=None, distro=None, base_image
         else:
             for one in plans:
                 print_fields(f"toa build --dry-run: {one['kernel_release']}", one)
+                if one["also_runs_on"]:
+                    print(f"{one['kernel_release']} also runs on {', '.join(one['also_runs_on'])}: this builds for "
+                          f"{one['target']}; give --distro to build for one of those")
         return
 
     rows, failed = [], 0
