@@ -22,10 +22,10 @@ def test_hosts_settings_and_comments(tmp_path):
         f"node4 key={key}\n"
     )
     assert parse(text, "nodes.txt", tmp_path) == [
-        Node(HostSpec("10.0.0.5", "root", 22), line=3),
+        Node(HostSpec("10.0.0.5", "root"), line=3),  # no port: ssh_config's, else 22
         Node(HostSpec("web-01.example.com", "deploy", 2222), key=key, sudo=True, line=4),
         Node(HostSpec("fd00::7", "ops", 22), sudo=False, line=5),
-        Node(HostSpec("node4", None, 22), key=key, line=6),
+        Node(HostSpec("node4"), key=key, line=6),
     ]
 
 

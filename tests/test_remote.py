@@ -82,6 +82,27 @@ def test_unreachable_port_is_one_line(sshd):
     assert_one_line_error(result, "cannot reach")
 
 
+@pytest.mark.ssh
+def test_ssh_config_fills_in_what_the_host_spec_leaves_open(sshd, tmp_path):
+    """A host given by its ssh_config alias, without a port: HostName, Port and User come from
+    ~/.ssh/config, as with OpenSSH; a failure names the effective target."""
+    import getpass
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host toa-test-alias\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n"
+        "Host toa-test-dead\n  HostName 127.0.0.1\n  Port 1\n")
+    env = {**os.environ, "HOME": str(home)}
+    args = ["--key", str(sshd.key_path), "--known-hosts", str(sshd.known_hosts_path), "--json"]
+    result = toa("detect", "--host", "toa-test-alias", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kernel"] == os.uname().release
+    failed = toa("detect", "--host", "toa-test-dead", *args[:-1], env=env)
+    assert_one_line_error(failed, f"cannot reach {getpass.getuser()}@127.0.0.1:1 "
+                                  "(toa-test-dead in ssh_config)")
+
+
 def _spec(sshd):
     return HostSpec(sshd.host, sshd.user, sshd.port)
 

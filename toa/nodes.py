@@ -99,10 +99,10 @@ def parse(text: str, source: str = "nodes.txt", base: Path = Path(".")) -> list[
         node = parse_line(line.removesuffix("\r"), f"{source}:{number}", base)
         if node is None:
             continue
-        address = (node.spec.host.lower(), node.spec.port)
+        address = (node.spec.host.lower(), node.spec.port or 22)
         if address in first_line:
             raise ToaError(
-                f"{source}:{number}: {node.spec.host}:{node.spec.port} is already listed on line "
+                f"{source}:{number}: {node.spec.host}:{address[1]} is already listed on line "
                 f"{first_line[address]}: list each host once"
             )
         first_line[address] = number

@@ -23,11 +23,11 @@ _SPEC = re.compile(r"(?:(?P<user>[^@]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\[\
 class HostSpec:
     host: str
     user: str | None = None
-    port: int = 22
+    port: int | None = None  # None: ssh_config's Port for the host, else 22
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user + '@' if self.user else ''}{host}:{self.port}"
+        return f"{self.user + '@' if self.user else ''}{host}{f':{self.port}' if self.port else ''}"
 
 
 def parse_host(text: str) -> HostSpec:
@@ -38,10 +38,10 @@ def parse_host(text: str) -> HostSpec:
     match = _SPEC.fullmatch(text or "")
     if not match or len(text) > 300:
         raise bad
-    user, port = match["user"], int(match["port"] or 22)
+    user, port = match["user"], int(match["port"]) if match["port"] else None
     if user is not None and not USER_PATTERN.fullmatch(user):
         raise bad
-    if not 0 < port < 65536:
+    if port is not None and not 0 < port < 65536:
         raise bad
     host = match["v6"] or match["host"]
     if match["v6"]:
@@ -93,10 +93,12 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
     connect_kwargs = {"banner_timeout": options.timeout, "auth_timeout": options.timeout}
     if options.key_filename:
         connect_kwargs["key_filename"] = options.key_filename
+    # Fabric fills what the spec leaves open (user, port, HostName, ProxyJump) from ~/.ssh/config.
     conn = Connection(
         spec.host, user=spec.user, port=spec.port,
         connect_timeout=options.timeout, connect_kwargs=connect_kwargs,
     )
+    target = effective_target(spec, conn)
     if options.check_host_key:
         conn.client.load_system_host_keys()
         if options.known_hosts and Path(options.known_hosts).is_file():
@@ -114,20 +116,35 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
         conn.open()
     except paramiko.BadHostKeyException:
         raise ToaError(
-            f"host key of {spec} does not match known_hosts: verify the host, then update known_hosts"
+            f"host key of {target} does not match known_hosts: verify the host, then update known_hosts"
         ) from None
     except paramiko.AuthenticationException:
-        raise ToaError(f"SSH authentication to {spec} failed: pass --key FILE or load the key into ssh-agent") from None
+        raise ToaError(f"SSH authentication to {target} failed: pass --key FILE or load the key into ssh-agent") from None
     except paramiko.SSHException as exc:
         if "not found in known_hosts" in str(exc):
             raise ToaError(
-                f"host key of {spec} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
+                f"host key of {target} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
                 "(see --help for accepting new keys)"
             ) from None
-        raise ToaError(f"SSH to {spec} failed: {exc}") from None
+        raise ToaError(f"SSH to {target} failed: {exc}") from None
     except (OSError, socket.timeout) as exc:
-        raise ToaError(f"cannot reach {spec}: {exc.strerror or exc}") from None
+        raise ToaError(f"cannot reach {target}: {exc.strerror or exc}") from None
     return conn
+
+
+def effective_target(spec: HostSpec, conn: Connection) -> str:
+    """Where a connection really goes once ssh_config has filled in the spec: user@host:port, the
+    alias it was given as, and the jump host on the way."""
+    host = f"[{conn.host}]" if ":" in conn.host else conn.host
+    shown = f"{conn.user}@{host}:{conn.port}"
+    if conn.host != spec.host:
+        shown += f" ({spec.host} in ssh_config)"
+    gateway = conn.gateway
+    if isinstance(gateway, Connection):
+        shown += f" via {gateway.user}@{gateway.host}:{gateway.port}"
+    elif gateway:
+        shown += f" via ProxyCommand {gateway}"
+    return shown
 
 
 def run(conn: Connection, command: str) -> str:
