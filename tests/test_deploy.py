@@ -420,25 +420,45 @@ def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_
 @pytest.mark.docker
 @pytest.mark.ssh
 @pytest.mark.network
-def test_a_failed_load_rolls_back_to_the_previous_module(fleet, releases, artifacts, tmp_path):
-    new, old = releases
+def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, artifacts, tmp_path):
+    from toa import build
+
     full, _ = artifacts
-    guest = fleet[0]
+    guest, tree = fleet[0], guest_kernels[0]
+    new = tree.release
     good = deploy.find_artifact(full, new)
     before = _guest_facts(guest)
-    # a dist whose toa.ko for the new kernel is really the old kernel's build: it uploads and installs, then the kernel refuses it
-    wrong = deploy.find_artifact(full, old)
+    assert before == {"srcversion": good.srcversion, "sha256": good.sha256, "temp_names": 0,
+                      "autoload": _rendered(new)}
+    # the old kernel's build under the new kernel's name: the preflight refuses it before any upload
+    wrong = deploy.find_artifact(full, guest_kernels[1].release)
     bad_dir = tmp_path / "bad-dist" / "debian-12" / new
     bad_dir.mkdir(parents=True)
     shutil.copyfile(wrong.ko, bad_dir / "toa.ko")
     (bad_dir / "manifest.json").write_text(json.dumps({
         "kernel_release": new, "target": "debian-12", "sha256": wrong.sha256, "srcversion": wrong.srcversion}))
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(tmp_path / "bad-dist"))
+    row = hosts[guest.node_line()]
+    assert result.returncode == 1 and row["action"] == "failed", row
+    assert row["detail"].startswith("preflight vermagic check refused") and "nothing was uploaded" in row["detail"], row
+    assert _guest_facts(guest) == before
+
+    # a real build for the new kernel whose init fails (a refusal no preflight can see): it uploads,
+    # installs and fails to load, and the host is rolled back to the build it had
+    source = tmp_path / "module"
+    shutil.copytree(build.MODULE_SOURCE, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd", "probes.h"))
+    toa_c = (source / "toa.c").read_text()
+    assert "static int __init toa_init(void)\n{\n" in toa_c
+    (source / "toa.c").write_text(toa_c.replace("static int __init toa_init(void)\n{\n",
+                                                "static int __init toa_init(void)\n{\n\tif (1)\n\t\treturn -ENODEV;\n"))
+    failing = build.build_module(tree.headers_dir, new, tree.suite, tmp_path / "failing-dist", module_source=source)
+    assert json.loads(failing.manifest.read_text())["srcversion"] != good.srcversion
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist",
+                                 str(tmp_path / "failing-dist"))
     assert result.returncode == 1
     row = hosts[guest.node_line()]
     assert row["action"] == "failed" and "loading toa failed" in row["detail"] and "rolled back" in row["detail"], row
-    assert _guest_facts(guest) == before == {"srcversion": good.srcversion, "sha256": good.sha256, "temp_names": 0,
-                                             "autoload": _rendered(new)}
+    assert _guest_facts(guest) == before
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
 
 

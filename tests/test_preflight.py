@@ -92,32 +92,33 @@ def test_the_other_checks_on_made_up_trees():
     assert preflight.check_signature(_module(signed=True), forced).ok
 
 
-# Printed by host_tree_command on a Debian 12 host with linux-headers-6.1.0-57-amd64 installed (trimmed).
+# Printed by host_tree_command on a Debian 12 host with its kernel's headers installed (trimmed; the release
+# written as 6.1.0-56-amd64, one the mirror no longer offers, so that no test source names a downloadable one).
 RECORDED_HOST_TREE = """\
-@@config /lib/modules/6.1.0-57-amd64/build/.config
+@@config /lib/modules/6.1.0-56-amd64/build/.config
 @@set CONFIG_MODVERSIONS=y
 @@set CONFIG_MODULE_SIG=y
-@@symvers /lib/modules/6.1.0-57-amd64/build/Module.symvers
+@@symvers /lib/modules/6.1.0-56-amd64/build/Module.symvers
 @@crc 0x92997ed8 _printk
 @@crc 0xbdfb6dbb __fentry__
 """
 
 
 def test_a_hosts_tree_from_recorded_output():
-    tree = preflight.parse_host_tree(RECORDED_HOST_TREE, "6.1.0-57-amd64", "node1")
+    tree = preflight.parse_host_tree(RECORDED_HOST_TREE, "6.1.0-56-amd64", "node1")
     assert tree.config == {"CONFIG_MODVERSIONS": "y", "CONFIG_MODULE_SIG": "y"}
     assert tree.symvers == {"_printk": 0x92997ED8, "__fentry__": 0xBDFB6DBB}
-    assert tree.symvers_file == "node1:/lib/modules/6.1.0-57-amd64/build/Module.symvers"
-    module = _module(vermagic="6.1.0-57-amd64 SMP", crcs={"_printk": 0x92997ED8, "kfree": 0x1})
+    assert tree.symvers_file == "node1:/lib/modules/6.1.0-56-amd64/build/Module.symvers"
+    module = _module(vermagic="6.1.0-56-amd64 SMP", crcs={"_printk": 0x92997ED8, "kfree": 0x1})
     assert "exports no kfree" in preflight.check_symbol_versions(module, tree).detail
-    bare = preflight.parse_host_tree("", "6.1.0-57-amd64", "node1")  # no headers, no /boot files
+    bare = preflight.parse_host_tree("", "6.1.0-56-amd64", "node1")  # no headers, no /boot files
     assert bare.symvers is None and bare.config == {} and bare.loader_source is None
 
 
 def test_the_host_command_takes_only_a_valid_release_and_symbol_names():
     with pytest.raises(ToaError, match="invalid kernel release"):
-        preflight.host_tree_command("6.1.0-57-amd64; reboot", [])
-    command = preflight.host_tree_command("6.1.0-57-amd64", ["_printk", "x; rm -rf /", "$(id)"])
+        preflight.host_tree_command("6.1.0-56-amd64; reboot", [])
+    command = preflight.host_tree_command("6.1.0-56-amd64", ["_printk", "x; rm -rf /", "$(id)"])
     assert "_printk" in command and "rm -rf" not in command and "$(id)" not in command
 
 
