@@ -14,6 +14,7 @@ import pytest
 from tests.cli import assert_one_line_error, toa as run_toa
 from toa import build, debian, lab, sign
 from toa.errors import ToaError
+from toa.ko import SIGNATURE_MAGIC
 
 SIGNER = "toa test signing key"
 # The kernel's own certs/default_x509.genkey, which makes the key a kernel build signs with.
@@ -153,12 +154,12 @@ def test_sign_task_needs_key_and_cert(tmp_path):
 def test_the_signature_trailer_parser_on_a_hand_made_trailer():
     blob = b"S" * 300
     module = b"\x7fELF module bytes"
-    trailer = bytes([0, 0, sign.PKEY_ID_PKCS7, 0, 0, 0, 0, 0]) + len(blob).to_bytes(4, "big") + sign.MAGIC
+    trailer = bytes([0, 0, sign.PKEY_ID_PKCS7, 0, 0, 0, 0, 0]) + len(blob).to_bytes(4, "big") + SIGNATURE_MAGIC
     parsed = sign.appended_signature(module + blob + trailer)
-    assert parsed == sign.AppendedSignature(sign.PKEY_ID_PKCS7, 300, 300 + 12 + len(sign.MAGIC))
+    assert parsed == sign.AppendedSignature(sign.PKEY_ID_PKCS7, 300, 300 + 12 + len(SIGNATURE_MAGIC))
     assert sign.unsigned_bytes(module + blob + trailer) == module
     assert sign.appended_signature(module) is None
-    broken = bytes(8) + (10**6).to_bytes(4, "big") + sign.MAGIC
+    broken = bytes(8) + (10**6).to_bytes(4, "big") + SIGNATURE_MAGIC
     with pytest.raises(ToaError, match="claims more bytes"):
         sign.appended_signature(module + broken)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from toa.errors import ToaError
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+# What ends a signed module (after the PKCS#7 blob and its struct module_signature).
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
 
 
 def read_module(path: Path) -> bytes:

@@ -34,12 +34,12 @@ OLD_LOADER_RELOCATIONS = {0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC3
 RELOCATION_NAMES = {**OLD_LOADER_RELOCATIONS, R_X86_64_PLT32: "R_X86_64_PLT32"}
 PLT32_SINCE = (4, 16)
 # Distro kernels older than 4.16 whose loader was measured to accept R_X86_64_PLT32 (a backport of
-# "x86: Treat R_X86_64_PLT32 as R_X86_64_PC32"): a pattern of the release and what showed it.
+# "x86: Treat R_X86_64_PLT32 as R_X86_64_PC32"): a release pattern whose group is the build number,
+# the first build measured, and what showed it.
 PLT32_BACKPORTS = [
-    (re.compile(r"3\.10\.0-(11[2-9][0-9]|1[2-9][0-9]{2})(\.[0-9.]+)?\.el7\..*"),
+    (re.compile(r"3\.10\.0-([0-9]+)(\.[0-9.]+)?\.el7\..*"), 1127,
      "RHEL 7.8 (3.10.0-1127) and later load such modules (measured)"),
 ]
-SIGNATURE_MAGIC = b"~Module signature appended~\n"
 # Where a tree's files live, relative to its top (a kernel's /lib/modules/<release>/build).
 TREE_FILES = ("Makefile", ".config", "Module.symvers", "include/generated/utsrelease.h",
               "include/config/kernel.release", "arch/x86/kernel/module.c")
@@ -88,7 +88,7 @@ def read_module(data: bytes) -> Module:
     from elftools.elf.elffile import ELFFile
     from elftools.elf.relocation import RelocationSection
 
-    from toa.ko import modinfo
+    from toa.ko import SIGNATURE_MAGIC, modinfo
 
     info = modinfo(data)
     try:
@@ -185,8 +185,9 @@ def loader_takes_plt32(tree: Tree) -> tuple[bool, str]:
         handled = "R_X86_64_PLT32" in tree.loader_source
         return handled, f"its loader source ({tree.where}/arch/x86/kernel/module.c) " + (
             "handles R_X86_64_PLT32" if handled else "has no case for R_X86_64_PLT32")
-    for pattern, evidence in PLT32_BACKPORTS:
-        if pattern.fullmatch(tree.release):
+    for pattern, first_build, evidence in PLT32_BACKPORTS:
+        match = pattern.fullmatch(tree.release)
+        if match and int(match.group(1)) >= first_build:
             return True, evidence
     if _version(tree.release) >= PLT32_SINCE:
         return True, "kernels from 4.16 on handle R_X86_64_PLT32"

@@ -26,10 +26,9 @@ from cryptography.x509.oid import NameOID
 from toa import build as builder
 from toa import debian
 from toa.errors import ToaError
-from toa.ko import modinfo
+from toa.ko import SIGNATURE_MAGIC, modinfo
 from toa.package import Artifact, find_artifacts
 
-MAGIC = b"~Module signature appended~\n"
 # struct module_signature: algo, hash, id_type, signer_len, key_id_len, 3 pad bytes, sig_len (big endian).
 SIGNATURE_INFO = struct.Struct(">BBBBB3xI")
 PKEY_ID_PKCS7 = 2
@@ -45,13 +44,13 @@ class AppendedSignature:
 
 def appended_signature(data: bytes) -> AppendedSignature | None:
     """The signature appended to a module's bytes, or None when it carries none."""
-    if not data.endswith(MAGIC) or len(data) < len(MAGIC) + SIGNATURE_INFO.size:
+    if not data.endswith(SIGNATURE_MAGIC) or len(data) < len(SIGNATURE_MAGIC) + SIGNATURE_INFO.size:
         return None
-    info_start = len(data) - len(MAGIC) - SIGNATURE_INFO.size
+    info_start = len(data) - len(SIGNATURE_MAGIC) - SIGNATURE_INFO.size
     _, _, id_type, _, _, length = SIGNATURE_INFO.unpack_from(data, info_start)
     if length > info_start:
         raise ToaError("the module's signature trailer claims more bytes than the file has: rebuild the module")
-    return AppendedSignature(id_type, length, length + SIGNATURE_INFO.size + len(MAGIC))
+    return AppendedSignature(id_type, length, length + SIGNATURE_INFO.size + len(SIGNATURE_MAGIC))
 
 
 def unsigned_bytes(data: bytes) -> bytes:
