@@ -113,6 +113,8 @@ def test_a_hosts_tree_from_recorded_output():
     assert "exports no kfree" in preflight.check_symbol_versions(module, tree).detail
     bare = preflight.parse_host_tree("", "6.1.0-56-amd64", "node1")  # no headers, no /boot files
     assert bare.symvers is None and bare.config == {} and bare.loader_source is None
+    unread = preflight.parse_host_tree("@@symvers /boot/symvers-6.1.0-56-amd64.gz\n", "6.1.0-56-amd64", "node1")
+    assert unread.symvers is None  # a file that matched no symbol was not read (no zcat or awk): not checked
 
 
 def test_the_host_command_takes_only_a_valid_release_and_symbol_names():
