@@ -395,5 +395,5 @@ def parse_host_tree(output: str, release: str, host: str) -> Tree:
             # the check reads the loader's text: a stand-in that says what the host's source has
             tree.loader_source = "R_X86_64_PLT32" if rest.strip() == "plt32" else ""
     if tree.symvers is not None and not symvers:
-        tree.symvers = None  # no kernel exports none of a module's symbols: the file could not be read
+        tree.symvers = None  # every kernel exports some of the module's symbols: none means the file was not read
     return tree
