@@ -67,11 +67,19 @@ def reference_verdict(opts: bytes, kinds: set[int]):
         return "malformed", None, None
     option = found[0]
     port = int.from_bytes(option[2:4], "big")
-    raw = option[4:]
-    if port == 0 or not any(raw):
+    address = ipaddress.ip_address(option[4:])
+    if port == 0 or not usable(address):
         return "malformed", None, None
-    address = ipaddress.ip_address(raw)
     return ("v4" if len(option) == 8 else "v6"), address, port
+
+
+def usable(address) -> bool:
+    """What a balancer can send as a client: not unspecified, loopback (v4-mapped too), multicast or broadcast."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None and mapped.is_loopback:
+        return False
+    return not (address.is_unspecified or address.is_loopback or address.is_multicast
+                or address == ipaddress.IPv4Address("255.255.255.255"))
 
 
 @pytest.mark.parametrize("kinds,refused_from", [("254,253", 0), ("254,253,200", 0), ("254,253", 18), ("254,253", 5)])
@@ -102,7 +110,7 @@ def test_generated_cases_match_the_rules(peer, kinds, refused_from):
         if listener == "mapped":
             assert outcome != "toa_v6", row  # no rule covers an IPv6 TOA on a v4-mapped connection
     assert categories == {"valid_v4", "valid_v6", "wrong_length", "truncated", "repeated", "zero",
-                          "not_accepted", "after_eol", "bad_other", "no_toa"}
+                          "not_accepted", "after_eol", "bad_other", "no_toa", "unroutable"}
     assert {0, 4, 8, 20, 40} <= lengths
     if refused_from:
         assert 0 < refused < 3000 / 5  # cases the kernel drops are there, but most are not
@@ -130,6 +138,12 @@ def test_reference_rules_on_known_lists():
     assert reference_verdict(v4 + v4, kinds)[0] == "malformed"
     assert reference_verdict(bytes([0]) + v4[:3], kinds)[0] == "absent"
     assert reference_verdict(bytes([200]) + v4[1:], kinds)[0] == "absent"
+    for claimed in ([127, 0, 0, 1], [224, 0, 0, 251], [255, 255, 255, 255], [0, 0, 0, 0]):
+        assert reference_verdict(v4[:4] + bytes(claimed), kinds)[0] == "malformed", claimed
+    for claimed in ("::1", "ff02::1", "::ffff:127.0.0.1", "::"):
+        option = bytes([253, 20, 0x9C, 0x41]) + ipaddress.IPv6Address(claimed).packed
+        assert reference_verdict(option, kinds)[0] == "malformed", claimed
+    assert reference_verdict(bytes([1, 1, 254, 2]), kinds)[0] == "malformed"  # length 2 at the end
     assert first_broken_option(bytes([1, 1, 1, 254])) == 1
     assert first_broken_option(bytes([2, 4, 5, 0xB4, 76, 0, 1, 1])) == 4
     assert first_broken_option(v4 + bytes([0, 76, 0, 0])) == 0

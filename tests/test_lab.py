@@ -28,7 +28,9 @@ FULL_TIMEOUT = 900
 # The scenarios the brief names, each of which must have run and passed.
 KEY_CHECKS = ["tun-available", "kernel-refusal", "insmod", "load-message", "sysfs-module", "stats-readable",
               "v4", "v6-kind253", "v6-kind254", "v4-mapped", "no-option-v4", "wrong-length-10",
-              "truncated-length", "repeated-v4", "basic-addresses-returned", "basic-malformed-ignored",
+              "truncated-length", "repeated-v4", "loopback-v4", "multicast-v4", "broadcast-v4", "loopback-v6",
+              "multicast-v6", "mapped-loopback-v6", "wrong-length-2-at-end", "toa-on-syn-only",
+              "basic-addresses-returned", "basic-malformed-ignored",
               "fuzz-kinds2", "fuzz-kinds3", "hold-rmmod-while-open", "hold-after-unload", "hold-close",
               "cycles", "load-messages-total", "kernel-log-clean", "kernel-not-tainted-by-fault",
               "guest-finished", "qemu-exit"]

@@ -349,7 +349,8 @@ def boot_guest(
 def required_cases(fuzz: int, cycles: int) -> list[str]:
     """CASE lines a complete run must print: a missing one means a step died silently."""
     names = ["tun-available", "kernel-refusal", "before-load-v4-untouched", "insmod", "load-message", "sysfs-module",
-             "default-kinds", "stats-readable", "v4", "v6-kind253", "v6-kind254", "v4-mapped", "basic",
+             "default-kinds", "stats-readable", "v4", "v6-kind253", "v6-kind254", "v4-mapped",
+             "loopback-v4", "multicast-v6", "mapped-loopback-v6", "wrong-length-2-at-end", "basic",
              "basic-malformed-ignored", "rmmod", "unload-message", "after-unload-v4-untouched",
              "insmod-kinds200", "kinds200-param", "hold-open", "hold-rmmod-while-open",
              "hold-after-unload", "hold-close", "after-all-v4-untouched", "load-messages-total"]

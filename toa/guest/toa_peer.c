@@ -893,8 +893,12 @@ static struct optbuf *add_case(struct named_probe *cases, int *count, const char
 static int mode_basic(void)
 {
 	static const uint8_t zero4[4];
+	static const uint8_t loopback4[4] = { 127, 0, 0, 1 }, multicast4[4] = { 224, 0, 0, 251 },
+			     broadcast4[4] = { 255, 255, 255, 255 };
+	static const uint8_t loopback6[16] = { [15] = 1 }, multicast6[16] = { 0xff, 0x02, [15] = 1 },
+			     mapped_loopback6[16] = { [10] = 0xff, [11] = 0xff, [12] = 127, [15] = 1 };
 	static struct optbuf syn_with_toa;
-	struct named_probe cases[32];
+	struct named_probe cases[40];
 	struct lab_net n;
 	struct stats before;
 	struct tally t = { 0 };
@@ -974,6 +978,24 @@ static int mode_basic(void)
 
 	o = add_case(cases, &nc, "zero-address", L4, REAL_PEER, 1);
 	put_toa4(o, 254, CLIENT_PORT, zero4);
+
+	/* Rule 5: addresses no balancer sends are claims, not clients. */
+	o = add_case(cases, &nc, "loopback-v4", L4, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, loopback4);
+	o = add_case(cases, &nc, "multicast-v4", L6, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, multicast4);
+	o = add_case(cases, &nc, "broadcast-v4", L4, REAL_PEER, 1);
+	put_toa4(o, 254, CLIENT_PORT, broadcast4);
+	o = add_case(cases, &nc, "loopback-v6", L6, REAL_PEER, 1);
+	put_toa6(o, 253, CLIENT_PORT, loopback6);
+	o = add_case(cases, &nc, "multicast-v6", L6, REAL_PEER, 1);
+	put_toa6(o, 254, CLIENT_PORT, multicast6);
+	o = add_case(cases, &nc, "mapped-loopback-v6", L6, REAL_PEER, 1);
+	put_toa6(o, 253, CLIENT_PORT, mapped_loopback6);
+
+	/* A length of 2 at the very end: nothing after the length byte may be read. */
+	o = add_case(cases, &nc, "wrong-length-2-at-end", L4, REAL_PEER, 1);
+	put_bytes(o, BYTES(1, 1, 254, 2));
 
 	o = add_case(cases, &nc, "bad-other-option-after-toa", L4, REAL_PEER, 1);
 	put_toa4(o, 254, CLIENT_PORT, client4);
@@ -1080,11 +1102,12 @@ enum category {
 	CAT_AFTER_EOL,
 	CAT_BAD_OTHER,
 	CAT_NO_TOA,
+	CAT_UNROUTABLE,
 	N_CATEGORIES
 };
 static const char *const category_names[] = {
 	"valid_v4",	"valid_v6",  "wrong_length", "truncated", "repeated",
-	"zero",		"not_accepted", "after_eol", "bad_other", "no_toa",
+	"zero",		"not_accepted", "after_eol", "bad_other", "no_toa", "unroutable",
 };
 
 struct kindset {
@@ -1169,11 +1192,19 @@ static void pad_random(struct optbuf *o)
 		o->b[o->len++] = style == 1 ? 0 : (uint8_t)rng_next();
 }
 
+/* Addresses no balancer sends (rule 5): 0.0.0.0, 127/8, 224/4 multicast, 255.255.255.255. */
+static int v4_unusable(const uint8_t addr[4])
+{
+	uint32_t a = get32(addr);
+
+	return a == 0 || addr[0] == 127 || (addr[0] & 0xf0) == 0xe0 || a == 0xffffffffu;
+}
+
 static void random_v4(uint8_t addr[4])
 {
 	do
 		put32(addr, (uint32_t)rng_next());
-	while (get32(addr) == 0);
+	while (v4_unusable(addr));
 }
 
 static void random_v6(uint8_t addr[16])
@@ -1182,7 +1213,9 @@ static void random_v6(uint8_t addr[16])
 
 	for (i = 0; i < 16; i++)
 		addr[i] = (uint8_t)rng_next();
-	addr[0] |= 0x20; /* never all-zero */
+	addr[0] |= 0x20; /* never ::, ::1 or ::ffff:0:0/96 */
+	if (addr[0] == 0xff)
+		addr[0] = 0x2f; /* never multicast */
 }
 
 static uint16_t random_port(void)
@@ -1316,6 +1349,25 @@ static void make_case(enum category cat, const struct kindset *ks, struct probe 
 			put_toa6(&opt, random_accepted(ks), port, addr);
 		else
 			put_toa4(&opt, random_accepted(ks), port, addr);
+		surround(o, opt.b, opt.len, ks);
+		break;
+	}
+	case CAT_UNROUTABLE: {
+		/* Loopback, multicast, broadcast or v4-mapped loopback with a good port: never a client. */
+		static const uint8_t v4[][4] = { { 127, 0, 0, 1 }, { 127, 9, 8, 7 }, { 224, 0, 0, 1 },
+						 { 239, 255, 255, 250 }, { 255, 255, 255, 255 } };
+		static const uint8_t v6[][16] = {
+			{ 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 },
+			{ 0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 },
+			{ 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1 },
+		};
+		int v6_form = p->lk != L4 && rng_range(0, 1); /* rule 5 before rule 6, as for zero */
+
+		p->malformed = 1;
+		if (v6_form)
+			put_toa6(&opt, random_accepted(ks), random_port(), v6[rng_range(0, 2)]);
+		else
+			put_toa4(&opt, random_accepted(ks), random_port(), v4[rng_range(0, 4)]);
 		surround(o, opt.b, opt.len, ks);
 		break;
 	}

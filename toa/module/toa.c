@@ -109,6 +109,24 @@ static void toa_count(enum toa_counter counter)
 
 enum toa_verdict { TOA_ABSENT, TOA_FOUND, TOA_MALFORMED };
 
+/*
+ * Whether a balancer could have sent this client address: never port 0, the
+ * unspecified address, loopback (127/8, ::1, ::ffff:127.0.0.0/104),
+ * multicast or the broadcast address. A claim of one of those is a forgery
+ * aimed at services that trust local or special sources.
+ */
+static bool toa_addr_usable(const struct toa_addr *addr)
+{
+	if (!addr->port)
+		return false;
+	if (addr->family == AF_INET)
+		return addr->v4 && !ipv4_is_loopback(addr->v4) && !ipv4_is_multicast(addr->v4) &&
+		       !ipv4_is_lbcast(addr->v4);
+	if (ipv6_addr_v4mapped(&addr->v6) && ipv4_is_loopback(addr->v6.s6_addr32[3]))
+		return false;
+	return !ipv6_addr_any(&addr->v6) && !ipv6_addr_loopback(&addr->v6) && addr->v6.s6_addr[0] != 0xff;
+}
+
 /* Walk a TCP options area and extract the one accepted TOA option in it. */
 static enum toa_verdict toa_parse_options(const u8 *opt, unsigned int len, struct toa_addr *addr)
 {
@@ -132,7 +150,7 @@ static enum toa_verdict toa_parse_options(const u8 *opt, unsigned int len, struc
 		if (test_bit(kind, accepted_kinds)) {
 			if (++found > 1)
 				return TOA_MALFORMED;	/* ambiguous */
-			memcpy(&addr->port, opt + 2, sizeof(addr->port));
+			/* The length decides what is read: nothing past the option. */
 			if (optlen == TOA_V4_OPTION_LEN) {
 				addr->family = AF_INET;
 				memcpy(&addr->v4, opt + 4, sizeof(addr->v4));
@@ -142,17 +160,14 @@ static enum toa_verdict toa_parse_options(const u8 *opt, unsigned int len, struc
 			} else {
 				return TOA_MALFORMED;
 			}
+			memcpy(&addr->port, opt + 2, sizeof(addr->port));
 		}
 		opt += optlen;
 		len -= optlen;
 	}
 	if (!found)
 		return TOA_ABSENT;
-	if (!addr->port)
-		return TOA_MALFORMED;
-	if (addr->family == AF_INET ? !addr->v4 : ipv6_addr_any(&addr->v6))
-		return TOA_MALFORMED;
-	return TOA_FOUND;
+	return toa_addr_usable(addr) ? TOA_FOUND : TOA_MALFORMED;
 }
 
 /* The handshake ACK that creates a child of @listener: does it carry a usable TOA? */
@@ -160,6 +175,12 @@ static bool toa_read_ack(const struct sock *listener, const struct sk_buff *skb,
 {
 	const struct tcphdr *th = tcp_hdr(skb);
 
+	/*
+	 * Only the handshake's final ACK carries the balancer's option: with TCP
+	 * Fast Open the child is created from the client's SYN, which is never read.
+	 */
+	if (th->syn)
+		return false;
 	/* tcp_v{4,6}_rcv pulled doff * 4 bytes: the options are linear. */
 	if (th->doff * 4 <= sizeof(*th))
 		return false;
