@@ -86,6 +86,32 @@ def test_detect_names_the_autoload_style_render_writes(systemd, pid1, autoload, 
     assert written in paths
 
 
+# Minimal os-release lines of RHEL rebuilds toa has no target of its own for (ID, ID_LIKE, VERSION_ID
+# as those distros set them), with the kernels they run.
+REBUILDS = [
+    ('ID="ol"\nID_LIKE="fedora"\nVERSION_ID="8.9"\nNAME="Oracle Linux Server"\n', "4.18.0-513.5.1.el8_9.x86_64", "rhel-8"),
+    ('ID="ol"\nID_LIKE="fedora"\nVERSION_ID="8.9"\nNAME="Oracle Linux Server"\n', "5.15.0-200.131.27.el8uek.x86_64", None),
+    ('ID="amzn"\nID_LIKE="centos rhel fedora"\nVERSION_ID="2"\nNAME="Amazon Linux"\n', "4.14.326-245.539.amzn2.x86_64", None),
+    ('ID="anolis"\nID_LIKE="rhel fedora centos"\nVERSION_ID="8.6"\nNAME="Anolis OS"\n', "4.18.0-372.32.1.an8_6.x86_64", None),
+    ('ID="openEuler"\nVERSION_ID="22.03"\nNAME="openEuler"\n', "5.10.0-60.18.0.50.oe2203.x86_64", None),
+]
+
+
+@pytest.mark.parametrize("os_release, kernel_release, target", REBUILDS)
+def test_distros_without_a_target_are_built_as_rhel_or_named_unsupported(os_release, kernel_release, target):
+    platform = detect.identify(detect.Facts(files={"/etc/os-release": os_release}, kernel=kernel_release,
+                                            systemd=True))
+    info = platform.as_dict()
+    assert info["target"] == target
+    if target:
+        assert info["support"] == f"as {target}: {platform.name} has no target of its own, and {kernel_release} is a RHEL kernel"
+        assert info["autoload"] == "modules-load.d"
+    else:
+        assert info["support"].startswith(f"unsupported: toa has no target for {platform.name}")
+        assert f"kernel {kernel_release} is no kernel of a supported distro" in info["support"]
+        assert "--local --headers DIR" in info["support"] and "\n" not in info["support"]
+
+
 def test_remote_facts_parse():
     output = ("@@toa-file /etc/os-release\nID=ubuntu\nVERSION_ID=\"22.04\"\n\n"
               "@@toa-kernel 5.15.0-91-generic\n@@toa-pid1 systemd\n@@toa-systemd\n")

@@ -599,7 +599,7 @@ def _read(host: Host, options: DeployOptions, say):
     platform = detect.identify(detect.read_remote(host.conn))
     release = validate_release(platform.kernel or "")
     if platform.target is None:
-        raise ToaError(f"{platform.name} is not a supported distro: toa cannot tell how it loads modules at boot")
+        raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, release)
     files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
     state = parse_state(host.run_as_root(state_command(module_file, release, files)), files)

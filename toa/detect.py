@@ -41,6 +41,7 @@ class Platform:
     init: str
     kernel: str | None
     target: Target | None
+    support: str = ""  # how toa serves this host, where its distro has no target of its own
 
     @property
     def headers(self) -> tuple[str | None, str | None]:
@@ -71,6 +72,7 @@ class Platform:
             "autoload": self._autoload(),
             "headers_package": package,
             "headers_path": path,
+            "support": self.support or ("supported" if self.target else "unsupported"),
         }
 
 
@@ -148,15 +150,34 @@ def identify(facts: Facts) -> Platform:
             "is this a Linux root? point --root at the directory that holds etc/"
         )
     distro, version, name, like = found
+    family = _family(distro, like)
+    target, support = _target(distro, version, name, family, facts.kernel)
     return Platform(
-        family=_family(distro, like),
+        family=family,
         distro=distro,
         version=version,
         name=name,
         init=_init(facts),
         kernel=facts.kernel,
-        target=targets.for_os(distro, version),
+        target=target,
+        support=support,
     )
+
+
+def _target(distro: str, version: str, name: str, family: str | None, kernel: str | None) -> tuple[Target | None, str]:
+    """The host's build target and, where its distro has none of its own, how toa serves it: a RHEL
+    rebuild (Oracle Linux, Amazon Linux, Anolis, ...) running a RHEL kernel is built as that RHEL
+    release; anything else is named unsupported in one line."""
+    own = targets.for_os(distro, version)
+    if own is not None:
+        return own, ""
+    known = kernels.classify(kernel) if kernel else None
+    if family == "rhel" and known is not None and known.family == "rhel":
+        nearest = next((t for t in known.default_targets if t.distro == "rhel"), known.default_targets[0])
+        return nearest, f"as {nearest.id}: {name} has no target of its own, and {kernel} is a RHEL kernel"
+    running = f"kernel {kernel}" if kernel else "its kernel"
+    return None, (f"unsupported: toa has no target for {name} ({distro} {version or '-'}) and {running} is no "
+                  "kernel of a supported distro; build against its headers with --local --headers DIR")
 
 
 def _init(facts: Facts) -> str:
