@@ -103,6 +103,40 @@ def test_ssh_config_fills_in_what_the_host_spec_leaves_open(sshd, tmp_path):
                                   "(toa-test-dead in ssh_config)")
 
 
+def _key_of(known_hosts_line: str) -> str:
+    return " ".join(known_hosts_line.split()[1:3])
+
+
+@pytest.mark.ssh
+def test_known_hosts_as_openssh_writes_it_never_crashes(sshd, tmp_path):
+    """@cert-authority lines, key types paramiko lacks (sk-*) and damaged lines are skipped with one
+    warning; the host's own line still checks its key."""
+    entry = sshd.known_hosts_path.read_text().strip()
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join([
+        f"@cert-authority *.example.com {_key_of(entry)}",
+        "host.example sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIJ1k9rmI0bWl7nB8y5Lx1cYx"
+        "XoB7r7y7sCqYj6lU0zqSAAAABHNzaDo=",
+        "damaged.example ssh-ed25519 not-base64!",
+        "# a comment", "", entry, ""]))
+    result = toa("detect", "--host", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key", str(sshd.key_path),
+                 "--known-hosts", str(known), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"toa: warning: {known}: skipped 3 line(s) toa cannot check against "
+                                     "(@cert-authority, unsupported key types or damaged lines)")
+
+
+@pytest.mark.ssh
+def test_a_revoked_host_key_is_refused(sshd, tmp_path):
+    entry = sshd.known_hosts_path.read_text().strip()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{entry}\n@revoked * {_key_of(entry)}\n")
+    result = toa("detect", "--host", f"{sshd.user}@{sshd.host}:{sshd.port}", "--key", str(sshd.key_path),
+                 "--known-hosts", str(known))
+    assert_one_line_error(result, "is listed under @revoked in known_hosts")
+
+
 def _spec(sshd):
     return HostSpec(sshd.host, sshd.user, sshd.port)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,64 @@ class _RecordNewHostKey(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+@dataclass
+class KnownHosts:
+    """What toa takes from known_hosts files as OpenSSH writes them: the plain entries, the keys listed
+    under @revoked (refused for any host), and how many lines it cannot use (@cert-authority,
+    key types paramiko lacks, damaged lines), which are skipped."""
+
+    entries: list[paramiko.hostkeys.HostKeyEntry]
+    revoked: list[paramiko.PKey]
+    skipped: int = 0
+
+
+def read_known_hosts(text: str) -> KnownHosts:
+    known = KnownHosts([], [])
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        marker, revoked = None, False
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            revoked = marker == "@revoked"
+            if not revoked:  # @cert-authority: host certificates are not checked by toa
+                known.skipped += 1
+                continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip(), number)
+        except (paramiko.hostkeys.InvalidHostKey, ValueError, IndexError):
+            entry = None
+        if entry is None:  # unknown key type (sk-*, ...) or a damaged line
+            known.skipped += 1
+        elif revoked:
+            known.revoked.append(entry.key)
+        else:
+            known.entries.append(entry)
+    return known
+
+
+_WARNED: set[str] = set()
+
+
+def _load_known_hosts(client: paramiko.SSHClient, path: Path) -> list[paramiko.PKey]:
+    """Add a known_hosts file's entries to the client; returns its revoked keys. Lines toa cannot use
+    are skipped with one warning per file (paramiko's own reader stops at them with a traceback)."""
+    try:
+        known = read_known_hosts(path.read_text(errors="replace"))
+    except OSError as exc:
+        raise ToaError(f"cannot read known_hosts file {path}: {exc.strerror}") from None
+    host_keys = client.get_host_keys()
+    for entry in known.entries:
+        for name in entry.hostnames:
+            host_keys.add(name, entry.key.get_name(), entry.key)
+    if known.skipped and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        print(f"toa: warning: {path}: skipped {known.skipped} line(s) toa cannot check against "
+              "(@cert-authority, unsupported key types or damaged lines)", file=sys.stderr)
+    return known.revoked
+
+
 def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
     """An open Fabric connection. Unknown or changed host keys are refused unless opted out."""
     # The banner and auth waits get the same budget as the TCP connect: a loaded host (or a guest
@@ -99,10 +158,13 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
         connect_timeout=options.timeout, connect_kwargs=connect_kwargs,
     )
     target = effective_target(spec, conn)
+    revoked: list[paramiko.PKey] = []
     if options.check_host_key:
-        conn.client.load_system_host_keys()
+        system = Path.home() / ".ssh" / "known_hosts"
+        if system.is_file():
+            revoked += _load_known_hosts(conn.client, system)
         if options.known_hosts and Path(options.known_hosts).is_file():
-            conn.client.load_host_keys(options.known_hosts)
+            revoked += _load_known_hosts(conn.client, Path(options.known_hosts))
         elif options.known_hosts and not options.accept_new_host_keys:  # accept-new creates it
             raise ToaError(f"known_hosts file {options.known_hosts} does not exist: fix --known-hosts")
         if options.accept_new_host_keys:
@@ -129,6 +191,9 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
         raise ToaError(f"SSH to {target} failed: {exc}") from None
     except (OSError, socket.timeout) as exc:
         raise ToaError(f"cannot reach {target}: {exc.strerror or exc}") from None
+    if revoked and conn.transport.get_remote_server_key() in revoked:
+        conn.close()
+        raise ToaError(f"host key of {target} is listed under @revoked in known_hosts: it must not be trusted")
     return conn
 
 
