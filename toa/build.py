@@ -31,7 +31,6 @@ from toa import debian, preflight, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
-from toa.ko import modinfo
 from toa.targets import Target
 
 if TYPE_CHECKING:
@@ -361,13 +360,13 @@ def _compile(
                 f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{_error_lines(log)}"
             )
         data = built.read_bytes()
+        module = preflight.read_module(data)
         linker = _first_line(run(["ld", "--version"], None))
-        checks = preflight.run(data, _target_tree(run, source, tree_dir, release, build_name), linker)
+        checks = preflight.run(module, _target_tree(run, source, tree_dir, release, build_name), linker)
         refused = preflight.refusal(checks, release)
         if refused:
             raise ToaError(f"{refused}; nothing was written to dist")
-        info = modinfo(data)
-        vermagic = info.get("vermagic", "")
+        info, vermagic = module.modinfo, module.vermagic
         compiler_version = _first_line(run([compiler, "--version"], None))
         if not compiler_version:
             raise ToaError(f"{compiler} --version failed in {build_name}: remove the image to rebuild it")

@@ -450,11 +450,10 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
 def _preflight(host: Host, artifact: Artifact, release: str) -> None:
     """Refuse, before anything is uploaded, a module the host's kernel would not load: the build's
     preflight checks against what the host has of its kernel's tree (build tree or /boot files)."""
-    data = artifact.ko.read_bytes()
-    symbols = list(preflight.read_module(data).crcs)
-    script = preflight.host_tree_command(release, symbols)
+    module = preflight.read_module(artifact.ko.read_bytes())
+    script = preflight.host_tree_command(release, list(module.crcs))
     tree = preflight.parse_host_tree(host.run_as_user(f"sh -c {shlex.quote(script)}"), release, host.node.name)
-    refused = preflight.refusal(preflight.run(data, tree), release)
+    refused = preflight.refusal(preflight.run(module, tree), release)
     if refused:
         raise ToaError(f"{refused}; nothing was uploaded")
 

@@ -270,9 +270,8 @@ def check_signature(module: Module, tree: Tree) -> Check:
     return Check("signature", True, "the kernel does not check signatures")
 
 
-def run(data: bytes, tree: Tree, linker: str | None = None) -> list[Check]:
-    """Every check of the module's bytes against the tree, in order."""
-    module = read_module(data)
+def run(module: Module, tree: Tree, linker: str | None = None) -> list[Check]:
+    """Every check of a module (read_module) against the tree, in order."""
     return [check_vermagic(module, tree), check_relocations(module, tree, linker),
             check_symbol_versions(module, tree), check_supported(module, tree), check_signature(module, tree)]
 
@@ -289,16 +288,6 @@ def refusal(checks: list[Check], release: str) -> str | None:
 
 def as_manifest(checks: list[Check]) -> list[dict]:
     return [asdict(check) for check in checks]
-
-
-def require(data: bytes, tree: Tree, linker: str | None = None) -> list[Check]:
-    """run(), raising ToaError with the refusal when a check failed."""
-    validate_release(tree.release)
-    checks = run(data, tree, linker)
-    reason = refusal(checks, tree.release)
-    if reason:
-        raise ToaError(reason)
-    return checks
 
 
 # ---------------------------------------------------------------- any module, any tree (invoke preflight)
@@ -328,14 +317,14 @@ def check_file(ko: Path, release: str | None = None, tree_dir: Path | None = Non
     if not ko.is_file():
         raise ToaError(f"{ko} not found: pass --ko FILE, a built module")
     modinfo(ko)  # names the file when it is not a module
-    data = module_bytes(ko)
+    module = read_module(module_bytes(ko))
     if release is None:
-        release = read_module(data).vermagic.split(" ", 1)[0]
+        release = module.vermagic.split(" ", 1)[0]
         if not release:
             raise ToaError(f"{ko} has no vermagic: pass --kernel RELEASE")
     validate_release(release)
     tree = read_tree(tree_dir or default_tree(release), release)
-    return release, run(data, tree)
+    return release, run(module, tree)
 
 
 # ---------------------------------------------------------------- a host's kernel (invoke deploy)

@@ -104,7 +104,7 @@ def read_known_hosts(text: str) -> KnownHosts:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        marker, revoked = None, False
+        revoked = False
         if line.startswith("@"):
             marker, _, line = line.partition(" ")
             revoked = marker == "@revoked"
