@@ -110,6 +110,18 @@ def test_plan_reloads_for_another_build_or_other_options():
     assert (new_file.install, new_file.depmod, new_file.load) == (True, True, "reload")
 
 
+def test_trusted_ranges_are_compared_as_the_module_shows_them():
+    state = deploy.parse_state(RECORDED["deployed"], FILES)  # recorded from a module without `trusted`
+    wanted = deploy.wanted_parameters({"trusted": "fd00:1:0::/64,100.64.0.0/10"})
+    assert wanted == {"kinds": "254,253", "trusted": "fd00:1::/64,100.64.0.0/10"}
+    assert deploy.parameters_differ(state.parameters, wanted) == {"trusted": "fd00:1::/64,100.64.0.0/10"}
+    # a module without the parameter trusts every source: the same as an empty list
+    assert deploy.parameters_differ(state.parameters, deploy.wanted_parameters(None)) == {}
+    shown = {**state.parameters, "trusted": "fd00:1::/64,100.64.0.0/10"}
+    assert deploy.parameters_differ(shown, wanted) == {}
+    assert deploy.parameters_differ(shown, deploy.wanted_parameters(None)) == {"trusted": ""}
+
+
 def test_plan_deletes_only_temp_names_it_makes():
     state = deploy.ModuleState(stale=[
         "/etc/passwd", f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd/../../../../etc/shadow",

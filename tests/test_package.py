@@ -132,13 +132,14 @@ def test_dkms_package_builds_for_the_headers_and_again_after_a_headers_upgrade(
 @pytest.mark.network
 def test_kmod_deb_installs_where_modprobe_finds_it(dist, tmp_path, container_of, first_kernel):
     out = tmp_path / "packages"
-    [deb] = package.build_packages("deb", dist, [first_kernel], out)
+    [deb] = package.build_packages("deb", dist, [first_kernel], out, options={"trusted": "100.64.0.0/10"})
     assert deb.name == f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb"
     container = container_of(out)
 
     container.ok("dpkg", "-i", f"/pkgs/{deb.name}")
     assert f"/lib/modules/{first_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", first_kernel, "-n", "toa")
-    assert f"insmod /lib/modules/{first_kernel}/extra/toa.ko" in container.ok(
+    # modprobe reads the package's options file: what a boot-time load passes to the module
+    assert f"insmod /lib/modules/{first_kernel}/extra/toa.ko trusted=100.64.0.0/10" in container.ok(
         "modprobe", "--show-depends", "-S", first_kernel, "toa")
     assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
     built = (next(dist.glob(f"*/{first_kernel}/toa.ko"))).read_bytes()
@@ -192,6 +193,8 @@ def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
     (["--format", "dkms", "--kernel", "6.1.0-56-amd64"], "--kernel is for deb and rpm"),
     (["--format", "deb", "--kernel", "6.1.0-1-amd64"], "no toa.ko for 6.1.0-1-amd64"),
     (["--format", "rpm", "--kernel", "6.1;reboot"], "6.1;reboot"),
+    (["--format", "dkms", "--option", "trusted=10.0.0.0/8"], "--option is for deb and rpm"),
+    (["--format", "deb", "--option", "trusted=10.0.0.1/8"], "did you mean 10.0.0.0/8"),
 ])
 def test_package_task_refuses_with_one_line(args, fragment, tmp_path):
     assert_one_line_error(run_toa("package", "--dist", str(tmp_path), *args), fragment)

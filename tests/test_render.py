@@ -163,6 +163,17 @@ def test_options_line():
     assert body(files["/etc/modprobe.d/toa.conf"].content) == ["options toa kinds=254,253"]
 
 
+def test_trusted_ranges_are_written_as_the_module_shows_them():
+    options = {"kinds": "254", "trusted": "100.64.0.0/10,fd00:1:0:0::/64,192.0.2.10"}
+    files = by_path(render.autoload_files(targets.get("debian-12"), "6.1.0-56-amd64", options=options))
+    assert body(files["/etc/modprobe.d/toa.conf"].content) == [
+        "options toa kinds=254 trusted=100.64.0.0/10,fd00:1::/64,192.0.2.10/32"]
+    unit = by_path(render.autoload_files(targets.get("flatcar"), "6.6.21-flatcar", options=options))
+    assert "toa.ko kinds=254 trusted=100.64.0.0/10,fd00:1::/64,192.0.2.10/32\n" in unit[render.COREOS_UNIT].content
+    # empty: the module's default, every source; nothing to write
+    assert render.module_options({"trusted": ""}) == ""
+
+
 def test_no_options_leaves_the_defaults():
     files = by_path(render.autoload_files(targets.get("debian-12"), "6.1.0-56-amd64"))
     assert body(files["/etc/modprobe.d/toa.conf"].content) == []
@@ -183,6 +194,16 @@ def test_no_options_leaves_the_defaults():
     ({"kinds": "0x10"}, "invalid kinds"),
     ({"kinds": "0253"}, "decimal"),  # the kernel would read it as octal 171
     ({"kinds": "0"}, "decimal"),
+    ({"trusted": "10.0.0.1/8"}, "did you mean 10.0.0.0/8"),
+    ({"trusted": "10.0.0.0/33"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "balancer.example"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "10.0.0.0/8 fd00::/8"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "10.0.0.0/8,"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "fe80::1%eth0"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "010.0.0.0/8"}, "not an IPv4 or IPv6 address or CIDR"),
+    ({"trusted": "::ffff:10.0.0.0/104"}, "IPv4-mapped"),
+    ({"trusted": "10.0.0.0/8,10.0.0.0/8"}, "given twice"),
+    ({"trusted": ",".join(f"10.0.{n}.0/24" for n in range(17))}, "at most 16"),
 ])
 def test_bad_options_are_refused(options, fragment):
     with pytest.raises(ToaError, match=fragment.replace("(", r"\(")):

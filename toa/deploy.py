@@ -50,7 +50,7 @@ from toa.render import AutoloadFile
 
 # What the module loads with when no options are given (toa/module/toa.c); a loaded module showing
 # anything else in /sys/module/toa/parameters is reloaded.
-DEFAULT_PARAMETERS = {"kinds": "254,253"}
+DEFAULT_PARAMETERS = {"kinds": "254,253", "trusted": ""}
 LOADED_MESSAGE = "TOA: toa loaded"
 # modprobe's words when the kernel refuses an unsigned or untrusted module (Secure Boot, module.sig_enforce=1).
 KEY_REJECTED = "Key was rejected by service"
@@ -237,8 +237,12 @@ class Plan:
 
 def wanted_parameters(options: dict[str, str] | None) -> dict[str, str]:
     """The parameters the loaded module should show in /sys/module/toa/parameters."""
-    render.module_options(options)  # checks them
-    return {**DEFAULT_PARAMETERS, **(options or {})}
+    return {**DEFAULT_PARAMETERS, **render.module_parameters(options)}
+
+
+def parameters_differ(shown: dict[str, str], wanted: dict[str, str]) -> dict[str, str]:
+    """The WANTED parameters the module does not SHOW; one it lacks counts as empty (its default)."""
+    return {name: value for name, value in wanted.items() if shown.get(name, "") != value}
 
 
 def wanted_text(entry: AutoloadFile, current: Current | None) -> str:
@@ -256,8 +260,8 @@ def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile],
         load = "load"
     # srcversion hashes the sources only, so builds for two kernels share it: a replaced file is
     # always reloaded, so that what runs is what is installed
-    elif install or state.loaded_srcversion != artifact.srcversion or any(
-        state.parameters.get(name) != value for name, value in wanted_parameters(options).items()
+    elif install or state.loaded_srcversion != artifact.srcversion or parameters_differ(
+        state.parameters, wanted_parameters(options)
     ):
         load = "reload"
     else:
@@ -352,7 +356,7 @@ def check_load(outcome: LoadOutcome, artifact: Artifact, parameters: dict[str, s
     if outcome.srcversion != artifact.srcversion:
         raise ToaError(f"the loaded toa has srcversion {outcome.srcversion}, the artifact {artifact.srcversion}: "
                        "another toa.ko is found first; check `modinfo toa` on the host")
-    wrong = {name: value for name, value in parameters.items() if outcome.parameters.get(name) != value}
+    wrong = parameters_differ(outcome.parameters, parameters)
     if wrong:
         raise ToaError(f"toa loaded with {outcome.parameters}, wanted {wrong}: check /etc/modprobe.d on the host")
 

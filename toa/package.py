@@ -92,13 +92,13 @@ def module_version(source: Path = MODULE_SOURCE) -> str:
     return toa.__version__
 
 
-def autoload_files(artifact: Artifact) -> list[AutoloadFile]:
-    """The files that load toa at boot on a systemd host of the module's target (a package manager's
-    host): whole files a package can own."""
+def autoload_files(artifact: Artifact, options: dict[str, str] | None = None) -> list[AutoloadFile]:
+    """The files that load toa at boot, with module OPTIONS, on a systemd host of the module's target
+    (a package manager's host): whole files a package can own."""
     target_id = artifact.manifest.get("target")
     if not target_id:
         raise ToaError(f"{artifact.manifest_path} names no target: rebuild with `invoke build --kernel {artifact.release}`")
-    files = render.autoload_files(targets.get(target_id), artifact.release, init="systemd")
+    files = render.autoload_files(targets.get(target_id), artifact.release, init="systemd", options=options)
     shared = [file.path for file in files if file.kind != "file"]
     if shared or render.module_path(targets.get(target_id), artifact.release) != f"/lib/modules/{artifact.release}/extra/toa.ko":
         raise ToaError(f"{target_id} hosts do not take toa from a package ({', '.join(shared) or 'read-only /lib/modules'}): "
@@ -184,10 +184,10 @@ def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) 
     return [deb, tarball]
 
 
-def _stage_kmod(root: Path, artifact: Artifact) -> list[str]:
+def _stage_kmod(root: Path, artifact: Artifact, options: dict[str, str] | None) -> list[str]:
     """/lib/modules/<release>/extra/toa.ko and the autoload files under ROOT; returns the latter's
     paths (relative, they are the package's configuration files)."""
-    files = autoload_files(artifact)
+    files = autoload_files(artifact, options)
     module_dir = root / "lib/modules" / artifact.release / "extra"
     module_dir.mkdir(parents=True)
     shutil.copyfile(artifact.ko, module_dir / "toa.ko")
@@ -196,7 +196,8 @@ def _stage_kmod(root: Path, artifact: Artifact) -> list[str]:
     return sorted(file.path.lstrip("/") for file in files)
 
 
-def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None,
+             options: dict[str, str] | None = None) -> Path:
     """toa-kmod-<release>_<ver>_amd64.deb for one built module."""
     version = module_version()
     name = package_name(artifact.release)
@@ -204,7 +205,7 @@ def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
               "vermagic": artifact.manifest.get("vermagic", ""), "maintainer": MAINTAINER}
     with tempfile.TemporaryDirectory(prefix="toa-kmod-deb-") as scratch_name:
         root = Path(scratch_name) / "root"
-        config_files = _stage_kmod(root, artifact)
+        config_files = _stage_kmod(root, artifact, options)
         _write(root / "DEBIAN/control", render_package_template("kmod-control.j2", **values))
         _write(root / "DEBIAN/conffiles", "".join(f"/{path}\n" for path in config_files))
         _write(root / "DEBIAN/postinst", render_package_template("kmod-postinst.j2", **values), 0o755)
@@ -214,7 +215,8 @@ def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         return _dpkg_deb(root, Path(out_dir) / f"{name}_{version}_amd64.deb")
 
 
-def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None,
+             options: dict[str, str] | None = None) -> Path:
     """toa-kmod-<release>-<ver>-1.x86_64.rpm for one built module, made with rpmbuild."""
     rpmbuild = _tool("rpmbuild", "rpm")
     version = module_version()
@@ -224,7 +226,7 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
     with tempfile.TemporaryDirectory(prefix="toa-kmod-rpm-") as scratch_name:
         scratch = Path(scratch_name)
         staged = scratch / "root"
-        config_files = _stage_kmod(staged, artifact)
+        config_files = _stage_kmod(staged, artifact, options)
         spec = scratch / f"{name}.spec"
         _write(spec, render_package_template("kmod.spec.j2", package=name, version=version, release=artifact.release,
                             vermagic=artifact.manifest.get("vermagic", ""), staged=staged,
@@ -243,15 +245,21 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
 def build_packages(
     package_format: str, dist: Path = Path("dist"), kernels: list[str] | None = None,
     out_dir: Path | None = None, progress: Callable[[str], None] | None = None,
+    options: dict[str, str] | None = None,
 ) -> list[Path]:
     """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
-    rpm package the modules built under DIST for KERNELS (default: every one there)."""
+    rpm package the modules built under DIST for KERNELS (default: every one there), loading with
+    module OPTIONS."""
     if package_format not in FORMATS:
         raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir) if out_dir else Path(dist) / "packages"
     if package_format == "dkms":
         if kernels:
             raise ToaError("--kernel is for deb and rpm: the DKMS package builds on each machine for its kernels")
+        if options:
+            raise ToaError("--option is for deb and rpm: the DKMS package installs no boot-time files; "
+                           "give options with `invoke render` or `invoke deploy`")
         return dkms_packages(out_dir, progress)
     build_one = kmod_deb if package_format == "deb" else kmod_rpm
-    return [build_one(artifact, out_dir, progress) for artifact in find_artifacts(Path(dist), kernels)]
+    render.module_options(options)  # bad options fail before anything is built
+    return [build_one(artifact, out_dir, progress, options) for artifact in find_artifacts(Path(dist), kernels)]

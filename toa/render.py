@@ -39,6 +39,7 @@ at 1 (openSUSE allows them already and gets nothing).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import posixpath
 import re
@@ -65,11 +66,14 @@ COREOS_UNIT = "/etc/systemd/system/toa.service"
 COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
 
 # Module parameters, from toa/module/toa.c: kinds is an int array of at most TOA_MAX_KINDS option
-# kinds that carry data (2..255). Decimal only: the kernel reads a leading 0 as octal.
+# kinds that carry data (2..255). Decimal only: the kernel reads a leading 0 as octal. trusted is a
+# list of at most TOA_MAX_TRUSTED CIDRs; empty (the module's default) trusts every source.
 MAX_KINDS = 4
+MAX_TRUSTED = 16
 OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
 KINDS_VALUE_RE = re.compile(r"[1-9][0-9]{0,2}(,[1-9][0-9]{0,2})*")
-
+TRUSTED_ENTRY_RE = re.compile(r"[0-9A-Fa-f:.]{2,39}(/[0-9]{1,3})?")
+OPTION_NAMES = ("kinds", "trusted")
 
 @dataclass(frozen=True)
 class AutoloadFile:
@@ -127,18 +131,24 @@ def module_path(target: Target, release: str) -> str:
 
 
 def module_options(options: dict[str, str] | None) -> str:
-    """OPTIONS as modprobe/insmod arguments ("kinds=254,253"), after strict checks: these end up
-    in files root reads at boot."""
-    if not options:
-        return ""
-    words = []
-    for name, value in options.items():
+    """OPTIONS as modprobe/insmod arguments ("kinds=254,253 trusted=10.0.0.0/8"), after strict checks:
+    these end up in files root reads at boot."""
+    return " ".join(f"{name}={value}" for name, value in module_parameters(options).items() if value)
+
+
+def module_parameters(options: dict[str, str] | None) -> dict[str, str]:
+    """OPTIONS checked and written the way /sys/module/toa/parameters shows them (an empty trusted
+    is the module's default: every source)."""
+    parameters = {}
+    for name, value in (options or {}).items():
         if not isinstance(name, str) or not OPTION_NAME_RE.fullmatch(name):
-            raise ToaError(f"invalid module option name {str(name)[:40]!r}: the toa module's only option is kinds")
-        if name != "kinds":
-            raise ToaError(f"unknown module option {name!r}: the toa module's only option is kinds (e.g. kinds=254,253)")
-        words.append(f"kinds={_kinds(value)}")
-    return " ".join(words)
+            raise ToaError(f"invalid module option name {str(name)[:40]!r}: the toa module's options are "
+                           f"{' and '.join(OPTION_NAMES)}")
+        if name not in OPTION_NAMES:
+            raise ToaError(f"unknown module option {name!r}: the toa module's options are kinds (e.g. kinds=254,253) "
+                           "and trusted (e.g. trusted=100.64.0.0/10)")
+        parameters[name] = _kinds(value) if name == "kinds" else _trusted(value)
+    return parameters
 
 
 def _kinds(value: str) -> str:
@@ -154,6 +164,37 @@ def _kinds(value: str) -> str:
     if bad:
         raise ToaError(f"invalid kinds {shown}: {bad[0]} is not a TCP option kind that carries data (2..255)")
     return ",".join(map(str, kinds))
+
+
+def _trusted(value: str) -> str:
+    """The balancers' source ranges as the module prints them back: every entry with its prefix."""
+    if not isinstance(value, str):
+        raise ToaError(f"invalid trusted {str(value)[:40]!r}: give CIDRs separated by commas, e.g. trusted=100.64.0.0/10")
+    if not value:
+        return ""
+    shown = repr(value[:60])
+    entries = value.split(",")
+    if len(entries) > MAX_TRUSTED:
+        raise ToaError(f"invalid trusted {shown}: the module takes at most {MAX_TRUSTED} ranges")
+    networks = []
+    for entry in entries:
+        if not TRUSTED_ENTRY_RE.fullmatch(entry):
+            raise ToaError(f"invalid trusted {shown}: {entry[:45]!r} is not an IPv4 or IPv6 address or CIDR, "
+                           "e.g. trusted=100.64.0.0/10,fd00:1::/64")
+        try:
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ToaError(f"invalid trusted {shown}: {entry!r} is not an IPv4 or IPv6 address or CIDR, "
+                           "e.g. trusted=100.64.0.0/10,fd00:1::/64") from None
+        if network.network_address != ipaddress.ip_address(entry.partition("/")[0]):
+            raise ToaError(f"invalid trusted {shown}: {entry} has bits set past its prefix; did you mean {network}?")
+        if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+            raise ToaError(f"invalid trusted {shown}: {entry} is IPv4-mapped; IPv4 balancers are matched by their "
+                           "IPv4 range (e.g. 10.0.0.0/8)")
+        if network in networks:
+            raise ToaError(f"invalid trusted {shown}: {network} is given twice")
+        networks.append(network)
+    return ",".join(map(str, networks))
 
 
 def autoload_files(

@@ -20,7 +20,8 @@ FLEET_HELP = {
     "accept_new_host_keys": "trust hosts seen for the first time and record their keys (a changed key is "
                             "still refused); without it unknown host keys are refused",
     "json": "print JSON instead of a table",
-    "option": "module option for the deploy, e.g. --option kinds=254,200 (repeatable; default: the module's)",
+    "option": "module option for the deploy, e.g. --option trusted=100.64.0.0/10 (the balancers' source range) or "
+              "--option kinds=254,200 (repeatable; default: the module's)",
 }
 
 

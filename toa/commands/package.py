@@ -4,19 +4,21 @@ from pathlib import Path
 
 from invoke import task
 
-from toa.commands.common import print_fields, print_json, progress, user_errors
+from toa.commands.common import module_options, print_fields, print_json, progress, user_errors
 from toa.errors import ToaError
 
 
-@task(iterable=["kernel"],
+@task(iterable=["kernel", "option"],
       help={"format": "dkms (source package that rebuilds on kernel upgrades), deb or rpm (per-kernel kmod packages)",
             "kernel": "with deb/rpm: package the module built for this kernel release (repeatable; "
                       "default: every module under --dist)",
             "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",
             "out": "where the packages go (default: <dist>/packages)",
+            "option": "with deb/rpm: a module option NAME=VALUE the package's /etc/modprobe.d/toa.conf sets, "
+                      "e.g. trusted=100.64.0.0/10 (repeatable)",
             "json": "print the package paths as JSON"}, auto_shortflags=False)
 @user_errors
-def package(c, format=None, kernel=None, dist="dist", out=None, json=False):
+def package(c, format=None, kernel=None, dist="dist", out=None, option=None, json=False):
     """Package toa for package managers: a DKMS package, or kmod .deb/.rpm packages of built modules."""
     from rich.console import Console
 
@@ -25,7 +27,8 @@ def package(c, format=None, kernel=None, dist="dist", out=None, json=False):
     if not format:
         raise ToaError(f"give --format: one of {', '.join(packaging.FORMATS)}")
     with progress(Console(stderr=True)) as step:
-        paths = packaging.build_packages(format, Path(dist), kernel or None, Path(out) if out else None, progress=step)
+        paths = packaging.build_packages(format, Path(dist), kernel or None, Path(out) if out else None, progress=step,
+                                         options=module_options(option) or None)
     if json:
         print_json({"format": format, "packages": [str(path) for path in paths]})
     else:

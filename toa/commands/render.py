@@ -13,7 +13,7 @@ from toa.errors import ToaError
         "distro": "the target (e.g. ubuntu-22.04, centos-7) or distro; optional when --kernel names one",
         "kernel": "kernel release of the host, as `uname -r` prints it (a partial one is completed)",
         "init": "the host's init: systemd (default), sysv or other, as `invoke detect` reports it",
-        "option": "a module option NAME=VALUE, e.g. kinds=254,253 (repeatable)",
+        "option": "a module option NAME=VALUE, e.g. trusted=100.64.0.0/10 or kinds=254,253 (repeatable)",
         "out": "directory to write the files into, laid out as on the host (DIR/etc/...)",
         "json": "print the files (path, mode, kind, content) as JSON instead of a table",
     },
