@@ -489,3 +489,53 @@ def test_toa_render_refuses_an_out_that_is_a_file(tmp_path):
     assert_one_line_error(result, "not a directory")
     assert result.returncode == 2
     assert out.read_text() == "keep me"
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_toa_render_writes_nothing_through_a_symlinked_component(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (out / "etc").mkdir(parents=True)
+    (out / "etc/modprobe.d").symlink_to(victim)
+    result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", str(out))
+    assert_one_line_error(result, f"{out}/etc/modprobe.d is a symlink")
+    assert result.returncode == 2
+    assert _tree(victim) == [] and _tree(out) == ["etc", "etc/modprobe.d"]
+
+
+def test_toa_render_writes_no_file_through_a_symlinked_destination(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.conf"
+    victim.write_text("keep me")
+    (out / "etc/modprobe.d").mkdir(parents=True)
+    (out / "etc/modprobe.d/toa.conf").symlink_to(victim)
+    result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", str(out))
+    assert_one_line_error(result, "toa.conf is a symlink")
+    assert victim.read_text() == "keep me"
+    assert not (out / "etc/modules-load.d").exists()  # checked before the first file was written
+
+
+def test_toa_render_checks_every_destination_before_writing(tmp_path):
+    out = tmp_path / "out"
+    (out / "etc").mkdir(parents=True)
+    (out / "etc/modprobe.d").write_text("a file where a directory goes")
+    result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", str(out))
+    assert_one_line_error(result, "modprobe.d is not a directory")
+    assert _tree(out) == ["etc", "etc/modprobe.d"]
+
+
+def test_toa_render_unwritable_out_is_one_line(tmp_path):
+    result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", "/proc/self/toa-out")
+    assert_one_line_error(result, "cannot write", "0 of 2 files were written")
+
+
+def test_toa_render_again_into_the_same_out_replaces_its_own_files(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = toa("render", "--distro", "flatcar", "--kernel", "6.6.21-flatcar", "--out", str(out),
+                     "--option", "trusted=10.0.0.0/8")
+        assert result.returncode == 0, result.stderr
+    assert os.readlink(out / "etc/systemd/system/sysinit.target.wants/toa.service") == "../toa.service"
+    assert "trusted=10.0.0.0/8" in (out / "etc/systemd/system/toa.service").read_text()

@@ -239,29 +239,50 @@ def write_tree(files: list[AutoloadFile], out_dir: Path) -> list[Path]:
     """Write FILES under OUT_DIR as they would land on the host (OUT_DIR/etc/...), with their modes.
 
     A "lines" entry is written as <path>.toa-lines holding toa's block alone, so that copying the
-    tree onto a host can never replace its shared /etc/modules or /etc/sysconfig/kernel.
+    tree onto a host can never replace its shared /etc/modules or /etc/sysconfig/kernel. Every
+    destination is checked before anything is written, and no path below OUT_DIR may pass through
+    a symlink: a tree planted with `etc -> /etc` must not make toa write the real /etc.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ToaError(f"{out_dir} exists and is not a directory: give --out a new or existing directory")
-    placed = []
-    for entry in files:
-        relative = entry.path.lstrip("/") + (".toa-lines" if entry.kind == "lines" else "")
-        destination = out_dir / relative
-        if not entry.path.startswith("/") or ".." in Path(relative).parts:
-            raise ToaError(f"refusing to write {entry.path!r}: not an absolute path on the host")
-        if destination.is_dir() and not destination.is_symlink():
-            raise ToaError(f"{destination} is a directory: remove it or choose another --out")
-        placed.append((entry, destination))
+    placed = [(entry, _destination(out_dir, entry)) for entry in files]
     written = []
-    for entry, destination in placed:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.is_symlink() or destination.exists():
-            destination.unlink()
-        if entry.kind == "symlink":
-            os.symlink(entry.content, destination)
-        else:
-            destination.write_text(entry.content)
-            destination.chmod(entry.mode)
-        written.append(destination)
+    try:
+        for entry, destination in placed:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if destination.is_symlink() or destination.exists():
+                destination.unlink()
+            if entry.kind == "symlink":
+                os.symlink(entry.content, destination)
+            else:
+                # O_NOFOLLOW|O_EXCL: nothing may have appeared at the name since it was checked
+                fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, entry.mode)
+                with os.fdopen(fd, "w") as out:
+                    out.write(entry.content)
+                destination.chmod(entry.mode)
+            written.append(destination)
+    except OSError as exc:
+        raise ToaError(f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}; "
+                       f"{len(written)} of {len(placed)} files were written under {out_dir}") from None
     return written
+
+
+def _destination(out_dir: Path, entry: AutoloadFile) -> Path:
+    """Where ENTRY goes under OUT_DIR, after checking every component of the way there."""
+    relative = Path(entry.path.lstrip("/") + (".toa-lines" if entry.kind == "lines" else ""))
+    if not entry.path.startswith("/") or ".." in relative.parts:
+        raise ToaError(f"refusing to write {entry.path!r}: not an absolute path on the host")
+    here = out_dir
+    for part in relative.parts[:-1]:
+        here = here / part
+        if here.is_symlink():
+            raise ToaError(f"{here} is a symlink: toa writes no file through one; give --out a fresh directory")
+        if here.exists() and not here.is_dir():
+            raise ToaError(f"{here} is not a directory: remove it or choose another --out")
+    destination = out_dir / relative
+    if destination.is_symlink() and entry.kind != "symlink":
+        raise ToaError(f"{destination} is a symlink: toa writes no file through one; give --out a fresh directory")
+    if destination.is_dir() and not destination.is_symlink():
+        raise ToaError(f"{destination} is a directory: remove it or choose another --out")
+    return destination
