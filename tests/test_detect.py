@@ -53,6 +53,39 @@ def test_root_kernel_and_headers_come_from_its_modules(tmp_path):
                                 "/usr/src/kernels/3.10.0-1160.119.1.el7.x86_64")
 
 
+def test_root_symlinks_resolve_inside_the_root_component_by_component(tmp_path):
+    # A usrmerged image with absolute links, a link chain through a directory, and links that try to
+    # leave the root: what is read must be the image's, never this machine's.
+    outside = tmp_path / "outside"
+    (outside / "etc").mkdir(parents=True)
+    (outside / "etc" / "os-release").write_text("ID=evil\nVERSION_ID=1\n")
+    (outside / "lib" / "modules" / "9.9.9-evil").mkdir(parents=True)
+    root = tmp_path / "img"
+    (root / "usr" / "lib" / "modules" / "6.1.0-56-amd64").mkdir(parents=True)
+    (root / "usr" / "lib" / "os-release").write_text("ID=debian\nVERSION_ID=12\n")
+    (root / "usr" / "etc").mkdir()
+    (root / "lib").symlink_to("/usr/lib")  # absolute: the image's /usr/lib, not this machine's
+    (root / "etc").symlink_to("usr/etc")  # a directory link in the middle of the path
+    (root / "usr" / "etc" / "os-release").symlink_to("../../../../../lib/os-release")  # `..` stops at the root
+    facts = detect.read_root(root)
+    assert facts.files["/etc/os-release"] == "ID=debian\nVERSION_ID=12\n"
+    assert facts.kernel == "6.1.0-56-amd64"
+    assert detect._inside(root, "/etc/../../../outside/etc/os-release") == root / "outside" / "etc" / "os-release"
+    (root / "usr" / "etc" / "loop").symlink_to("loop")
+    with pytest.raises(ToaError, match="too many symlinks"):
+        detect._inside(root, "/etc/loop")
+
+
+def test_a_root_whose_etc_points_at_this_machines_etc_is_not_read_as_this_machine(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    (root / "etc").symlink_to("/etc")  # re-rooted: img/etc again, a loop
+    assert_one_line_error(toa("detect", "--root", str(root)), "too many symlinks")
+    (root / "etc").unlink()
+    (root / "etc").symlink_to("../../../../../../../etc")  # `..` stops at the root: img/etc again
+    assert_one_line_error(toa("detect", "--root", str(root)), "too many symlinks")
+
+
 def test_not_a_root_is_one_line(tmp_path):
     assert_one_line_error(toa("detect", "--root", str(tmp_path)), "no /etc/os-release")
     assert_one_line_error(toa("detect", "--root", str(tmp_path / "missing")), "not a directory")

@@ -203,15 +203,32 @@ def read_local() -> Facts:
 
 
 def _inside(root: Path, path: str) -> Path:
-    """PATH under ROOT, following symlinks as the root's own system would (absolute ones re-rooted)."""
-    current = root
-    for _ in range(40):  # symlink hops
-        candidate = current / PurePosixPath(path).relative_to("/")
+    """PATH under ROOT, resolved component by component as the root's own system would see it:
+    an absolute symlink starts again at ROOT and `..` stops at ROOT, so no link (etc -> /etc,
+    lib -> ../../..) leads out of the root to this machine's files."""
+    pending = list(PurePosixPath("/", path).parts[1:])
+    resolved: list[str] = []  # components below ROOT, none of them a symlink
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
         if not candidate.is_symlink():
-            return candidate
-        target = os.readlink(candidate)
-        path = target if target.startswith("/") else os.path.normpath(str(PurePosixPath(path).parent / target))
-    raise ToaError(f"too many symlinks under {root} resolving {path}: check the root filesystem")
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > 40:
+            raise ToaError(f"too many symlinks under {root} resolving {path}: check the root filesystem")
+        target = PurePosixPath(os.readlink(candidate))
+        if target.is_absolute():
+            resolved = []
+        pending = [p for p in target.parts if p != "/"] + pending
+    return root.joinpath(*resolved)
 
 
 def _read_root(root: Path) -> Facts:
