@@ -18,6 +18,7 @@ from toa.remote import HostSpec, parse_host
         ("deploy@web-01.example.com:2222", HostSpec("web-01.example.com", "deploy", 2222)),
         ("[fd00::5]:2200", HostSpec("fd00::5", None, 2200)),
         ("ops@[::1]", HostSpec("::1", "ops")),
+        ("[fe80::5%eth0.100]:22", HostSpec("fe80::5%eth0.100", None, 22)),
     ],
 )
 def test_host_specs_parse(text, expected):
@@ -27,7 +28,9 @@ def test_host_specs_parse(text, expected):
 @pytest.mark.parametrize(
     "text",
     ["", "a;b", "host$(id)", "`id`", "a b", "root@", "@host", "host:0", "host:70000", "-oProxyCommand=x",
-     "user@host@x", "[not-v6]:22", "h/../x", "host\nx", "a" * 300, "us;er@host"],
+     "user@host@x", "[not-v6]:22", "h/../x", "host\nx", "a" * 300, "us;er@host",
+     "[fe80::5%$(reboot)]", "[fe80::5%a b]", "[fe80::5%x;y]", "[fe80::5%]", "[fe80::5%abcdefghijklmnop]",
+     "[fe80::5%eth0%eth1]"],
 )
 def test_hostile_host_specs_are_rejected(text):
     with pytest.raises(ToaError, match="invalid host"):

@@ -17,6 +17,8 @@ from toa.errors import ToaError
 
 USER_PATTERN = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+# An interface name as Linux allows it (IFNAMSIZ - 1), in characters no shell or config file reads twice.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _SPEC = re.compile(r"(?:(?P<user>[^@]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\[\]]+))(?::(?P<port>\d{1,5}))?")
 
 
@@ -46,8 +48,12 @@ def parse_host(text: str) -> HostSpec:
         raise bad
     host = match["v6"] or match["host"]
     if match["v6"]:
+        address, percent, zone = host.partition("%")
+        if percent and not _ZONE.fullmatch(zone):
+            raise ToaError(f"invalid host {text[:80]!r}: an IPv6 zone is an interface name "
+                           "([A-Za-z0-9_.-], at most 15), e.g. [fe80::5%eth0]")
         try:
-            ipaddress.IPv6Address(host)
+            ipaddress.IPv6Address(address)
         except ValueError:
             raise bad from None
     elif not _HOSTNAME.fullmatch(host):
