@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   docker.io            # builds run in per-distro containers
-  debootstrap          # Debian base images (no registry needed)
+  debootstrap debian-archive-keyring  # Debian base images (no registry needed), checked against the keyring
   qemu-system-x86      # the lab boots real kernels
   busybox-static       # the lab's guest userland
   gcc libc6-dev make   # the lab's static guest test program

@@ -298,3 +298,16 @@ def test_mirror_environment_overrides_apt_sources(monkeypatch):
     monkeypatch.setenv("TOA_DEBIAN_SECURITY_MIRROR", "http://x;reboot")
     with pytest.raises(ToaError, match="TOA_DEBIAN_SECURITY_MIRROR='http://x;reboot' is not a mirror URL"):
         debian.mirror_for("security")
+
+
+@pytest.mark.network
+def test_debootstrap_checks_what_it_downloads_against_the_archive_keyring(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    debian.debootstrap("bookworm", root)
+    assert (root / "etc/debian_version").read_text().startswith("12.")
+    # A keyring without the archive's current keys (the ones Debian retired): the Release file is
+    # refused, so nothing it lists is installed.
+    monkeypatch.setattr(debian, "KEYRING", Path("/usr/share/keyrings/debian-archive-removed-keys.gpg"))
+    with pytest.raises(ToaError, match="debootstrap of bullseye failed"):
+        debian.debootstrap("bullseye", tmp_path / "refused")
+    assert not (tmp_path / "refused" / "etc/debian_version").exists()

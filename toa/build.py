@@ -44,7 +44,6 @@ CONTAINERS_DIR = next(
     Path(toa.__file__).parent.parent / "containers",
 )
 DEBIAN_DOCKERFILE_DIR = CONTAINERS_DIR / "debian"
-DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 LOG_TAIL_LINES = 30
 COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
 
@@ -94,25 +93,9 @@ def base_image(client: docker.DockerClient, suite: str, progress=None):
     existing = _image(client, tag)
     if existing is not None:
         return existing
-    if shutil.which("debootstrap") is None:
-        raise ToaError("debootstrap not found: apt-get install debootstrap")
-    mirror = debian.mirror_for("debian")
-    if mirror is None:
-        raise ToaError("no Debian mirror in apt's sources to debootstrap from: add one to /etc/apt/sources.list.d/")
-    # Suites newer than this debootstrap (forky) bootstrap like sid.
-    script = DEBOOTSTRAP_SCRIPTS / suite
-    if not script.exists():
-        script = DEBOOTSTRAP_SCRIPTS / "sid"
     with tempfile.TemporaryDirectory(prefix="toa-debootstrap-") as scratch:
         root = Path(scratch) / "root"
-        _say(progress, f"debootstrap {suite} from {mirror}")
-        result = subprocess.run(
-            ["debootstrap", "--variant=minbase", suite, str(root), mirror, str(script)],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0:
-            tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-            raise ToaError(f"debootstrap of {suite} failed: {tail}")
+        debian.debootstrap(suite, root, progress=progress)
         _say(progress, f"importing {tag}")
         archive = Path(scratch) / "root.tar"
         with tarfile.open(archive, "w") as tar:

@@ -409,7 +409,8 @@ def _write_apt_root(suite: Suite) -> None:
     (root / "sources.list").write_text("".join(lines))
 
 
-_PROVIDERS = {"apt-get": "apt", "dpkg-deb": "dpkg", "/usr/lib/apt/apt-helper": "apt"}
+_PROVIDERS = {"apt-get": "apt", "dpkg-deb": "dpkg", "/usr/lib/apt/apt-helper": "apt", "debootstrap": "debootstrap"}
+DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
@@ -421,6 +422,27 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
         raise ToaError(f"{what} failed: {tail}")
     return result.stdout
+
+
+def debootstrap(suite: str, root: Path, *, include: tuple[str, ...] = (), what: str = "",
+                progress: Callable[[str], None] | None = None) -> None:
+    """A minimal SUITE root at ROOT from apt's Debian mirror, every download checked against the
+    Debian archive keyring: an unsigned or tampered Release file stops it."""
+    check_suite(suite)
+    mirror = mirror_for("debian")
+    if mirror is None:
+        raise ToaError("no Debian mirror in apt's sources to debootstrap from: add one to /etc/apt/sources.list.d/")
+    if not KEYRING.is_file():
+        raise ToaError(f"{KEYRING} missing: apt-get install debian-archive-keyring")
+    # Suites newer than this debootstrap (forky) bootstrap like sid.
+    script = DEBOOTSTRAP_SCRIPTS / suite
+    if not script.exists():
+        script = DEBOOTSTRAP_SCRIPTS / "sid"
+    if progress:
+        progress(f"debootstrap {what or suite} from {mirror}")
+    include_flag = [f"--include={','.join(include)}"] if include else []
+    _run(["debootstrap", "--variant=minbase", f"--keyring={KEYRING}", "--force-check-gpg", *include_flag,
+          suite, str(root), mirror, str(script)], f"debootstrap of {what or suite}")
 
 
 @contextlib.contextmanager

@@ -239,19 +239,12 @@ def userland(suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None 
 
 
 def _build_userland(suite: str, directory: Path, progress: Callable[[str], None] | None) -> None:
-    if shutil.which("debootstrap") is None:
-        raise ToaError("debootstrap not found: apt-get install debootstrap")
     if os.geteuid() != 0:
         raise ToaError("building the guest userland needs root (debootstrap and chroot): run as root")
-    mirror = debian.mirror_for("debian")
-    if mirror is None:
-        raise ToaError("no Debian mirror in apt's sources to debootstrap from: add one to /etc/apt/sources.list.d/")
     shutil.rmtree(directory, ignore_errors=True)  # an interrupted build starts over
     directory.mkdir(parents=True)
     root = directory / "root"
-    _say(progress, f"debootstrap {suite} guest userland from {mirror}")
-    _run(["debootstrap", "--variant=minbase", f"--include={','.join(USERLAND_PACKAGES)}", suite, str(root), mirror],
-         f"debootstrap of the {suite} guest userland")
+    debian.debootstrap(suite, root, include=USERLAND_PACKAGES, what=f"the {suite} guest userland", progress=progress)
     _say(progress, "configuring the guest userland")
     _configure(root, _write_client_key(directory / "client_ed25519"))
     (directory / ".complete").write_text(f"{suite} {' '.join(USERLAND_PACKAGES)}\n")
