@@ -147,6 +147,64 @@ def test_bad_signing_material_is_one_line(what, fragment, keys, tmp_path):
     assert_one_line_error(run_toa("sign", "--key", str(key), "--cert", str(cert), "--dist", str(tmp_path)), fragment)
 
 
+def encrypted_copy(key: Path, folder: Path, passphrase: str) -> Path:
+    encrypted = folder / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", f"pass:{passphrase}", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    encrypted.chmod(0o600)
+    return encrypted
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_an_encrypted_key_signs_with_its_passphrase_from_a_file_or_the_environment(dist, keys, tmp_path):
+    import os
+
+    key, cert = keys
+    encrypted = encrypted_copy(key, tmp_path, "correct horse")
+    [ko] = dist.glob("*/*/toa.ko")
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse\n")
+    result = run_toa("sign", "--key", str(encrypted), "--cert", str(cert), "--dist", str(dist),
+                     "--key-passphrase-file", str(passphrase))
+    assert result.returncode == 0, result.stderr
+    assert modinfo_field(ko, "signer") == SIGNER
+    other_key, other_cert = make_key(tmp_path / "other", cn="another signer")
+    other = encrypted_copy(other_key, tmp_path / "other", "battery staple")
+    result = run_toa("sign", "--key", str(other), "--cert", str(other_cert), "--dist", str(dist),
+                     env={**os.environ, "KBUILD_SIGN_PIN": "battery staple"})
+    assert result.returncode == 0, result.stderr
+    assert modinfo_field(ko, "signer") == "another signer"
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("none", "is encrypted: give its passphrase with --key-passphrase-file"),
+    ("wrong", "the passphrase does not open"),
+    ("empty", "is empty"),
+    ("missing", "passphrase file"),
+])
+def test_a_passphrase_problem_is_one_line(how, fragment, keys, tmp_path):
+    key, cert = keys
+    encrypted = encrypted_copy(key, tmp_path, "secret")
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text({"wrong": "not it\n", "empty": ""}.get(how, "secret"))
+    args = ["--key-passphrase-file", str(tmp_path / "absent" if how == "missing" else passphrase)] if how != "none" else []
+    result = run_toa("sign", "--key", str(encrypted), "--cert", str(cert), "--dist", str(tmp_path / "dist"), *args)
+    assert_one_line_error(result, fragment)
+
+
+def test_a_key_others_can_read_is_warned_about(keys, tmp_path, capsys):
+    key, cert = keys
+    shared = tmp_path / "shared.pem"
+    shutil.copyfile(key, shared)
+    shared.chmod(0o640)
+    assert sign.load_identity(shared, cert).signer == SIGNER
+    assert f"signing key {shared} is readable by group or others (mode 0640): chmod 600" in capsys.readouterr().err
+    shared.chmod(0o600)
+    sign.load_identity(shared, cert)
+    assert capsys.readouterr().err == ""
+
+
 def test_sign_task_needs_key_and_cert(tmp_path):
     assert_one_line_error(run_toa("sign", "--dist", str(tmp_path)), "give --key KEY and --cert CERT")
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +80,39 @@ def _common_name(name: x509.Name) -> str:
     return str(names[0].value) if names else name.rfc4514_string()
 
 
-def load_identity(key: Path, cert: Path) -> SigningIdentity:
-    """Read and check a signing key and certificate (PEM or DER; the key unencrypted)."""
+# The passphrase of an encrypted signing key, where the kernel's own sign-file looks for it.
+PASSPHRASE_ENV = "KBUILD_SIGN_PIN"
+
+
+def read_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The signing key's passphrase: the first line of PASSPHRASE_FILE, else $KBUILD_SIGN_PIN, else None."""
+    if passphrase_file is None:
+        pin = os.environ.get(PASSPHRASE_ENV)
+        return pin.encode() if pin else None
+    path = Path(passphrase_file)
+    if not path.is_file():
+        raise ToaError(f"passphrase file {path} not found: give --key-passphrase-file a file holding the passphrase")
+    lines = path.read_bytes().splitlines()
+    if not lines or not lines[0]:
+        raise ToaError(f"passphrase file {path} is empty: put the key's passphrase on its first line")
+    return lines[0]
+
+
+def _warn_if_readable_by_others(key: Path) -> None:
+    mode = key.stat().st_mode & 0o777
+    if mode & 0o077:
+        print(f"toa: warning: signing key {key} is readable by group or others (mode {mode:04o}): chmod 600 {key}",
+              file=sys.stderr)
+
+
+def load_identity(key: Path, cert: Path, passphrase: bytes | None = None) -> SigningIdentity:
+    """Read and check a signing key (unencrypted, or encrypted with PASSPHRASE) and its certificate
+    (PEM or DER)."""
     key, cert = Path(key), Path(cert)
     for path, what in ((key, "key"), (cert, "certificate")):
         if not path.is_file():
             raise ToaError(f"signing {what} {path} not found: pass --key and --cert files")
+    _warn_if_readable_by_others(key)
     cert_bytes = cert.read_bytes()
     try:
         certificate = (x509.load_pem_x509_certificate(cert_bytes) if b"-----BEGIN" in cert_bytes
@@ -92,11 +120,17 @@ def load_identity(key: Path, cert: Path) -> SigningIdentity:
     except ValueError:
         raise ToaError(f"{cert} is not an X.509 certificate (PEM or DER): pass the certificate of the signing key") from None
     key_bytes = key.read_bytes()
+    load = serialization.load_pem_private_key if b"-----BEGIN" in key_bytes else serialization.load_der_private_key
     try:
-        private_key = (serialization.load_pem_private_key(key_bytes, password=None) if b"-----BEGIN" in key_bytes
-                       else serialization.load_der_private_key(key_bytes, password=None))
-    except TypeError:
-        raise ToaError(f"{key} is encrypted: give an unencrypted copy of the key (openssl pkey -in KEY -out COPY)") from None
+        private_key = load(key_bytes, password=None)
+    except TypeError:  # encrypted
+        if passphrase is None:
+            raise ToaError(f"{key} is encrypted: give its passphrase with --key-passphrase-file FILE "
+                           f"or ${PASSPHRASE_ENV}") from None
+        try:
+            private_key = load(key_bytes, password=passphrase)
+        except ValueError:
+            raise ToaError(f"the passphrase does not open {key}: check --key-passphrase-file or ${PASSPHRASE_ENV}") from None
     except ValueError:
         raise ToaError(f"{key} is not a private key (PEM or DER): pass the key the certificate was made for") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -205,7 +239,9 @@ def sign_artifact(artifact: Artifact, identity: SigningIdentity,
 
 
 def sign_modules(key: Path, cert: Path, dist: Path = Path("dist"), kernels: list[str] | None = None,
-                 progress: Callable[[str], None] | None = None) -> list[tuple[Artifact, dict]]:
-    """Sign the modules built under DIST for KERNELS (default: all of them) with KEY and CERT."""
-    identity = load_identity(key, cert)
+                 progress: Callable[[str], None] | None = None,
+                 passphrase: bytes | None = None) -> list[tuple[Artifact, dict]]:
+    """Sign the modules built under DIST for KERNELS (default: all of them) with KEY (opened with
+    PASSPHRASE when encrypted) and CERT."""
+    identity = load_identity(key, cert, passphrase)
     return [(artifact, sign_artifact(artifact, identity, progress)) for artifact in find_artifacts(dist, kernels)]

@@ -36,13 +36,15 @@ def package(c, format=None, kernel=None, dist="dist", out=None, option=None, jso
 
 
 @task(iterable=["kernel"], auto_shortflags=False,
-      help={"key": "the signing private key (PEM or DER, unencrypted)",
+      help={"key": "the signing private key (PEM or DER; encrypted: see --key-passphrase-file)",
+            "key_passphrase_file": "a file whose first line is the key's passphrase (default: $KBUILD_SIGN_PIN, "
+                                   "as the kernel's sign-file reads it)",
             "cert": "the X.509 certificate of that key (PEM or DER); the kernel must trust it to load the module",
             "kernel": "sign the module built for this kernel release (repeatable; default: every module under --dist)",
             "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",
             "json": "print the updated manifests as JSON"})
 @user_errors
-def sign(c, key=None, cert=None, kernel=None, dist="dist", json=False):
+def sign(c, key=None, cert=None, kernel=None, dist="dist", key_passphrase_file=None, json=False):
     """Sign built modules with the kernel's own sign-file; the manifest records the signer."""
     from rich.console import Console
 
@@ -51,7 +53,9 @@ def sign(c, key=None, cert=None, kernel=None, dist="dist", json=False):
     if not key or not cert:
         raise ToaError("give --key KEY and --cert CERT (the signing key and its X.509 certificate)")
     with progress(Console(stderr=True)) as step:
-        signed = signing.sign_modules(Path(key), Path(cert), Path(dist), kernel or None, progress=step)
+        passphrase = signing.read_passphrase(Path(key_passphrase_file) if key_passphrase_file else None)
+        signed = signing.sign_modules(Path(key), Path(cert), Path(dist), kernel or None, progress=step,
+                                      passphrase=passphrase)
     if json:
         print_json([{**manifest, "ko": str(artifact.ko)} for artifact, manifest in signed])
         return
