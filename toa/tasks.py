@@ -199,11 +199,12 @@ ns.add_task(verify)
 # The tasks of each later concern live in toa/commands/<concern>.py and are gathered here.
 from toa.commands import build as build_commands  # noqa: E402
 from toa.commands import deploy as deploy_commands  # noqa: E402
+from toa.commands import export as export_commands  # noqa: E402
 from toa.commands import matrix as matrix_commands  # noqa: E402
 from toa.commands import package as package_commands  # noqa: E402
 from toa.commands import render as render_commands  # noqa: E402
 
 for concern_task in (build_commands.build, build_commands.images, build_commands.preflight, render_commands.render,
                      deploy_commands.deploy, deploy_commands.status, package_commands.package,
-                     package_commands.sign, matrix_commands.matrix):
+                     package_commands.sign, export_commands.export, matrix_commands.matrix):
     ns.add_task(concern_task)

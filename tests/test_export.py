@@ -1,0 +1,252 @@
+"""toa.export: KMM kmod images built in the real engine and read back, the Module manifest checked
+against KMM's own CRD schema, and the Ansible role run with ansible-core against the QEMU fleet."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli import assert_one_line_error, toa
+from toa import build, debian, export
+from toa.errors import ToaError
+
+KMM_CRD = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas" / "kmm.sigs.x-k8s.io_modules.yaml"
+
+
+def kmm_schema() -> dict:
+    if not KMM_CRD.is_file():
+        pytest.skip(f"KMM's Module CRD is not at {KMM_CRD} (the shared schemas folder of this workplace)")
+    crd = yaml.safe_load(KMM_CRD.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def assert_valid_module(manifest: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(manifest, kmm_schema())
+
+
+@pytest.fixture(scope="module")
+def two_kernels() -> list[str]:
+    """Two kernels of different series, one with a `+` in its release (not a tag character)."""
+    return [debian.resolve_suite("bookworm").release, debian.resolve_suite("trixie").release]
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory, two_kernels) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    for release in two_kernels:
+        build.build_kernel(release, out_dir=out)
+    return out
+
+
+def _file_in_image(image_reference: str, path: str) -> bytes:
+    client = build.docker_client()
+    container = client.containers.create(image_reference, ["true"], network_disabled=True)
+    try:
+        stream, _ = container.get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            return tar.extractfile(tar.getmembers()[0]).read()
+    finally:
+        container.remove(force=True)
+
+
+def _run_in_image(image_reference: str, *argv: str) -> str:
+    return build.docker_client().containers.run(image_reference, list(argv), remove=True,
+                                                network_disabled=True).decode()
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_kmm_export_builds_one_image_per_kernel_and_a_module_that_maps_each(dist, two_kernels, tmp_path):
+    out = tmp_path / "kmm"
+    result = toa("export", "kmm", "--out", str(out), "--dist", str(dist), "--registry", "registry.example.com/kmods",
+                 "--option", "trusted=100.64.0.0/10", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    manifest = yaml.safe_load((out / "module.yaml").read_text())
+    assert_valid_module(manifest)
+    container = manifest["spec"]["moduleLoader"]["container"]
+    assert container["modprobe"] == {"moduleName": "toa", "dirName": "/opt", "parameters": ["trusted=100.64.0.0/10"]}
+    assert sorted(image["kernel"] for image in printed["images"]) == sorted(two_kernels)
+    for release in two_kernels:
+        reference = export.image_for(manifest, release)
+        assert reference == f"registry.example.com/kmods/toa-kmod:{export.image_tag(release)}"
+        built = next(dist.glob(f"*/{release}/toa.ko")).read_bytes()
+        # exactly the built module, where KMM's worker looks, indexed so that modprobe -d /opt finds it
+        assert _file_in_image(reference, f"/opt/lib/modules/{release}/toa.ko") == built
+        assert "toa.ko" in _file_in_image(reference, f"/opt/lib/modules/{release}/modules.dep").decode()
+        shown = _run_in_image(reference, "modprobe", "-d", "/opt", "-S", release, "--show-depends", "toa")
+        assert shown.strip() == f"insmod /opt/lib/modules/{release}/toa.ko"
+        labels = build.docker_client().images.get(reference).labels
+        assert labels["io.toa.sha256"] == hashlib.sha256(built).hexdigest()
+        for tool in ("cp", "sleep", "modprobe"):
+            _run_in_image(reference, "sh", "-c", f"command -v {tool}")
+    assert export.image_for(manifest, "6.1.0-1-amd64") is None
+    assert "docker push registry.example.com/kmods/toa-kmod:" in (out / "module.yaml").read_text()
+
+
+def _image(release: str) -> export.KmodImage:
+    return export.KmodImage(release, f"registry.example.com/toa-kmod:{export.image_tag(release)}", "0" * 64, "sha256:0")
+
+
+def test_module_manifest_with_in_cluster_signing_validates_against_the_crd():
+    images = [_image("6.1.0-56-amd64"), _image("6.12.112+deb13-amd64")]
+    manifest = export.module_manifest(images, namespace="kmm-operator-system", options={"kinds": "254,200"},
+                                      selector={"node-role.kubernetes.io/worker": ""},
+                                      sign_secrets=("toa-signing-key", "toa-signing-cert"))
+    assert_valid_module(manifest)
+    [first, second] = manifest["spec"]["moduleLoader"]["container"]["kernelMappings"]
+    assert first["sign"]["unsignedImage"] == "registry.example.com/toa-kmod:6.1.0-56-amd64"
+    assert first["containerImage"] == "registry.example.com/toa-kmod:6.1.0-56-amd64-signed"
+    assert second["sign"]["filesToSign"] == ["/opt/lib/modules/6.12.112+deb13-amd64/toa.ko"]
+    assert export.image_for(manifest, "6.12.112+deb13-amd64") == "registry.example.com/toa-kmod:6.12.112_deb13-amd64-signed"
+    assert manifest["spec"]["selector"] == {"node-role.kubernetes.io/worker": ""}
+
+
+def test_a_manifest_the_crd_refuses_is_caught_by_the_schema_check():
+    import jsonschema
+
+    manifest = export.module_manifest([_image("6.1.0-56-amd64")])
+    del manifest["spec"]["selector"]  # required by the CRD
+    with pytest.raises(jsonschema.ValidationError):
+        assert_valid_module(manifest)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["kmm", "--out", "OUT"], "give --registry"),
+    (["kmm", "--out", "OUT", "--registry", "bad registry"], "invalid --registry"),
+    (["kmm", "--out", "OUT", "--registry", "r.example.com", "--namespace", "Bad_NS"], "invalid --namespace"),
+    (["kmm", "--out", "OUT", "--registry", "r.example.com", "--option", "trusted=10.0.0.1/8"], "did you mean"),
+    (["kmm", "--out", "OUT", "--registry", "r.example.com", "--selector", "no-equals"], "invalid --selector"),
+    (["kmm", "--out", "OUT", "--registry", "r.example.com", "--sign-key-secret", "k"], "give both"),
+    (["kmm", "--out", "OUT", "--registry", "r.example.com"], "no built toa.ko under"),
+    (["helm", "--out", "OUT"], "give the engine to export to"),
+    (["kmm"], "give --out DIR"),
+])
+def test_export_refuses_with_one_line(args, fragment, tmp_path):
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in args]
+    assert_one_line_error(toa("export", *args, "--dist", str(tmp_path / "empty")), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_help_is_help():
+    result = toa("export", "--help")
+    assert result.returncode == 0 and "--registry" in result.stdout
+
+
+def test_selectors_and_tags():
+    assert export.parse_selector(["node-role.kubernetes.io/worker=", "toa=yes"]) == {
+        "node-role.kubernetes.io/worker": "", "toa": "yes"}
+    assert export.image_tag("6.12.118+deb13-amd64") == "6.12.118_deb13-amd64"
+    with pytest.raises(ToaError, match="invalid --registry"):
+        export.kmod_reference("reg;istry", "6.1.0-56-amd64")
+
+
+# ---------------------------------------------------------------- Ansible, against the QEMU fleet
+
+
+@pytest.fixture(scope="module")
+def fleet_dist(guest_kernels, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fleet-dist")
+    for tree in guest_kernels:
+        build.build_kernel(tree.release, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleet(guest_kernels, tmp_path_factory):
+    """Two guests: the newest bookworm and bullseye kernels."""
+    from toa import guests
+
+    with guests.fleet(guest_kernels, tmp_path_factory.mktemp("fleet")) as running:
+        yield running
+
+
+def _inventory(path: Path, fleet, group_vars: dict[str, str]) -> Path:
+    from toa import guests
+
+    known_hosts = path.with_name("known_hosts")
+    known_hosts.write_text("".join(guest.known_hosts.read_text() for guest in fleet))
+    ssh_args = f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
+    lines = ["[toa:children]", "first", "rest", "", "[first]", f"{fleet[0].name} ansible_port={fleet[0].port}",
+             "", "[first:vars]", *(f"{k}={v}" for k, v in group_vars.items()), "", "[rest]"]
+    lines += [f"{guest.name} ansible_port={guest.port}" for guest in fleet[1:]]
+    lines += ["", "[toa:vars]", f"ansible_host={guests.LOOPBACK}", "ansible_user=root",
+              f"ansible_ssh_private_key_file={fleet[0].key_path}", f"ansible_ssh_common_args='{ssh_args}'"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _playbook(role_dir: Path, inventory: Path, *extra: str):
+    import os
+    import shutil
+    import subprocess
+
+    playbook = shutil.which("ansible-playbook")
+    assert playbook, "ansible-playbook not installed: pip install ansible-core"
+    env = {**os.environ, "ANSIBLE_HOME": str(role_dir / ".ansible"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_RETRY_FILES_ENABLED": "False"}
+    result = subprocess.run([playbook, "-i", str(inventory), str(role_dir / "playbook.yml"), *extra],
+                            capture_output=True, text=True, env=env, timeout=900, stdin=subprocess.DEVNULL)
+    recap = {}
+    for line in result.stdout.split("PLAY RECAP")[-1].splitlines():
+        words = line.split()
+        if len(words) > 2 and words[1] == ":":
+            recap[words[0]] = {k: int(v) for k, v in (word.split("=") for word in words[2:])}
+    return result, recap
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.network
+@pytest.mark.ssh
+def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, fleet_dist, tmp_path):
+    out = tmp_path / "ansible"
+    result = toa("export", "ansible", "--out", str(out), "--dist", str(fleet_dist), "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["kernels"]) == sorted(guest.release for guest in fleet)
+    inventory = _inventory(tmp_path / "inventory.ini", fleet, {"toa_kinds": "254,200"})
+
+    # --check on fresh hosts: reports what it would do, changes nothing
+    checked, recap = _playbook(out, inventory, "--check", "--diff")
+    assert checked.returncode == 0, checked.stdout[-3000:]
+    for guest in fleet:
+        assert recap[guest.name]["failed"] == 0 and recap[guest.name]["changed"] > 0
+        assert guest.run("ls /sys/module/toa /lib/modules/$(uname -r)/extra/toa.ko /etc/modules-load.d/toa.conf "
+                         "2>/dev/null | wc -l").strip() == "0"
+
+    applied, recap = _playbook(out, inventory)
+    assert applied.returncode == 0, applied.stdout[-3000:]
+    for guest in fleet:
+        built = next(fleet_dist.glob(f"*/{guest.release}/toa.ko"))
+        srcversion = json.loads(built.with_name("manifest.json").read_text())["srcversion"]
+        assert guest.run("cat /sys/module/toa/srcversion").strip() == srcversion
+        assert guest.run("sha256sum /lib/modules/$(uname -r)/extra/toa.ko").split()[0] == \
+            hashlib.sha256(built.read_bytes()).hexdigest()
+        assert guest.run("cat /etc/modules-load.d/toa.conf").splitlines()[-1] == "toa"
+        assert guest.run("ls /lib/modules/$(uname -r)/extra/").split() == ["toa.ko"]  # no backup left behind
+    # per-group options: the first group's kinds, the module's defaults for the rest
+    assert fleet[0].run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
+    assert "options toa kinds=254,200" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
+    assert fleet[1].run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
+
+    again, recap = _playbook(out, inventory)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert all(recap[guest.name]["changed"] == 0 for guest in fleet), recap
+
+    # a module the kernel refuses to load (a kind it rejects) fails that host alone and leaves toa as it was
+    inventory = _inventory(tmp_path / "bad.ini", fleet, {"toa_kinds": "254,1"})
+    failed, recap = _playbook(out, inventory)
+    assert failed.returncode != 0
+    assert recap[fleet[0].name]["failed"] == 1 and recap[fleet[1].name]["failed"] == 0
+    assert "rolled back" in failed.stdout
+    assert fleet[0].run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
+    assert "options toa kinds=254,200" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
