@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -153,6 +154,39 @@ def test_selectors_and_tags():
 # ---------------------------------------------------------------- Ansible, against the QEMU fleet
 
 
+def _fake_dist(tmp_path: Path) -> Path:
+    folder = tmp_path / "dist" / "debian-12" / "6.1.0-56-amd64"
+    folder.mkdir(parents=True)
+    (folder / "toa.ko").write_bytes(b"\x7fELF")
+    (folder / "manifest.json").write_text(json.dumps(
+        {"kernel_release": "6.1.0-56-amd64", "target": "debian-12", "srcversion": "0" * 23}))
+    return tmp_path / "dist"
+
+
+def test_the_exported_role_passes_ansible_lint(tmp_path):
+    import shutil
+    import subprocess
+
+    lint = shutil.which("ansible-lint")
+    assert lint, "ansible-lint not installed: pip install -e '.[test]'"
+    out = tmp_path / "out"
+    export.ansible(_fake_dist(tmp_path), out, options={"trusted": "10.0.0.0/8"})
+    result = subprocess.run([lint, "--offline", "--profile", "production"], cwd=out, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "ANSIBLE_HOME": str(tmp_path / ".ansible"),
+                                          "NO_COLOR": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    defaults = yaml.safe_load((out / "roles/toa/defaults/main.yml").read_text())
+    assert defaults == {"toa_kinds": "", "toa_trusted": "10.0.0.0/8"}
+
+
+def test_a_build_without_a_target_is_one_line(tmp_path):
+    dist = _fake_dist(tmp_path)
+    manifest = dist / "debian-12" / "6.1.0-56-amd64" / "manifest.json"
+    manifest.write_text(json.dumps({"kernel_release": "6.1.0-56-amd64"}))
+    assert_one_line_error(toa("export", "ansible", "--out", str(tmp_path / "out"), "--dist", str(dist)),
+                          "names no target")
+
+
 @pytest.fixture(scope="module")
 def fleet_dist(guest_kernels, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fleet-dist")
@@ -186,7 +220,6 @@ def _inventory(path: Path, fleet, group_vars: dict[str, str]) -> Path:
 
 
 def _playbook(role_dir: Path, inventory: Path, *extra: str):
-    import os
     import shutil
     import subprocess
 

@@ -213,7 +213,8 @@ def _unsafe_representer(dumper: yaml.SafeDumper, value: _Unsafe):
 
 
 class _RoleDumper(yaml.SafeDumper):
-    pass
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)  # lists indented under their key, as yamllint wants
 
 
 _RoleDumper.add_representer(_Unsafe, _unsafe_representer)
@@ -285,7 +286,8 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
         defaults = defaults.replace(f'toa_{name}: ""', f"toa_{name}: {json.dumps(value)}")
     (role / "defaults" / "main.yml").write_text(defaults)
     (role / "vars" / "main.yml").write_text(
-        "# The modules this role installs, by kernel release: written by `invoke export ansible`.\n---\n"
+        "# The modules this role installs, by kernel release: written by `invoke export ansible`.\n"
+        "# Boot files' text is kept whole, long lines included.\n# yamllint disable rule:line-length\n---\n"
         + yaml.dump({"toa_builds": builds}, Dumper=_RoleDumper, sort_keys=False, width=1000))
     playbook = out_dir / "playbook.yml"
     playbook.write_text((ANSIBLE_TEMPLATES / "playbook.yml").read_text())
