@@ -33,10 +33,11 @@ def second_kernel() -> str:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory, first_kernel) -> Path:
-    """A dist/ with the real module built for FIRST_KERNEL."""
+def dist(tmp_path_factory, first_kernel, second_kernel) -> Path:
+    """A dist/ with the real module built for FIRST_KERNEL and SECOND_KERNEL."""
     out = tmp_path_factory.mktemp("dist")
-    build.build_kernel(first_kernel, out_dir=out)
+    for release in (first_kernel, second_kernel):
+        build.build_kernel(release, out_dir=out)
     return out
 
 
@@ -130,24 +131,36 @@ def test_dkms_package_builds_for_the_headers_and_again_after_a_headers_upgrade(
 
 @pytest.mark.docker
 @pytest.mark.network
-def test_kmod_deb_installs_where_modprobe_finds_it(dist, tmp_path, container_of, first_kernel):
+def test_kmod_debs_of_two_kernels_install_side_by_side_where_modprobe_finds_them(
+        dist, tmp_path, container_of, first_kernel, second_kernel):
     out = tmp_path / "packages"
-    [deb] = package.build_packages("deb", dist, [first_kernel], out, options={"trusted": "100.64.0.0/10"})
-    assert deb.name == f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb"
+    common, *kmods = package.build_packages("deb", dist, None, out, options={"trusted": "100.64.0.0/10"})
+    version = toa.__version__
+    assert common.name == f"toa-common_{version}_all.deb"
+    assert sorted(deb.name for deb in kmods) == sorted(
+        f"toa-kmod-{release}_{version}_amd64.deb" for release in (first_kernel, second_kernel))
     container = container_of(out)
 
-    container.ok("dpkg", "-i", f"/pkgs/{deb.name}")
-    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", first_kernel, "-n", "toa")
-    # modprobe reads the package's options file: what a boot-time load passes to the module
-    assert f"insmod /lib/modules/{first_kernel}/extra/toa.ko trusted=100.64.0.0/10" in container.ok(
-        "modprobe", "--show-depends", "-S", first_kernel, "toa")
+    container.ok("dpkg", "-i", *(f"/pkgs/{deb.name}" for deb in (common, *kmods)))
+    for release in (first_kernel, second_kernel):
+        assert f"/lib/modules/{release}/extra/toa.ko" in container.ok("modinfo", "-k", release, "-n", "toa")
+        # modprobe reads toa-common's options file: what a boot-time load passes to the module
+        assert f"insmod /lib/modules/{release}/extra/toa.ko trusted=100.64.0.0/10" in container.ok(
+            "modprobe", "--show-depends", "-S", release, "toa")
+        built = next(dist.glob(f"*/{release}/toa.ko")).read_bytes()
+        assert container.ok("sha256sum", f"/lib/modules/{release}/extra/toa.ko").split()[0] == \
+            hashlib.sha256(built).hexdigest()
     assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
-    built = (next(dist.glob(f"*/{first_kernel}/toa.ko"))).read_bytes()
-    assert container.ok("sha256sum", f"/lib/modules/{first_kernel}/extra/toa.ko").split()[0] == \
-        hashlib.sha256(built).hexdigest()
+    assert container.ok("dpkg", "-S", "/etc/modprobe.d/toa.conf").startswith("toa-common:")
 
-    container.ok("dpkg", "--purge", f"toa-kmod-{first_kernel}")
-    assert container.run("modinfo", "-k", first_kernel, "toa")[0] != 0
+    # one kernel's package goes: the other kernel's toa and the boot files stay
+    container.ok("dpkg", "--purge", f"toa-kmod-{second_kernel}")
+    assert container.run("modinfo", "-k", second_kernel, "toa")[0] != 0
+    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", first_kernel, "-n", "toa")
+    assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
+    # the boot files cannot go while a kernel's package needs them
+    assert container.run("dpkg", "--remove", "toa-common")[0] != 0
+    container.ok("dpkg", "--purge", f"toa-kmod-{first_kernel}", "toa-common")
     assert container.run("test", "-e", "/etc/modules-load.d/toa.conf")[0] != 0
 
 
@@ -156,16 +169,16 @@ def test_kmod_deb_installs_where_modprobe_finds_it(dist, tmp_path, container_of,
 def test_kmod_rpm_lists_the_module_and_runs_depmod(dist, tmp_path, first_kernel):
     if shutil.which("rpm") is None:
         pytest.fail("rpm not installed: apt-get install rpm")
-    [rpm] = package.build_packages("rpm", dist, [first_kernel], tmp_path)
+    common, rpm = package.build_packages("rpm", dist, [first_kernel], tmp_path)
     assert rpm.name == f"toa-kmod-{first_kernel}-{toa.__version__}-1.x86_64.rpm"
+    assert common.name == f"toa-common-{toa.__version__}-1.noarch.rpm"
 
-    def query(*args):
-        return subprocess.run(["rpm", "-qp", *args, str(rpm)], capture_output=True, text=True, check=True).stdout
+    def query(*args, package=rpm):
+        return subprocess.run(["rpm", "-qp", *args, str(package)], capture_output=True, text=True, check=True).stdout
 
-    files = query("-l").split()
-    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in files
-    assert "/etc/modules-load.d/toa.conf" in files
-    assert "/etc/modules-load.d/toa.conf" in query("--configfiles").split()
+    assert query("-l").split() == [f"/lib/modules/{first_kernel}/extra/toa.ko"]
+    assert f"toa-common = {toa.__version__}" in query("--requires")
+    assert "/etc/modules-load.d/toa.conf" in query("--configfiles", package=common).split()
     scripts = query("--scripts")
     assert f"postinstall scriptlet (using /bin/sh):\ndepmod -a {first_kernel}" in scripts
     assert "postuninstall scriptlet" in scripts and scripts.count(f"depmod -a {first_kernel}") == 2
@@ -181,10 +194,28 @@ def test_kmod_rpm_lists_the_module_and_runs_depmod(dist, tmp_path, first_kernel)
 @pytest.mark.docker
 @pytest.mark.network
 def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
-    result = run_toa("package", "--format", "deb", "--dist", str(dist), "--out", str(tmp_path), "--json")
+    result = run_toa("package", "--format", "deb", "--dist", str(dist), "--out", str(tmp_path), "--json",
+                     "--kernel", first_kernel)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {
-        "format": "deb", "packages": [str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+    assert json.loads(result.stdout) == {"format": "deb", "packages": [
+        str(tmp_path / f"toa-common_{toa.__version__}_all.deb"),
+        str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_kmod_rpms_of_two_kernels_have_no_file_in_common(dist, tmp_path, first_kernel, second_kernel):
+    rpms = package.build_packages("rpm", dist, [first_kernel, second_kernel], tmp_path / "rpms")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True, capture_output=True)
+    # rpm's own conflict check over the three file lists (--nodeps: no RHEL base to depend on here)
+    checked = subprocess.run(["rpm", "--root", str(root), "-i", "--test", "--nodeps", "--ignorearch", "--ignoreos",
+                              *map(str, rpms)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    lists = [set(subprocess.run(["rpm", "-qpl", str(rpm)], capture_output=True, text=True, check=True).stdout.split())
+             for rpm in rpms]
+    assert not (lists[1] & lists[2]) and not (lists[0] & (lists[1] | lists[2]))
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -236,3 +267,13 @@ def test_coreos_hosts_get_no_kmod_package(tmp_path):
                                 json.loads((folder / "manifest.json").read_text()))
     with pytest.raises(ToaError, match="do not take toa from a package"):
         package.autoload_files(artifact)
+
+
+def test_modules_of_targets_that_load_toa_differently_are_packaged_separately(tmp_path):
+    _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
+    _artifact(tmp_path, "centos-7", "3.10.0-1160.el7.x86_64")
+    artifacts = package.find_artifacts(tmp_path)
+    with pytest.raises(ToaError, match=r"load toa at boot differently \(centos-7, debian-12\).*--kernel"):
+        package.common_files(artifacts, None)
+    [files] = {tuple(f.path for f in package.common_files([a], None)) for a in artifacts[:1]}
+    assert "/etc/modules-load.d/toa.conf" in files or "/etc/sysconfig/modules/toa.modules" in files

@@ -184,30 +184,48 @@ def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) 
     return [deb, tarball]
 
 
-def _stage_kmod(root: Path, artifact: Artifact, options: dict[str, str] | None) -> list[str]:
-    """/lib/modules/<release>/extra/toa.ko and the autoload files under ROOT; returns the latter's
-    paths (relative, they are the package's configuration files)."""
-    files = autoload_files(artifact, options)
-    module_dir = root / "lib/modules" / artifact.release / "extra"
-    module_dir.mkdir(parents=True)
-    shutil.copyfile(artifact.ko, module_dir / "toa.ko")
-    for file in files:
-        _write(root / file.path.lstrip("/"), file.content, file.mode)
-    return sorted(file.path.lstrip("/") for file in files)
+COMMON_NAME = "toa-common"
 
 
-def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None,
-             options: dict[str, str] | None = None) -> Path:
-    """toa-kmod-<release>_<ver>_amd64.deb for one built module."""
+def common_files(artifacts: list[Artifact], options: dict[str, str] | None) -> list[AutoloadFile]:
+    """The boot files every kernel's package shares, owned once by toa-common (so that packages of
+    several kernels install side by side); one set for all ARTIFACTS."""
+    sets = {}
+    for artifact in artifacts:
+        files = autoload_files(artifact, options)
+        sets.setdefault(tuple((f.path, f.content, f.mode) for f in files), (artifact, files))
+    if len(sets) > 1:
+        names = ", ".join(sorted({a.manifest["target"] for a, _ in sets.values()}))
+        raise ToaError(f"the modules under dist/ are for hosts that load toa at boot differently ({names}): "
+                       "package each target's kernels separately with --kernel")
+    return next(iter(sets.values()))[1]
+
+
+def common_deb(files: list[AutoloadFile], out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-common_<ver>_all.deb: the files that load toa at boot, as configuration files."""
+    version = module_version()
+    with tempfile.TemporaryDirectory(prefix="toa-common-deb-") as scratch_name:
+        root = Path(scratch_name) / "root"
+        for file in files:
+            _write(root / file.path.lstrip("/"), file.content, file.mode)
+        _write(root / "DEBIAN/control", render_package_template("common-control.j2", version=version,
+                                                                 maintainer=MAINTAINER))
+        _write(root / "DEBIAN/conffiles", "".join(f"{file.path}\n" for file in files))
+        if progress:
+            progress(f"building {COMMON_NAME}_{version}_all.deb")
+        return _dpkg_deb(root, Path(out_dir) / f"{COMMON_NAME}_{version}_all.deb")
+
+
+def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-kmod-<release>_<ver>_amd64.deb: toa.ko for one kernel, beside those of other kernels."""
     version = module_version()
     name = package_name(artifact.release)
-    values = {"package": name, "version": version, "release": artifact.release,
+    values = {"package": name, "version": version, "release": artifact.release, "common": COMMON_NAME,
               "vermagic": artifact.manifest.get("vermagic", ""), "maintainer": MAINTAINER}
     with tempfile.TemporaryDirectory(prefix="toa-kmod-deb-") as scratch_name:
         root = Path(scratch_name) / "root"
-        config_files = _stage_kmod(root, artifact, options)
+        _stage_module(root, artifact)
         _write(root / "DEBIAN/control", render_package_template("kmod-control.j2", **values))
-        _write(root / "DEBIAN/conffiles", "".join(f"/{path}\n" for path in config_files))
         _write(root / "DEBIAN/postinst", render_package_template("kmod-postinst.j2", **values), 0o755)
         _write(root / "DEBIAN/postrm", render_package_template("kmod-postrm.j2", **values), 0o755)
         if progress:
@@ -215,10 +233,46 @@ def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         return _dpkg_deb(root, Path(out_dir) / f"{name}_{version}_amd64.deb")
 
 
-def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None,
-             options: dict[str, str] | None = None) -> Path:
-    """toa-kmod-<release>-<ver>-1.x86_64.rpm for one built module, made with rpmbuild."""
+def _stage_module(root: Path, artifact: Artifact) -> None:
+    module_dir = root / "lib/modules" / artifact.release / "extra"
+    module_dir.mkdir(parents=True)
+    shutil.copyfile(artifact.ko, module_dir / "toa.ko")
+
+
+def _rpmbuild(spec_text: str, scratch: Path, out_dir: Path, rpm_name: str,
+              progress: Callable[[str], None] | None) -> Path:
     rpmbuild = _tool("rpmbuild", "rpm")
+    spec = scratch / "package.spec"
+    _write(spec, spec_text)
+    if progress:
+        progress(f"building {rpm_name}")
+    _run([rpmbuild, "-bb", "--quiet",
+          "--define", f"_topdir {scratch / 'rpmbuild'}",
+          "--define", f"_rpmdir {out_dir}",
+          "--define", "_rpmfilename %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
+          str(spec)], f"rpmbuild of {rpm_name}")
+    return out_dir / rpm_name
+
+
+def common_rpm(files: list[AutoloadFile], out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-common-<ver>-1.noarch.rpm: the files that load toa at boot, as %config(noreplace)."""
+    _tool("rpmbuild", "rpm")
+    version = module_version()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-common-rpm-") as scratch_name:
+        scratch = Path(scratch_name)
+        staged = scratch / "root"
+        for file in files:
+            _write(staged / file.path.lstrip("/"), file.content, file.mode)
+        spec = render_package_template("common.spec.j2", package=COMMON_NAME, version=version, staged=staged,
+                                       config_files=sorted(file.path.lstrip("/") for file in files))
+        return _rpmbuild(spec, scratch, out_dir, f"{COMMON_NAME}-{version}-1.noarch.rpm", progress)
+
+
+def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-kmod-<release>-<ver>-1.x86_64.rpm: toa.ko for one kernel, made with rpmbuild."""
+    _tool("rpmbuild", "rpm")
     version = module_version()
     name = package_name(artifact.release)
     out_dir = Path(out_dir).resolve()
@@ -226,20 +280,11 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
     with tempfile.TemporaryDirectory(prefix="toa-kmod-rpm-") as scratch_name:
         scratch = Path(scratch_name)
         staged = scratch / "root"
-        config_files = _stage_kmod(staged, artifact, options)
-        spec = scratch / f"{name}.spec"
-        _write(spec, render_package_template("kmod.spec.j2", package=name, version=version, release=artifact.release,
-                            vermagic=artifact.manifest.get("vermagic", ""), staged=staged,
-                            config_files=config_files))
-        rpm_name = f"{name}-{version}-1.x86_64.rpm"
-        if progress:
-            progress(f"building {rpm_name}")
-        _run([rpmbuild, "-bb", "--quiet",
-              "--define", f"_topdir {scratch / 'rpmbuild'}",
-              "--define", f"_rpmdir {out_dir}",
-              "--define", "_rpmfilename %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
-              str(spec)], f"rpmbuild of {rpm_name}")
-    return out_dir / rpm_name
+        _stage_module(staged, artifact)
+        spec = render_package_template("kmod.spec.j2", package=name, version=version, release=artifact.release,
+                                       common=COMMON_NAME, vermagic=artifact.manifest.get("vermagic", ""),
+                                       staged=staged)
+        return _rpmbuild(spec, scratch, out_dir, f"{name}-{version}-1.x86_64.rpm", progress)
 
 
 def build_packages(
@@ -248,8 +293,8 @@ def build_packages(
     options: dict[str, str] | None = None,
 ) -> list[Path]:
     """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
-    rpm package the modules built under DIST for KERNELS (default: every one there), loading with
-    module OPTIONS."""
+    rpm: toa-common (the boot files, loading with module OPTIONS) and one toa-kmod package per module
+    built under DIST for KERNELS (default: every one there)."""
     if package_format not in FORMATS:
         raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir) if out_dir else Path(dist) / "packages"
@@ -260,6 +305,8 @@ def build_packages(
             raise ToaError("--option is for deb and rpm: the DKMS package installs no boot-time files; "
                            "give options with `invoke render` or `invoke deploy`")
         return dkms_packages(out_dir, progress)
-    build_one = kmod_deb if package_format == "deb" else kmod_rpm
-    render.module_options(options)  # bad options fail before anything is built
-    return [build_one(artifact, out_dir, progress, options) for artifact in find_artifacts(Path(dist), kernels)]
+    render.module_options(options)  # bad options fail before anything else
+    artifacts = find_artifacts(Path(dist), kernels)
+    files = common_files(artifacts, options)  # so do modules of targets that load toa differently
+    common, kmod = (common_deb, kmod_deb) if package_format == "deb" else (common_rpm, kmod_rpm)
+    return [common(files, out_dir, progress), *(kmod(artifact, out_dir, progress) for artifact in artifacts)]
