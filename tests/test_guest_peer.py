@@ -251,7 +251,7 @@ def test_init_loads_modules_in_order_and_passes_counts():
     assert init.index("insmod /lib/modules/dep.ko") < init.index("insmod /lib/modules/tun.ko")
     assert 'toa_peer fuzz 42 1000 254,253 "${refused_from:-0}"' in init
     assert 'toa_peer fuzz 43 250 254,253,200 "${refused_from:-0}"' in init
-    assert 'toa_peer cycles 100 "$TOA_KO"' in init
+    assert 'toa_peer cycles 100 "$TOA_KO" "trusted=$PEER_TRUSTED"' in init
     assert init.rstrip().endswith("poweroff -f")
     bare = lab.render_init(tun_modules=[], seed=1, fuzz=0, cycles=0)
     assert "toa_peer fuzz" not in bare and "toa_peer cycles" not in bare
