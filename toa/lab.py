@@ -348,7 +348,7 @@ def boot_guest(
 
 # trusted= (the sources whose TOA options are believed): unset, set to the peer, set elsewhere,
 # changed and refused at run time, refused at load.
-TRUST_BAD_VALUES = ["prefix-33", "prefix-129", "host-bits", "host-bits-v6", "octet-256", "three-octets",
+TRUST_BAD_VALUES = ["prefix-33", "prefix-129", "host-bits", "host-bits-v6", "octet-256", "octet-leading-zero", "three-octets",
                     "empty-prefix", "plus-prefix", "empty-entry", "leading-comma", "trailing-comma", "space",
                     "name", "v6-triple-colon", "v4-mapped", "port", "too-long", "seventeen"]
 TRUST_CASES = (

@@ -20,6 +20,7 @@
 #define pr_fmt(fmt) "TOA: " fmt
 
 #include <linux/hash.h>
+#include <linux/ctype.h>
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/inet.h>
@@ -264,11 +265,20 @@ static int toa_parse_cidr(const char *text, size_t len, struct toa_cidr *cidr)
 			goto bad;
 		}
 	} else {
+		const char *c;
+
 		cidr->family = AF_INET;
 		max = 32;
 		if (!in4_pton(buf, -1, (u8 *)&cidr->v4.net, -1, &end) || *end) {
 			why = "not an IPv4 address (a.b.c.d)";
 			goto bad;
+		}
+		/* 010 is 8 to some parsers and 10 to others: refuse the doubt. */
+		for (c = buf; *c; c++) {
+			if (*c == '0' && (c == buf || c[-1] == '.') && isdigit(c[1])) {
+				why = "an IPv4 octet with a leading zero";
+				goto bad;
+			}
 		}
 	}
 	prefix = max;
