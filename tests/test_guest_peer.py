@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import ipaddress
+import re
 import shutil
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def test_same_seed_same_cases(peer):
 
 
 def test_peer_rejects_bad_arguments(peer):
-    for argv in (["fuzz"], ["cases", "1", "5", "254,999", "0"], ["nonsense"]):
+    for argv in (["fuzz"], ["cases", "1", "5", "254,999", "0"], ["nonsense"], ["trust-flip", "10.0.0.0/16"],
+                 ["trust-race", "300"], ["many"], ["basic", "trusted", "extra"]):
         result = subprocess.run([str(peer), *argv], capture_output=True, text=True)
         assert result.returncode == 2 and "usage" in result.stderr
 
@@ -251,10 +253,47 @@ def test_init_loads_modules_in_order_and_passes_counts():
     assert init.index("insmod /lib/modules/dep.ko") < init.index("insmod /lib/modules/tun.ko")
     assert 'toa_peer fuzz 42 1000 254,253 "${refused_from:-0}"' in init
     assert 'toa_peer fuzz 43 250 254,253,200 "${refused_from:-0}"' in init
-    assert 'toa_peer cycles 100 "$TOA_KO"' in init
+    assert 'toa_peer cycles 100 "$TOA_KO" "trusted=$PEER_TRUSTED"' in init
     assert init.rstrip().endswith("poweroff -f")
     bare = lab.render_init(tun_modules=[], seed=1, fuzz=0, cycles=0)
     assert "toa_peer fuzz" not in bare and "toa_peer cycles" not in bare
+
+
+def init_variable(init: str, name: str) -> str:
+    return re.search(rf"^{name}=(\S+)$", init, re.M).group(1)
+
+
+def test_trusted_ranges_cover_the_peer_and_only_it():
+    """PEER_TRUSTED must hold every source the peer sends from (10.0.N.2 and fd00:N::2, the subnets
+    net_up is called with) and OTHER_TRUSTED none, or the trusted= checks prove nothing."""
+    init = lab.render_init(tun_modules=[], seed=1, fuzz=10, cycles=2)
+    peer_trusted = [ipaddress.ip_network(entry) for entry in init_variable(init, "PEER_TRUSTED").split(",")]
+    other_trusted = [ipaddress.ip_network(entry) for entry in init_variable(init, "OTHER_TRUSTED").split(",")]
+    source = lab.PEER_SOURCE.read_text()
+    subnets = {int(n) for n in re.findall(r"net_up\(&n, (\d+)\)", source)}
+    assert subnets == {0, 1}
+    assert "n->local4[0] = 10, n->local4[2] = (uint8_t)subnet" in source and "n->peer4[3] = 2;" in source
+    assert "lab_v6(n->peer6, subnet, 2);" in source
+    for subnet in subnets:
+        for address in (ipaddress.ip_address(f"10.0.{subnet}.2"), ipaddress.ip_address(f"fd00:{subnet}::2")):
+            assert any(address in network for network in peer_trusted), address
+            assert not any(address in network for network in other_trusted), address
+    assert {network.version for network in peer_trusted} == {network.version for network in other_trusted} == {4, 6}
+
+
+def test_init_runs_every_trusted_step():
+    init = lab.render_init(tun_modules=[], seed=1, fuzz=10, cycles=2)
+    for step in ("toa_peer basic\n", "toa_peer basic trusted", "toa_peer basic untrusted", "toa_peer tfo",
+                 "toa_peer netns", 'toa_peer trust-flip "$PEER_TRUSTED" "$OTHER_TRUSTED"', "toa_peer trust-bad",
+                 'toa_peer trust-race 300 "$PEER_TRUSTED" "$OTHER_TRUSTED"', "toa_peer many 300",
+                 "load insmod-trusted trusted=$PEER_TRUSTED", "load insmod-untrusted trusted=$OTHER_TRUSTED",
+                 "load insmod-table8 table_bits=8"):
+        assert step in init, step
+    source = lab.PEER_SOURCE.read_text()
+    for label in lab.TRUST_BAD_VALUES:  # each required trusted-bad-* case is one the peer prints
+        assert f'{{ "{label}", ' in source, label
+    names = lab.required_cases(fuzz=10, cycles=2)
+    assert len(names) == len(set(names))
 
 
 # ---------------------------------------------------------------- kernel image header

@@ -346,6 +346,29 @@ def boot_guest(
 # ---------------------------------------------------------------- reading the serial console
 
 
+# trusted= (the sources whose TOA options are believed): unset, set to the peer, set elsewhere,
+# changed and refused at run time, refused at load.
+TRUST_BAD_VALUES = ["prefix-33", "prefix-129", "host-bits", "host-bits-v6", "octet-256", "octet-leading-zero", "three-octets",
+                    "empty-prefix", "plus-prefix", "empty-entry", "leading-comma", "trailing-comma", "space",
+                    "name", "v6-triple-colon", "v4-mapped", "port", "too-long", "seventeen"]
+TRUST_CASES = (
+    ["stats-untrusted-ignored", "trusted-default-empty", "trusted-unset-warning-once", "insmod-trusted",
+     "trusted-param", "trusted-set-no-warning", "trusted-basic", "trusted-v4", "trusted-v6-kind253",
+     "trusted-v4-mapped", "trusted-basic-untrusted-ignored", "trusted-emptied-warns", "trusted-sixteen-entries",
+     "trusted-bad-logged", "trusted-race", "trusted-after-race", "rmmod-trusted", "insmod-untrusted",
+     "untrusted-basic", "untrusted-v4", "untrusted-v6-kind254", "untrusted-v4-mapped",
+     "untrusted-basic-untrusted-ignored", "untrusted-basic-nothing-read", "rmmod-untrusted",
+     "insmod-bad-trusted-prefix", "insmod-bad-trusted-entry", "insmod-bad-trusted-host-bits",
+     "insmod-bad-trusted-seventeen", "trusted-flip-restored", "trusted-warnings-total"]
+    + [f"trusted-flip-{step}" for step in ("other", "v4-only", "v6-only", "bare", "neighbours", "any", "empty",
+                                             "peer")]
+    + [f"trusted-bad-{label}" for label in TRUST_BAD_VALUES]
+)
+# The address table: sized from memory by default, by table_bits= on request.
+TABLE_CASES = ["table-bits-auto", "insmod-bad-table-bits", "insmod-table8", "table-bits-param", "table-many-open",
+               "rmmod-table8"]
+
+
 def required_cases(fuzz: int, cycles: int) -> list[str]:
     """CASE lines a complete run must print: a missing one means a step died silently."""
     names = ["tun-available", "kernel-refusal", "before-load-v4-untouched", "insmod", "load-message", "sysfs-module",
@@ -354,6 +377,8 @@ def required_cases(fuzz: int, cycles: int) -> list[str]:
              "basic-malformed-ignored", "rmmod", "unload-message", "after-unload-v4-untouched",
              "insmod-kinds200", "kinds200-param", "hold-open", "hold-rmmod-while-open",
              "hold-after-unload", "hold-close", "after-all-v4-untouched", "load-messages-total"]
+    names += TRUST_CASES + TABLE_CASES + ["tfo-v4", "tfo-v6", "netns-stats-fresh", "netns-stats-own",
+                                          "netns-init-untouched"]
     if fuzz:
         names += ["fuzz-kinds2", "fuzz-kinds3"]
     if cycles:

@@ -35,15 +35,18 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -433,17 +436,21 @@ static uint32_t get32(const uint8_t *p)
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
+/* Most payload a segment carries here (a TCP Fast Open SYN's data). */
+#define MAX_PAYLOAD 64
+
 /*
  * Write one client->server TCP segment to the TUN.  IPv4 when the listener
  * takes IPv4 clients (L4, LMAPPED), IPv6 otherwise.  opt_len must be a
  * multiple of 4 (the header length is counted in words).
  */
-static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t seq,
-			uint32_t ack, uint8_t flags, const uint8_t *opts, int opt_len)
+static int send_segment_data(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t seq,
+			     uint32_t ack, uint8_t flags, const uint8_t *opts, int opt_len,
+			     const uint8_t *data, int data_len)
 {
-	uint8_t pkt[128], pseudo[40];
+	uint8_t pkt[40 + 20 + MAX_OPTS + MAX_PAYLOAD], pseudo[40];
 	int ip_len = lk == L6 ? 40 : 20;
-	int tcp_len = 20 + opt_len;
+	int tcp_len = 20 + opt_len + data_len;
 	uint8_t *tcp = pkt + ip_len;
 	uint32_t sum;
 
@@ -482,21 +489,29 @@ static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uin
 	put16(tcp + 2, n->listen_port[lk]);
 	put32(tcp + 4, seq);
 	put32(tcp + 8, ack);
-	tcp[12] = (uint8_t)((tcp_len / 4) << 4);
+	tcp[12] = (uint8_t)(((20 + opt_len) / 4) << 4);
 	tcp[13] = flags;
 	put16(tcp + 14, 64240);
 	if (opt_len)
 		memcpy(tcp + 20, opts, (size_t)opt_len);
+	if (data_len)
+		memcpy(tcp + 20 + opt_len, data, (size_t)data_len);
 	put16(tcp + 16, fold(sum16(sum, tcp, (size_t)tcp_len)));
 	return write(n->tun, pkt, (size_t)(ip_len + tcp_len)) == ip_len + tcp_len ? 0 : -1;
+}
+
+static int send_segment(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t seq,
+			uint32_t ack, uint8_t flags, const uint8_t *opts, int opt_len)
+{
+	return send_segment_data(n, lk, sport, seq, ack, flags, opts, opt_len, NULL, 0);
 }
 
 /*
  * Read from the TUN until the server's SYN-ACK for (sport, isn) shows up;
  * everything else (router solicitations, earlier RSTs, ...) is skipped.
  */
-static int wait_synack(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t isn,
-		       uint32_t *server_isn)
+static int wait_synack_acking(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t isn,
+			      uint32_t *server_isn, uint32_t *acked)
 {
 	long deadline = now_ms() + WAIT_MS;
 	uint8_t pkt[2048];
@@ -527,12 +542,24 @@ static int wait_synack(struct lab_net *n, enum listener lk, uint16_t sport, uint
 		}
 		if ((tcp[0] << 8 | tcp[1]) != n->listen_port[lk] || (tcp[2] << 8 | tcp[3]) != sport)
 			continue;
-		if ((tcp[13] & (TCP_SYN | TCP_ACK)) != (TCP_SYN | TCP_ACK) || get32(tcp + 8) != isn + 1)
+		if ((tcp[13] & (TCP_SYN | TCP_ACK)) != (TCP_SYN | TCP_ACK) || get32(tcp + 8) - isn - 1 > MAX_PAYLOAD)
 			continue;
 		*server_isn = get32(tcp + 4);
+		*acked = get32(tcp + 8) - isn - 1;
 		return 0;
 	}
 	return -1;
+}
+
+/* The SYN-ACK of a SYN that carried no data. */
+static int wait_synack(struct lab_net *n, enum listener lk, uint16_t sport, uint32_t isn,
+		       uint32_t *server_isn)
+{
+	uint32_t acked;
+
+	if (wait_synack_acking(n, lk, sport, isn, server_isn, &acked) < 0)
+		return -1;
+	return acked == 0 ? 0 : -1;
 }
 
 /*
@@ -631,6 +658,7 @@ struct probe {
 	struct expectation want;
 	int malformed; /* the ACK's list breaks a rule: malformed_ignored must count it */
 	int bad_rem;   /* bytes left from the first option the walk rejects (0: none) */
+	int untrusted; /* comes from outside trusted= with what would count: untrusted_ignored must */
 };
 
 /*
@@ -718,7 +746,8 @@ static int check_probe(struct lab_net *n, const struct probe *p, char *detail, s
 
 static const char *const stat_names[] = {
 	"v4_options_seen", "v6_options_seen", "addresses_returned", "malformed_ignored",
-	"v6_on_v4_ignored", "entries_live",   "alloc_failed",	    "probe_missed",
+	"v6_on_v4_ignored", "untrusted_ignored", "entries_live",   "alloc_failed",
+	"probe_missed",
 };
 #define N_STATS (int)(sizeof(stat_names) / sizeof(stat_names[0]))
 
@@ -788,7 +817,8 @@ static long long wait_entries_drained(void)
 
 /* What a batch of handshakes must have done to the counters. */
 struct tally {
-	int cases, rewritten_v4, rewritten_v6, malformed, v6_on_v4, mismatches, refused;
+	int cases, rewritten_v4, rewritten_v6, malformed, v6_on_v4, untrusted, mismatches, refused;
+	int untrusted_source; /* the batch came from outside trusted=: nothing may be read */
 };
 
 static void tally_add(struct tally *t, const struct probe *p, int ok)
@@ -800,6 +830,7 @@ static void tally_add(struct tally *t, const struct probe *p, int ok)
 		return; /* the module never saw it */
 	}
 	t->malformed += p->malformed;
+	t->untrusted += p->untrusted;
 	if (p->want.outcome == TOA_V6 && p->lk == L4)
 		t->v6_on_v4++;
 	else if (p->want.outcome == TOA_V4)
@@ -852,6 +883,17 @@ static void check_counters(const char *prefix, const struct stats *before, const
 	d = DELTA("v6_on_v4_ignored");
 	report_counter(prefix, "v6-on-v4-ignored", d == t->v6_on_v4, "expected=%d got=%lld",
 		       t->v6_on_v4, d);
+	d = DELTA("untrusted_ignored");
+	report_counter(prefix, "untrusted-ignored", d == t->untrusted, "expected=%d got=%lld",
+		       t->untrusted, d);
+	if (t->untrusted_source) {
+		long long read = DELTA("v4_options_seen") + DELTA("v6_options_seen") +
+				 DELTA("addresses_returned") + DELTA("malformed_ignored") +
+				 DELTA("v6_on_v4_ignored");
+
+		report_counter(prefix, "nothing-read", read == 0,
+			       "expected=0 got=%lld (seen, returned, malformed, v6-on-v4)", read);
+	}
 #undef DELTA
 	d = stat_value(&after, "alloc_failed");
 	report_counter(prefix, "alloc-failed", d == 0, "expected=0 got=%lld", d);
@@ -890,7 +932,12 @@ static struct optbuf *add_case(struct named_probe *cases, int *count, const char
 
 #define BYTES(...) (const uint8_t[]){ __VA_ARGS__ }, (int)sizeof((const uint8_t[]){ __VA_ARGS__ })
 
-static int mode_basic(void)
+/*
+ * The named scenarios. LABEL (optional) prefixes every case name; "untrusted"
+ * means the module's trusted= leaves out the peer's source, so nothing may be
+ * rewritten and every ACK that would have counted counts in untrusted_ignored.
+ */
+static int mode_basic(const char *label)
 {
 	static const uint8_t zero4[4];
 	static const uint8_t loopback4[4] = { 127, 0, 0, 1 }, multicast4[4] = { 224, 0, 0, 251 },
@@ -903,13 +950,14 @@ static int mode_basic(void)
 	struct stats before;
 	struct tally t = { 0 };
 	struct optbuf *o;
-	char detail[512];
-	int nc = 0, i, ok;
+	char detail[512], name[96], batch[64];
+	int nc = 0, i, ok, untrusted = label && !strcmp(label, "untrusted");
 
+	snprintf(batch, sizeof(batch), "%s%sbasic", label ? label : "", label ? "-" : "");
 	if (net_up(&n, 0) < 0)
 		return 1;
 	if (read_stats(&before) < 0) {
-		report("basic-stats-readable", 0, "problem=%s", before.problem);
+		report_counter(batch, "stats-readable", 0, "problem=%s", before.problem);
 		return 1;
 	}
 
@@ -1008,13 +1056,24 @@ static int mode_basic(void)
 	put_bytes(o, BYTES(1, 1, 1, 0));
 	put_toa4(o, 254, CLIENT_PORT, client4);
 
+	t.untrusted_source = untrusted;
 	for (i = 0; i < nc; i++) {
-		ok = check_probe(&n, &cases[i].p, detail, sizeof(detail), NULL, NULL);
-		report(cases[i].name, ok, "%s", detail);
-		tally_add(&t, &cases[i].p, ok);
+		struct probe *p = &cases[i].p;
+
+		if (untrusted) {
+			/* What would have been read or counted is now only counted as untrusted. */
+			p->untrusted = p->malformed || p->want.outcome != REAL_PEER;
+			p->malformed = 0;
+			p->want.outcome = REAL_PEER;
+		}
+		ok = check_probe(&n, p, detail, sizeof(detail), NULL, NULL);
+		snprintf(name, sizeof(name), "%s%s%s", label ? label : "", label ? "-" : "", cases[i].name);
+		report(name, ok, "%s", detail);
+		tally_add(&t, p, ok);
 	}
-	check_counters("basic", &before, &t);
-	report("basic", t.mismatches == 0, "cases=%d mismatches=%d", t.cases, t.mismatches);
+	check_counters(batch, &before, &t);
+	report(batch, t.mismatches == 0, "cases=%d mismatches=%d untrusted=%d", t.cases, t.mismatches,
+	       t.untrusted);
 	return t.mismatches != 0;
 }
 
@@ -1591,13 +1650,13 @@ static int mode_hold(const char *ready, const char *go)
 
 /* ---------- mode: cycles ---------- */
 
-static int load_module(const char *ko)
+static int load_module(const char *ko, const char *params)
 {
 	int fd = open(ko, O_RDONLY | O_CLOEXEC), rc;
 
 	if (fd < 0)
 		return -1;
-	rc = (int)syscall(SYS_finit_module, fd, "", 0);
+	rc = (int)syscall(SYS_finit_module, fd, params, 0);
 	close(fd);
 	return rc;
 }
@@ -1615,7 +1674,7 @@ static int unload_module(int *retries)
 	return -1;
 }
 
-static int mode_cycles(int count, const char *ko)
+static int mode_cycles(int count, const char *ko, const char *params)
 {
 	struct probe with = { .lk = L4, .want = { TOA_V4, CLIENT_PORT, { 0 } } };
 	struct probe without = { .lk = L4 };
@@ -1631,7 +1690,7 @@ static int mode_cycles(int count, const char *ko)
 	without.ack = with.ack;
 	for (i = 0; i < count && failures < 5; i++) {
 		snprintf(label, sizeof(label), "cycle-%d", i);
-		if (load_module(ko) < 0) {
+		if (load_module(ko, params) < 0) {
 			report(label, 0, "step=insmod error=%s", strerror(errno));
 			failures++;
 			continue;
@@ -1656,6 +1715,572 @@ static int mode_cycles(int count, const char *ko)
 	       "cycles=%d failures=%d max_unload_retries=%d seconds=%.1f", i, failures,
 	       max_retries, (double)(now_ms() - started) / 1000.0);
 	return failures != 0;
+}
+
+/* ---------- trusted sources (the module's trusted= parameter) ---------- */
+
+#define TRUSTED_PATH "/sys/module/toa/parameters/trusted"
+
+/* The parameter as the module prints it, without the final newline; -1 if unreadable. */
+static int read_trusted(char *buf, size_t len)
+{
+	int fd = open(TRUSTED_PATH, O_RDONLY | O_CLOEXEC);
+	ssize_t got;
+
+	if (fd < 0)
+		return -1;
+	got = read(fd, buf, len - 1);
+	close(fd);
+	if (got < 1 || buf[got - 1] != '\n')
+		return -1; /* exactly one line: the list, then a newline */
+	buf[got - 1] = '\0';
+	return strchr(buf, '\n') ? -1 : 0;
+}
+
+/* Write the parameter as `echo VALUE >` does; 0, or the errno the write failed with. */
+static int write_trusted(const char *value)
+{
+	char line[1024];
+	int fd = open(TRUSTED_PATH, O_WRONLY | O_CLOEXEC), err = 0;
+	ssize_t len = snprintf(line, sizeof(line), "%s\n", value);
+
+	if (fd < 0)
+		return errno;
+	if (write(fd, line, (size_t)len) != len)
+		err = errno ? errno : EIO;
+	close(fd);
+	return err;
+}
+
+/* A TOA probe of the fixed client address on one listener, expecting OUTCOME or the real peer. */
+static void toa_probe_on(struct probe *p, enum listener lk, int rewritten)
+{
+	memset(p, 0, sizeof(*p));
+	p->lk = lk;
+	if (lk == L6)
+		put_toa6(&p->ack, 253, CLIENT_PORT, client6);
+	else
+		put_toa4(&p->ack, 254, CLIENT_PORT, client4);
+	p->untrusted = !rewritten;
+	if (rewritten) {
+		p->want.outcome = lk == L6 ? TOA_V6 : TOA_V4;
+		p->want.port = CLIENT_PORT;
+		memcpy(p->want.addr, lk == L6 ? client6 : client4, lk == L6 ? 16 : 4);
+	}
+}
+
+struct flip_step {
+	const char *label, *value, *canonical;
+	int v4, v6; /* rewritten: an IPv4 ACK (L4 and v4-mapped alike), an IPv6 ACK */
+};
+
+/*
+ * Rewrite trusted= at run time and check after each write what it reads back
+ * and that the next handshakes follow it: IPv4 ACKs (v4-mapped included) only
+ * by IPv4 entries, IPv6 ACKs only by IPv6 entries.
+ */
+static int mode_trust_flip(const char *peer_range, const char *other_range)
+{
+	const struct flip_step steps[] = {
+		{ "other", other_range, other_range, 0, 0 },
+		{ "v4-only", "10.0.0.0/16", "10.0.0.0/16", 1, 0 },
+		{ "v6-only", "fd00::/16", "fd00::/16", 0, 1 },
+		{ "bare", "10.0.0.2,FD00:0::2", "10.0.0.2/32,fd00::2/128", 1, 1 },
+		{ "neighbours", "10.0.0.3,10.0.0.0/31,fd00::3/128", "10.0.0.3/32,10.0.0.0/31,fd00::3/128", 0, 0 },
+		{ "any", "0.0.0.0/00,::/0", "0.0.0.0/0,::/0", 1, 1 },
+		{ "empty", "", "", 1, 1 },
+		{ "peer", peer_range, peer_range, 1, 1 },
+	};
+	const enum listener order[] = { L4, LMAPPED, L6 };
+	char original[1024], now[1024], detail[512], name[64], got[3][160];
+	struct lab_net n;
+	int failures = 0, i, j, err;
+
+	if (read_trusted(original, sizeof(original)) < 0) {
+		report("trusted-flip", 0, "error=cannot-read-%s", TRUSTED_PATH);
+		return 1;
+	}
+	if (net_up(&n, 0) < 0)
+		return 1;
+	for (i = 0; i < (int)(sizeof(steps) / sizeof(steps[0])); i++) {
+		const struct flip_step *step = &steps[i];
+		struct stats before;
+		struct tally t = { 0 };
+		int ok;
+
+		snprintf(name, sizeof(name), "trusted-flip-%s", step->label);
+		err = write_trusted(step->value);
+		if (read_trusted(now, sizeof(now)) < 0)
+			strcpy(now, "unreadable");
+		if (err || strcmp(now, step->canonical)) {
+			report(name, 0, "wrote=%s write_errno=%d reads=%s expected=%s", step->value, err, now,
+			       step->canonical);
+			failures++;
+			continue;
+		}
+		read_stats(&before);
+		for (j = 0; j < 3; j++) {
+			struct probe p;
+			int pass;
+
+			toa_probe_on(&p, order[j], order[j] == L6 ? step->v6 : step->v4);
+			pass = check_probe(&n, &p, detail, sizeof(detail), NULL, NULL);
+			tally_add(&t, &p, pass);
+			snprintf(got[j], sizeof(got[j]), "%s:%s", pass ? "ok" : "WRONG", strstr(detail, "got="));
+		}
+		{
+			struct stats after;
+			long long d = -1;
+
+			if (read_stats(&after) == 0)
+				d = stat_value(&after, "untrusted_ignored") - stat_value(&before, "untrusted_ignored");
+			ok = t.mismatches == 0 && d == t.untrusted;
+			report(name, ok, "trusted=%s untrusted_ignored=%lld/%d v4[%s] mapped[%s] v6[%s]", now, d,
+			       t.untrusted, got[0], got[1], got[2]);
+		}
+		failures += !ok;
+	}
+	err = write_trusted(original);
+	report("trusted-flip-restored", err == 0, "trusted=%s errno=%d", original, err);
+	return failures != 0 || err;
+}
+
+/* Values the module must refuse at run time, keeping the list it had. */
+static int mode_trust_bad(void)
+{
+	static const struct {
+		const char *label, *value;
+	} bad[] = {
+		{ "prefix-33", "10.0.0.0/33" },
+		{ "prefix-129", "fd00::/129" },
+		{ "host-bits", "10.0.0.1/8" },
+		{ "host-bits-v6", "fd00::1/16" },
+		{ "octet-256", "10.0.0.256" },
+		{ "octet-leading-zero", "010.0.0.0/8" },
+		{ "three-octets", "10.0.0/24" },
+		{ "empty-prefix", "10.0.0.0/" },
+		{ "plus-prefix", "10.0.0.0/+8" },
+		{ "empty-entry", "10.0.0.0/16,,fd00::/16" },
+		{ "leading-comma", ",10.0.0.0/16" },
+		{ "trailing-comma", "10.0.0.0/16," },
+		{ "space", "10.0.0.0/16, fd00::/16" },
+		{ "name", "balancer.example" },
+		{ "v6-triple-colon", "fd00:::1" },
+		{ "v4-mapped", "::ffff:10.0.0.0/104" },
+		{ "port", "10.0.0.1:80" },
+		{ "too-long", "fd00:0000:0000:0000:0000:0000:0000:0001/128/128/128" },
+		{ "seventeen", "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5,10.0.0.6,10.0.0.7,10.0.0.8,"
+			       "10.0.0.9,10.0.0.10,10.0.0.11,10.0.0.12,10.0.0.13,10.0.0.14,10.0.0.15,"
+			       "10.0.0.16,10.0.0.17" },
+	};
+	char before[1024], after[1024], name[64];
+	int failures = 0, i, err;
+
+	if (read_trusted(before, sizeof(before)) < 0) {
+		report("trusted-bad", 0, "error=cannot-read-%s", TRUSTED_PATH);
+		return 1;
+	}
+	for (i = 0; i < (int)(sizeof(bad) / sizeof(bad[0])); i++) {
+		int ok;
+
+		err = write_trusted(bad[i].value);
+		if (read_trusted(after, sizeof(after)) < 0)
+			strcpy(after, "unreadable");
+		ok = err == EINVAL && !strcmp(after, before);
+		snprintf(name, sizeof(name), "trusted-bad-%s", bad[i].label);
+		report(name, ok, "wrote=%s errno=%d(%s) expected=EINVAL kept=%s reads=%s", bad[i].value, err,
+		       err ? strerror(err) : "none", before, after);
+		failures += !ok;
+	}
+	/* Sixteen is the limit, not over it. */
+	{
+		const char *sixteen = "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5,10.0.0.6,10.0.0.7,"
+				      "10.0.0.8,10.0.0.9,10.0.0.10,10.0.0.11,10.0.0.12,10.0.0.13,10.0.0.14,"
+				      "10.0.0.15,fd00::/16";
+		int ok;
+
+		err = write_trusted(sixteen);
+		if (read_trusted(after, sizeof(after)) < 0)
+			strcpy(after, "unreadable");
+		ok = err == 0 && !strncmp(after, "10.0.0.1/32,10.0.0.2/32,", 24) && strstr(after, ",fd00::/16");
+		report("trusted-sixteen-entries", ok, "errno=%d reads=%s", err, after);
+		failures += !ok;
+		err = write_trusted(before);
+		failures += err != 0;
+	}
+	return failures != 0;
+}
+
+/* Shared between the race's handshakes and the process that keeps rewriting trusted=. */
+struct race_writer {
+	volatile int stop;
+	volatile long writes, failures;
+};
+
+/*
+ * While another process rewrites trusted= between TRUSTED_VALUE (the peer's
+ * range) and OTHER_VALUE as fast as it can, COUNT TOA handshakes each report
+ * either the option's address (read while trusted) or the real peer, never
+ * anything else; and the counters agree connection by connection.
+ */
+static int mode_trust_race(int count, const char *trusted_value, const char *other_value)
+{
+	const enum listener order[] = { L4, LMAPPED, L6 };
+	struct race_writer *w;
+	struct stats before, after;
+	struct lab_net n;
+	char detail[512];
+	int rewritten = 0, real = 0, wrong = 0, failed = 0, i, status = 0, ok, err;
+	long long untrusted_delta = -1, seen_delta = -1;
+	long started = now_ms();
+	pid_t writer;
+
+	if (count < 1 || net_up(&n, 0) < 0)
+		return 1;
+	w = mmap(NULL, sizeof(*w), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (w == MAP_FAILED) {
+		report("trusted-race", 0, "error=mmap:%s", strerror(errno));
+		return 1;
+	}
+	memset(w, 0, sizeof(*w));
+	read_stats(&before);
+	writer = fork();
+	if (writer == 0) {
+		while (!w->stop) {
+			w->failures += write_trusted(trusted_value) != 0;
+			w->failures += write_trusted(other_value) != 0;
+			w->writes += 2;
+		}
+		_exit(0);
+	}
+	for (i = 0; i < count && writer > 0; i++) {
+		struct probe as_trusted, as_untrusted;
+		struct sockaddr_storage accepted, peer, want_toa, want_real;
+		socklen_t plen = sizeof(peer);
+		const char *why = NULL;
+		uint16_t sport;
+		int fd;
+
+		toa_probe_on(&as_trusted, order[i % 3], 1);
+		toa_probe_on(&as_untrusted, order[i % 3], 0);
+		fd = handshake(&n, as_trusted.lk, &mss_only, &as_trusted.ack, WAIT_MS, &sport, &accepted, &why);
+		if (fd < 0) {
+			if (failed++ < 5)
+				report("trusted-race-handshake", 0, "n=%d error=%s", i, why);
+			continue;
+		}
+		expected_addr(&n, &as_trusted, sport, &want_toa);
+		expected_addr(&n, &as_untrusted, sport, &want_real);
+		memset(&peer, 0, sizeof(peer));
+		if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+			peer.ss_family = AF_UNSPEC;
+		if (same_addr(&accepted, &want_toa) && same_addr(&peer, &want_toa)) {
+			rewritten++;
+		} else if (same_addr(&accepted, &want_real) && same_addr(&peer, &want_real)) {
+			real++;
+		} else {
+			char acc_s[80], peer_s[80];
+
+			fmt_addr(&accepted, acc_s, sizeof(acc_s));
+			fmt_addr(&peer, peer_s, sizeof(peer_s));
+			snprintf(detail, sizeof(detail), "n=%d listener=%s accept=%s getpeername=%s", i,
+				 listener_names[as_trusted.lk], acc_s, peer_s);
+			if (wrong++ < 5)
+				report("trusted-race-connection", 0, "%s", detail);
+		}
+		close_abort(fd);
+	}
+	w->stop = 1;
+	if (writer > 0)
+		waitpid(writer, &status, 0);
+	err = write_trusted(trusted_value);
+	if (read_stats(&after) == 0) {
+		untrusted_delta = stat_value(&after, "untrusted_ignored") - stat_value(&before, "untrusted_ignored");
+		seen_delta = stat_value(&after, "v4_options_seen") - stat_value(&before, "v4_options_seen") +
+			     stat_value(&after, "v6_options_seen") - stat_value(&before, "v6_options_seen");
+	}
+	/* Both outcomes must have happened, or the writes never raced the handshakes. */
+	ok = writer > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && w->failures == 0 && !err &&
+	     wrong == 0 && failed == 0 && rewritten > 0 && real > 0 && untrusted_delta == real &&
+	     seen_delta == rewritten;
+	report("trusted-race", ok,
+	       "handshakes=%d rewritten=%d real=%d wrong=%d failed=%d writes=%ld write_failures=%ld"
+	       " untrusted_ignored=%lld seen=%lld seconds=%.1f",
+	       count, rewritten, real, wrong, failed, w->writes, w->failures, untrusted_delta, seen_delta,
+	       (double)(now_ms() - started) / 1000.0);
+	munmap(w, sizeof(*w));
+	return !ok;
+}
+
+/* ---------- mode: tfo (TCP Fast Open) ---------- */
+
+#ifndef TCP_FASTOPEN
+#define TCP_FASTOPEN 23
+#endif
+#define TFO_SYSCTL "/proc/sys/net/ipv4/tcp_fastopen"
+/* TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD: a listener with TCP_FASTOPEN takes data on any SYN. */
+#define TFO_SERVER_NO_COOKIE "514"
+
+static const uint8_t tfo_payload[] = "toa-tfo!"; /* 8 bytes and the NUL, which is not sent */
+#define TFO_PAYLOAD_LEN 8
+
+/*
+ * A SYN that carries data and a TOA option: the kernel makes the child from
+ * the SYN itself (accept() returns it before the handshake's ACK is sent), and
+ * it must keep its real peer address: the SYN is never read. The final ACK
+ * then carries another TOA option, which no listener reads either.
+ */
+static int tfo_case(struct lab_net *n, enum listener lk, const char *name)
+{
+	static const uint8_t other4[4] = { 203, 0, 113, 8 };
+	struct optbuf syn = mss_only, ack = { { 0 }, 0 };
+	struct sockaddr_storage accepted, peer, after, want;
+	struct pollfd pfd = { n->listen_fd[lk], POLLIN, 0 };
+	socklen_t alen = sizeof(accepted), plen;
+	char want_s[80], acc_s[80], peer_s[80], after_s[80], data[16];
+	uint16_t sport = n->next_port;
+	uint32_t isn = wire_random(), server_isn, acked = 0;
+	int fd = -1, got = -1, ok;
+	const char *why = "none";
+
+	n->next_port++;
+	if (lk == L6)
+		put_toa6(&syn, 253, CLIENT_PORT, client6);
+	else
+		put_toa4(&syn, 254, CLIENT_PORT, client4);
+	put_toa4(&ack, 254, CLIENT_PORT + 1, other4);
+	make_v4(&want, n->peer4, sport);
+	if (lk == L6)
+		make_v6(&want, n->peer6, sport);
+	memset(&accepted, 0, sizeof(accepted));
+	memset(&peer, 0, sizeof(peer));
+	memset(&after, 0, sizeof(after));
+	if (send_segment_data(n, lk, sport, isn, 0, TCP_SYN, syn.b, syn.len, tfo_payload,
+			      TFO_PAYLOAD_LEN) < 0) {
+		why = "tun-write-failed";
+	} else if (wait_synack_acking(n, lk, sport, isn, &server_isn, &acked) < 0) {
+		why = "no-syn-ack";
+	} else if (acked != TFO_PAYLOAD_LEN) {
+		why = "syn-data-not-acked:fast-open-not-used";
+	} else if (poll(&pfd, 1, WAIT_MS) <= 0) {
+		why = "no-child-before-the-ack:fast-open-not-used";
+	} else if ((fd = accept4(n->listen_fd[lk], (struct sockaddr *)&accepted, &alen, SOCK_CLOEXEC)) < 0) {
+		why = "accept-failed";
+	} else {
+		plen = sizeof(peer);
+		if (getpeername(fd, (struct sockaddr *)&peer, &plen) < 0)
+			peer.ss_family = AF_UNSPEC;
+		got = (int)recv(fd, data, sizeof(data), MSG_DONTWAIT);
+		send_segment(n, lk, sport, isn + 1 + TFO_PAYLOAD_LEN, server_isn + 1, TCP_ACK, ack.b,
+			     ack.len);
+		sleep_ms(50);
+		plen = sizeof(after);
+		if (getpeername(fd, (struct sockaddr *)&after, &plen) < 0)
+			after.ss_family = AF_UNSPEC;
+	}
+	fmt_addr(&want, want_s, sizeof(want_s));
+	fmt_addr(&accepted, acc_s, sizeof(acc_s));
+	fmt_addr(&peer, peer_s, sizeof(peer_s));
+	fmt_addr(&after, after_s, sizeof(after_s));
+	ok = fd >= 0 && got == TFO_PAYLOAD_LEN && !memcmp(data, tfo_payload, TFO_PAYLOAD_LEN) &&
+	     same_addr(&accepted, &want) && same_addr(&peer, &want) && same_addr(&after, &want);
+	report(name, ok, "listener=%s expected=%s accept=%s got=%s after_ack=%s syn_data_read=%d error=%s",
+	       listener_names[lk], want_s, acc_s, peer_s, after_s, got, why);
+	if (fd >= 0)
+		close_abort(fd);
+	return ok;
+}
+
+static int mode_tfo(void)
+{
+	char saved[32] = "1";
+	struct lab_net n;
+	int qlen = 16, fd, ok;
+	ssize_t len;
+
+	fd = open(TFO_SYSCTL, O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		len = read(fd, saved, sizeof(saved) - 1);
+		saved[len > 0 ? len : 0] = '\0';
+		close(fd);
+	}
+	if (write_file(TFO_SYSCTL, TFO_SERVER_NO_COOKIE) < 0) {
+		report("tfo-sysctl", 0, "error=write-%s:%s", TFO_SYSCTL, strerror(errno));
+		return 1;
+	}
+	if (net_up(&n, 0) < 0)
+		return 1;
+	if (setsockopt(n.listen_fd[L4], IPPROTO_TCP, TCP_FASTOPEN, &qlen, sizeof(qlen)) < 0 ||
+	    setsockopt(n.listen_fd[L6], IPPROTO_TCP, TCP_FASTOPEN, &qlen, sizeof(qlen)) < 0) {
+		report("tfo-listener", 0, "error=TCP_FASTOPEN:%s", strerror(errno));
+		return 1;
+	}
+	ok = tfo_case(&n, L4, "tfo-v4");
+	ok &= tfo_case(&n, L6, "tfo-v6");
+	write_file(TFO_SYSCTL, saved);
+	return !ok;
+}
+
+/* ---------- mode: netns (counters per network namespace) ---------- */
+
+static const char *const connection_stats[] = { "v4_options_seen", "v6_options_seen", "addresses_returned",
+						"malformed_ignored", "v6_on_v4_ignored", "untrusted_ignored",
+						"entries_live", "alloc_failed" };
+#define N_CONNECTION_STATS (int)(sizeof(connection_stats) / sizeof(connection_stats[0]))
+
+/* In a new network namespace: its own file starts at zero and counts its own connections. */
+static int netns_child(void)
+{
+	static const uint8_t zero_port_client[4] = { 203, 0, 113, 9 };
+	struct probe probes[4];
+	struct stats fresh, after;
+	struct tally t = { 0 };
+	struct lab_net n;
+	char detail[512], nonzero[128] = "";
+	int i, ok;
+
+	if (unshare(CLONE_NEWNET) < 0) {
+		report("netns-unshare", 0, "error=%s", strerror(errno));
+		return 1;
+	}
+	if (read_stats(&fresh) < 0) {
+		report("netns-stats-fresh", 0, "problem=%s", fresh.problem);
+		return 1;
+	}
+	for (i = 0; i < N_CONNECTION_STATS; i++)
+		if (stat_value(&fresh, connection_stats[i]))
+			snprintf(nonzero + strlen(nonzero), sizeof(nonzero) - strlen(nonzero), "%s=%lld,",
+				 connection_stats[i], stat_value(&fresh, connection_stats[i]));
+	report("netns-stats-fresh", !nonzero[0], "nonzero=%s", nonzero[0] ? nonzero : "none");
+	if (net_up(&n, 0) < 0)
+		return 1;
+	toa_probe_on(&probes[0], L4, 1);
+	toa_probe_on(&probes[1], LMAPPED, 1);
+	toa_probe_on(&probes[2], L6, 1);
+	toa_probe_on(&probes[3], L4, 0);
+	memset(&probes[3].ack, 0, sizeof(probes[3].ack));
+	put_toa4(&probes[3].ack, 254, 0, zero_port_client); /* port 0: malformed */
+	probes[3].untrusted = 0;
+	probes[3].malformed = 1;
+	for (i = 0; i < 4; i++) {
+		int pass = check_probe(&n, &probes[i], detail, sizeof(detail), NULL, NULL);
+
+		if (!pass)
+			report("netns-probe", 0, "%s", detail);
+		tally_add(&t, &probes[i], pass);
+	}
+	check_counters("netns", &fresh, &t);
+	if (read_stats(&after) < 0)
+		return 1;
+	/* Nothing else ran in this namespace: the counts are exact. */
+	ok = t.mismatches == 0 && stat_value(&after, "v4_options_seen") == t.rewritten_v4 &&
+	     stat_value(&after, "v6_options_seen") == t.rewritten_v6 &&
+	     stat_value(&after, "malformed_ignored") == t.malformed &&
+	     stat_value(&after, "addresses_returned") >= t.rewritten_v4 + t.rewritten_v6;
+	report("netns-stats-own", ok,
+	       "v4_options_seen=%lld/%d v6_options_seen=%lld/%d malformed_ignored=%lld/%d addresses_returned=%lld>=%d mismatches=%d",
+	       stat_value(&after, "v4_options_seen"), t.rewritten_v4, stat_value(&after, "v6_options_seen"),
+	       t.rewritten_v6, stat_value(&after, "malformed_ignored"), t.malformed,
+	       stat_value(&after, "addresses_returned"), t.rewritten_v4 + t.rewritten_v6, t.mismatches);
+	return !ok;
+}
+
+/* The namespace the peer started in sees nothing of the other namespace's connections. */
+static int mode_netns(void)
+{
+	struct stats before, after;
+	char moved[256] = "";
+	int status = 0, i, ok;
+	pid_t child;
+
+	if (read_stats(&before) < 0) {
+		report("netns-init-untouched", 0, "problem=%s", before.problem);
+		return 1;
+	}
+	child = fork();
+	if (child == 0)
+		_exit(netns_child());
+	if (child < 0 || waitpid(child, &status, 0) < 0) {
+		report("netns-child", 0, "error=%s", strerror(errno));
+		return 1;
+	}
+	if (read_stats(&after) < 0) {
+		report("netns-init-untouched", 0, "problem=%s", after.problem);
+		return 1;
+	}
+	for (i = 0; i < N_CONNECTION_STATS; i++) {
+		long long d = stat_value(&after, connection_stats[i]) - stat_value(&before, connection_stats[i]);
+
+		if (d)
+			snprintf(moved + strlen(moved), sizeof(moved) - strlen(moved), "%s+%lld,",
+				 connection_stats[i], d);
+	}
+	ok = !moved[0];
+	report("netns-init-untouched", ok, "moved=%s child_exit=%d", moved[0] ? moved : "none",
+	       WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	return !ok || !WIFEXITED(status) || WEXITSTATUS(status);
+}
+
+/* ---------- mode: many (the address table under load) ---------- */
+
+/*
+ * COUNT TOA connections open at once, each with its own client address: every
+ * one reports its own, entries_live counts them all, and closing them drains
+ * the table. Loaded with a small table_bits, chains are many entries long.
+ */
+static int mode_many(int count)
+{
+	struct sockaddr_storage peer, want;
+	struct stats before, during;
+	struct lab_net n;
+	char detail[512], want_s[80], peer_s[80];
+	int *fds, i, opened = 0, mismatches = 0, ok;
+	long long live = -1, drained;
+	long started = now_ms();
+
+	if (count < 1 || count > 1000 || net_up(&n, 0) < 0)
+		return 1;
+	fds = calloc((size_t)count, sizeof(*fds));
+	if (!fds || read_stats(&before) < 0)
+		return 1;
+	for (i = 0; i < count; i++) {
+		struct probe p = { .lk = L4, .want = { TOA_V4, (uint16_t)(1000 + i), { 198, 18, (uint8_t)(i >> 8), (uint8_t)i } } };
+
+		fds[i] = -1;
+		put_toa4(&p.ack, 254, p.want.port, p.want.addr);
+		if (!check_probe(&n, &p, detail, sizeof(detail), &fds[i], NULL)) {
+			if (mismatches++ < 5)
+				report("table-many-connection", 0, "n=%d %s", i, detail);
+			continue;
+		}
+		opened++;
+	}
+	if (read_stats(&during) == 0)
+		live = stat_value(&during, "entries_live") - stat_value(&before, "entries_live");
+	/* With all of them in the table, each still reports its own address. */
+	for (i = 0; i < count; i++) {
+		socklen_t plen = sizeof(peer);
+		uint8_t addr[4] = { 198, 18, (uint8_t)(i >> 8), (uint8_t)i };
+
+		if (fds[i] < 0)
+			continue;
+		make_v4(&want, addr, (uint16_t)(1000 + i));
+		if (getpeername(fds[i], (struct sockaddr *)&peer, &plen) < 0 || !same_addr(&peer, &want)) {
+			fmt_addr(&want, want_s, sizeof(want_s));
+			fmt_addr(&peer, peer_s, sizeof(peer_s));
+			if (mismatches++ < 5)
+				report("table-many-recheck", 0, "n=%d expected=%s got=%s", i, want_s, peer_s);
+		}
+	}
+	for (i = 0; i < count; i++)
+		if (fds[i] >= 0)
+			close_abort(fds[i]);
+	free(fds);
+	drained = wait_entries_drained();
+	ok = mismatches == 0 && opened == count && live == count && drained == 0;
+	report("table-many-open", ok, "connections=%d opened=%d mismatches=%d entries_live=%lld drained_to=%lld seconds=%.1f",
+	       count, opened, mismatches, live, drained, (double)(now_ms() - started) / 1000.0);
+	return !ok;
 }
 
 /* ---------- mode: bench ---------- */
@@ -1807,9 +2432,11 @@ static int mode_bench(const char *side, int round, int handshakes, int calls)
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: toa_peer basic | plain LABEL | refusal |"
-			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO |"
-			" cases SEED COUNT KINDS REFUSED_FROM | bench SIDE ROUND HANDSHAKES CALLS\n");
+	fprintf(stderr, "usage: toa_peer basic [trusted|untrusted] | plain LABEL | refusal |"
+			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO [PARAMS] |"
+			" cases SEED COUNT KINDS REFUSED_FROM | bench SIDE ROUND HANDSHAKES CALLS |"
+			" tfo | netns | trust-flip PEER_RANGE OTHER_RANGE | trust-bad |"
+			" trust-race COUNT PEER_RANGE OTHER_RANGE | many COUNT\n");
 	return 2;
 }
 
@@ -1818,8 +2445,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	wire_state = (uint64_t)getpid() * 0x2545f4914f6cdd1dULL ^ (uint64_t)now_ms();
 	rng_state = wire_state ^ 0x5851f42d4c957f2dULL;
-	if (argc == 2 && !strcmp(argv[1], "basic"))
-		return mode_basic();
+	if ((argc == 2 || argc == 3) && !strcmp(argv[1], "basic"))
+		return mode_basic(argc == 3 ? argv[2] : NULL);
 	if (argc == 3 && !strcmp(argv[1], "plain"))
 		return mode_plain(argv[2]);
 	if (argc == 6 && !strcmp(argv[1], "fuzz"))
@@ -1831,8 +2458,22 @@ int main(int argc, char **argv)
 	if (argc == 4 && !strcmp(argv[1], "hold"))
 		return mode_hold(argv[2], argv[3]);
 	if (argc == 4 && !strcmp(argv[1], "cycles"))
-		return mode_cycles(atoi(argv[2]), argv[3]);
+		return mode_cycles(atoi(argv[2]), argv[3], "");
+	if (argc == 5 && !strcmp(argv[1], "cycles"))
+		return mode_cycles(atoi(argv[2]), argv[3], argv[4]);
 	if (argc == 6 && !strcmp(argv[1], "bench"))
 		return mode_bench(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
+	if (argc == 2 && !strcmp(argv[1], "tfo"))
+		return mode_tfo();
+	if (argc == 2 && !strcmp(argv[1], "netns"))
+		return mode_netns();
+	if (argc == 4 && !strcmp(argv[1], "trust-flip"))
+		return mode_trust_flip(argv[2], argv[3]);
+	if (argc == 2 && !strcmp(argv[1], "trust-bad"))
+		return mode_trust_bad();
+	if (argc == 5 && !strcmp(argv[1], "trust-race"))
+		return mode_trust_race(atoi(argv[2]), argv[3], argv[4]);
+	if (argc == 3 && !strcmp(argv[1], "many"))
+		return mode_many(atoi(argv[2]));
 	return usage();
 }

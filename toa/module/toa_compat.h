@@ -106,31 +106,93 @@ static inline unsigned long __compat_regs_get_kernel_argument(struct pt_regs *re
 #endif
 
 /*
- * proc_create_single(): upstream since 4.18 (RHEL 8, 5.4, 5.14 have it).
- * 3.10 (RHEL 7), 4.4 and 4.15 (Ubuntu 16.04, 18.04) and SUSE's 4.12 lack it:
- * provide it on top of proc_create_data() + single_open().
+ * proc_create_net_single() and seq_file_single_net(): upstream since 4.18
+ * (RHEL 8, 5.4, 5.14 have them). 3.10 (RHEL 7), 4.4 and 4.15 lack them:
+ * provide them on top of proc_create_data() + single_open_net(), which keeps
+ * the namespace in seq->private as the newer helper does. The probe decides.
  */
-#if LINUX_VERSION_CODE < KERNEL_VERSION(4, 18, 0) && !defined(proc_create_single)
+#ifndef TOA_PROBE_HAS_PROC_CREATE_NET_SINGLE
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
-static int __compat_single_open(struct inode *inode, struct file *file)
+#include <linux/seq_file_net.h>
+static int __compat_single_open_net(struct inode *inode, struct file *file)
 {
-	return single_open(file, PDE_DATA(inode), NULL);
+	return single_open_net(inode, file, PDE_DATA(inode));
 }
-static const struct file_operations __compat_single_fops = {
+static const struct file_operations __compat_single_net_fops = {
 	.owner = THIS_MODULE,
-	.open = __compat_single_open,
+	.open = __compat_single_open_net,
 	.read = seq_read,
 	.llseek = seq_lseek,
-	.release = single_release,
+	.release = single_release_net,
 };
-static inline struct proc_dir_entry *__compat_proc_create_single(const char *name, umode_t mode,
-								 struct proc_dir_entry *parent,
-								 int (*show)(struct seq_file *, void *))
+static inline struct proc_dir_entry *__compat_proc_create_net_single(const char *name, umode_t mode,
+								     struct proc_dir_entry *parent,
+								     int (*show)(struct seq_file *, void *),
+								     void *data)
 {
-	return proc_create_data(name, mode, parent, &__compat_single_fops, show);
+	return proc_create_data(name, mode, parent, &__compat_single_net_fops, show);
 }
-#define proc_create_single __compat_proc_create_single
+#define proc_create_net_single __compat_proc_create_net_single
+#define seq_file_single_net(seq) ((struct net *)(seq)->private)
 #endif
+
+/*
+ * check_net(): upstream since 4.15 and backported to stable 4.4/4.9/4.14 and
+ * to distro kernels, so the probe decides. Kernels without it still count
+ * namespace references in an atomic_t.
+ */
+#ifndef TOA_PROBE_HAS_CHECK_NET
+#include <net/net_namespace.h>
+static inline int __compat_check_net(const struct net *net)
+{
+#ifdef CONFIG_NET_NS
+	return atomic_read(&net->count) != 0;
+#else
+	return 1;
+#endif
+}
+#define check_net __compat_check_net
+#endif
+
+/*
+ * kvcalloc(): upstream since 4.18 (kvmalloc since 4.12, kvfree since 3.15).
+ * Older kernels get the table from vzalloc() and free it with vfree(); the
+ * address table is the only user. The probe decides.
+ */
+#ifndef TOA_PROBE_HAS_KVCALLOC
+#include <linux/vmalloc.h>
+static inline void *__compat_kvcalloc(size_t n, size_t size, gfp_t flags)
+{
+	if (size && n > SIZE_MAX / size)
+		return NULL;
+	return vzalloc(n * size);
+}
+#define kvcalloc __compat_kvcalloc
+#define kvfree vfree
+#endif
+
+/*
+ * totalram_pages() is a function since 5.0; before, a variable of that name.
+ * Distro kernels backported the change, so the probe decides.
+ */
+#ifndef TOA_PROBE_HAS_TOTALRAM_PAGES_FUNCTION
+#include <linux/mm.h>
+static inline unsigned long __compat_totalram_pages(void)
+{
+	return totalram_pages;
+}
+#define totalram_pages() __compat_totalram_pages()
+#endif
+
+/*
+ * Identical on every kernel from 3.10, so no shim: in4_pton()/in6_pton(),
+ * ipv6_prefix_equal(), ipv6_addr_prefix(), kernel_param_ops (set, get, free)
+ * with module_param_cb(), kfree_rcu(), hlist_del_init_rcu(), net_generic().
+ * pernet_operations.id was an `int *` before 4.9; kbuild builds with
+ * -Wno-pointer-sign, so toa_net_id's `unsigned int` needs none either.
+ * Before about 4.x the kernel itself appended a newline to a parameter's get()
+ * output: reading trusted there shows an empty line after the list.
+ */
 
 #endif /* TOA_COMPAT_H */
