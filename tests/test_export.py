@@ -246,7 +246,8 @@ def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, flee
     result = toa("export", "ansible", "--out", str(out), "--dist", str(fleet_dist), "--json")
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads(result.stdout)["kernels"]) == sorted(guest.release for guest in fleet)
-    inventory = _inventory(tmp_path / "inventory.ini", fleet, {"toa_kinds": "254,200"})
+    inventory = _inventory(tmp_path / "inventory.ini", fleet, {"toa_kinds": "254,200",
+                                                               "toa_trusted": "10.0.2.0/24,fd00::/8"})
 
     # --check on fresh hosts: reports what it would do, changes nothing
     checked, recap = _playbook(out, inventory, "--check", "--diff")
@@ -268,18 +269,21 @@ def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, flee
         assert guest.run("ls /lib/modules/$(uname -r)/extra/").split() == ["toa.ko"]  # no backup left behind
     # per-group options: the first group's kinds, the module's defaults for the rest
     assert fleet[0].run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
-    assert "options toa kinds=254,200" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
+    assert fleet[0].run("cat /sys/module/toa/parameters/trusted").strip() == "10.0.2.0/24,fd00::/8"
+    assert "options toa kinds=254,200 trusted=10.0.2.0/24,fd00::/8" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
     assert fleet[1].run("cat /sys/module/toa/parameters/kinds").strip() == "254,253"
+    assert fleet[1].run("cat /sys/module/toa/parameters/trusted").strip() == ""
 
     again, recap = _playbook(out, inventory)
     assert again.returncode == 0, again.stdout[-3000:]
     assert all(recap[guest.name]["changed"] == 0 for guest in fleet), recap
 
     # a module the kernel refuses to load (a kind it rejects) fails that host alone and leaves toa as it was
-    inventory = _inventory(tmp_path / "bad.ini", fleet, {"toa_kinds": "254,1"})
+    inventory = _inventory(tmp_path / "bad.ini", fleet, {"toa_kinds": "254,1", "toa_trusted": "10.0.2.0/24,fd00::/8"})
     failed, recap = _playbook(out, inventory)
     assert failed.returncode != 0
     assert recap[fleet[0].name]["failed"] == 1 and recap[fleet[1].name]["failed"] == 0
     assert "rolled back" in failed.stdout
     assert fleet[0].run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
-    assert "options toa kinds=254,200" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
+    assert fleet[0].run("cat /sys/module/toa/parameters/trusted").strip() == "10.0.2.0/24,fd00::/8"
+    assert "options toa kinds=254,200 trusted" in fleet[0].run("cat /etc/modprobe.d/toa.conf")
