@@ -94,13 +94,15 @@ def test_coreos_unit(target_id, release, init):
         "Description=Load the toa kernel module (client addresses from TCP options)",
         "DefaultDependencies=no",
         "RequiresMountsFor=/var/lib/toa",
-        "ConditionPathExists=/var/lib/toa/%v/toa.ko",
         "ConditionPathExists=!/sys/module/toa",
         "Before=network-pre.target sysinit.target",
         "Wants=network-pre.target",
         "[Service]",
         "Type=oneshot",
         "RemainAfterExit=yes",
+        "ExecStartPre=/bin/sh -c 'test -f /var/lib/toa/%v/toa.ko || { echo \"toa: no toa.ko for kernel %v in "
+        "/var/lib/toa/%v/: client addresses are the load balancer until one is deployed (invoke deploy "
+        "--build-missing)\" >&2; exit 1; }'",
         "ExecStart=/sbin/insmod /var/lib/toa/%v/toa.ko kinds=254,200",
         "[Install]",
         "WantedBy=sysinit.target",
@@ -539,3 +541,51 @@ def test_toa_render_again_into_the_same_out_replaces_its_own_files(tmp_path):
         assert result.returncode == 0, result.stderr
     assert os.readlink(out / "etc/systemd/system/sysinit.target.wants/toa.service") == "../toa.service"
     assert "trusted=10.0.0.0/8" in (out / "etc/systemd/system/toa.service").read_text()
+
+
+# ---------------------------------------------------------------- the CoreOS unit under a real systemd
+
+
+@pytest.fixture(scope="module")
+def systemd_guest(guest_kernels, tmp_path_factory):
+    """One guest (bookworm's newest kernel) booting systemd."""
+    from toa import guests
+
+    with guests.fleet(guest_kernels[:1], tmp_path_factory.mktemp("guest")) as running:
+        yield running[0]
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.network
+@pytest.mark.ssh
+def test_the_coreos_unit_fails_visibly_without_a_module_and_loads_toa_with_one(systemd_guest, tmp_path):
+    import base64
+
+    from toa import build
+
+    guest, release = systemd_guest, systemd_guest.release
+    for entry in render.autoload_files(targets.get("flatcar"), release, options={"kinds": "254,200"}):
+        if entry.kind == "symlink":
+            guest.run(f"ln -sfn {entry.content} {entry.path}")
+        else:
+            encoded = base64.b64encode(entry.content.encode()).decode()
+            guest.run(f"echo {encoded} | base64 -d > {entry.path}")
+    guest.run("systemctl daemon-reload")
+    assert guest.run("systemctl is-enabled toa.service").strip() == "enabled"
+
+    # A kernel without its build (an OS update came first): the unit fails and the journal says why.
+    out = guest.run("systemctl start toa.service; echo rc=$?; systemctl is-failed toa.service; "
+                    "journalctl -u toa.service --no-pager -o cat")
+    assert "rc=1" in out and "\nfailed\n" in out, out
+    assert f"toa: no toa.ko for kernel {release} in /var/lib/toa/{release}/" in out
+    assert guest.run("test -d /sys/module/toa && echo loaded || echo absent").strip() == "absent"
+
+    dist = tmp_path / "dist"
+    build.build_kernel(release, out_dir=dist)
+    guest.run(f"mkdir -p /var/lib/toa/{release}")
+    with guest.connect() as conn:
+        conn.put(str(next(dist.glob(f"*/{release}/toa.ko"))), f"/var/lib/toa/{release}/toa.ko")
+    out = guest.run("systemctl reset-failed toa.service; systemctl start toa.service; systemctl is-active toa.service; "
+                    "cat /sys/module/toa/parameters/kinds")
+    assert out.split() == ["active", "254,200"], out
