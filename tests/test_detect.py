@@ -179,3 +179,55 @@ def test_this_machine():
     assert info["kernel"] == os.uname().release
     human = toa("detect")
     assert os_release["PRETTY_NAME"] in human.stdout and os.uname().release in human.stdout
+
+
+REMOTE_OUTPUT = """@@toa-file /etc/os-release
+ID=rocky
+VERSION_ID="9.4"
+PRETTY_NAME="Rocky Linux 9.4 (Blue Onyx)"
+
+@@toa-kernel 5.14.0-427.13.1.el9_4.x86_64
+@@toa-pid1 systemd
+@@toa-systemd
+@@toa-installed 5.14.0-427.13.1.el9_4.x86_64
+@@toa-installed 5.14.0-427.22.1.el9_4.x86_64
+@@toa-installed 5.14.0-362.8.1.el9_3.x86_64
+@@toa-installed $(reboot)
+@@toa-default /boot/vmlinuz-5.14.0-427.13.1.el9_4.x86_64
+"""
+
+
+def test_installed_kernels_and_the_boot_loaders_default():
+    platform = detect.identify(detect.parse_remote_facts(REMOTE_OUTPUT))
+    # garbage a host prints is no kernel; the rest sorted oldest first
+    assert platform.installed_kernels == ("5.14.0-362.8.1.el9_3.x86_64", "5.14.0-427.13.1.el9_4.x86_64",
+                                          "5.14.0-427.22.1.el9_4.x86_64")
+    # grubby's default wins over "the newest": someone pinned the running kernel
+    assert (platform.next_kernel, platform.next_kernel_from) == ("5.14.0-427.13.1.el9_4.x86_64",
+                                                                 "boot loader default (grubby)")
+    without_grubby = detect.identify(detect.parse_remote_facts(REMOTE_OUTPUT.replace("@@toa-default", "@@x")))
+    assert without_grubby.next_kernel == "5.14.0-427.22.1.el9_4.x86_64"
+    assert without_grubby.as_dict()["next_kernel_from"] == "newest installed (GRUB's default entry)"
+
+
+def test_a_coreos_host_does_not_claim_to_know_its_next_kernel():
+    output = ("@@toa-file /etc/os-release\nID=flatcar\nVERSION_ID=3815.2.0\n\n@@toa-kernel 6.1.77-flatcar\n"
+              "@@toa-installed 6.1.77-flatcar\n")
+    platform = detect.identify(detect.parse_remote_facts(output))
+    assert platform.installed_kernels == ("6.1.77-flatcar",) and platform.next_kernel is None
+
+
+def test_a_root_lists_kernels_with_modules_not_headers_alone(tmp_path):
+    root = tmp_path / "img"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text("ID=debian\nVERSION_ID=12\n")
+    for release, marker in (("6.1.0-40-amd64", "modules.dep"), ("6.1.0-56-amd64", "modules.order"),
+                            ("6.12.90+deb12-amd64", None)):
+        (root / "lib" / "modules" / release).mkdir(parents=True)
+        if marker:
+            (root / "lib" / "modules" / release / marker).write_text("")
+    (root / "boot").mkdir()
+    (root / "boot" / "vmlinuz-6.1.0-56-amd64").write_text("")
+    platform = detect.identify(detect.read_root(root))
+    assert platform.installed_kernels == ("6.1.0-40-amd64", "6.1.0-56-amd64")
+    assert platform.next_kernel == "6.1.0-56-amd64"

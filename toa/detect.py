@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +32,8 @@ class Facts:
     kernel: str | None = None
     systemd: bool = False
     pid1: str | None = None  # the running init's name, where one runs (not for a root directory)
+    installed: list[str] = field(default_factory=list)  # kernels with modules installed, as read
+    default_kernel: str | None = None  # what the boot loader names as its default (grubby), as read
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Platform:
     kernel: str | None
     target: Target | None
     support: str = ""  # how toa serves this host, where its distro has no target of its own
+    installed_kernels: tuple[str, ...] = ()  # oldest first
+    next_kernel: str | None = None  # the kernel the next boot runs, where that can be told
+    next_kernel_from: str = ""  # how it was told
 
     @property
     def headers(self) -> tuple[str | None, str | None]:
@@ -73,6 +80,9 @@ class Platform:
             "headers_package": package,
             "headers_path": path,
             "support": self.support or ("supported" if self.target else "unsupported"),
+            "installed_kernels": list(self.installed_kernels),
+            "next_kernel": self.next_kernel,
+            "next_kernel_from": self.next_kernel_from,
         }
 
 
@@ -161,7 +171,31 @@ def identify(facts: Facts) -> Platform:
         kernel=facts.kernel,
         target=target,
         support=support,
+        **_next_boot(facts, family),
     )
+
+
+def _is_release(text: str) -> bool:
+    try:
+        kernels.validate_release(text)
+    except ToaError:
+        return False  # a stray directory under /lib/modules, or garbage from a host: not a kernel
+    return True
+
+
+def _next_boot(facts: Facts, family: str | None) -> dict:
+    """The installed kernels and the one the next boot runs: the boot loader's default where it
+    names one (grubby on RHEL-likes), else the newest installed, which GRUB's default entry is on
+    Debian, Ubuntu and SUSE. CoreOS/Flatcar swap the whole OS image: not told here."""
+    installed = sorted({k for k in facts.installed if _is_release(k)}, key=kernels.version_key)
+    found = {"installed_kernels": tuple(installed)}
+    if family == "coreos":
+        return found
+    if facts.default_kernel and _is_release(facts.default_kernel):
+        return {**found, "next_kernel": facts.default_kernel, "next_kernel_from": "boot loader default (grubby)"}
+    if installed:
+        return {**found, "next_kernel": installed[-1], "next_kernel_from": "newest installed (GRUB's default entry)"}
+    return found
 
 
 def _target(distro: str, version: str, name: str, family: str | None, kernel: str | None) -> tuple[Target | None, str]:
@@ -194,6 +228,11 @@ def read_local() -> Facts:
     """This machine: its files, its running kernel, and whether systemd is PID 1."""
     facts = _read_root(Path("/"))
     facts.kernel = os.uname().release
+    facts.installed = _installed_kernels(Path("/"))
+    grubby = shutil.which("grubby")
+    if grubby:
+        result = subprocess.run([grubby, "--default-kernel"], capture_output=True, text=True, check=False)
+        facts.default_kernel = _vmlinuz_release(result.stdout.strip())
     facts.systemd = Path("/run/systemd/system").is_dir()
     try:
         facts.pid1 = Path("/proc/1/comm").read_text().strip()
@@ -254,16 +293,45 @@ def read_root(root: str | Path) -> Facts:
             releases += [p.name for p in folder.iterdir() if p.is_dir()]
     if releases:
         facts.kernel = max(releases, key=kernels.version_key)
+    facts.installed = _installed_kernels(root)
     facts.systemd = any(_inside(root, p).exists() for p in SYSTEMD_BINARIES)
     return facts
 
 
-# One round trip: the release files, the running kernel, PID 1 and whether systemd is running.
+# A kernel is installed when its modules are indexed or its image is there, not for a headers tree alone.
+KERNEL_MARKERS = ("modules.dep", "modules.order", "vmlinuz")
+
+
+def _installed_kernels(root: Path) -> list[str]:
+    found = set()
+    for modules in ("/lib/modules", "/usr/lib/modules"):
+        folder = _inside(root, modules)
+        if not folder.is_dir():
+            continue
+        for release in folder.iterdir():
+            if any((release / marker).exists() for marker in KERNEL_MARKERS) or \
+                    _inside(root, f"/boot/vmlinuz-{release.name}").exists():
+                found.add(release.name)
+    return sorted(found)
+
+
+def _vmlinuz_release(path: str) -> str | None:
+    """The release in a boot loader's /boot/vmlinuz-<release>."""
+    name = PurePosixPath(path).name
+    return name[len("vmlinuz-"):] if name.startswith("vmlinuz-") else None
+
+
+# One round trip: the release files, the running kernel, PID 1, whether systemd is running, the
+# installed kernels and the boot loader's default where grubby names it.
 REMOTE_FACTS_COMMAND = (
     "for f in " + " ".join(RELEASE_FILES) + "; do "
     '[ -r "$f" ] && { echo "@@toa-file $f"; cat "$f"; echo; }; done; '
     'echo "@@toa-kernel $(uname -r)"; echo "@@toa-pid1 $(cat /proc/1/comm 2>/dev/null)"; '
-    '[ -d /run/systemd/system ] && echo "@@toa-systemd"; true'
+    '[ -d /run/systemd/system ] && echo "@@toa-systemd"; '
+    "for d in /lib/modules/* /usr/lib/modules/*; do r=${d##*/}; "
+    '{ [ -e "$d/modules.dep" ] || [ -e "$d/modules.order" ] || [ -e "$d/vmlinuz" ] || [ -e "/boot/vmlinuz-$r" ]; } '
+    '&& echo "@@toa-installed $r"; done; '
+    'command -v grubby >/dev/null 2>&1 && echo "@@toa-default $(grubby --default-kernel 2>/dev/null)"; true'
 )
 
 
@@ -283,6 +351,12 @@ def parse_remote_facts(output: str) -> Facts:
             current = None
         elif line == "@@toa-systemd":
             facts.systemd = True
+        elif line.startswith("@@toa-installed "):
+            facts.installed.append(line.split(" ", 1)[1].strip())
+            current = None
+        elif line.startswith("@@toa-default "):
+            facts.default_kernel = _vmlinuz_release(line.split(" ", 1)[1].strip())
+            current = None
         elif current is not None:
             facts.files[current] += line + "\n"
     if facts.kernel:
