@@ -165,8 +165,11 @@ def test_commands_quote_what_they_carry():
     hostile = FILES + [render.AutoloadFile("/etc/it's $(here)", "x", 0o644)]
     command = deploy.state_command(MODULE_FILE, RELEASE, hostile)
     assert "f='/etc/it'\"'\"'s $(here)'" in command
-    write = deploy._write_file_script("/etc/modprobe.d/toa.conf", "file", "options toa kinds=254 `reboot`\n", 0o644)
-    assert "`reboot`" not in write and "$(" not in write
+    # the text travels as base64; the path is quoted once and used as "$p" after
+    write = deploy._write_file_script("/etc/it's $(here)", "file", "options toa kinds=254 `reboot`\n", 0o644)
+    assert "`reboot`" not in write and write.count("$(here)") == 1 and "p='/etc/it'\"'\"'s $(here)'" in write
+    link = deploy._write_file_script("/etc/it's $(here)", "symlink", "../$(reboot)", 0o777)
+    assert "ln -s -- '../$(reboot)' \"$tmp\"" in link
 
 
 def test_artifacts_are_found_by_exact_release(tmp_path):
