@@ -193,6 +193,12 @@ def test_state_output_that_the_command_does_not_print_is_an_error(line):
         deploy.parse_state(RECORDED["deployed"] + line + "\n", FILES)
 
 
+@pytest.mark.parametrize("line", ["@@exit abc", "@@srcversion not-one", "@@unloaded 1"])
+def test_load_output_that_the_command_does_not_print_is_an_error(line):
+    with pytest.raises(ToaError, match="unexpected line"):
+        deploy.parse_load(RECORDED["reload"] + line + "\n")
+
+
 def test_untagged_lines_are_not_the_state():
     assert deploy.parse_state("Welcome to the host!\n" + RECORDED["fresh"], FILES) == deploy.parse_state(
         RECORDED["fresh"], FILES)

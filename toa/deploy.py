@@ -393,7 +393,8 @@ def load_command(module_file: str, release: str, arguments: str, marker: str, re
 
 
 def parse_load(output: str) -> LoadOutcome:
-    """Parse load_command's output. Pure."""
+    """Parse load_command's output. Pure. Lines without a tag are ignored; a tagged line that is not
+    what load_command prints is a ToaError."""
     exit_code, srcversion, modprobe, log, parameters, rmmod = None, None, [], [], {}, []
     for line in output.splitlines():
         tag, _, rest = line.partition(" ")
@@ -403,13 +404,15 @@ def parse_load(output: str) -> LoadOutcome:
             exit_code = int(rest)
         elif tag == "@@modprobe":
             modprobe.append(rest)
-        elif tag == "@@srcversion":
+        elif tag == "@@srcversion" and (not rest.strip() or _SRCVERSION.fullmatch(rest.strip())):
             srcversion = rest.strip() or None
         elif tag == "@@parameter" and rest.split():
             name, _, value = rest.partition(" ")
             parameters[name] = value.strip()
         elif tag == "@@log":
             log.append(rest)
+        elif tag.startswith("@@"):
+            raise ToaError(f"unexpected line {line[:100]!r} after the load")
     return LoadOutcome(exit_code, "\n".join(line for line in modprobe if line.strip()), srcversion, parameters, log[1:],
                        " ".join(line.strip() for line in rmmod if line.strip()))
 
@@ -519,7 +522,13 @@ class Host:
         self._call("upload", lambda: remote.put(self.conn, str(local), path))
 
     def detect(self) -> detect.Platform:
-        return self._call("detect", lambda: detect.identify(detect.read_remote(self.conn)))
+        """The host's platform; its kernel release checked."""
+        def identify(output: str) -> detect.Platform:
+            platform = detect.identify(detect.parse_remote_facts(output))
+            validate_release(platform.kernel or "")
+            return platform
+
+        return self.parse("detect", identify, self.run_as_user(detect.REMOTE_FACTS_COMMAND, "detect"))
 
     def parse(self, what: str, parser: Callable, output: str):
         """PARSER(OUTPUT); output it cannot make sense of is a ToaError naming the host and WHAT."""
@@ -801,7 +810,7 @@ def _read(host: Host, options: DeployOptions, say):
     """Detect the host and read its state: (platform, release, module file, autoload files, state)."""
     say("detect")
     platform = host.detect()
-    release = validate_release(platform.kernel or "")
+    release = platform.kernel
     if platform.target is None:
         raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, release)

@@ -191,6 +191,9 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
                 f"host key of {target} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
                 "(see --help for accepting new keys)"
             ) from None
+        if "banner" in str(exc) or str(exc) == "No existing session":  # paramiko's words for a handshake cut short
+            raise ToaError(f"SSH to {target} failed: no SSH handshake within {options.timeout:g} s "
+                           "(the host hangs or is overloaded)") from None
         raise ToaError(f"SSH to {target} failed: {exc}") from None
     except (OSError, socket.timeout) as exc:
         raise ToaError(f"cannot reach {target}: {exc.strerror or exc}") from None
