@@ -50,6 +50,7 @@ import shlex
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -262,7 +263,8 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         else:
             state.resolved[entry(words[0]).path] = path
     elif tag == "@@symlink" and len(words) in (1, 2):
-        state.files[entry(words[0]).path] = Current("symlink", _unbase64(words[1] if len(words) > 1 else "", "the link"))
+        target = _unbase64(words[1] if len(words) > 1 else "", "the link")
+        state.files[entry(words[0]).path] = Current("symlink", target)
     elif tag == "@@file" and len(words) in (2, 3) and _MODE.fullmatch(words[1]):
         text = _unbase64(words[2] if len(words) > 2 else "", "the file")
         state.files[entry(words[0]).path] = Current("file", text, int(words[1], 8))
@@ -624,33 +626,37 @@ def _sha_of(file_var: str) -> str:
     return f'"$(sha256sum < "{file_var}" | cut -d" " -f1)"'
 
 
-def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode: bool = False) -> str:
+def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode: bool = False,
+                       resolve: bool = True) -> str:
     """Make PATH a file holding TEXT with MODE (KEEP_MODE: the existing file's mode), written where
-    PATH points if it is a symlink; or, for KIND symlink, make PATH a symlink to TEXT."""
+    PATH points if it is a symlink (unless not RESOLVE); or, for KIND symlink, make PATH a symlink to TEXT."""
     q = shlex.quote
     if kind == "symlink":
-        return _replace_script(path, create=f'ln -s -- {q(text)} "$tmp"', check=f'[ "$(readlink -- "$tmp")" = {q(text)} ]',
+        return _replace_script(path, create=f'ln -s -- {q(text)} "$tmp"',
+                               check=f'[ "$(readlink -- "$tmp")" = {q(text)} ]',
                                same=f'[ -L "$t" ] && [ "$(readlink -- "$t")" = {q(text)} ]', mode=None, resolve=False)
     sha = hashlib.sha256(text.encode()).hexdigest()
     encoded = base64.b64encode(text.encode()).decode()
     same = f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]'
     if not keep_mode:
         same += f' && [ "$(stat -c %a -- "$t")" = {mode:o} ]'
-    return _replace_script(path, create=f'printf %s {q(encoded)} | base64 -d > "$tmp"', check=f'[ {_sha_of("$tmp")} = {sha} ]',
-                           same=same, mode=mode, keep_mode=keep_mode)
+    return _replace_script(path, create=f'printf %s {q(encoded)} | base64 -d > "$tmp"',
+                           check=f'[ {_sha_of("$tmp")} = {sha} ]', same=same, mode=mode, keep_mode=keep_mode,
+                           resolve=resolve)
 
 
-def _remove_file_script(path: str, kind: str) -> str:
-    """Remove PATH (for a file: where it points, as _write_file_script wrote it)."""
+def _remove_file_script(path: str, *, resolve: bool = True) -> str:
+    """Remove PATH (where it points when RESOLVE, as _write_file_script wrote it)."""
     q = shlex.quote
-    target = f"t={q(path)}" if kind == "symlink" else f't=$(readlink -f -- {q(path)}) || exit 0'
+    target = f't=$(readlink -f -- {q(path)}) || exit 0' if resolve else f"t={q(path)}"
     return f'{PATH_SETTING}\n{target}\nrm -f -- "$t"\nsync\n'
 
 
-def _writes(entry: AutoloadFile) -> tuple[str, bool]:
-    """How ENTRY is written: as a file or a symlink, and whether the existing file's mode is kept
-    (a shared file's is; a file toa owns gets its own)."""
-    return ("symlink" if entry.kind == "symlink" else "file"), entry.kind == "lines"
+def _writes(entry: AutoloadFile) -> dict:
+    """How ENTRY's path is written, whatever is put there: where it points if it is a symlink (but
+    a symlink toa owns is replaced itself), keeping the existing file's mode for a shared file (a
+    file toa owns gets its own)."""
+    return {"keep_mode": entry.kind == "lines", "resolve": entry.kind != "symlink"}
 
 
 @dataclass
@@ -729,9 +735,9 @@ def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, paramet
     for change in plan.files:
         say("autoload")
         done.files.append(change)
-        kind, keep_mode = _writes(change.entry)
-        host.run_as_root(_write_file_script(change.entry.path, kind, change.text, change.entry.mode, keep_mode=keep_mode),
-                         f"writing {change.entry.path}")
+        kind = "symlink" if change.entry.kind == "symlink" else "file"
+        script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
+        host.run_as_root(script, f"writing {change.entry.path}")
 
 
 def _restore_module_script(module_file: str, release: str, old: str | None) -> str:
@@ -773,18 +779,17 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
     steps: list[tuple[str, Callable[[], str]]] = []
     for change in reversed(done.files):
         previous, entry = change.previous, change.entry
-        kind, keep_mode = _writes(entry)
         if previous is None:
-            steps.append((f"removing {entry.path}", lambda entry=entry, kind=kind: _remove_file_script(entry.path, kind)))
+            steps.append((f"removing {entry.path}", partial(_remove_file_script, entry.path, resolve=_writes(entry)["resolve"])))
         else:
-            steps.append((f"restoring {entry.path}", lambda entry=entry, previous=previous, keep_mode=keep_mode:
-                          _write_file_script(entry.path, previous.kind, previous.text, previous.mode, keep_mode=keep_mode)))
+            steps.append((f"restoring {entry.path}", partial(_write_file_script, entry.path, previous.kind,
+                                                             previous.text, previous.mode, **_writes(entry))))
     if done.installed:
         steps.append(("restoring the previous toa.ko",
-                      lambda: _restore_module_script(module_file, release, state.installed_sha256)))
+                      partial(_restore_module_script, module_file, release, state.installed_sha256)))
     if done.load_attempted:
         if state.loaded and state.loaded_srcversion:
-            steps.append(("loading the previous toa again", lambda: _reload_previous_script(module_file, release, state)))
+            steps.append(("loading the previous toa again", partial(_reload_previous_script, module_file, release, state)))
         elif not state.loaded:
             steps.append(("unloading toa", lambda: f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n"))
     for what, script in steps:
