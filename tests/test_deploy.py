@@ -4,10 +4,16 @@ systemd and sshd, deployed to over SSH with the real command."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shlex
 import shutil
+import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,8 +183,100 @@ def test_commands_quote_what_they_carry():
     hostile = FILES + [render.AutoloadFile("/etc/it's $(here)", "x", 0o644)]
     command = deploy.state_command(MODULE_FILE, RELEASE, hostile)
     assert "f='/etc/it'\"'\"'s $(here)'" in command
-    write = deploy._write_file_script("/etc/modprobe.d/toa.conf", "file", "options toa kinds=254 `reboot`\n", 0o644)
-    assert "`reboot`" not in write and "$(" not in write
+    # the text travels as base64; the path is quoted once and used as "$p" after
+    write = deploy._write_file_script("/etc/it's $(here)", "file", "options toa kinds=254 `reboot`\n", 0o644)
+    assert "`reboot`" not in write and write.count("$(here)") == 1 and "p='/etc/it'\"'\"'s $(here)'" in write
+    link = deploy._write_file_script("/etc/it's $(here)", "symlink", "../$(reboot)", 0o777)
+    assert "ln -s -- '../$(reboot)' \"$tmp\"" in link
+
+
+@pytest.mark.parametrize("line", [
+    "@@file 0 not-a-mode aGk=",  # a stat that printed something else
+    "@@file 7 644 aGk=",  # no such autoload file
+    "@@file x 644 aGk=",
+    "@@file 0 644 !!!",  # not base64
+    "@@installed garbage 8A22A252B656421042FCE4E",  # a sha256sum that printed nothing or something else
+    "@@loaded not a srcversion",
+    "@@resolved 0 Li4vZXRj",  # ../etc: not an absolute path
+    "@@something 1",
+])
+def test_state_output_that_the_command_does_not_print_is_an_error(line):
+    with pytest.raises(ToaError, match="unexpected line"):
+        deploy.parse_state(RECORDED["deployed"] + line + "\n", FILES)
+
+
+@pytest.mark.parametrize("line", ["@@exit abc", "@@srcversion not-one", "@@unloaded 1"])
+def test_load_output_that_the_command_does_not_print_is_an_error(line):
+    with pytest.raises(ToaError, match="unexpected line"):
+        deploy.parse_load(RECORDED["reload"] + line + "\n")
+
+
+def test_untagged_lines_are_not_the_state():
+    assert deploy.parse_state("Welcome to the host!\n" + RECORDED["fresh"], FILES) == deploy.parse_state(
+        RECORDED["fresh"], FILES)
+
+
+def test_temp_names_beside_a_symlinks_target_are_cleaned():
+    import base64
+
+    etc_modules = render.autoload_files(targets.get("debian-12"), RELEASE, init="sysv")
+    real = "/etc/real/modules.real"
+    output = (f"@@resolved 0 {base64.b64encode(real.encode()).decode()}\n"
+              "@@stale /etc/real/.modules.real.toa-new-0123abcd\n@@stale /etc/real/.passwd.toa-new-0123abcd\n"
+              "@@stale /etc/.modules.toa-new-89abcdef\n@@absent 0\n@@absent 1\n")
+    state = deploy.parse_state(output, etc_modules)
+    assert state.resolved == {"/etc/modules": real}
+    assert deploy.make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).stale == (
+        "/etc/real/.modules.real.toa-new-0123abcd", "/etc/.modules.toa-new-89abcdef")
+
+
+def _sh(script, *prefix):
+    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_a_write_goes_where_a_symlink_points_and_keeps_the_files_mode_and_owner(tmp_path):
+    """The write script on this machine's filesystem: through a symlink, a shared file's mode, owner
+    and group kept; a file toa owns gets its own mode; a second write of the same text changes nothing."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "modules.real").write_text("loop\n")
+    (etc / "modules.real").chmod(0o640)
+    group = 4242 if os.geteuid() == 0 else os.getgid()  # as root, a group the file would not get by itself
+    os.chown(etc / "modules.real", -1, group)
+    (etc / "modules").symlink_to("modules.real")
+    script = deploy._write_file_script(str(etc / "modules"), "file", "loop\ntoa\n", 0o644, keep_mode=True)
+    assert _sh(script).returncode == 0
+    assert (etc / "modules").is_symlink() and os.readlink(etc / "modules") == "modules.real"
+    real = (etc / "modules.real").stat()
+    assert ((etc / "modules.real").read_text(), real.st_mode & 0o7777, real.st_gid) == ("loop\ntoa\n", 0o640, group)
+    assert sorted(path.name for path in etc.iterdir()) == ["modules", "modules.real"]
+
+    owned = etc / "modprobe.d" / "toa.conf"
+    script = deploy._write_file_script(str(owned), "file", "options toa kinds=254\n", 0o600)
+    assert _sh(script).returncode == 0 and owned.stat().st_mode & 0o777 == 0o600
+    before = owned.stat().st_ino
+    assert _sh(script).returncode == 0 and owned.stat().st_ino == before  # already so: not rewritten
+
+
+def test_a_write_on_a_full_filesystem_fails_in_one_line_and_leaves_the_file_whole(tmp_path):
+    """The write script on a tmpfs that is full (mounted in a mount namespace of its own): exit 1, one
+    line naming the file and the cause, the file as it was, no temp name left."""
+    if _sh("true", "unshare", "-m", "--map-root-user").returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m refused)")
+    directory = tmp_path / "full"
+    directory.mkdir()
+    target = directory / "toa.conf"
+    script = deploy._write_file_script(str(target), "file", "toa\n" * 100, 0o644)
+    check = f"cd {shlex.quote(str(directory))} && sha256sum toa.conf && ls -a"
+    result = _sh(f"mount -t tmpfs -o size=8k toa-test-full {shlex.quote(str(directory))} && "
+                 f"printf 'old\\n' > {shlex.quote(str(target))} && "
+                 f"{{ dd if=/dev/zero of={shlex.quote(str(directory / 'filler'))} bs=1k 2>/dev/null; true; }} && "
+                 f"{check} && echo @@write && sh -c {shlex.quote(script)}; echo \"@@exit $?\"; {check}",
+                 "unshare", "-m", "--map-root-user")
+    before, _, after = result.stdout.partition("@@write\n")
+    assert after.endswith("@@exit 1\n" + before), result.stdout
+    assert result.stderr.strip().splitlines() == [f"cannot write {target}: base64: write error: No space left on device"]
+    assert hashlib.sha256(b"old\n").hexdigest() in before
 
 
 def test_artifacts_are_found_by_exact_release(tmp_path):
@@ -245,6 +343,21 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert_one_line_error(toa("status", "--hosts", str(tmp_path / "absent")), "not found: fix --hosts")
 
 
+def test_the_command_timeout_is_a_flag_of_deploy_and_status(tmp_path):
+    from toa.commands import deploy as commands
+
+    # the tasks' defaults are deploy's own, written out where the CLI starts without paramiko
+    assert (commands.COMMAND_TIMEOUT, commands.CONNECT_TIMEOUT) == (deploy.COMMAND_TIMEOUT_SECONDS, SshOptions().timeout)
+    assert deploy.DeployOptions().command_timeout == deploy.COMMAND_TIMEOUT_SECONDS
+    assert commands._fleet_options("dist", None, None, False, None, "7").command_timeout == 7
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text("root@127.0.0.1:1\n")
+    for task in ("deploy", "status"):
+        assert "--command-timeout" in toa(task, "--help").stdout
+        assert_one_line_error(toa(task, "--hosts", str(nodes), "--command-timeout", "0"),
+                              "--command-timeout must be a whole number of at least 1")
+
+
 @pytest.mark.parametrize("task", ["deploy", "status"])
 def test_help_is_help_not_a_nodes_file(task):
     result = toa(task, "--help")
@@ -282,6 +395,24 @@ def artifacts(releases, tmp_path_factory):
     found = deploy.find_artifact(dist, new)
     shutil.copytree(found.ko.parent, partial / found.ko.parent.parent.name / new)
     return dist, partial
+
+
+@pytest.fixture(scope="module")
+def failing_dist(guest_kernels, tmp_path_factory):
+    """A dist with a real build for the new kernel whose init fails: it uploads and installs, and the
+    kernel refuses to load it (a refusal no preflight can see)."""
+    from toa import build
+
+    tree = guest_kernels[0]
+    work = tmp_path_factory.mktemp("failing")
+    source = work / "module"
+    shutil.copytree(build.MODULE_SOURCE, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd", "probes.h"))
+    toa_c = (source / "toa.c").read_text()
+    assert "static int __init toa_init(void)\n{\n" in toa_c
+    (source / "toa.c").write_text(toa_c.replace("static int __init toa_init(void)\n{\n",
+                                                "static int __init toa_init(void)\n{\n\tif (1)\n\t\treturn -ENODEV;\n"))
+    build.build_module(tree.headers_dir, tree.release, tree.suite, work / "dist", module_source=source)
+    return work / "dist"
 
 
 @pytest.fixture(scope="module")
@@ -432,9 +563,7 @@ def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_
 @pytest.mark.docker
 @pytest.mark.ssh
 @pytest.mark.network
-def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, artifacts, tmp_path):
-    from toa import build
-
+def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, artifacts, failing_dist, tmp_path):
     full, _ = artifacts
     guest, tree = fleet[0], guest_kernels[0]
     new = tree.release
@@ -457,16 +586,8 @@ def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, a
 
     # a real build for the new kernel whose init fails (a refusal no preflight can see): it uploads,
     # installs and fails to load, and the host is rolled back to the build it had
-    source = tmp_path / "module"
-    shutil.copytree(build.MODULE_SOURCE, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd", "probes.h"))
-    toa_c = (source / "toa.c").read_text()
-    assert "static int __init toa_init(void)\n{\n" in toa_c
-    (source / "toa.c").write_text(toa_c.replace("static int __init toa_init(void)\n{\n",
-                                                "static int __init toa_init(void)\n{\n\tif (1)\n\t\treturn -ENODEV;\n"))
-    failing = build.build_module(tree.headers_dir, new, tree.suite, tmp_path / "failing-dist", module_source=source)
-    assert json.loads(failing.manifest.read_text())["srcversion"] != good.srcversion
-    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist",
-                                 str(tmp_path / "failing-dist"))
+    assert deploy.find_artifact(failing_dist, new).srcversion != good.srcversion
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(failing_dist))
     assert result.returncode == 1
     row = hosts[guest.node_line()]
     assert row["action"] == "failed" and "loading toa failed" in row["detail"] and "rolled back" in row["detail"], row
@@ -556,3 +677,219 @@ def test_preflight_refuses_before_upload_what_the_hosts_kernel_would_not_load(fl
         guest.run(f"rm -rf /lib/modules/{release}/build")
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(full))
     assert hosts[guest.node_line()]["action"] == "installed", hosts
+
+
+# ---------------------------------------------------------------- writes, rollback and hosts that hang, on real guests
+
+def _without_toa(guest):
+    """Take toa off a guest (unloaded, no module file, indexes rebuilt): a deploy then installs and loads it."""
+    release = guest.release
+    guest.run(f"modprobe -r toa; rm -f /lib/modules/{release}/extra/toa.ko*; depmod -a {release}")
+
+
+@contextlib.contextmanager
+def _without_systemd(guest):
+    """The guest as detect sees a Debian host whose init is not systemd: an empty tmpfs hides
+    /run/systemd, so deploy keeps toa's line in the shared /etc/modules (kind lines)."""
+    guest.run("mount -t tmpfs -o size=1m,mode=755 toa-test-no-systemd /run/systemd")
+    try:
+        yield
+    finally:
+        guest.run("umount /run/systemd")
+
+
+def _etc_modules_entry(release):
+    return next(f for f in render.autoload_files(targets.get("debian-12"), release, init="sysv") if f.kind == "lines")
+
+
+def _temp_names(guest, *directories):
+    return guest.run(f"find {' '.join(directories)} -maxdepth 1 \\( -name '.*toa-new-*' -o -name '.toa.ko.new-*' \\) "
+                     "| wc -l").strip()
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_full_disk_fails_the_host_alone_and_leaves_every_file_whole(fleet, artifacts, tmp_path):
+    """/etc/modules-load.d on a tmpfs that is full: the autoload file cannot be written. The host fails
+    in one line naming the write and the cause, its file is byte for byte what it was, no temp name is
+    left, the rest of the deploy is rolled back, and the other hosts are deployed as usual."""
+    full, _ = artifacts
+    victim = fleet[1]
+    _without_toa(victim)
+    victim.run("mount -t tmpfs -o size=64k,mode=755 toa-test-full /etc/modules-load.d && "
+               "printf '# written by hand\\ntoa\\n' > /etc/modules-load.d/toa.conf && "
+               "chmod 600 /etc/modules-load.d/toa.conf && printf 'loop\\n' > /etc/modules-load.d/other.conf && "
+               "{ dd if=/dev/zero of=/etc/modules-load.d/zz-filler bs=4k 2>/dev/null; true; }")
+    listing = ("cd /etc/modules-load.d && sha256sum toa.conf other.conf && stat -c '%n %a %U %G' toa.conf other.conf; "
+               "sha256sum /etc/modprobe.d/toa.conf 2>&1; ls -a /etc/modules-load.d")
+    try:
+        before = victim.run(listing)
+        result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
+        row = hosts[victim.node_line()]
+        assert result.returncode == 1 and row["action"] == "failed", row
+        assert "cannot write /etc/modules-load.d/toa.conf" in row["detail"], row
+        assert "No space left on device" in row["detail"] and row["detail"].endswith("; rolled back"), row
+        assert "\n" not in row["detail"]
+        assert victim.run(listing) == before
+        assert _temp_names(victim, "/etc/modules-load.d", "/etc/modprobe.d", f"/lib/modules/{victim.release}/extra") == "0"
+        facts = _guest_facts(victim)
+        assert (facts["srcversion"], facts["sha256"]) == ("none", "none")
+        for guest in (fleet[0], fleet[2]):
+            assert hosts[guest.node_line()]["action"] in ("installed", "updated", "unchanged"), hosts
+            assert _guest_facts(guest)["srcversion"] == deploy.find_artifact(full, guest.release).srcversion
+    finally:
+        victim.run("umount /etc/modules-load.d")
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_shared_files_mode_and_owner_are_kept(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    guest = fleet[2]
+    original = guest.run("cat /etc/modules")
+    guest.run("cp -a /etc/modules /run/toa-test-modules && chown root:adm /etc/modules && chmod 640 /etc/modules")
+    try:
+        with _without_systemd(guest):
+            result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(full))
+            row = hosts[guest.node_line()]
+            assert result.returncode == 0 and "write /etc/modules" in row["changes"], row
+            assert guest.run("stat -c '%F %a %U %G' /etc/modules").strip() == "regular file 640 root adm"
+            assert guest.run("cat /etc/modules") == _etc_modules_entry(guest.release).merge(original)
+            assert _temp_names(guest, "/etc") == "0"
+    finally:
+        guest.run("cp -a /run/toa-test-modules /etc/modules")
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_symlinked_etc_modules_is_merged_where_it_points(fleet, artifacts, tmp_path):
+    full, _ = artifacts
+    guest = fleet[2]
+    original = "# /etc/modules: kernel modules to load at boot time.\nloop\n"
+    guest.run(f"cp -a /etc/modules /run/toa-test-modules && printf %s {shlex.quote(original)} > /etc/modules.real && "
+              "chown root:adm /etc/modules.real && chmod 640 /etc/modules.real && ln -sfn modules.real /etc/modules")
+    try:
+        with _without_systemd(guest):
+            args = _fleet_args(tmp_path, fleet, guest.node_line())
+            result, hosts = _deploy_json(*args, "--dist", str(full))
+            row = hosts[guest.node_line()]
+            assert result.returncode == 0 and "write /etc/modules" in row["changes"], row
+            assert guest.run("readlink /etc/modules").strip() == "modules.real"
+            assert guest.run("stat -c '%F %a %U %G' /etc/modules.real").strip() == "regular file 640 root adm"
+            assert guest.run("cat /etc/modules") == _etc_modules_entry(guest.release).merge(original)
+            assert _temp_names(guest, "/etc") == "0"
+            result, hosts = _deploy_json(*args, "--dist", str(full))
+            assert hosts[guest.node_line()]["action"] == "unchanged", hosts
+    finally:
+        guest.run("rm -f /etc/modules /etc/modules.real && cp -a /run/toa-test-modules /etc/modules")
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_output_a_host_should_not_print_fails_that_host_alone_in_one_line(fleet, artifacts, tmp_path):
+    """A host whose stat prints what no stat prints: the module state cannot be read. That host fails
+    with one line naming it and the step; the others are deployed."""
+    full, _ = artifacts
+    guest = fleet[0]
+    guest.run("printf '#!/bin/sh\\necho not-a-mode\\n' > /usr/sbin/stat && chmod 755 /usr/sbin/stat")
+    try:
+        result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
+    finally:
+        guest.run("rm -f /usr/sbin/stat")
+    row = hosts[guest.node_line()]
+    assert result.returncode == 1 and row["action"] == "failed", row
+    assert row["detail"].startswith(f"unexpected output from {guest.node_line()} (reading the module state): "
+                                    "unexpected line '@@file 0 not-a-mode"), row
+    assert {hosts[g.node_line()]["action"] for g in fleet[1:]} <= {"installed", "updated", "unchanged"}, hosts
+
+
+FLATCAR_OS_RELEASE = Path(__file__).parent / "fixtures" / "roots" / "flatcar" / "usr" / "lib" / "os-release"
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_coreos_host_is_rolled_back_with_insmod_of_its_own_file(fleet, artifacts, failing_dist, tmp_path):
+    """A guest that detect takes for Flatcar (its os-release): toa.ko lives in /var/lib/toa and is
+    loaded by insmod. A build that fails to load is rolled back by loading the previous file again
+    with insmod; no modprobe could, as no toa is left under /lib/modules."""
+    full, _ = artifacts
+    guest = fleet[0]
+    release = guest.release
+    good = deploy.find_artifact(full, release)
+    module_file = f"/var/lib/toa/{release}/toa.ko"
+    _without_toa(guest)
+    guest.run(f"printf %s {shlex.quote(FLATCAR_OS_RELEASE.read_text())} > /run/toa-test-os-release && "
+              "mount --bind /run/toa-test-os-release /etc/os-release")
+    try:
+        args = _fleet_args(tmp_path, fleet, guest.node_line())
+        result, hosts = _deploy_json(*args, "--dist", str(full))
+        assert result.returncode == 0 and hosts[guest.node_line()]["action"] == "installed", hosts
+        loaded = f"cat /sys/module/toa/srcversion /sys/module/toa/parameters/kinds; sha256sum < {module_file}"
+        before = guest.run(loaded)
+        assert before.split()[:2] == [good.srcversion, "254,253"] and before.split()[2] == good.sha256
+        assert guest.run(f"ls /lib/modules/{release}/extra/toa.ko 2>/dev/null | wc -l").strip() == "0"
+
+        result, hosts = _deploy_json(*args, "--dist", str(failing_dist))
+        row = hosts[guest.node_line()]
+        assert result.returncode == 1 and "loading toa failed" in row["detail"], row
+        assert row["detail"].endswith("; rolled back"), row
+        assert guest.run(loaded) == before
+        assert _temp_names(guest, f"/var/lib/toa/{release}", "/etc/systemd/system") == "0"
+    finally:
+        guest.run(f"umount /etc/os-release; rmmod toa; rm -rf /var/lib/toa /etc/systemd/system/toa.service "
+                  "/etc/systemd/system/sysinit.target.wants/toa.service")
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts, tmp_path):
+    """SIGSTOP on a guest's QEMU right after toa.ko is renamed into place: its TCP peer stays open and
+    silent. The host fails alone within about the command timeout (not when TCP gives up), its
+    rollback's one reconnect fails too; thawed, the guest holds only whole files and the next run
+    completes it."""
+    full, _ = artifacts
+    victim = fleet[1]
+    _without_toa(victim)
+    timeout = 20
+    frozen = {}
+
+    def freeze(host, step):
+        if host == victim.node_line() and step == "installed" and not frozen:
+            os.kill(victim.process.pid, signal.SIGSTOP)
+            frozen["at"] = time.monotonic()
+
+    nodes = [Node(HostSpec("127.0.0.1", "root", g.port)) for g in fleet]
+    options = deploy.DeployOptions(dist=full, command_timeout=timeout, ssh=SshOptions(
+        key_filename=str(victim.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
+    try:
+        results = deploy.deploy(nodes, options, progress=freeze)
+        waited = time.monotonic() - frozen["at"]
+    finally:
+        os.kill(victim.process.pid, signal.SIGCONT)
+    print(f"frozen guest reported after {waited:.1f} s (command timeout {timeout} s)")
+    assert results[1].action == "failed", results
+    assert results[1].detail.startswith(f"no answer from 127.0.0.1 within {timeout} s (depmod)"), results[1]
+    assert "; not rolled back: reconnecting failed" in results[1].detail and "\n" not in results[1].detail
+    assert {results[0].action, results[2].action} <= {"installed", "updated", "unchanged"}, results
+    assert waited < timeout * 4 + 60
+
+    victim.wait_for_ssh()
+    artifact = deploy.find_artifact(full, victim.release)
+    facts = _guest_facts(victim)
+    assert facts["temp_names"] == 0 and facts["sha256"] in ("none", artifact.sha256), facts
+    result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                                    "autoload": _rendered(victim.release)}

@@ -171,3 +171,40 @@ def test_accept_new_still_refuses_a_changed_key(sshd, tmp_path):
     with pytest.raises(ToaError, match="does not match"):
         connect(_spec(sshd), options)
     assert other.read_text() == before
+
+
+@pytest.mark.ssh
+def test_a_command_past_the_time_limit_is_a_lost_connection(sshd):
+    import time
+
+    from toa.remote import ConnectionLost, SshOptions, connect, limit, run
+
+    with connect(_spec(sshd), SshOptions(key_filename=str(sshd.key_path), known_hosts=str(sshd.known_hosts_path))) as conn:
+        limit(conn, 2)
+        assert run(conn, "echo hello").strip() == "hello"
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match=r"^no answer from 127\.0\.0\.1 within 2 s \(sleeping\)"):
+            run(conn, "sleep 30", "sleeping")
+        assert time.monotonic() - started < 15
+
+
+@pytest.mark.ssh
+def test_a_host_gone_silent_between_commands_is_noticed_within_the_limit(sshd):
+    """The sshd process serving the session is stopped (SIGSTOP): the TCP peer stays open and says
+    nothing, so the next command waits for its channel, which invoke's own timer does not cover."""
+    import signal
+    import time
+
+    from toa.remote import WATCHDOG_GRACE_SECONDS, ConnectionLost, SshOptions, connect, limit, run
+
+    with connect(_spec(sshd), SshOptions(key_filename=str(sshd.key_path), known_hosts=str(sshd.known_hosts_path))) as conn:
+        limit(conn, 2)
+        session = int(run(conn, "echo $PPID"))  # the sshd process that carries this connection
+        os.kill(session, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost, match=r"^no answer from 127\.0\.0\.1 within 2 s \(a command\)"):
+                run(conn, "true")
+            assert time.monotonic() - started < 2 + WATCHDOG_GRACE_SECONDS + 10
+        finally:
+            os.kill(session, signal.SIGCONT)

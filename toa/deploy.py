@@ -8,18 +8,32 @@ Per host: detect the platform and `uname -r`, pick the artifact built for that e
 the module state (one command), plan, then apply with rollback:
 
 1. upload toa.ko to a private staging directory (mktemp -d under /tmp) and check its sha256 there;
-2. copy it to a temp name beside the module (`.toa.ko.new-<random>`), check the sha256 again,
-   hard-link the current toa.ko to toa.ko.prev, rename the temp name over toa.ko, depmod -a;
+2. put it in place as every file is (see below), the current toa.ko hard-linked to toa.ko.prev
+   just before the rename; depmod -a;
 3. load it (rmmod first when another build or other options are loaded) and verify: the kernel log
    after a marker written to /dev/kmsg says `TOA: toa loaded`, /sys/module/toa exists and its
    srcversion is the artifact's;
-4. write the autoload files from toa.render, each to `.<name>.toa-new-<random>` then renamed.
+4. write the autoload files from toa.render.
 
-Every file changes by rename, after a sync, so a power cut leaves each one old or new and whole.
-The only leftovers a cut can leave are temp names: depmod ignores them (they do not end in .ko), and
-the next run's first step deletes them; the staging directory is a plain upload under /tmp. Any
-failure rolls back: the previous toa.ko and autoload files are put back, depmod runs again, and the
-previously loaded build is loaded again (or none stays loaded if none was).
+Every file deploy writes (toa.ko, autoload files, shared files like /etc/modules merged, and the
+rollback's restores) goes through one script (_replace_script): a symlinked path is written where it
+points (readlink -f on the host); the new content goes to a temp name beside that target
+(`.<name>.toa-new-<random>`, toa.ko's `.toa.ko.new-<random>`), whose sha256 must equal the one
+computed here before anything else happens; the temp takes the target's owner and SELinux label (and
+mode, for a shared file; a file toa owns gets its own mode); then sync, rename over the target, sync.
+Any failing step (a full disk included) fails the host, and the temp name is removed. A power cut
+leaves each file old or new and whole; the only leftovers it can leave are temp names, which depmod
+ignores (they do not end in .ko) and the next run deletes; the staging directory is a plain upload
+under /tmp. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
+again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
+insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
+
+Every remote command and transfer has a time limit (DeployOptions.command_timeout); connecting has
+SshOptions.timeout. A host that stops answering fails with the step it was at, and the rollback
+then reconnects once (with the connect timeout) rather than running apply and rollback as one
+detached script on the host: each step is checked from here (its output parsed, its file's sha256
+compared), which a script left running on a vanished host could not report, and a host that comes
+back without a rollback still holds only whole files that the next run completes.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import shlex
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -54,13 +69,19 @@ DEFAULT_PARAMETERS = {"kinds": "254,253", "trusted": ""}
 LOADED_MESSAGE = "TOA: toa loaded"
 # modprobe's words when the kernel refuses an unsigned or untrusted module (Secure Boot, module.sig_enforce=1).
 KEY_REJECTED = "Key was rejected by service"
-MODULE_TEMP_PREFIX = ".toa.ko.new-"
-FILE_TEMP_MARK = ".toa-new-"
+MODULE_TEMP_MARK = ".new-"
+MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
+FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
 TEMP_SUFFIX_CHARS = 8  # hex digits after a temp name's prefix
 STAGING_PREFIX = "/tmp/toa-deploy."
+# Seconds a command or transfer on a host may take (DeployOptions.command_timeout's default), and the
+# connect timeout of the one reconnect a rollback makes after the connection was lost.
+COMMAND_TIMEOUT_SECONDS = 120.0
+RECONNECT_SECONDS = 15.0
 PATH_SETTING = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SRCVERSION = re.compile(r"[0-9A-F]{1,64}")
+_MODE = re.compile(r"[0-7]{1,4}")
 
 Progress = Callable[[str, str], None]  # (host, step)
 
@@ -119,6 +140,9 @@ class ModuleState:
     indexed: bool = False  # modules.dep lists the installed file
     stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
     files: dict[str, Current | None] = field(default_factory=dict)
+    # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
+    module_resolved: str | None = None
+    resolved: dict[str, str] = field(default_factory=dict)
 
 
 def modules_dep_entry(module_file: str, release: str) -> str | None:
@@ -132,17 +156,16 @@ def _temp_suffix() -> str:
     return secrets.token_hex(TEMP_SUFFIX_CHARS // 2)
 
 
-def _temp_prefix(path: str) -> str:
-    """What the temp names of an autoload file start with: .<name>.toa-new- beside it."""
+def _temp_prefix(path: str, mark: str = FILE_TEMP_MARK) -> str:
+    """What the temp names of PATH start with: .<name><mark> beside it."""
     directory, name = posixpath.split(path)
-    return f"{directory}/.{name}{FILE_TEMP_MARK}"
+    return f"{directory}/.{name}{mark}"
 
 
 def state_command(module_file: str, release: str, files: list[AutoloadFile]) -> str:
     """One command that prints a host's module state as @@-tagged lines (see parse_state)."""
     q = shlex.quote
     entry = modules_dep_entry(module_file, release)
-    module_temp = q(posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX)) + "*"
     lines = [
         PATH_SETTING,
         f"m={q(module_file)}",
@@ -154,49 +177,101 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile]) -> 
     if entry is not None:
         lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {q(f'/lib/modules/{release}/modules.dep')} "
                      "&& echo @@indexed")
-    # globs: the quoted fixed part, then an unquoted *
-    temps = " ".join([module_temp] + [q(_temp_prefix(f.path)) + "*" for f in files])
-    lines.append(f'for t in {temps}; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-    for index, entry_file in enumerate(files):
+    # temp names beside each path and, for a symlink written where it points, beside its target
+    # (globs: the quoted fixed part, then an unquoted *)
+    written = [("m", module_file, MODULE_TEMP_MARK)] + [
+        (str(index), f.path, FILE_TEMP_MARK) for index, f in enumerate(files) if f.kind != "symlink"]
+    for key, path, mark in written:
         lines.append(
-            f"f={q(entry_file.path)}; "
-            f'if [ -L "$f" ]; then echo "@@symlink {index} $(readlink "$f" | base64 -w0)"; '
-            f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
-            f'else echo "@@absent {index}"; fi'
-        )
+            f'f={q(path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+            f'if [ "$r" != "$f" ]; then echo "@@resolved {key} $(printf %s "$r" | base64 -w0)"; fi; '
+            f'for t in {q(_temp_prefix(path, mark))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(mark)}*; do '
+            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    for f in files:
+        if f.kind == "symlink":
+            lines.append(f"for t in {q(_temp_prefix(f.path))}*; do "
+                         'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    for index, entry_file in enumerate(files):
+        if entry_file.kind == "symlink":
+            lines.append(
+                f"f={q(entry_file.path)}; "
+                f'if [ -L "$f" ]; then echo "@@symlink {index} $(readlink "$f" | base64 -w0)"; '
+                f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
+                f'else echo "@@absent {index}"; fi')
+        else:  # read through a symlink: the file it points to is the one deploy edits
+            lines.append(
+                f"f={q(entry_file.path)}; "
+                f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
+                f'else echo "@@absent {index}"; fi')
     return "\n".join(lines) + "\ntrue\n"
 
 
-def _unbase64(text: str) -> str:
+def _unbase64(text: str, what: str) -> str:
     try:
         return base64.b64decode(text, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        raise ToaError("the host sent an autoload file that is not text: check it by hand") from None
+        raise ToaError(f"{what} is not base64 of text") from None
 
 
 def parse_state(output: str, files: list[AutoloadFile]) -> ModuleState:
-    """Parse state_command's output. Pure."""
+    """Parse state_command's output. Pure. Lines without a tag (a login banner, ...) are ignored; a
+    tagged line that is not what state_command prints is a ToaError."""
     state = ModuleState(files={f.path: None for f in files})
+
+    def entry(word: str) -> AutoloadFile:
+        if not word.isdigit() or int(word) >= len(files):
+            raise ToaError(f"no autoload file number {word[:20]!r}")
+        return files[int(word)]
+
     for line in output.splitlines():
         tag, _, rest = line.partition(" ")
+        if not tag.startswith("@@"):
+            continue
         words = rest.split()
-        if tag == "@@loaded":
-            state.loaded, state.loaded_srcversion = True, rest.strip() or None
-        elif tag == "@@parameter" and words:
-            state.parameters[words[0]] = " ".join(words[1:])
-        elif tag == "@@installed" and words:
-            state.installed_sha256 = words[0]
-            state.installed_srcversion = words[1] if len(words) > 1 else None
-        elif tag == "@@indexed":
-            state.indexed = True
-        elif tag == "@@stale" and rest:
-            state.stale.append(rest)
-        elif tag == "@@symlink" and words:
-            state.files[files[int(words[0])].path] = Current("symlink", _unbase64(words[1] if len(words) > 1 else ""))
-        elif tag == "@@file" and len(words) >= 2:
-            text = _unbase64(words[2] if len(words) > 2 else "")
-            state.files[files[int(words[0])].path] = Current("file", text, int(words[1], 8))
+        try:
+            _parse_state_line(state, tag, rest, words, entry)
+        except (ToaError, IndexError) as exc:
+            detail = f": {exc}" if isinstance(exc, ToaError) else ""
+            raise ToaError(f"unexpected line {line[:100]!r} in the module state{detail}") from None
+    state.stale = list(dict.fromkeys(state.stale))  # a path and its target in one directory: one glob twice
     return state
+
+
+def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str], entry) -> None:
+    if tag == "@@loaded":
+        srcversion = rest.strip()
+        if srcversion and not _SRCVERSION.fullmatch(srcversion):
+            raise ToaError("not a srcversion")
+        state.loaded, state.loaded_srcversion = True, srcversion or None
+    elif tag == "@@parameter" and words:
+        state.parameters[words[0]] = " ".join(words[1:])
+    elif tag == "@@installed" and words and _SHA256.fullmatch(words[0]) and len(words) <= 2:
+        if len(words) == 2 and not _SRCVERSION.fullmatch(words[1]):
+            raise ToaError("not a srcversion")
+        state.installed_sha256 = words[0]
+        state.installed_srcversion = words[1] if len(words) > 1 else None
+    elif tag == "@@indexed" and not words:
+        state.indexed = True
+    elif tag == "@@stale" and rest:
+        state.stale.append(rest)
+    elif tag == "@@resolved" and len(words) == 2:
+        path = _unbase64(words[1], "the resolved path")
+        if not path.startswith("/") or posixpath.normpath(path) != path or "\n" in path:
+            raise ToaError("not an absolute path")
+        if words[0] == "m":
+            state.module_resolved = path
+        else:
+            state.resolved[entry(words[0]).path] = path
+    elif tag == "@@symlink" and len(words) in (1, 2):
+        target = _unbase64(words[1] if len(words) > 1 else "", "the link")
+        state.files[entry(words[0]).path] = Current("symlink", target)
+    elif tag == "@@file" and len(words) in (2, 3) and _MODE.fullmatch(words[1]):
+        text = _unbase64(words[2] if len(words) > 2 else "", "the file")
+        state.files[entry(words[0]).path] = Current("file", text, int(words[1], 8))
+    elif tag == "@@absent" and len(words) == 1:
+        state.files[entry(words[0]).path] = None
+    else:
+        raise ToaError("not a line the state command prints")
 
 
 # ---------------------------------------------------------------- the plan: wanted against actual
@@ -274,9 +349,10 @@ def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile],
         mode_differs = entry.kind == "file" and current is not None and current.mode != entry.mode
         if current is None or current.kind != kind or current.text != text or mode_differs:
             changes.append(FileChange(entry, text, current))
-    # only names this module makes: the host's answer never decides what gets deleted
-    prefixes = (posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX),
-                *(_temp_prefix(entry.path) for entry in files))
+    # only names this module makes: the host's answer never decides what gets deleted (a resolved
+    # path only says in which directory such a name is looked for)
+    prefixes = [_temp_prefix(path, MODULE_TEMP_MARK) for path in (module_file, state.module_resolved) if path]
+    prefixes += [_temp_prefix(path) for entry in files for path in (entry.path, state.resolved.get(entry.path)) if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
     stale = tuple(path for path in state.stale if made_here.fullmatch(path))
     return Plan(stale, install, depmod, load, tuple(changes))
@@ -295,13 +371,19 @@ class LoadOutcome:
     rmmod_error: str = ""  # why the loaded toa could not be unloaded for a reload
 
 
+def load_invocation(module_file: str, release: str, arguments: str) -> str:
+    """The command that loads toa the way the host does: modprobe where toa.ko lives under
+    /lib/modules, insmod of the file elsewhere (coreos targets' /var/lib/toa)."""
+    words = [shlex.quote(word) for word in arguments.split()]
+    if modules_dep_entry(module_file, release) is not None:
+        return " ".join(["modprobe", "toa", *words])
+    return " ".join(["insmod", shlex.quote(module_file), *words])
+
+
 def load_command(module_file: str, release: str, arguments: str, marker: str, reload: bool) -> str:
     """Load toa (after rmmod when RELOAD) and print what verification needs (see parse_load)."""
     q = shlex.quote
-    if modules_dep_entry(module_file, release) is not None:
-        load = f"modprobe toa {arguments}".strip()
-    else:
-        load = f"insmod {q(module_file)} {arguments}".strip()
+    load = load_invocation(module_file, release, arguments)
     return "\n".join([
         PATH_SETTING,
         f"echo {q(marker)} > /dev/kmsg",
@@ -317,7 +399,8 @@ def load_command(module_file: str, release: str, arguments: str, marker: str, re
 
 
 def parse_load(output: str) -> LoadOutcome:
-    """Parse load_command's output. Pure."""
+    """Parse load_command's output. Pure. Lines without a tag are ignored; a tagged line that is not
+    what load_command prints is a ToaError."""
     exit_code, srcversion, modprobe, log, parameters, rmmod = None, None, [], [], {}, []
     for line in output.splitlines():
         tag, _, rest = line.partition(" ")
@@ -327,13 +410,15 @@ def parse_load(output: str) -> LoadOutcome:
             exit_code = int(rest)
         elif tag == "@@modprobe":
             modprobe.append(rest)
-        elif tag == "@@srcversion":
+        elif tag == "@@srcversion" and (not rest.strip() or _SRCVERSION.fullmatch(rest.strip())):
             srcversion = rest.strip() or None
         elif tag == "@@parameter" and rest.split():
             name, _, value = rest.partition(" ")
             parameters[name] = value.strip()
         elif tag == "@@log":
             log.append(rest)
+        elif tag.startswith("@@"):
+            raise ToaError(f"unexpected line {line[:100]!r} after the load")
     return LoadOutcome(exit_code, "\n".join(line for line in modprobe if line.strip()), srcversion, parameters, log[1:],
                        " ".join(line.strip() for line in rmmod if line.strip()))
 
@@ -380,49 +465,88 @@ class HostResult:
 @dataclass(frozen=True)
 class DeployOptions:
     dist: Path = Path("dist")
-    ssh: remote.SshOptions = remote.SshOptions()
+    ssh: remote.SshOptions = remote.SshOptions()  # its timeout is the connect timeout
     options: dict[str, str] | None = None  # module options, e.g. {"kinds": "254,200"}
     build_missing: bool = False
     dry_run: bool = False
+    command_timeout: float = COMMAND_TIMEOUT_SECONDS  # seconds each command or transfer on a host may take
 
 
 CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
 class Host:
-    """One open connection and the way to run commands as root on it."""
+    """One open connection and the way to run commands as root on it. Every command and transfer has
+    COMMAND_TIMEOUT seconds; once one was cut short or the connection broke, the connection is lost:
+    nothing more runs over it (see reconnect)."""
 
-    def __init__(self, node: Node, ssh: remote.SshOptions):
-        self.node = node
+    def __init__(self, node: Node, ssh: remote.SshOptions, command_timeout: float):
+        self.node, self.ssh, self.command_timeout = node, ssh, command_timeout
+        self.lost = False
         key = str(node.key) if node.key else ssh.key_filename
         self.conn = remote.connect(node.spec, dataclasses.replace(ssh, key_filename=key))
         try:
-            self.conn.transport.set_keepalive(5)  # notice a host that vanished mid-command
+            remote.limit(self.conn, command_timeout)
             self.sudo = self._sudo_prefix()
         except BaseException:
             self.conn.close()
             raise
 
+    def reconnect(self) -> Host:
+        """A new connection to the same host after this one was lost: one attempt, with a connect
+        timeout of at most RECONNECT_SECONDS."""
+        self.close()
+        ssh = dataclasses.replace(self.ssh, timeout=min(self.ssh.timeout, RECONNECT_SECONDS))
+        return Host(self.node, ssh, self.command_timeout)
+
     def _sudo_prefix(self) -> str:
-        if self.run_as_user("id -u").strip() == "0":
+        if self.run_as_user("id -u", "id -u").strip() == "0":
             return ""
         user = self.node.spec.user or self.conn.user
         if not self.node.sudo:
             raise ToaError(f"{user} is not root and sudo=no for this host: connect as root or set sudo=yes in the nodes file")
-        if self.conn.run("sudo -n true", hide=True, warn=True, in_stream=False).failed:
+        if self._call("sudo -n true", lambda: remote.execute(self.conn, "sudo -n true", "sudo -n true")).failed:
             raise ToaError(f"{user} cannot run `sudo -n` without a password: allow it in sudoers or connect as root")
         return "sudo -n "
 
-    def run_as_user(self, command: str) -> str:
-        return remote.run(self.conn, command)
+    def _call(self, what: str, operation: Callable):
+        if self.lost:
+            raise remote.ConnectionLost(f"the connection to {self.node.name} was lost before {what}")
+        try:
+            return operation()
+        except remote.ConnectionLost:
+            self.lost = True
+            raise
 
-    def run_as_root(self, script: str) -> str:
-        return remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}")
+    def run_as_user(self, command: str, what: str) -> str:
+        return self._call(what, lambda: remote.run(self.conn, command, what))
+
+    def run_as_root(self, script: str, what: str) -> str:
+        return self._call(what, lambda: remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}", what))
+
+    def put(self, local: Path, path: str) -> None:
+        self._call("upload", lambda: remote.put(self.conn, str(local), path))
+
+    def detect(self) -> detect.Platform:
+        """The host's platform; its kernel release checked."""
+        def identify(output: str) -> detect.Platform:
+            platform = detect.identify(detect.parse_remote_facts(output))
+            validate_release(platform.kernel or "")
+            return platform
+
+        return self.parse("detect", identify, self.run_as_user(detect.REMOTE_FACTS_COMMAND, "detect"))
+
+    def parse(self, what: str, parser: Callable, output: str):
+        """PARSER(OUTPUT); output it cannot make sense of is a ToaError naming the host and WHAT."""
+        try:
+            return parser(output)
+        except (ToaError, ValueError, IndexError) as exc:
+            raise ToaError(f"unexpected output from {self.node.name} ({what}): {exc}") from None
 
     def close(self) -> None:
         try:
             self.conn.close()
-        except CONNECTION_ERRORS:
+        except Exception:
             pass  # the host went away: nothing left to close politely
 
 
@@ -456,27 +580,87 @@ def _preflight(host: Host, artifact: Artifact, release: str) -> None:
     preflight checks against what the host has of its kernel's tree (build tree or /boot files)."""
     module = preflight.read_module(artifact.ko.read_bytes())
     script = preflight.host_tree_command(release, list(module.crcs))
-    tree = preflight.parse_host_tree(host.run_as_user(f"sh -c {shlex.quote(script)}"), release, host.node.name)
+    output = host.run_as_user(f"sh -c {shlex.quote(script)}", "preflight")
+    tree = host.parse("preflight", lambda text: preflight.parse_host_tree(text, release, host.node.name), output)
     refused = preflight.refusal(preflight.run(module, tree), release)
     if refused:
         raise ToaError(f"{refused}; nothing was uploaded")
 
 
-def _write_file_script(path: str, kind: str, text: str, mode: int) -> str:
-    """Atomically replace PATH: write a temp name beside it, sync, rename over it."""
+def _replace_script(path: str, *, create: str, check: str, same: str, mode: int | None, keep_mode: bool = False,
+                    resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "") -> str:
+    """The one way deploy puts a file on a host, all or nothing (see the module docstring).
+
+    In the script, $p is PATH and $t the file replaced: PATH's target when RESOLVE (readlink -f), else
+    PATH itself (a symlink toa owns); $tmp is the temp name beside $t. CREATE writes $tmp; CHECK is a
+    test that it holds what was sent; SAME a test that $t already does (nothing to do then). $tmp takes
+    $t's owner and SELinux label, and MODE, or with KEEP_MODE $t's mode where $t exists; MODE None
+    leaves modes alone (symlinks). BEFORE_RENAME runs just before the rename. Any failing step prints
+    one line naming it and exits 1; the temp name never outlives the script."""
     q = shlex.quote
-    directory = posixpath.dirname(path)
-    temp = _temp_prefix(path) + _temp_suffix()
+    lines = [
+        "set -e", PATH_SETTING,
+        'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
+        f"p={q(path)}",
+        'mkdir -p -- "$(dirname -- "$p")" || fail "cannot create the directory of $p"',
+        't=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"' if resolve else 't=$p',
+        f'tmp="$(dirname -- "$t")/.$(basename -- "$t")"{q(mark + _temp_suffix())}',
+        'trap \'rm -f -- "$tmp"\' EXIT',
+        f"if {same}; then exit 0; fi",
+        # the pipeline's status alone says little (a full disk can fail either side): CHECK decides
+        f'if ! err=$( {{ {create}; }} 2>&1 ); then fail "cannot write $t: $(printf %s "$err" | tr "\\n" " ")"; fi',
+        f'{check} || fail "cannot write $t: the temp file does not hold what was sent (is the disk full?)"',
+    ]
+    if mode is not None:
+        keep = ['chown --reference="$t" -- "$tmp" || fail "cannot give $tmp the owner of $t"',
+                'if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled && command -v chcon >/dev/null 2>&1; '
+                'then chcon --reference="$t" -- "$tmp" || fail "cannot give $tmp the SELinux label of $t"; fi']
+        set_mode = f'chmod {mode:o} -- "$tmp" || fail "cannot set the mode of $tmp"'
+        if keep_mode:
+            keep.append('chmod --reference="$t" -- "$tmp" || fail "cannot give $tmp the mode of $t"')
+            lines += ['if [ -e "$t" ]; then', *keep, "else", set_mode, "fi"]
+        else:
+            lines += ['if [ -e "$t" ]; then', *keep, "fi", set_mode]
+    lines += ["sync", *([before_rename] if before_rename else []),
+              'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', "sync", ""]
+    return "\n".join(lines)
+
+
+def _sha_of(file_var: str) -> str:
+    return f'"$(sha256sum < "{file_var}" | cut -d" " -f1)"'
+
+
+def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode: bool = False,
+                       resolve: bool = True) -> str:
+    """Make PATH a file holding TEXT with MODE (KEEP_MODE: the existing file's mode), written where
+    PATH points if it is a symlink (unless not RESOLVE); or, for KIND symlink, make PATH a symlink to TEXT."""
+    q = shlex.quote
     if kind == "symlink":
-        create = f"ln -s {q(text)} {q(temp)}"
-    else:
-        encoded = base64.b64encode(text.encode()).decode()
-        create = f"printf %s {q(encoded)} | base64 -d > {q(temp)} && chmod {mode:o} {q(temp)}"
-    return f"set -e\n{PATH_SETTING}\nmkdir -p {q(directory)}\n{create}\nsync\nmv -f -T {q(temp)} {q(path)}\nsync\n"
+        return _replace_script(path, create=f'ln -s -- {q(text)} "$tmp"',
+                               check=f'[ "$(readlink -- "$tmp")" = {q(text)} ]',
+                               same=f'[ -L "$t" ] && [ "$(readlink -- "$t")" = {q(text)} ]', mode=None, resolve=False)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    encoded = base64.b64encode(text.encode()).decode()
+    same = f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]'
+    if not keep_mode:
+        same += f' && [ "$(stat -c %a -- "$t")" = {mode:o} ]'
+    return _replace_script(path, create=f'printf %s {q(encoded)} | base64 -d > "$tmp"',
+                           check=f'[ {_sha_of("$tmp")} = {sha} ]', same=same, mode=mode, keep_mode=keep_mode,
+                           resolve=resolve)
 
 
-def _remove_file_script(path: str) -> str:
-    return f"rm -f {shlex.quote(path)}\nsync\n"
+def _remove_file_script(path: str, *, resolve: bool = True) -> str:
+    """Remove PATH (where it points when RESOLVE, as _write_file_script wrote it)."""
+    q = shlex.quote
+    target = f't=$(readlink -f -- {q(path)}) || exit 0' if resolve else f"t={q(path)}"
+    return f'{PATH_SETTING}\n{target}\nrm -f -- "$t"\nsync\n'
+
+
+def _writes(entry: AutoloadFile) -> dict:
+    """How ENTRY's path is written, whatever is put there: where it points if it is a symlink (but
+    a symlink toa owns is replaced itself), keeping the existing file's mode for a shared file (a
+    file toa owns gets its own)."""
+    return {"keep_mode": entry.kind == "lines", "resolve": entry.kind != "symlink"}
 
 
 @dataclass
@@ -488,51 +672,60 @@ class _Done:
     files: list[FileChange] = field(default_factory=list)
 
 
+def _parse_staging(output: str) -> str:
+    staging = output.strip()
+    if not re.fullmatch(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8}", staging):
+        raise ToaError(f"mktemp printed {staging[:60]!r}, not a directory under {STAGING_PREFIX}")
+    return staging
+
+
+def _parse_sha256sum(output: str) -> str:
+    words = output.split()
+    if not words or not _SHA256.fullmatch(words[0]):
+        raise ToaError(f"sha256sum printed {output.strip()[:80]!r}")
+    return words[0]
+
+
 def _install_module(host: Host, artifact: Artifact, module_file: str, say) -> None:
     q = shlex.quote
-    staging = host.run_as_user(f"mktemp -d {q(STAGING_PREFIX)}XXXXXXXX").strip()
-    if not re.fullmatch(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8}", staging):
-        raise ToaError(f"mktemp on the host printed {staging[:60]!r}: check /tmp there")
+    staging = host.parse("mktemp", _parse_staging, host.run_as_user(f"mktemp -d {q(STAGING_PREFIX)}XXXXXXXX", "mktemp"))
     staged = f"{staging}/toa.ko"
     try:
         say("upload")
-        host.conn.put(str(artifact.ko), staged)
-        if host.run_as_user(f"sha256sum {q(staged)}").split()[:1] != [artifact.sha256]:
+        host.put(artifact.ko, staged)
+        uploaded = host.parse("sha256sum of the upload", _parse_sha256sum,
+                              host.run_as_user(f"sha256sum {q(staged)}", "sha256sum of the upload"))
+        if uploaded != artifact.sha256:
             raise ToaError("the uploaded toa.ko has another sha256 than the artifact: the transfer was damaged, run again")
-        temp = posixpath.join(posixpath.dirname(module_file), MODULE_TEMP_PREFIX + _temp_suffix())
-        host.run_as_root("\n".join([
-            "set -e", PATH_SETTING,
-            f"m={q(module_file)}; t={q(temp)}",
-            'mkdir -p "$(dirname "$m")"',
-            f'cp {q(staged)} "$t"; chmod 644 "$t"',
-            f'[ "$(sha256sum < "$t" | cut -d" " -f1)" = {artifact.sha256} ] || {{ rm -f "$t"; '
-            'echo "toa.ko changed while copied into place" >&2; exit 3; }',
-            "sync",
-            'if [ -f "$m" ]; then ln -f "$m" "$m.prev"; fi',
-            'mv -f -T "$t" "$m"',
-            "sync",
-        ]))
+        sha = artifact.sha256
+        host.run_as_root(_replace_script(
+            module_file, create=f'cat -- {q(staged)} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {sha} ]',
+            same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]', mode=0o644, mark=MODULE_TEMP_MARK,
+            before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi'),
+            "installing toa.ko")
     finally:
         try:
-            host.run_as_user(f"rm -rf {q(staging)}")
-        except (ToaError, *CONNECTION_ERRORS):
+            host.run_as_user(f"rm -rf {q(staging)}", "removing the upload")
+        except ToaError:
             pass  # the host is gone; the next boot or run finds a stale upload under /tmp only
 
 
 def _depmod(host: Host, release: str) -> None:
-    host.run_as_root(f"{PATH_SETTING}\ndepmod -a {shlex.quote(release)}\n")
+    host.run_as_root(f"{PATH_SETTING}\ndepmod -a {shlex.quote(release)}\n", "depmod")
 
 
 def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, parameters: dict[str, str],
            done: _Done, say) -> None:
     release = artifact.release
     if plan.stale:
-        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n")
+        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
+                         "removing temp files of an interrupted run")
     if plan.install:
         done.installed = True  # from here on the rollback restores the previous file
         _install_module(host, artifact, module_file, say)
         say("installed")
     if plan.depmod:
+        say("depmod")
         _depmod(host, release)
     if plan.load:
         say(plan.load)
@@ -541,71 +734,98 @@ def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, paramet
         # every wanted parameter on the command line: they come after, and win over, any options
         # an older /etc/modprobe.d/toa.conf still gives until the autoload files are rewritten
         output = host.run_as_root(load_command(module_file, release, render.module_options(parameters), marker,
-                                               reload=plan.load == "reload"))
-        check_load(parse_load(output), artifact, parameters)
+                                               reload=plan.load == "reload"), f"{plan.load} toa")
+        check_load(host.parse(f"{plan.load} toa", parse_load, output), artifact, parameters)
     for change in plan.files:
         say("autoload")
         done.files.append(change)
-        host.run_as_root(_write_file_script(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file",
-                                            change.text, change.entry.mode))
+        kind = "symlink" if change.entry.kind == "symlink" else "file"
+        script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
+        host.run_as_root(script, f"writing {change.entry.path}")
+
+
+def _restore_module_script(module_file: str, release: str, old: str | None) -> str:
+    """Put back the toa.ko this run found (OLD: its sha256; None: there was none)."""
+    q = shlex.quote
+    # only when toa.ko really changed, and only from a toa.ko.prev that is the file this run found:
+    # an install cut short before its hard link must not bring back an older toa.ko.prev; the
+    # rename is checked like every write (toa.ko.prev is the temp name whose content was checked)
+    restore = (f'[ {_sha_of("$m.prev")} = {q(old)} ] || '
+               '{ echo "toa.ko.prev is not the module this run replaced" >&2; exit 1; }; mv -f -T -- "$m.prev" "$m"'
+               if old else 'rm -f -- "$m"')
+    depmod = f"depmod -a {q(release)}" if modules_dep_entry(module_file, release) is not None else "true"
+    return "\n".join([
+        PATH_SETTING, f"m=$(readlink -f -- {q(module_file)}) || m={q(module_file)}",
+        f'if [ "$(sha256sum < "$m" 2>/dev/null | cut -d" " -f1)" != {q(old or "")} ]; then {restore} || exit 1; fi',
+        f"sync; {depmod}", ""])
+
+
+def _reload_previous_script(module_file: str, release: str, state: ModuleState) -> str:
+    """Load again the build STATE had loaded, with its options, as the host loads modules; checked."""
+    q = shlex.quote
+    want = q(state.loaded_srcversion or "")
+    arguments = render.module_options({k: v for k, v in state.parameters.items() if k in DEFAULT_PARAMETERS})
+    return "\n".join([
+        PATH_SETTING,
+        f'if [ "$(cat /sys/module/toa/srcversion 2>/dev/null)" != {want} ]; then',
+        '  if [ -d /sys/module/toa ]; then rmmod toa || exit 1; fi',
+        f"  {load_invocation(module_file, release, arguments)} || exit 1",
+        f'  now=$(cat /sys/module/toa/srcversion 2>/dev/null); [ "$now" = {want} ] || '
+        f'{{ echo "toa loaded again has srcversion ${{now:-none}}, not {state.loaded_srcversion}" >&2; exit 1; }}',
+        "fi", ""])
 
 
 def _rollback(host: Host, state: ModuleState, module_file: str, release: str, done: _Done) -> list[str]:
-    """Put back what DONE changed; the steps that could not be undone, as text."""
-    problems = []
-
-    def attempt(what: str, script: str) -> None:
-        try:
-            host.run_as_root(script)
-        except (ToaError, *CONNECTION_ERRORS) as exc:
-            problems.append(f"{what}: {exc}")
-
+    """Put back what DONE changed; the steps that could not be undone, as text. Never raises: a
+    step's error, whatever it is, is that step's problem; once the connection is lost the steps
+    left are not attempted."""
+    problems: list[str] = []
+    steps: list[tuple[str, Callable[[], str]]] = []
     for change in reversed(done.files):
-        previous = change.previous
-        attempt(f"restoring {change.entry.path}",
-                _remove_file_script(change.entry.path) if previous is None
-                else _write_file_script(change.entry.path, previous.kind, previous.text, previous.mode))
-    q = shlex.quote
+        previous, entry = change.previous, change.entry
+        if previous is None:
+            steps.append((f"removing {entry.path}", partial(_remove_file_script, entry.path, resolve=_writes(entry)["resolve"])))
+        else:
+            steps.append((f"restoring {entry.path}", partial(_write_file_script, entry.path, previous.kind,
+                                                             previous.text, previous.mode, **_writes(entry))))
     if done.installed:
-        # only when toa.ko really changed, and only from a toa.ko.prev that is the file this run found:
-        # an install cut short before its hard link must not bring back an older toa.ko.prev
-        old = state.installed_sha256
-        restore = (f'[ "$(sha256sum < "$m.prev" | cut -d" " -f1)" = {q(old)} ] || '
-                   '{ echo "toa.ko.prev is not the module this run replaced" >&2; exit 1; }; mv -f -T "$m.prev" "$m"'
-                   if old else 'rm -f "$m"')
-        depmod = f"depmod -a {q(release)}" if modules_dep_entry(module_file, release) is not None else "true"
-        attempt("restoring the previous toa.ko", "\n".join([
-            PATH_SETTING, f"m={q(module_file)}",
-            f'if [ "$(sha256sum < "$m" 2>/dev/null | cut -d" " -f1)" != {q(old or "")} ]; then {restore}; fi',
-            f"sync; {depmod}", ""]))
+        steps.append(("restoring the previous toa.ko",
+                      partial(_restore_module_script, module_file, release, state.installed_sha256)))
     if done.load_attempted:
         if state.loaded and state.loaded_srcversion:
-            arguments = render.module_options({k: v for k, v in state.parameters.items() if k in DEFAULT_PARAMETERS})
-            attempt("loading the previous toa again",
-                    f"{PATH_SETTING}\nif [ \"$(cat /sys/module/toa/srcversion 2>/dev/null)\" != "
-                    f"{q(state.loaded_srcversion)} ]; then if [ -d /sys/module/toa ]; then rmmod toa; fi; "
-                    f"modprobe toa {arguments}; fi\n")
+            steps.append(("loading the previous toa again", partial(_reload_previous_script, module_file, release, state)))
         elif not state.loaded:
-            attempt("unloading toa", f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n")
+            steps.append(("unloading toa", lambda: f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n"))
+    for what, script in steps:
+        if host.lost:
+            problems.append(f"{what}: not attempted")
+            continue
+        try:
+            host.run_as_root(script(), f"rollback: {what}")
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            problems.append(f"{what}: {_describe_failure(exc)}")
     return problems
 
 
 def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, ToaError):
         return str(exc)
-    return f"connection lost: {exc or type(exc).__name__}"
+    if isinstance(exc, CONNECTION_ERRORS):
+        return f"connection lost: {exc or type(exc).__name__}"
+    return f"unexpected error ({type(exc).__name__}: {exc}): please report it"
 
 
 def _read(host: Host, options: DeployOptions, say):
     """Detect the host and read its state: (platform, release, module file, autoload files, state)."""
     say("detect")
-    platform = detect.identify(detect.read_remote(host.conn))
-    release = validate_release(platform.kernel or "")
+    platform = host.detect()
+    release = platform.kernel
     if platform.target is None:
         raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, release)
     files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
-    state = parse_state(host.run_as_root(state_command(module_file, release, files)), files)
+    output = host.run_as_root(state_command(module_file, release, files), "reading the module state")
+    state = host.parse("reading the module state", lambda text: parse_state(text, files), output)
     return platform, release, module_file, files, state
 
 
@@ -621,7 +841,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
     done = _Done()
     try:
         say("connect")
-        host = Host(node, options.ssh)
+        host = Host(node, options.ssh, options.command_timeout)
         platform, release, module_file, files, state = _read(host, options, say)
         result.kernel = release
         artifact = _artifact_for(release, platform.target.id, options, say)
@@ -647,12 +867,19 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
             result.action = "installed" if fresh else "updated"
             result.detail = f"toa {artifact.srcversion} loaded; " + "; ".join(result.changes)
         say("done")
-    except (ToaError, *CONNECTION_ERRORS) as exc:
+    except Exception as exc:  # noqa: BLE001 - one host's failure, whatever it is, is that host's result alone
         result.action, result.detail = "failed", _describe_failure(exc)
         if host is not None and state is not None and (done.installed or done.load_attempted or done.files):
             say("rollback")
-            problems = _rollback(host, state, module_file, result.kernel, done)
-            result.detail += "; rolled back" if not problems else "; rollback incomplete: " + "; ".join(problems)
+            if host.lost:
+                try:
+                    host = host.reconnect()
+                except Exception as again:  # noqa: BLE001
+                    host = None
+                    result.detail += f"; not rolled back: reconnecting failed ({_describe_failure(again)})"
+            if host is not None:
+                problems = _rollback(host, state, module_file, result.kernel, done)
+                result.detail += "; rolled back" if not problems else "; rollback incomplete: " + "; ".join(problems)
         say("failed")
     finally:
         if host is not None:
@@ -730,7 +957,7 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
     host = None
     try:
         say("connect")
-        host = Host(node, options.ssh)
+        host = Host(node, options.ssh, options.command_timeout)
         platform, release, _module_file, files, state = _read(host, options, say)
         status.kernel = release
         status.loaded, status.loaded_srcversion = state.loaded, state.loaded_srcversion
@@ -743,7 +970,7 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
             status.artifact = "match" if matches else "differs"
         status.autoload = autoload_summary(state, files)
         say("done")
-    except (ToaError, *CONNECTION_ERRORS) as exc:
+    except Exception as exc:  # noqa: BLE001 - one host's failure is that host's row alone
         status.error = _describe_failure(exc)
         say("failed")
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
@@ -9,9 +10,11 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import paramiko
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut, ThreadException
 
 from toa.errors import ToaError
 
@@ -194,6 +197,9 @@ def connect(spec: HostSpec, options: SshOptions = SshOptions()) -> Connection:
                 f"host key of {target} is unknown: add it to ~/.ssh/known_hosts or pass --known-hosts FILE "
                 "(see --help for accepting new keys)"
             ) from None
+        if "banner" in str(exc) or str(exc) == "No existing session":  # paramiko's words for a handshake cut short
+            raise ToaError(f"SSH to {target} failed: no SSH handshake within {options.timeout:g} s "
+                           "(the host hangs or is overloaded)") from None
         raise ToaError(f"SSH to {target} failed: {exc}") from None
     except (OSError, socket.timeout) as exc:
         raise ToaError(f"cannot reach {target}: {exc.strerror or exc}") from None
@@ -218,10 +224,84 @@ def effective_target(spec: HostSpec, conn: Connection) -> str:
     return shown
 
 
-def run(conn: Connection, command: str) -> str:
+class ConnectionLost(ToaError):
+    """The host stopped answering within the time limit, or the connection broke: nothing more can
+    be run over this connection."""
+
+
+# Errors of a connection that broke under a command or a transfer (invoke's reader threads wrap them).
+_BROKEN = (paramiko.SSHException, EOFError, OSError, ThreadException)
+# invoke's timer starts only once the command runs: opening the channel, the exec request and SFTP
+# wait for the host without a limit of their own. A watchdog closes the whole connection this long
+# after the limit, which ends every one of those waits.
+WATCHDOG_GRACE_SECONDS = 5.0
+# How often the transport sends a keepalive; unacknowledged for longer than the limit, the kernel
+# drops the connection (TCP_USER_TIMEOUT) rather than retrying for a quarter of an hour.
+KEEPALIVE_SECONDS = 5
+
+T = TypeVar("T")
+
+
+def limit(conn: Connection, seconds: float | None) -> None:
+    """Give every later run() and put() on CONN at most SECONDS (None: no limit) and watch the
+    connection for a host that vanished."""
+    conn.config.timeouts.command = seconds
+    conn.transport.set_keepalive(KEEPALIVE_SECONDS)
+    sock = conn.transport.sock
+    if seconds and isinstance(sock, socket.socket) and hasattr(socket, "TCP_USER_TIMEOUT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
+def _bounded(conn: Connection, what: str, operation: Callable[[], T]) -> T:
+    """OPERATION (a command or a transfer on CONN) within the connection's limit; a host that does
+    not answer in time, or a connection that breaks, is a ConnectionLost naming the host and WHAT."""
+    seconds = conn.config.timeouts.command
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def no_answer() -> ConnectionLost:
+        return ConnectionLost(f"no answer from {conn.host} within {seconds:g} s ({what}): the host hangs or is gone")
+
+    timer = None
+    if seconds:
+        timer = threading.Timer(seconds + WATCHDOG_GRACE_SECONDS, expire)
+        timer.daemon = True
+        timer.start()
+    try:
+        result = operation()
+    except CommandTimedOut:
+        raise no_answer() from None
+    except _BROKEN as exc:
+        if expired.is_set():
+            raise no_answer() from None
+        raise ConnectionLost(f"connection to {conn.host} lost ({what}): {exc or type(exc).__name__}") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired.is_set():
+        raise no_answer()
+    return result
+
+
+def execute(conn: Connection, command: str, what: str = "a command"):
+    """Run a fixed command on the host within the connection's limit; its invoke Result, failed or not."""
+    return _bounded(conn, what, lambda: conn.run(command, hide=True, warn=True, in_stream=False))
+
+
+def run(conn: Connection, command: str, what: str = "a command") -> str:
     """Run a fixed command on the host and return its stdout; a failure is a ToaError."""
-    result = conn.run(command, hide=True, warn=True, in_stream=False)
+    result = execute(conn, command, what)
     if result.failed:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ToaError(f"command failed on {conn.host} (exit {result.exited}): {tail[0]}")
     return result.stdout
+
+
+def put(conn: Connection, local: str, remote: str, what: str = "upload") -> None:
+    """Copy a local file to the host over SFTP within the connection's limit."""
+    _bounded(conn, what, lambda: conn.put(local, remote))

@@ -11,6 +11,10 @@ from invoke import Exit, task
 from toa.commands.common import module_options, print_json, user_errors
 from toa.errors import ToaError
 
+# deploy.COMMAND_TIMEOUT_SECONDS and SshOptions' timeout, here without importing paramiko (a test ties them)
+COMMAND_TIMEOUT = 120
+CONNECT_TIMEOUT = 15
+
 FLEET_HELP = {
     "hosts": "nodes file: one [user@]host[:port] per line, then optional key=PATH sudo=yes|no user=NAME",
     "dist": "where the built artifacts are: <dist>/<target>/<release>/toa.ko (default: dist)",
@@ -22,10 +26,13 @@ FLEET_HELP = {
     "json": "print JSON instead of a table",
     "option": "module option for the deploy, e.g. --option trusted=100.64.0.0/10 (the balancers' source range) or "
               "--option kinds=254,200 (repeatable; default: the module's)",
+    "command_timeout": f"seconds each command or upload on a host may take; a host that hangs or vanishes fails "
+                       f"after it (default: {COMMAND_TIMEOUT}; connecting waits at most {CONNECT_TIMEOUT})",
 }
 
 
-def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_missing=False, dry_run=False):
+def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing=False,
+                   dry_run=False):
     from toa import deploy, remote
 
     options = module_options(option)
@@ -33,7 +40,7 @@ def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_m
         raise ToaError(f"key file {key} does not exist: fix --key")
     ssh = remote.SshOptions(key_filename=key, known_hosts=known_hosts, accept_new_host_keys=accept_new_host_keys)
     return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
-                                dry_run=dry_run)
+                                dry_run=dry_run, command_timeout=_number(command_timeout, "--command-timeout", 1))
 
 
 def _number(value, flag, minimum):
@@ -98,7 +105,8 @@ ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green",
       iterable=["option"], auto_shortflags=False)
 @user_errors
 def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
-           json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None):
+           json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None,
+           command_timeout=COMMAND_TIMEOUT):
     """Install, load and verify toa.ko on the hosts of a nodes file, and load it at every boot.
 
     A host that fails is rolled back to what it had; a second run changes nothing."""
@@ -108,7 +116,8 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
     from toa import nodes as inventory
 
     node_list = inventory.load(hosts)  # every line checked before any connection
-    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, build_missing, dry_run)
+    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing,
+                             dry_run)
     parallel, batch = _number(parallel, "--parallel", 1), _number(batch, "--batch", 0)
     max_fail = _number(max_fail, "--max-fail", 0)
     with _live_steps(node_list) as progress:
@@ -131,13 +140,13 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 @task(help=FLEET_HELP, iterable=["option"], auto_shortflags=False)
 @user_errors
 def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
-           option=None):
+           option=None, command_timeout=COMMAND_TIMEOUT):
     """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files."""
     from toa import deploy as deployment
     from toa import nodes as inventory
 
     node_list = inventory.load(hosts)
-    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option)
+    options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout)
     with _live_steps(node_list) as progress:
         states = deployment.status(node_list, options, parallel=_number(parallel, "--parallel", 1), progress=progress)
     if json:
