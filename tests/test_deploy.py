@@ -846,7 +846,7 @@ def test_a_coreos_host_is_rolled_back_with_insmod_of_its_own_file(fleet, artifac
         assert guest.run(loaded) == before
         assert _temp_names(guest, f"/var/lib/toa/{release}", "/etc/systemd/system") == "0"
     finally:
-        guest.run(f"umount /etc/os-release; rmmod toa; rm -rf /var/lib/toa /etc/systemd/system/toa.service "
+        guest.run("umount /etc/os-release; rmmod toa; rm -rf /var/lib/toa /etc/systemd/system/toa.service "
                   "/etc/systemd/system/sysinit.target.wants/toa.service")
 
 
