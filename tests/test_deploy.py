@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, toa
-from toa import deploy, render, targets
+from toa import deploy, detect, render, targets
 from toa.errors import ToaError
 from toa.nodes import Node
 from toa.remote import HostSpec, SshOptions
@@ -893,3 +893,85 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     assert result.returncode == 0, result.stdout + result.stderr
     assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
                                     "autoload": _rendered(victim.release)}
+
+
+# ---------------------------------------------------------------- the next boot's kernel
+
+
+def test_other_kernels_and_the_next_boot_are_read_from_the_state():
+    platform = detect.Platform(family="debian", distro="debian", version="12", name="Debian 12", init="systemd",
+                               kernel="5.10.0-30-amd64", target=targets.get("debian-12"),
+                               installed_kernels=("5.10.0-30-amd64", "6.1.0-40-amd64", "6.1.0-41-amd64"),
+                               next_kernel="6.1.0-41-amd64", next_kernel_from="newest installed")
+    assert deploy.other_kernels(platform, ("running", "next")) == {"6.1.0-41-amd64": "next boot"}
+    assert deploy.other_kernels(platform, ("running", "installed", "next")) == {
+        "6.1.0-40-amd64": "installed", "6.1.0-41-amd64": "next boot"}
+    assert deploy.other_kernels(platform, ("running",)) == {}
+    others = (("6.1.0-41-amd64", "/lib/modules/6.1.0-41-amd64/extra/toa.ko"),)
+    command = deploy.state_command(MODULE_FILE, RELEASE, FILES, others)
+    assert "/lib/modules/6.1.0-41-amd64/extra/toa.ko" in command
+    state = deploy.parse_state(f"@@other 6.1.0-41-amd64 - -\n@@other 6.1.0-40-amd64 {SHA256} "
+                               "/lib/modules/6.1.0-40-amd64/extra/toa.ko\n", FILES)
+    assert state.others == {"6.1.0-41-amd64": (None, None),
+                            "6.1.0-40-amd64": (SHA256, "/lib/modules/6.1.0-40-amd64/extra/toa.ko")}
+    assert deploy.next_boot(platform, state) == "NO toa.ko: 6.1.0-41-amd64 boots without toa"
+    state.others["6.1.0-41-amd64"] = (None, "/lib/modules/6.1.0-41-amd64/updates/dkms/toa.ko")
+    assert deploy.next_boot(platform, state) == "toa.ko in place"
+    for line in ("@@other 6.1.0-41-amd64 nothex -", "@@other ../x - -", "@@other 6.1.0-41-amd64 - relative/toa.ko"):
+        with pytest.raises(ToaError, match="unexpected line"):
+            deploy.parse_state(line + "\n", FILES)
+
+
+def test_bad_kernels_choice_is_one_line(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text("root@192.0.2.1\n")
+    for value in ("next", "running,later", ""):
+        assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--kernels", value), "invalid --kernels")
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels, releases, artifacts, tmp_path):
+    new, old = releases
+    guest = next(g for g in fleet if g.release == old)
+    args = _fleet_args(tmp_path, [guest])
+    # the newer kernel installed beside the running one (its module indexes; GRUB would boot it next)
+    new_modules = next(tree for tree in guest_kernels if tree.release == new).modules_dir
+    guest.run(f"mkdir -p /lib/modules/{new}")
+    with guest.connect() as conn:
+        for name in ("modules.order", "modules.builtin"):
+            conn.put(str(new_modules / name), f"/lib/modules/{new}/{name}")
+    try:
+        full, _ = artifacts
+        before = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        assert (before["next_kernel"], before["next_boot"]) == (new, f"NO toa.ko: {new} boots without toa")
+
+        result, hosts = _deploy_json(*args, "--dist", str(full), "--dry-run")
+        assert f"install toa.ko for {new} (next boot)" in hosts[guest.node_line()]["changes"]
+        assert guest.run(f"ls /lib/modules/{new}").split() == ["modules.builtin", "modules.order"]
+
+        result, hosts = _deploy_json(*args, "--dist", str(full))
+        assert result.returncode == 0, result.stdout
+        assert f"install toa.ko for {new} (next boot)" in hosts[guest.node_line()]["detail"]
+        built = deploy.find_artifact(full, new)
+        assert guest.run(f"sha256sum /lib/modules/{new}/extra/toa.ko").split()[0] == built.sha256
+        assert "extra/toa.ko:" in guest.run(f"cat /lib/modules/{new}/modules.dep")  # indexed for that kernel
+        assert guest.run("cat /sys/module/toa/srcversion").strip() == deploy.find_artifact(full, old).srcversion
+
+        after = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        assert after["next_boot"] == "toa.ko in place"
+        _, hosts = _deploy_json(*args, "--dist", str(full))
+        assert hosts[guest.node_line()]["action"] == "unchanged"
+
+        # a dist without that kernel's build: the running kernel is served, the next boot is named
+        guest.run(f"rm -rf /lib/modules/{new}/extra")
+        old_only = tmp_path / "old-only"
+        found = deploy.find_artifact(full, old)
+        shutil.copytree(found.ko.parent, old_only / found.ko.parent.parent.name / old)
+        result, hosts = _deploy_json(*args, "--dist", str(old_only))
+        assert result.returncode == 0
+        assert f"{new} (next boot) has no toa.ko: build it (--build-missing)" in hosts[guest.node_line()]["detail"]
+    finally:
+        guest.run(f"rm -rf /lib/modules/{new}")

@@ -143,6 +143,8 @@ class ModuleState:
     # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
     module_resolved: str | None = None
     resolved: dict[str, str] = field(default_factory=dict)
+    # other installed kernels: release -> (sha256 of toa's own file there, or None; a toa.ko found, or None)
+    others: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
 def modules_dep_entry(module_file: str, release: str) -> str | None:
@@ -162,8 +164,10 @@ def _temp_prefix(path: str, mark: str = FILE_TEMP_MARK) -> str:
     return f"{directory}/.{name}{mark}"
 
 
-def state_command(module_file: str, release: str, files: list[AutoloadFile]) -> str:
-    """One command that prints a host's module state as @@-tagged lines (see parse_state)."""
+def state_command(module_file: str, release: str, files: list[AutoloadFile],
+                  others: tuple[tuple[str, str], ...] = ()) -> str:
+    """One command that prints a host's module state as @@-tagged lines (see parse_state); OTHERS:
+    (release, module file) of the other kernels whose toa.ko is wanted too."""
     q = shlex.quote
     entry = modules_dep_entry(module_file, release)
     lines = [
@@ -203,6 +207,12 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile]) -> 
                 f"f={q(entry_file.path)}; "
                 f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
                 f'else echo "@@absent {index}"; fi')
+    for other, other_file in others:
+        # toa's own file, else any toa.ko that kernel has (a DKMS or kmod package's)
+        lines.append(
+            f"f={q(other_file)}; if [ -f \"$f\" ]; then echo \"@@other {q(validate_release(other))} "
+            f'$(sha256sum < "$f" | cut -d" " -f1) $f"; else p=$(find {q(f"/lib/modules/{other}")} '
+            f"-name 'toa.ko*' 2>/dev/null | head -n 1); echo \"@@other {q(other)} - ${{p:--}}\"; fi")
     return "\n".join(lines) + "\ntrue\n"
 
 
@@ -270,6 +280,11 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         state.files[entry(words[0]).path] = Current("file", text, int(words[1], 8))
     elif tag == "@@absent" and len(words) == 1:
         state.files[entry(words[0]).path] = None
+    elif tag == "@@other" and len(words) == 3 and (words[1] == "-" or _SHA256.fullmatch(words[1])):
+        if words[2] != "-" and not words[2].startswith("/"):
+            raise ToaError("not an absolute path")
+        state.others[validate_release(words[0])] = (None if words[1] == "-" else words[1],
+                                                    None if words[2] == "-" else words[2])
     else:
         raise ToaError("not a line the state command prints")
 
@@ -470,6 +485,8 @@ class DeployOptions:
     build_missing: bool = False
     dry_run: bool = False
     command_timeout: float = COMMAND_TIMEOUT_SECONDS  # seconds each command or transfer on a host may take
+    # which kernels get toa.ko: the running one (loaded), the one the next boot runs, every installed one
+    kernels: tuple[str, ...] = ("running", "next")
 
 
 CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
@@ -670,6 +687,8 @@ class _Done:
     installed: bool = False
     load_attempted: bool = False
     files: list[FileChange] = field(default_factory=list)
+    # toa.ko installed for other kernels: (module file, release, sha256 of the file it replaced or None)
+    others: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 def _parse_staging(output: str) -> str:
@@ -775,12 +794,47 @@ def _reload_previous_script(module_file: str, release: str, state: ModuleState) 
         "fi", ""])
 
 
+def _deploy_other_kernels(host: Host, platform: detect.Platform, state: ModuleState, options: DeployOptions,
+                          result: HostResult, done: _Done, say) -> None:
+    """toa.ko for the other kernels options.kernels names (the next boot's, the installed ones):
+    installed and indexed, not loaded. A kernel that already has a toa.ko (toa's, or a DKMS or kmod
+    package's) is left as it is; one without a build is named in the result."""
+    added, notes = [], []
+    for other, why in other_kernels(platform, options.kernels).items():
+        own_sha, found = state.others.get(other, (None, None))
+        artifact = (_artifact_for(other, platform.target.id, options, say) if options.build_missing
+                    else find_artifact(options.dist, other, platform.target.id))
+        if artifact is None:
+            if found is None:
+                notes.append(f"{other} ({why}) has no toa.ko: " + (
+                    "it would be built first" if options.build_missing else "build it (--build-missing)"))
+            continue
+        if own_sha == artifact.sha256 or (own_sha is None and found is not None):
+            continue  # in place already, or covered by a package's module
+        step = f"install toa.ko for {other} ({why})"
+        result.changes.append(step)
+        added.append(step)
+        if options.dry_run:
+            continue
+        other_file = render.module_path(platform.target, other)
+        done.others.append((other_file, other, own_sha))
+        _install_module(host, artifact, other_file, say)
+        if modules_dep_entry(other_file, other) is not None:
+            _depmod(host, other)
+    if added and result.action == "unchanged":
+        result.action = "would-update" if options.dry_run else "updated"
+    if added or notes:
+        result.detail = "; ".join(part for part in (result.detail, *added, *notes) if part)
+
+
 def _rollback(host: Host, state: ModuleState, module_file: str, release: str, done: _Done) -> list[str]:
     """Put back what DONE changed; the steps that could not be undone, as text. Never raises: a
     step's error, whatever it is, is that step's problem; once the connection is lost the steps
     left are not attempted."""
     problems: list[str] = []
     steps: list[tuple[str, Callable[[], str]]] = []
+    for other_file, other, old in reversed(done.others):
+        steps.append((f"restoring toa.ko of {other}", partial(_restore_module_script, other_file, other, old)))
     for change in reversed(done.files):
         previous, entry = change.previous, change.entry
         if previous is None:
@@ -815,6 +869,20 @@ def _describe_failure(exc: BaseException) -> str:
     return f"unexpected error ({type(exc).__name__}: {exc}): please report it"
 
 
+KERNEL_CHOICES = ("running", "next", "installed")
+
+
+def other_kernels(platform: detect.Platform, kernels: tuple[str, ...]) -> dict[str, str]:
+    """The kernels besides the running one that KERNELS asks toa.ko for: release -> why. Pure."""
+    wanted = {}
+    if "installed" in kernels:
+        wanted.update({release: "installed" for release in platform.installed_kernels})
+    if "next" in kernels and platform.next_kernel:
+        wanted[platform.next_kernel] = "next boot"
+    wanted.pop(platform.kernel, None)
+    return wanted
+
+
 def _read(host: Host, options: DeployOptions, say):
     """Detect the host and read its state: (platform, release, module file, autoload files, state)."""
     say("detect")
@@ -824,7 +892,9 @@ def _read(host: Host, options: DeployOptions, say):
         raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, release)
     files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
-    output = host.run_as_root(state_command(module_file, release, files), "reading the module state")
+    others = tuple((other, render.module_path(platform.target, other))
+                   for other in other_kernels(platform, ("next", *options.kernels)))
+    output = host.run_as_root(state_command(module_file, release, files, others), "reading the module state")
     state = host.parse("reading the module state", lambda text: parse_state(text, files), output)
     return platform, release, module_file, files, state
 
@@ -866,6 +936,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
             _apply(host, plan, artifact, module_file, parameters, done, say)
             result.action = "installed" if fresh else "updated"
             result.detail = f"toa {artifact.srcversion} loaded; " + "; ".join(result.changes)
+        _deploy_other_kernels(host, platform, state, options, result, done, say)
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure, whatever it is, is that host's result alone
         result.action, result.detail = "failed", _describe_failure(exc)
@@ -931,6 +1002,8 @@ class HostStatus:
     installed_srcversion: str | None = None
     artifact: str = "-"  # match, differs, none
     autoload: str = "-"  # complete, partial, absent
+    next_kernel: str | None = None
+    next_boot: str = "-"  # toa.ko in place, NO toa.ko, the running kernel, or "-" (not told)
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -945,6 +1018,16 @@ def autoload_summary(state: ModuleState, files: list[AutoloadFile]) -> str:
         if current is not None and current.text == wanted_text(entry, current):
             present += 1
     return "complete" if present == len(files) else "absent" if present == 0 else "partial"
+
+
+def next_boot(platform: detect.Platform, state: ModuleState) -> str:
+    """Whether the kernel the host boots next has a toa.ko. Pure."""
+    if platform.next_kernel is None:
+        return "-"
+    if platform.next_kernel == platform.kernel:
+        return "the running kernel"
+    own_sha, found = state.others.get(platform.next_kernel, (None, None))
+    return "toa.ko in place" if own_sha or found else f"NO toa.ko: {platform.next_kernel} boots without toa"
 
 
 def status_host(node: Node, options: DeployOptions, progress: Progress | None = None) -> HostStatus:
@@ -969,6 +1052,7 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
             matches = state.installed_sha256 == artifact.sha256 and state.loaded_srcversion == artifact.srcversion
             status.artifact = "match" if matches else "differs"
         status.autoload = autoload_summary(state, files)
+        status.next_kernel, status.next_boot = platform.next_kernel, next_boot(platform, state)
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure is that host's row alone
         status.error = _describe_failure(exc)

@@ -32,15 +32,20 @@ FLEET_HELP = {
 
 
 def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing=False,
-                   dry_run=False):
+                   dry_run=False, kernels="running,next"):
     from toa import deploy, remote
 
     options = module_options(option)
     if key and not Path(key).is_file():
         raise ToaError(f"key file {key} does not exist: fix --key")
     ssh = remote.SshOptions(key_filename=key, known_hosts=known_hosts, accept_new_host_keys=accept_new_host_keys)
+    chosen = tuple(word.strip() for word in str(kernels).split(","))
+    if not chosen or any(word not in deploy.KERNEL_CHOICES for word in chosen) or "running" not in chosen:
+        raise ToaError(f"invalid --kernels {str(kernels)[:40]!r}: give running plus any of next, installed, "
+                       "comma-separated (e.g. running,next)")
     return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
-                                dry_run=dry_run, command_timeout=_number(command_timeout, "--command-timeout", 1))
+                                dry_run=dry_run, command_timeout=_number(command_timeout, "--command-timeout", 1),
+                                kernels=chosen)
 
 
 def _number(value, flag, minimum):
@@ -101,12 +106,14 @@ ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green",
             "batch": "deploy in rolling batches of this many hosts (default: 0, all at once)",
             "max_fail": "after a batch, stop starting new ones once more than this many hosts failed (default: 0)",
             "build_missing": "build toa.ko for a kernel that has none in --dist instead of failing that host",
+            "kernels": "which kernels get toa.ko: running (loaded now), next (the one the next boot runs), installed "
+                       "(every installed kernel); comma-separated, running always (default: running,next)",
             "dry_run": "connect and detect, then print each host's plan without changing anything"},
       iterable=["option"], auto_shortflags=False)
 @user_errors
 def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
            json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None,
-           command_timeout=COMMAND_TIMEOUT):
+           command_timeout=COMMAND_TIMEOUT, kernels="running,next"):
     """Install, load and verify toa.ko on the hosts of a nodes file, and load it at every boot.
 
     A host that fails is rolled back to what it had; a second run changes nothing."""
@@ -117,7 +124,7 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 
     node_list = inventory.load(hosts)  # every line checked before any connection
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing,
-                             dry_run)
+                             dry_run, kernels)
     parallel, batch = _number(parallel, "--parallel", 1), _number(batch, "--batch", 0)
     max_fail = _number(max_fail, "--max-fail", 0)
     with _live_steps(node_list) as progress:
@@ -141,7 +148,10 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 @user_errors
 def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
            option=None, command_timeout=COMMAND_TIMEOUT):
-    """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files."""
+    """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files, and
+    whether the kernel the next boot runs has toa."""
+    from rich.text import Text
+
     from toa import deploy as deployment
     from toa import nodes as inventory
 
@@ -153,8 +163,12 @@ def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_h
         print_json({"hosts": [state.as_dict() for state in states]})
     else:
         # loaded and installed show srcversions: equal to the artifact's when all is well
-        _results_table("toa status", ("host", "kernel", "loaded", "installed", "artifact", "autoload", "error"),
+        _results_table("toa status", ("host", "kernel", "loaded", "installed", "artifact", "autoload", "next boot",
+                                      "error"),
                        [(s.host, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
-                         s.installed_srcversion, s.artifact, s.autoload, s.error) for s in states])
+                         s.installed_srcversion, s.artifact, s.autoload,
+                         Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
+                         else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)
+                        for s in states])
     if any(state.error for state in states):
         raise Exit(code=1)
