@@ -32,6 +32,14 @@ ETC_MODULES = [("debian-11", "5.10.0-40-amd64", "sysv"), ("ubuntu-20.04", "5.4.0
                ("debian-13", "6.12.112+deb13-amd64", "sysv")]
 
 
+def hook_path(target_id):
+    """Where the kernel-install hook goes for a target: the package manager's own place."""
+    family = targets.get(target_id).family
+    if family == "debian" or target_id in ("centos-6", "centos-7", "rhel-7"):
+        return ["/etc/kernel/postinst.d/zz-toa"]
+    return ["/etc/kernel/install.d/90-toa.install"] if family == "rhel" else []
+
+
 def by_path(files):
     return {entry.path: entry for entry in files}
 
@@ -47,7 +55,7 @@ def body(content):
 @pytest.mark.parametrize("target_id,release", MODULES_LOAD_D)
 def test_modules_load_d(target_id, release):
     files = by_path(render.autoload_files(targets.get(target_id), release))
-    assert sorted(files) == ["/etc/modprobe.d/toa.conf", "/etc/modules-load.d/toa.conf"]
+    assert sorted(files) == sorted(["/etc/modprobe.d/toa.conf", "/etc/modules-load.d/toa.conf", *hook_path(target_id)])
     conf = files["/etc/modules-load.d/toa.conf"]
     assert (conf.mode, conf.kind) == (0o644, "file")
     assert conf.content.startswith(HEADER_START)
@@ -58,7 +66,8 @@ def test_modules_load_d(target_id, release):
 @pytest.mark.parametrize("target_id,release", SYSCONFIG_MODULES)
 def test_sysconfig_modules(target_id, release):
     files = by_path(render.autoload_files(targets.get(target_id), release, init="sysv"))
-    assert sorted(files) == ["/etc/modprobe.d/toa.conf", "/etc/sysconfig/modules/toa.modules"]
+    assert sorted(files) == sorted(["/etc/modprobe.d/toa.conf", "/etc/sysconfig/modules/toa.modules",
+                                    *hook_path(target_id)])
     script = files["/etc/sysconfig/modules/toa.modules"]
     assert (script.mode, script.kind) == (0o755, "file")
     assert script.content.startswith("#!/bin/sh\n" + HEADER_START)
@@ -115,7 +124,7 @@ def test_coreos_unit(target_id, release, init):
 @pytest.mark.parametrize("target_id,release,init", ETC_MODULES)
 def test_etc_modules_without_systemd(target_id, release, init):
     files = by_path(render.autoload_files(targets.get(target_id), release, init=init))
-    assert sorted(files) == ["/etc/modprobe.d/toa.conf", "/etc/modules"]
+    assert sorted(files) == sorted(["/etc/modprobe.d/toa.conf", "/etc/modules", *hook_path(target_id)])
     line = files["/etc/modules"]
     assert (line.kind, line.content.splitlines()) == ("lines", [LINES_HEADER, "toa"])
 
@@ -417,7 +426,8 @@ def test_whole_files_replace_and_unmerge_to_deletion():
 
 def test_write_tree_keeps_shared_files_apart(tmp_path):
     written = render.write_tree(render.autoload_files(targets.get("debian-11"), "5.10.0-40-amd64", init="sysv"), tmp_path)
-    assert sorted(str(p.relative_to(tmp_path)) for p in written) == ["etc/modprobe.d/toa.conf", "etc/modules.toa-lines"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in written) == [
+        "etc/kernel/postinst.d/zz-toa", "etc/modprobe.d/toa.conf", "etc/modules.toa-lines"]
     assert not (tmp_path / "etc/modules").exists()
 
 
@@ -530,7 +540,7 @@ def test_toa_render_checks_every_destination_before_writing(tmp_path):
 
 def test_toa_render_unwritable_out_is_one_line(tmp_path):
     result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", "/proc/self/toa-out")
-    assert_one_line_error(result, "cannot write", "0 of 2 files were written")
+    assert_one_line_error(result, "cannot write", "0 of 3 files were written")
 
 
 def test_toa_render_again_into_the_same_out_replaces_its_own_files(tmp_path):

@@ -223,10 +223,24 @@ def autoload_files(
     if style not in files:
         raise ToaError(f"target {target.id} has autoload style {target.autoload!r}, which toa cannot render: fix targets.toml")
     out = [files[style](), _render("/etc/modprobe.d/toa.conf", "modprobe.d.conf.j2", options=arguments)]
+    hook = kernel_hook(target)
+    if hook:
+        out.append(hook)
     if target.distro == "sles":
         unsupported = "unsupported-modules" if target.version == "11" else "10-unsupported-modules.conf"
         out.append(_render(f"/etc/modprobe.d/{unsupported}", "suse-unsupported-modules.conf.j2"))
     return out
+
+
+def kernel_hook(target: Target) -> AutoloadFile | None:
+    """The script the package manager runs when a kernel is installed, which says loudly when that
+    kernel has no toa.ko: Debian-likes and RHEL 6/7 run /etc/kernel/postinst.d, RHEL 8+ and Fedora
+    kernel-install's plugins. None where toa knows no such hook (SUSE) or needs none (CoreOS)."""
+    if target.family == "debian" or (target.family == "rhel" and target.autoload == "sysconfig-modules"):
+        return _render("/etc/kernel/postinst.d/zz-toa", "kernel-hook.sh.j2", mode=0o755, hook="postinst.d")
+    if target.family == "rhel":
+        return _render("/etc/kernel/install.d/90-toa.install", "kernel-hook.sh.j2", mode=0o755, hook="install.d")
+    return None
 
 
 def _render(path: str, template: str, *, mode: int = 0o644, kind: str = "file", **values) -> AutoloadFile:
