@@ -51,7 +51,7 @@ def dkms_image(first_kernel, second_kernel):
 ENV DEBIAN_FRONTEND=noninteractive
 RUN echo 'deb {debian.mirror_for("security")} bookworm-security main' > /etc/apt/sources.list.d/security.list \\
     && apt-get update \\
-    && apt-get install -y --no-install-recommends dkms dwarves linux-headers-{first_kernel} \\
+    && apt-get install -y --no-install-recommends dkms dwarves rpm linux-headers-{first_kernel} \\
     && apt-get install -y --no-install-recommends --download-only linux-headers-{second_kernel}
 """
     image, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=DKMS_IMAGE, rm=True, forcerm=True,
@@ -98,9 +98,10 @@ def container_of(dkms_image):
 @pytest.mark.network
 def test_dkms_package_builds_for_the_headers_and_again_after_a_headers_upgrade(
         tmp_path, container_of, first_kernel, second_kernel):
-    deb, tarball = package.build_packages("dkms", out_dir=tmp_path)
+    deb, rpm, tarball = package.build_packages("dkms", out_dir=tmp_path)
     version = toa.__version__
     assert deb.name == f"toa-dkms_{version}_all.deb" and tarball.name == f"toa-{version}-dkms.tar.gz"
+    assert rpm.name == f"toa-dkms-{version}-1.noarch.rpm"
     container = container_of(tmp_path)
 
     container.ok("dpkg", "-i", f"/pkgs/{deb.name}")
@@ -208,6 +209,35 @@ def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
     assert json.loads(result.stdout) == {"format": "deb", "packages": [
         str(tmp_path / f"toa-common_{toa.__version__}_all.deb"),
         str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_rpm_packages_install_with_rpm_and_their_scripts_run(dist, tmp_path, container_of, first_kernel, second_kernel):
+    """rpm itself installs them in a Debian container (--nodeps: their dependencies, dkms and kmod,
+    are dpkg's packages here); RHEL's weak-modules is absent, so that branch of the scripts is not run."""
+    version = toa.__version__
+    _, dkms_rpm, _ = package.build_packages("dkms", out_dir=tmp_path)
+    kmods = package.build_packages("rpm", dist, [first_kernel, second_kernel], tmp_path)
+    container = container_of(tmp_path)
+
+    # the DKMS rpm's %post builds toa for every kernel whose headers are installed; %preun takes it out
+    container.ok("rpm", "-i", "--nodeps", f"/pkgs/{dkms_rpm.name}")
+    assert f"toa/{version}, {first_kernel}, x86_64: installed" in container.ok("dkms", "status")
+    assert f"vermagic:       {first_kernel} " in container.ok("modinfo", "-k", first_kernel, "toa")
+    container.ok("rpm", "-e", "--nodeps", "toa-dkms")
+    assert "toa" not in container.ok("dkms", "status")
+    assert container.run("modinfo", "-k", first_kernel, "toa")[0] != 0
+
+    # kmod rpms of two kernels side by side; %post indexes each; one goes, the other stays
+    container.ok("rpm", "-i", "--nodeps", *(f"/pkgs/{path.name}" for path in kmods))
+    for release in (first_kernel, second_kernel):
+        assert f"/lib/modules/{release}/extra/toa.ko" in container.ok("modinfo", "-k", release, "-n", "toa")
+        assert "extra/toa.ko:" in container.ok("cat", f"/lib/modules/{release}/modules.dep")
+    container.ok("rpm", "-e", "--nodeps", f"toa-kmod-{second_kernel}")
+    assert container.run("modinfo", "-k", second_kernel, "toa")[0] != 0
+    assert f"/lib/modules/{first_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", first_kernel, "-n", "toa")
+    assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
 
 
 @pytest.mark.docker

@@ -163,7 +163,7 @@ def _owned_by_root(member: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) -> list[Path]:
-    """toa-dkms_<ver>_all.deb and toa-<ver>-dkms.tar.gz in OUT_DIR."""
+    """toa-dkms_<ver>_all.deb, toa-dkms-<ver>-1.noarch.rpm and toa-<ver>-dkms.tar.gz in OUT_DIR."""
     say = progress or (lambda message: None)
     version = module_version()
     out_dir = Path(out_dir)
@@ -181,7 +181,11 @@ def dkms_packages(out_dir: Path, progress: Callable[[str], None] | None = None) 
         say(f"writing {tarball.name}")
         with tarfile.open(tarball, "w:gz") as archive:
             archive.add(root / "usr/src" / f"toa-{version}", arcname="dkms_source_tree", filter=_owned_by_root)
-    return [deb, tarball]
+        rpm_root = Path(scratch_name) / "rpm-root"  # the sources alone, without the .deb's control files
+        shutil.copytree(root / "usr", rpm_root / "usr")
+        rpm = _rpmbuild(render_package_template("dkms.spec.j2", version=version, staged=rpm_root),
+                        Path(scratch_name), out_dir.resolve(), f"toa-dkms-{version}-1.noarch.rpm", progress)
+    return [deb, rpm, tarball]
 
 
 COMMON_NAME = "toa-common"
