@@ -455,15 +455,18 @@ def _deploy_json(*args):
 
 
 def _guest_facts(guest):
-    """What a guest has: loaded srcversion, module file hash, temp names, autoload files."""
+    """What a guest has: loaded srcversion, module file hash, temp names, the files deploy writes
+    (in _rendered's order)."""
+    paths = [f.path for f in render.autoload_files(targets.get("debian-12"), guest.release, init="systemd")]
+    directories = " ".join(sorted({os.path.dirname(path) for path in paths}))
     out = guest.run(
         "cat /sys/module/toa/srcversion 2>/dev/null || echo none; "
         "sha256sum /lib/modules/$(uname -r)/extra/toa.ko 2>/dev/null | cut -d' ' -f1 | grep . || echo none; "
-        "find /lib/modules/$(uname -r)/extra /etc/modules-load.d /etc/modprobe.d -name '.*toa*' | wc -l; "
-        "for f in /etc/modules-load.d/toa.conf /etc/modprobe.d/toa.conf; do "
+        f"find /lib/modules/$(uname -r)/extra {directories} -name '.*toa*' | wc -l; "
+        f"for f in {' '.join(paths)}; do "
         "if [ -f $f ]; then base64 -w0 < $f; echo; else echo none; fi; done"
     ).split("\n")
-    return {"srcversion": out[0], "sha256": out[1], "temp_names": int(out[2]), "autoload": out[3:5]}
+    return {"srcversion": out[0], "sha256": out[1], "temp_names": int(out[2]), "autoload": out[3:3 + len(paths)]}
 
 
 def _rendered(release, options=None):
@@ -505,7 +508,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet, artifacts, tmp_path)
     assert [hosts[g.node_line()]["action"] for g in fleet] == ["unchanged", "would-install", "unchanged"]
     assert "load toa" in hosts[fleet[1].node_line()]["changes"]
     assert _guest_facts(fleet[1]) == {"srcversion": "none", "sha256": "none", "temp_names": 0,
-                                      "autoload": ["none", "none"]}
+                                      "autoload": ["none"] * 3}
 
 
 @pytest.mark.lab

@@ -17,13 +17,23 @@ from tests.cli import assert_one_line_error, toa
 from toa import build, debian, export
 from toa.errors import ToaError
 
-KMM_CRD = Path(__file__).resolve().parent.parent.parent / "shared" / "schemas" / "kmm.sigs.x-k8s.io_modules.yaml"
+KMM_CRD_NAME = "kmm.sigs.x-k8s.io_modules.yaml"
+
+
+def _kmm_crd() -> Path | None:
+    """KMM's Module CRD (not part of the project): $TOA_SCHEMAS_DIR, else shared/schemas/ beside
+    the checkout or one of its parents."""
+    where = [Path(os.environ["TOA_SCHEMAS_DIR"])] if os.environ.get("TOA_SCHEMAS_DIR") else []
+    where += [parent / "shared" / "schemas" for parent in Path(__file__).resolve().parents]
+    return next((folder / KMM_CRD_NAME for folder in where if (folder / KMM_CRD_NAME).is_file()), None)
 
 
 def kmm_schema() -> dict:
-    if not KMM_CRD.is_file():
-        pytest.skip(f"KMM's Module CRD is not at {KMM_CRD} (the shared schemas folder of this workplace)")
-    crd = yaml.safe_load(KMM_CRD.read_text())
+    crd_path = _kmm_crd()
+    if crd_path is None:
+        pytest.skip(f"KMM's Module CRD ({KMM_CRD_NAME}) is not in $TOA_SCHEMAS_DIR or a shared/schemas/ "
+                    "beside the checkout: put it there to validate the Module against it")
+    crd = yaml.safe_load(crd_path.read_text())
     [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
     return version["schema"]["openAPIV3Schema"]
 
