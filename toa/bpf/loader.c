@@ -600,6 +600,20 @@ static void unpin_all(void)
 	rmdir(PIN_DIR);
 }
 
+/* The last line of a verifier log that says what the verification cost ("processed N insns ..."). */
+static void print_verifier_stats(const char *name, const char *log)
+{
+	const char *line = strstr(log, "processed ");
+	int len;
+
+	if (!line)
+		return;
+	len = (int)strcspn(line, "\n");
+	printf("verifier: %s %.*s\n", name, len, line);
+}
+
+static char verifier_log[NR_PROGRAMS][4096];
+
 static int cmd_attach(int argc, char **argv)
 {
 	struct bpf_link *links[NR_PROGRAMS] = { 0 };
@@ -641,6 +655,15 @@ static int cmd_attach(int argc, char **argv)
 		     strerror(errno));
 		goto out;
 	}
+	/* The verifier's statistics (BPF_LOG_STATS): what each program cost to prove safe on this kernel. */
+	for (i = 0; i < NR_PROGRAMS; i++) {
+		struct bpf_program *prog = bpf_object__find_program_by_name(obj, programs[i].prog);
+
+		if (prog) {
+			bpf_program__set_log_buf(prog, verifier_log[i], sizeof(verifier_log[i]));
+			bpf_program__set_log_level(prog, 4);
+		}
+	}
 	if (bpf_object__load(obj)) {
 		fail(EXIT_KERNEL, "the kernel refused the BPF object (%s): needs Linux 5.10 or later with "
 				  "CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF", strerror(errno));
@@ -653,6 +676,7 @@ static int cmd_attach(int argc, char **argv)
 	cgroup = find_cgroup2();
 	if (!cgroup) {
 		/* No cgroup2 here: mount the hierarchy just for the attach (the links keep its root). */
+		mkdir("/run", 0755);	/* a bare initramfs may have none */
 		mkdir(OWN_RUN_DIR, 0700);
 		mkdir(OWN_CGROUP_DIR, 0700);
 		if (mount("cgroup2", OWN_CGROUP_DIR, "cgroup2", 0, NULL)) {
@@ -696,6 +720,8 @@ static int cmd_attach(int argc, char **argv)
 			goto unpin;
 		}
 	}
+	for (i = 0; i < NR_PROGRAMS; i++)
+		print_verifier_stats(programs[i].prog, verifier_log[i]);
 	printf("attached to the cgroup2 root%s%s, pinned in %s (object sha256 %s)\n",
 	       own_mount ? " (mounted for the attach at " : " at ", own_mount ? OWN_CGROUP_DIR ")" : cgroup,
 	       PIN_DIR, opt.object ? "of --object" : TOA_BPF_SHA256);

@@ -95,23 +95,51 @@ struct toa_words {
 	__u32 len;	/* bytes of options: 0..40, a multiple of 4 */
 };
 
-/* Byte i (0..39) of the options; 0 past them (the caller checks against len). */
-static __always_inline __u32 toa_byte(const struct toa_words *o, __u32 i)
-{
-	__u64 w;
+/* Keep a value in a register, opaque to the compiler (it emits no instruction). */
+#define TOA_KEEP(var) asm volatile("" : "+r"(var))
 
-	if (i < 8)
-		w = o->w0;
-	else if (i < 16)
-		w = o->w1;
-	else if (i < 24)
-		w = o->w2;
-	else if (i < 32)
-		w = o->w3;
-	else if (i < 40)
-		w = o->w4;
-	else
-		return 0;
+/*
+ * Branch-free arithmetic for the walk over the options: 0 or 1 from each
+ * comparison, and a pick between two values. A walk with branches makes the
+ * verifier follow every path through 40 steps; this one is a single path, so
+ * proving it safe costs the same few thousand instructions on every kernel.
+ * The opaque steps keep the compiler from turning them back into branches.
+ */
+static __always_inline __u64 toa_eq(__u64 a, __u64 b)	/* a == b */
+{
+	__u64 d = a ^ b, neg = -d, r;
+
+	TOA_KEEP(neg);
+	r = ((d | neg) >> 63) ^ 1;
+	TOA_KEEP(r);
+	return r;
+}
+
+static __always_inline __u64 toa_lt(__u64 a, __u64 b)	/* a < b, both below 2^63 */
+{
+	__u64 d = a - b, r;
+
+	TOA_KEEP(d);
+	r = d >> 63;
+	TOA_KEEP(r);
+	return r;
+}
+
+static __always_inline __u64 toa_pick(__u64 c, __u64 a, __u64 b)	/* c (0 or 1) ? a : b */
+{
+	__u64 mask = -c;
+
+	TOA_KEEP(mask);
+	return b ^ ((a ^ b) & mask);
+}
+
+/* Byte i of the options (0..39); 0 past them. */
+static __always_inline __u64 toa_byte(const struct toa_words *o, __u64 i)
+{
+	__u64 k = i >> 3;
+	__u64 w = (o->w0 & -toa_eq(k, 0)) | (o->w1 & -toa_eq(k, 1)) | (o->w2 & -toa_eq(k, 2)) |
+		  (o->w3 & -toa_eq(k, 3)) | (o->w4 & -toa_eq(k, 4));
+
 	return (w >> ((i & 7) * 8)) & 0xff;
 }
 
@@ -119,18 +147,12 @@ struct toa_kinds {
 	__u64 k0, k1, k2, k3;
 };
 
-static __always_inline int toa_kind_accepted(const struct toa_kinds *k, __u32 kind)
+static __always_inline __u64 toa_kind_accepted(const struct toa_kinds *k, __u64 kind)
 {
-	__u64 w;
+	__u64 q = (kind >> 6) & 3;
+	__u64 w = (k->k0 & -toa_eq(q, 0)) | (k->k1 & -toa_eq(q, 1)) | (k->k2 & -toa_eq(q, 2)) |
+		  (k->k3 & -toa_eq(q, 3));
 
-	if (kind < 64)
-		w = k->k0;
-	else if (kind < 128)
-		w = k->k1;
-	else if (kind < 192)
-		w = k->k2;
-	else
-		w = k->k3;
 	return (w >> (kind & 63)) & 1;
 }
 
@@ -185,47 +207,68 @@ enum toa_verdict { TOA_ABSENT, TOA_FOUND, TOA_MALFORMED };
 /*
  * Walk the options as toa.ko does: EOL ends the list, NOP is one byte, every
  * other option has a length of at least 2 that fits in what is left; one
- * option of an accepted kind, of length 8 or 20. Every step consumes at least
- * one byte, so 40 steps reach the end of any list.
+ * option of an accepted kind, of length 8 or 20; anything else is malformed.
+ *
+ * Written position by position (0..39, each a constant), without branches:
+ * `next` is where the next option starts, and a position does something only
+ * if it is that one while the walk is still live (no EOL, nothing broken yet,
+ * inside the options).
  */
+struct toa_walk {
+	__u64 next, live, bad, found, at, optlen;
+};
+
+/*
+ * One position P of the walk. A function of its own (a BPF-to-BPF call), so
+ * that the compiler keeps each position's values to itself instead of
+ * computing all forty at once beyond the 512-byte stack.
+ */
+static __attribute__((noinline)) int toa_step(struct toa_walk *w, const struct toa_words *o,
+					      const struct toa_kinds *kinds, __u64 p)
+{
+	__u64 len = o->len;
+	__u64 kind = toa_byte(o, p), olen = toa_byte(o, p + 1);
+	__u64 start = toa_eq(w->next, p) & w->live & toa_lt(p, len);
+	__u64 nop = start & toa_eq(kind, TCPOPT_NOP);
+	__u64 opt = start & (toa_eq(kind, TCPOPT_EOL) ^ 1) & (nop ^ 1);
+	/* no length byte, a length below 2, or one past the end of the options */
+	__u64 broken = opt & ((toa_lt(p + 1, len) ^ 1) | toa_lt(olen, 2) | toa_lt(len - p, olen));
+	__u64 good = opt & (broken ^ 1);
+	__u64 accepted = good & toa_kind_accepted(kinds, kind);
+	__u64 sized = toa_eq(olen, TOA_V4_OPTION_LEN) | toa_eq(olen, TOA_V6_OPTION_LEN);
+	__u64 take = accepted & (w->found ^ 1) & sized;
+
+	/* A second accepted option is ambiguous; one of another length is malformed. */
+	w->bad |= broken | (accepted & (w->found | (sized ^ 1)));
+	/* EOL (a start that is neither NOP nor an option) ends the walk, as does anything broken. */
+	w->live &= ((start & (nop ^ 1) & (opt ^ 1)) | w->bad) ^ 1;
+	w->at = toa_pick(take, p, w->at);
+	w->optlen = toa_pick(take, olen, w->optlen);
+	w->found |= take;
+	w->next = toa_pick(nop, p + 1, toa_pick(good, p + olen, w->next));
+	return 0;
+}
+
 static __always_inline int toa_walk(const struct toa_words *o, const struct toa_kinds *kinds, __u32 *at,
 				    __u32 *optlen_out)
 {
-	__u32 off = 0, found = 0, step;
+	struct toa_walk w = { .live = 1 };
+	__u64 p;
 
-	for (step = 0; step < TCP_OPTIONS_MAX; step++) {
-		__u32 kind, optlen;
-
-		if (off >= o->len)
-			break;
-		kind = toa_byte(o, off);
-		if (kind == TCPOPT_EOL)
-			break;
-		if (kind == TCPOPT_NOP) {
-			off++;
-			continue;
-		}
-		if (off + 1 >= o->len)
-			return TOA_MALFORMED;
-		optlen = toa_byte(o, off + 1);
-		if (optlen < 2 || optlen > o->len - off)
-			return TOA_MALFORMED;
-		if (toa_kind_accepted(kinds, kind)) {
-			if (found)
-				return TOA_MALFORMED;	/* ambiguous */
-			if (optlen != TOA_V4_OPTION_LEN && optlen != TOA_V6_OPTION_LEN)
-				return TOA_MALFORMED;
-			found = 1;
-			*at = off;
-			*optlen_out = optlen;
-		}
-		off += optlen;
-	}
-	return found ? TOA_FOUND : TOA_ABSENT;
+#pragma clang loop unroll(disable)
+	for (p = 0; p < TCP_OPTIONS_MAX; p++)
+		toa_step(&w, o, kinds, p);
+	if (w.bad)
+		return TOA_MALFORMED;
+	if (!w.found)
+		return TOA_ABSENT;
+	*at = w.at;
+	*optlen_out = w.optlen;
+	return TOA_FOUND;
 }
 
-/* Four option bytes from `at`, kept in network order. */
-static __always_inline __u32 toa_be32_at(const struct toa_words *o, __u32 at)
+/* Four option bytes from `at`, kept in network order (a call of its own, for the stack's sake). */
+static __attribute__((noinline)) __u32 toa_be32_at(const struct toa_words *o, __u64 at)
 {
 	return bpf_htonl(toa_byte(o, at) << 24 | toa_byte(o, at + 1) << 16 | toa_byte(o, at + 2) << 8 |
 			 toa_byte(o, at + 3));
@@ -253,22 +296,25 @@ static __always_inline int toa_usable(const struct toa_sk *a)
 /* Is the ACK's IP source (the child's remote address) in the trusted list? */
 static __always_inline int toa_source_trusted(struct bpf_sock_ops *skops, const struct toa_config *cfg)
 {
+	__u32 family = skops->family, ip4 = skops->remote_ip4;
+	__u32 ip6[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3] };
+
+	/* Read here, each at its own offset: no context field through a pointer the compiler computed. */
+	TOA_KEEP(ip4);
+	TOA_KEEP(ip6[3]);
 	if (cfg->trust_any)
 		return 1;
 	/* An IPv4 ACK, v4-mapped children of IPv6 listeners included, matches IPv4 entries only. */
-	if (skops->family == AF_INET || (skops->remote_ip6[0] == 0 && skops->remote_ip6[1] == 0 &&
-					 skops->remote_ip6[2] == bpf_htonl(0xffff))) {
+	if (family == AF_INET || (!ip6[0] && !ip6[1] && ip6[2] == bpf_htonl(0xffff))) {
 		struct toa_lpm4 key = { .prefixlen = 32 };
-		__u32 v4 = skops->family == AF_INET ? skops->remote_ip4 : skops->remote_ip6[3];
+		__u32 v4 = family == AF_INET ? ip4 : ip6[3];
 
 		__builtin_memcpy(key.addr, &v4, 4);
 		return bpf_map_lookup_elem(&toa_trusted4, &key) != NULL;
 	} else {
 		struct toa_lpm6 key = { .prefixlen = 128 };
-		__u32 v6[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
-				skops->remote_ip6[3] };
 
-		__builtin_memcpy(key.addr, v6, 16);
+		__builtin_memcpy(key.addr, ip6, 16);
 		return bpf_map_lookup_elem(&toa_trusted6, &key) != NULL;
 	}
 }
