@@ -665,6 +665,9 @@ static int cmd_attach(int argc, char **argv)
 		}
 	}
 	if (bpf_object__load(obj)) {
+		for (i = 0; i < NR_PROGRAMS; i++)
+			if (verifier_log[i][0])
+				fprintf(stderr, "verifier log of %s:\n%s", programs[i].prog, verifier_log[i]);
 		fail(EXIT_KERNEL, "the kernel refused the BPF object (%s): needs Linux 5.10 or later with "
 				  "CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF", strerror(errno));
 		goto out;

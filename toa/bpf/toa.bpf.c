@@ -158,15 +158,20 @@ static __always_inline __u64 toa_kind_accepted(const struct toa_kinds *k, __u64 
 
 /*
  * The TCP header's options, copied four bytes at a time at constant offsets:
- * [skb_data, skb_data_end) is exactly the header (doff * 4 bytes). Returns -1
- * when the header cannot be read or the segment is not a plain ACK (a TCP
- * Fast Open child is established from the SYN, which is never read).
+ * [skb_data, skb_data_end) is the header (doff * 4 bytes). Returns -1 when the
+ * header cannot be read or the segment is not a plain ACK (a TCP Fast Open
+ * child is established from the SYN, which is never read).
+ *
+ * No check here ends the copy early or pins the length to one value: every
+ * header length then reaches the walk in one state the verifier proves once.
+ * Words past the options are masked to zero without a branch.
  */
 static __always_inline int toa_copy_options(struct bpf_sock_ops *skops, struct toa_words *o)
 {
 	__u8 *data = (__u8 *)(long)skops->skb_data;
 	__u8 *end = (__u8 *)(long)skops->skb_data_end;
-	__u32 doff, words;
+	__u64 half[TCP_OPTIONS_MAX / 4] = {}, words;
+	__u32 doff;
 
 	if (data + TCP_HEADER_LEN > end)
 		return -1;
@@ -175,30 +180,35 @@ static __always_inline int toa_copy_options(struct bpf_sock_ops *skops, struct t
 	doff = data[12] >> 4;
 	if (doff < 5)
 		return -1;
-	o->len = (doff - 5) * 4;
 	words = doff - 5;
-	o->w0 = o->w1 = o->w2 = o->w3 = o->w4 = 0;
-	/* Option word K (four bytes) into the low or high half of a 64-bit word, if the header has it. */
-#define TOA_COPY_WORD(K, W, SHIFT)								\
+	o->len = words * 4;
+	/* Option word K (four bytes, in wire order from the low byte up), if the packet has it. */
+#define TOA_COPY_WORD(K)									\
 	do {											\
 		__u8 *p = data + TCP_HEADER_LEN + 4 * (K);					\
-		if (words <= (K))								\
-			return 0;								\
-		if (p + 4 > end)								\
-			return -1;								\
-		o->W |= ((__u64)p[0] | (__u64)p[1] << 8 | (__u64)p[2] << 16 | (__u64)p[3] << 24) << (SHIFT); \
+		if (p + 4 <= end)								\
+			half[K] = (__u64)p[0] | (__u64)p[1] << 8 | (__u64)p[2] << 16 |		\
+				  (__u64)p[3] << 24;						\
 	} while (0)
-	TOA_COPY_WORD(0, w0, 0);
-	TOA_COPY_WORD(1, w0, 32);
-	TOA_COPY_WORD(2, w1, 0);
-	TOA_COPY_WORD(3, w1, 32);
-	TOA_COPY_WORD(4, w2, 0);
-	TOA_COPY_WORD(5, w2, 32);
-	TOA_COPY_WORD(6, w3, 0);
-	TOA_COPY_WORD(7, w3, 32);
-	TOA_COPY_WORD(8, w4, 0);
-	TOA_COPY_WORD(9, w4, 32);
+	TOA_COPY_WORD(0);
+	TOA_COPY_WORD(1);
+	TOA_COPY_WORD(2);
+	TOA_COPY_WORD(3);
+	TOA_COPY_WORD(4);
+	TOA_COPY_WORD(5);
+	TOA_COPY_WORD(6);
+	TOA_COPY_WORD(7);
+	TOA_COPY_WORD(8);
+	TOA_COPY_WORD(9);
 #undef TOA_COPY_WORD
+	/* Only the doff * 4 - 20 bytes of options, whatever lies past them. */
+#define TOA_HALF(K) (half[K] & -toa_lt(K, words))
+	o->w0 = TOA_HALF(0) | TOA_HALF(1) << 32;
+	o->w1 = TOA_HALF(2) | TOA_HALF(3) << 32;
+	o->w2 = TOA_HALF(4) | TOA_HALF(5) << 32;
+	o->w3 = TOA_HALF(6) | TOA_HALF(7) << 32;
+	o->w4 = TOA_HALF(8) | TOA_HALF(9) << 32;
+#undef TOA_HALF
 	return 0;
 }
 
@@ -274,23 +284,21 @@ static __attribute__((noinline)) __u32 toa_be32_at(const struct toa_words *o, __
 			 toa_byte(o, at + 3));
 }
 
-/* No balancer sends these as a client: port 0, unspecified, loopback, multicast, broadcast. */
-static __always_inline int toa_usable(const struct toa_sk *a)
+/*
+ * No balancer sends these as a client: port 0, unspecified, loopback (127/8,
+ * ::1, ::ffff:127.0.0.0/104), multicast (224/4, ff00::/8), 255.255.255.255.
+ * Branch-free as the walk, for the same reason: one path for the verifier.
+ */
+static __always_inline __u64 toa_usable(const struct toa_sk *a)
 {
-	if (!a->port)
-		return 0;
-	if (a->family == AF_INET) {
-		__u32 v4 = bpf_ntohl(a->addr[0]);
+	__u64 v4 = bpf_ntohl(a->addr[0]), last = bpf_ntohl(a->addr[3]);
+	__u64 ok4 = (toa_eq(v4, 0) | toa_eq(v4 >> 24, 127) | toa_eq(v4 >> 28, 0xe) | toa_eq(v4, 0xffffffff)) ^ 1;
+	__u64 high_zero = toa_eq(a->addr[0], 0) & toa_eq(a->addr[1], 0);
+	__u64 mapped_loopback = high_zero & toa_eq(bpf_ntohl(a->addr[2]), 0xffff) & toa_eq(last >> 24, 127);
+	__u64 any_or_loopback = high_zero & toa_eq(a->addr[2], 0) & (toa_eq(last, 0) | toa_eq(last, 1));
+	__u64 ok6 = (mapped_loopback | any_or_loopback | toa_eq(v4 >> 24, 0xff)) ^ 1;
 
-		return v4 && (v4 >> 24) != 127 && (v4 >> 28) != 0xe && v4 != 0xffffffff;
-	}
-	/* ::ffff:127.0.0.0/104 */
-	if (!a->addr[0] && !a->addr[1] && a->addr[2] == bpf_htonl(0xffff) && (bpf_ntohl(a->addr[3]) >> 24) == 127)
-		return 0;
-	/* :: and ::1 */
-	if (!a->addr[0] && !a->addr[1] && !a->addr[2] && (!a->addr[3] || a->addr[3] == bpf_htonl(1)))
-		return 0;
-	return (bpf_ntohl(a->addr[0]) >> 24) != 0xff;
+	return (toa_eq(a->port, 0) ^ 1) & toa_pick(toa_eq(a->family, AF_INET), ok4, ok6);
 }
 
 /* Is the ACK's IP source (the child's remote address) in the trusted list? */

@@ -2052,8 +2052,17 @@ static int mode_trust_race(int count, const char *trusted_value, const char *oth
 		}
 		_exit(0);
 	}
+	/*
+	 * The race starts once the writer has written: a slow writer (the BPF
+	 * engine's, one loader run per write) would otherwise lose it on one CPU.
+	 */
+	for (i = 0; i < 1000 && writer > 0 && w->writes < 2; i++)
+		sleep_ms(10);
 	for (i = 0; i < count && writer > 0; i++) {
 		struct probe as_trusted, as_untrusted;
+
+		if (i % 8 == 0)
+			sched_yield(); /* and the writer keeps its share of the CPU */
 		struct sockaddr_storage accepted, peer, want_toa, want_real;
 		socklen_t plen = sizeof(peer);
 		const char *why = NULL;
