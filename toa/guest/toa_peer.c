@@ -1618,6 +1618,12 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text, int refus
 	struct tally t = { 0 };
 	char detail[512], label[32], cats[256] = "";
 	long started = now_ms();
+	/*
+	 * FNV-1a over each case's verdict (the address from its option, the real
+	 * peer, refused by the kernel, or x for a mismatch): two engines given the
+	 * same seed on the same kernel print the same digest or differ somewhere.
+	 */
+	uint64_t verdicts = 0xcbf29ce484222325ULL;
 
 	if (parse_kinds(kinds_text, &ks) < 0) {
 		report("fuzz-args", 0, "kinds=%s", kinds_text);
@@ -1639,6 +1645,8 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text, int refus
 
 		per_cat[cat]++;
 		tally_add(&t, &p, ok);
+		verdicts = (verdicts ^ (uint64_t)(!ok ? 'x' : kernel_refuses(&p) ? 'k' : "rab"[p.want.outcome])) *
+			   0x100000001b3ULL;
 		if (!ok && shown++ < 20) {
 			char name[48];
 
@@ -1651,9 +1659,9 @@ static int mode_fuzz(uint64_t seed, int count, const char *kinds_text, int refus
 			 category_names[i], per_cat[i]);
 	check_counters(label, &before, &t);
 	report(label, t.mismatches == 0,
-	       "seed=%" PRIu64 " kinds=%s cases=%d mismatches=%d refused_by_kernel=%d seconds=%.1f"
-	       " categories=%s",
-	       seed, kinds_text, t.cases, t.mismatches, t.refused,
+	       "seed=%" PRIu64 " kinds=%s cases=%d mismatches=%d refused_by_kernel=%d verdicts=%016" PRIx64
+	       " seconds=%.1f categories=%s",
+	       seed, kinds_text, t.cases, t.mismatches, t.refused, verdicts,
 	       (double)(now_ms() - started) / 1000.0, cats);
 	return t.mismatches != 0;
 }
