@@ -603,9 +603,15 @@ static void unpin_all(void)
 /* The last line of a verifier log that says what the verification cost ("processed N insns ..."). */
 static void print_verifier_stats(const char *name, const char *log)
 {
-	const char *line = strstr(log, "processed ");
+	const char *line = log;
 	int len;
 
+	/* The line that starts with it: newer kernels also log "insns processed N" before. */
+	while (line && strncmp(line, "processed ", 10)) {
+		line = strchr(line, '\n');
+		if (line)
+			line++;
+	}
 	if (!line)
 		return;
 	len = (int)strcspn(line, "\n");
