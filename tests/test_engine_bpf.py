@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from tests.cli import assert_one_line_error, toa as run_toa
 from toa import engine_bpf, lab
 from toa.errors import ToaError
 
@@ -185,3 +186,14 @@ def test_the_engine_is_given_to_verify_with_its_build(tmp_path):
         lab.verify(fake, None, "6.1.0-1-amd64", None, log_dir=tmp_path, timeout=10, engine="bpf")
     with pytest.raises(ToaError, match="unknown engine"):
         lab.verify(fake, None, "6.1.0-1-amd64", None, log_dir=tmp_path, timeout=10, engine="ebpf")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--suite", "bookworm", "--engine", "xdp"], "--engine must be one of module, bpf, not 'xdp'"),
+    (["--suite", "bookworm", "--engine", "bpf", "--ko", "toa.ko"], "--engine bpf loads no toa.ko"),
+    (["--vmlinuz", "/boot/vmlinuz", "--engine", "module"], "with --vmlinuz give --ko PATH"),
+])
+def test_verify_checks_its_engine_flags_before_anything_runs(args, fragment):
+    result = run_toa("verify", *args, timeout=120)
+    assert result.returncode == 2
+    assert_one_line_error(result, fragment)
