@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86      # the lab boots real kernels
   busybox-static       # the lab's guest userland
   gcc libc6-dev make   # the lab's static guest test program
+  clang llvm libbpf-dev libelf-dev zlib1g-dev  # the eBPF engine: toa.bpf.o and the static toa-bpf loader
   cpio xz-utils zstd kmod
   openssh-server openssh-client   # the tests' loopback SSH host; the lab fleet's sshd
   qemu-utils e2fsprogs # the lab fleet's disks (qemu-img overlays, mkfs.ext4 -d)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from toa import build, debian, lab
+from toa import build, debian, engine_bpf, lab
 from toa.errors import ToaError
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker, pytest.mark.network]
@@ -84,7 +84,10 @@ def describe(report: lab.LabReport) -> str:
 
 
 # The kernel lines users run: 5.10, 6.1, 6.12 and 7.x (trixie-backports builds in the trixie image; sid in its own).
-@pytest.mark.parametrize("suite", ["bullseye", "bookworm", "trixie", "trixie-backports", "sid"])
+SUITES = ["bullseye", "bookworm", "trixie", "trixie-backports", "sid"]
+
+
+@pytest.mark.parametrize("suite", SUITES)
 def test_every_check_passes_on_a_real_kernel(suite, out_dir, tmp_path):
     kernel = lab_kernel(suite, out_dir)
     report = lab.verify(kernel.vmlinuz, kernel.ko, kernel.release, kernel.modules_dir,
@@ -217,3 +220,96 @@ def test_timeout_prints_the_serial_tail_and_fails(bookworm, tmp_path):
     assert "last lines of the serial console:" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("FAIL: ")
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the eBPF engine
+
+# The checks of the module's run that the eBPF engine must pass too, through its loader, plus its own.
+BPF_KEY_CHECKS = ["tun-available", "kernel-refusal", "bpf-object", "attach", "attach-mounts-bpffs",
+                  "attach-own-cgroup2-unmounted", "status-attached", "default-kinds", "stats-readable",
+                  "v4", "v6-kind253", "v6-kind254", "v4-mapped", "no-option-v4", "wrong-length-10", "truncated-length",
+                  "repeated-v4", "repeated-mixed-kinds", "loopback-v4", "multicast-v4", "broadcast-v4", "loopback-v6",
+                  "multicast-v6", "mapped-loopback-v6", "zero-port", "zero-address", "wrong-length-2-at-end",
+                  "toa-on-syn-only", "basic-addresses-returned", "basic-malformed-ignored", "basic-entries-drained",
+                  "detach", "detach-nothing-left", "after-detach-v4-untouched", "attach-uses-cgroup2-mount",
+                  "fuzz-kinds2", "fuzz-kinds3", "kinds200-param", "kinds-set-at-run-time",
+                  "kinds-reset-kind200-not-accepted", "trusted-unset-warning-once", "trusted-basic",
+                  "trusted-set-no-warning", "untrusted-basic", "untrusted-basic-untrusted-ignored",
+                  "untrusted-basic-nothing-read", "trusted-flip-other", "trusted-flip-v4-only", "trusted-flip-v6-only",
+                  "trusted-flip-peer", "trusted-race", "trusted-bad-prefix-33", "trusted-bad-seventeen",
+                  "attach-bad-trusted-prefix", "attach-bad-kinds", "refused-nothing-left", "tfo-v4", "tfo-v6",
+                  "table-many-open", "hold-entries-live", "hold-detach-while-open", "hold-after-unload", "hold-close",
+                  "hold-nothing-left", "cycles", "cycles-nothing-left", "kernel-log-clean",
+                  "kernel-not-tainted-by-fault", "guest-finished", "qemu-exit"]
+# The verifier's own limit is 1,000,000 instructions: a change that makes the programs much costlier to
+# prove on some kernel shows here long before a kernel refuses them.
+VERIFIER_BUDGET = 200_000
+VERIFIER_RE = re.compile(r"TOA-LAB VERIFIER (\S+) processed (\d+) insns")
+
+
+@pytest.fixture(scope="session")
+def bpf_build(tmp_path_factory) -> engine_bpf.BpfBuild:
+    """The eBPF engine, built once: every kernel of the session gets this one object."""
+    return engine_bpf.build(tmp_path_factory.mktemp("bpf-dist"))
+
+
+_bpf_objects: dict[str, str] = {}
+
+
+def verifier_costs(report: lab.LabReport) -> dict[str, int]:
+    return {match[1]: int(match[2]) for match in VERIFIER_RE.finditer(report.serial_log.read_text())}
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_the_bpf_engine_passes_every_check_with_one_object(suite, bpf_build, tmp_path):
+    tree = debian.fetch(debian.resolve_suite(suite))
+    object_sha256 = engine_bpf.sha256(bpf_build.object)
+    report = lab.verify(tree.vmlinuz, None, tree.release, tree.modules_dir, log_dir=tmp_path, timeout=FULL_TIMEOUT,
+                        cycles=100, fuzz=1000, engine="bpf", bpf=bpf_build)
+    costs = verifier_costs(report)
+    print(f"\n{tree.release}: {len(report.checks)} checks in {report.duration:.1f}s (seed {report.seed}), "
+          f"object {object_sha256[:16]}, verifier {costs}")
+    assert report.ok, describe(report)
+    checks = {check.name: check for check in report.checks}
+    missing = [name for name in BPF_KEY_CHECKS if name not in checks]
+    assert not missing, missing
+    # One object for every kernel: the file this session built, its bytes as the loader carries them.
+    assert report.engine == "bpf" and report.object_sha256 == bpf_build.object_sha256 == object_sha256
+    assert f"expected={object_sha256} embedded={object_sha256} file={object_sha256} " in checks["bpf-object"].detail
+    _bpf_objects[tree.release] = object_sha256
+    assert len(set(_bpf_objects.values())) == 1, _bpf_objects
+    assert "cases=1000 mismatches=0" in checks["fuzz-kinds2"].detail
+    assert "cases=250 mismatches=0" in checks["fuzz-kinds3"].detail
+    assert f"seed={report.seed} " in checks["fuzz-kinds2"].detail
+    assert "cycles=100 failures=0" in checks["cycles"].detail
+    assert "handshakes=300 " in checks["trusted-race"].detail and " wrong=0 " in checks["trusted-race"].detail
+    assert "connections=300 opened=300 " in checks["table-many-open"].detail
+    assert checks["kernel-not-tainted-by-fault"].detail.startswith("tainted=0 ")
+    assert set(costs) == {"toa_sockops", "toa_peer4", "toa_peer6"}
+    assert max(costs.values()) < VERIFIER_BUDGET, costs
+    serial = report.serial_log.read_text()
+    assert "TOA-LAB END" in serial and f"TOA-LAB BEGIN release={tree.release}" in serial
+
+
+def fuzz_fields(check: lab.Check) -> dict[str, str]:
+    return dict(field.split("=", 1) for field in check.detail.split() if "=" in field and field.split("=", 1)[0]
+                in ("seed", "kinds", "cases", "mismatches", "refused_by_kernel", "verdicts", "categories"))
+
+
+def test_one_seed_gives_the_same_fuzz_verdicts_and_counts_with_either_engine(bookworm, bpf_build, tmp_path):
+    """The same random handshakes against toa.ko and against the eBPF engine, on one kernel."""
+    seed = 20261130
+    reports = {
+        engine: lab.verify(bookworm.vmlinuz, bookworm.ko if engine == "module" else None, bookworm.release,
+                           bookworm.modules_dir, log_dir=tmp_path / engine, timeout=FULL_TIMEOUT, cycles=0,
+                           fuzz=1000, seed=seed, engine=engine, bpf=bpf_build if engine == "bpf" else None)
+        for engine in lab.ENGINES
+    }
+    for engine, report in reports.items():
+        assert report.ok, f"{engine}: {describe(report)}"
+    module, bpf = ({check.name: check for check in report.checks} for report in reports.values())
+    for name in ("fuzz-kinds2", "fuzz-kinds3"):
+        assert fuzz_fields(module[name]) == fuzz_fields(bpf[name]), (module[name].detail, bpf[name].detail)
+        assert fuzz_fields(bpf[name])["mismatches"] == "0" and "verdicts" in fuzz_fields(bpf[name])
+        for counter in ("malformed-ignored", "v6-on-v4-ignored", "untrusted-ignored"):
+            assert module[f"{name}-{counter}"].detail == bpf[f"{name}-{counter}"].detail, counter

@@ -256,3 +256,27 @@ def test_sig_enforce_refuses_an_unsigned_module_with_the_same_cause(unsigned_dis
     assert not check.passed
     assert check.detail.startswith(f"{lab.KEY_REJECTED} (Loading of unsigned module is rejected)")
     assert "insmod" in [failed.name for failed in report.failed]
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.network
+def test_a_locked_down_kernel_refuses_the_unsigned_module_and_gets_toa_from_the_bpf_engine(
+        unsigned_dist, bookworm_kernel, tmp_path):
+    """module.sig_enforce=1 lockdown=integrity: no unsigned toa.ko, and the eBPF engine proves every rule."""
+    from toa import engine_bpf
+
+    [ko] = unsigned_dist.glob(f"*/{bookworm_kernel.release}/toa.ko")
+    bpf = engine_bpf.build(tmp_path / "bpf")
+    report = lab.verify(bookworm_kernel.vmlinuz, ko, bookworm_kernel.release, bookworm_kernel.modules_dir,
+                        log_dir=tmp_path / "lab", timeout=600, cycles=5, fuzz=200, sig_enforce=True,
+                        engine="bpf", bpf=bpf)
+    checks = {check.name: check for check in report.checks}
+    assert report.ok, [(check.name, check.detail) for check in report.failed]
+    assert checks["lockdown-integrity"].passed and "[integrity]" in checks["lockdown-integrity"].detail
+    assert checks["module-refused"].passed and "key_rejected=1" in checks["module-refused"].detail
+    for name in ("v4", "v6-kind253", "v4-mapped", "trusted-basic", "fuzz-kinds2", "cycles", "hold-after-unload"):
+        assert checks[name].passed, name
+    serial = report.serial_log.read_text()
+    assert f"{lab.SIG_ENFORCE_CMDLINE} {lab.LOCKDOWN_CMDLINE}" in serial  # the kernel's command line, as booted
+    assert "Loading of unsigned module is rejected" in serial

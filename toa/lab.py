@@ -1,7 +1,8 @@
 """The kernel lab: boot a real kernel under QEMU, load toa.ko in it and prove it works.
 
 The guest is a busybox initramfs whose /init (guest/init.sh.j2) loads tun.ko and toa.ko and runs
-the static test peer (guest/toa_peer.c). The peer drives real TCP handshakes through a TUN device
+the static test peer (guest/toa_peer.c). With engine="bpf" the same boot, peer and checks prove the
+eBPF engine instead: /init (guest/init_bpf.sh.j2) attaches toa.bpf.o with its loader, toa-bpf. The peer drives real TCP handshakes through a TUN device
 with chosen TCP options and checks what accept()/getpeername() return. Everything it checks comes
 back as `CASE name PASS|FAIL detail` lines on the serial console; the host adds its own checks
 (the guest booted and finished, the kernel log is clean, the kernel is not tainted by a fault).
@@ -34,6 +35,8 @@ from toa.ko import modinfo, read_module
 GUEST_DIR = Path(__file__).parent / "guest"
 PEER_SOURCE = GUEST_DIR / "toa_peer.c"
 INIT_TEMPLATE = "init.sh.j2"
+BPF_INIT_TEMPLATE = "init_bpf.sh.j2"
+ENGINES = ("module", "bpf")
 QEMU = "qemu-system-x86_64"
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 SERIAL_TAIL_LINES = 20
@@ -46,6 +49,8 @@ KEY_REJECTED = "Key was rejected by service"
 # The kernel's own word on why: "Loading of unsigned module is rejected", "... module with unavailable key ...".
 SIG_REFUSAL_RE = re.compile(r"Loading of .* is rejected")
 SIG_ENFORCE_CMDLINE = "module.sig_enforce=1"
+# With the eBPF engine the guest is locked down too: BPF programs still load where modules cannot.
+LOCKDOWN_CMDLINE = "lockdown=integrity"
 # Kernel log lines that mean the kernel hit a bug, whatever caused it.
 KERNEL_FAULT_RE = re.compile(r"\bBUG\b|Oops|WARNING|Call Trace|general protection fault|Kernel panic")
 # Taint flags a test module is expected to set: O (out-of-tree, 4096), E (unsigned, 8192).
@@ -69,6 +74,8 @@ class LabReport:
     seed: int
     timed_out: bool = False
     serial_tail: list[str] = field(default_factory=list)
+    engine: str = "module"
+    object_sha256: str | None = None  # the eBPF engine's object, the same for every kernel
 
     @property
     def ok(self) -> bool:
@@ -81,6 +88,8 @@ class LabReport:
     def to_dict(self) -> dict:
         return {
             "release": self.release,
+            "engine": self.engine,
+            **({"object_sha256": self.object_sha256} if self.object_sha256 else {}),
             "ok": self.ok,
             "duration_seconds": round(self.duration, 1),
             "seed": self.seed,
@@ -239,18 +248,34 @@ def render_init(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int) ->
     )
 
 
+def render_init_bpf(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int, object_sha256: str,
+                    sig_enforce: bool = False) -> str:
+    """The eBPF engine's /init: the module's plan with toa-bpf attach/detach in place of insmod/rmmod."""
+    return render_template(
+        GUEST_DIR, BPF_INIT_TEMPLATE, tun_modules=tun_modules, seed=seed, fuzz=fuzz,
+        fuzz_kinds200=max(1, fuzz // KINDS200_FRACTION), cycles=cycles, object_sha256=object_sha256,
+        sig_enforce=sig_enforce,
+    )
+
+
 def build_initramfs(
-    path: Path, *, init: str, busybox: Path, peer: Path, ko: bytes, modules: list[tuple[str, bytes]]
+    path: Path, *, init: str, busybox: Path, peer: Path, ko: bytes | None, modules: list[tuple[str, bytes]],
+    files: list[tuple[str, bytes, int]] = (),
 ) -> None:
+    """The guest: /init, busybox, the peer, toa.ko (if any) as lib/toa.ko, kernel modules under
+    lib/modules/, and FILES as (path, bytes, mode)."""
     archive = Cpio()
     for directory in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
         archive.directory(directory)
     archive.file("init", init.encode(), 0o755)
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     archive.file("bin/toa_peer", peer.read_bytes(), 0o755)
-    archive.file("lib/toa.ko", ko)
+    if ko is not None:
+        archive.file("lib/toa.ko", ko)
     for name, data in modules:
         archive.file(f"lib/modules/{name}", data)
+    for name, data, mode in files:
+        archive.file(name, data, mode)
     path.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
 
 
@@ -317,13 +342,13 @@ def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[s
 
 
 def boot_guest(
-    vmlinuz: Path, ko: bytes, modules_dir: Path | None, init_for: Callable[[list[str]], str], *,
+    vmlinuz: Path, ko: bytes | None, modules_dir: Path | None, init_for: Callable[[list[str]], str], *,
     log_dir: Path, timeout: float, on_line: Callable[[str], None], say: Callable[[str], None],
-    extra_cmdline: str = "",
+    extra_cmdline: str = "", files: list[tuple[str, bytes, int]] = (),
 ) -> BootResult:
-    """Boot VMLINUZ with a busybox initramfs holding toa.ko, the test peer, tun.ko (with what it
-    depends on) and the /init that INIT_FOR renders for those tun modules; the /init and the serial
-    console are kept in LOG_DIR."""
+    """Boot VMLINUZ with a busybox initramfs holding toa.ko (if any), the test peer, tun.ko (with what
+    it depends on), FILES and the /init that INIT_FOR renders for those tun modules; the /init and the
+    serial console are kept in LOG_DIR."""
     qemu = find_qemu()
     busybox = find_busybox()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +363,7 @@ def boot_guest(
         (log_dir / "init.sh").write_text(init)
         initrd = scratch / "initramfs.cpio.gz"
         say("building the initramfs")
-        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko, modules=tun)
+        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko, modules=tun, files=files)
         say("booting under QEMU (TCG)")
         return boot(qemu_argv(qemu, vmlinuz, initrd, extra_cmdline), log_dir / "serial.log", timeout, on_line)
 
@@ -386,8 +411,42 @@ def required_cases(fuzz: int, cycles: int) -> list[str]:
     return names
 
 
-def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
-    """Checks from a finished guest's console: its CASE lines plus what the host checks itself."""
+def required_cases_bpf(fuzz: int, cycles: int, sig_enforce: bool = False) -> list[str]:
+    """CASE lines a complete run of the eBPF engine's guest must print (init_bpf.sh.j2 and the peer)."""
+    names = ["tun-available", "kernel-refusal", "bpf-object", "before-attach-v4-untouched", "attach",
+             "attach-mounts-bpffs", "attach-own-cgroup2-unmounted", "trusted-unset-warning-once",
+             "status-attached", "default-kinds", "trusted-default-empty", "stats-readable", "stats-untrusted-ignored",
+             "attach-twice-refused", "v4", "v6-kind253", "v6-kind254", "v4-mapped", "loopback-v4", "multicast-v6",
+             "mapped-loopback-v6", "wrong-length-2-at-end", "repeated-v4", "basic", "basic-malformed-ignored",
+             "basic-entries-drained", "detach", "detach-nothing-left", "after-detach-v4-untouched",
+             "stats-when-detached", "attach-trusted", "attach-uses-cgroup2-mount", "trusted-set-no-warning",
+             "trusted-param", "trusted-basic", "tfo-v4", "tfo-v6", "trusted-flip-restored", "trusted-sixteen-entries",
+             "trusted-race", "trusted-after-race", "table-many-open", "detach-trusted", "attach-untrusted",
+             "untrusted-basic", "untrusted-basic-untrusted-ignored", "untrusted-basic-nothing-read",
+             "detach-untrusted", "attach-bad-trusted-prefix", "attach-bad-trusted-entry",
+             "attach-bad-trusted-host-bits", "attach-bad-trusted-seventeen", "attach-bad-kinds",
+             "attach-bad-kinds-five", "refused-nothing-left", "attach-kinds200", "kinds200-param",
+             "kinds-set-at-run-time", "kinds-reset-basic", "kinds-reset-kind200-not-accepted",
+             "kinds-bad-set-refused", "detach-kinds200", "attach-hold", "hold-ready", "hold-open",
+             "hold-entries-live", "hold-detach-while-open", "hold-after-unload", "hold-close", "hold-exit",
+             "hold-nothing-left", "after-all-v4-untouched"]
+    names += [f"trusted-flip-{step}" for step in ("other", "v4-only", "v6-only", "bare", "neighbours", "any", "empty",
+                                                    "peer")]
+    names += [f"trusted-bad-{label}" for label in TRUST_BAD_VALUES]
+    if fuzz:
+        names += ["fuzz-kinds2", "fuzz-kinds3"]
+    if cycles:
+        names += ["cycles", "cycles-nothing-left"]
+    if sig_enforce:
+        names += ["lockdown-integrity", "module-refused"]
+    return names
+
+
+def parse_serial(lines: list[str], *, fuzz: int, cycles: int, required: list[str] | None = None,
+                 expected_taint: int = EXPECTED_TAINT) -> list[Check]:
+    """Checks from a finished guest's console: its CASE lines plus what the host checks itself.
+    REQUIRED: the CASE names a complete run prints (default: the module's); EXPECTED_TAINT: the taint
+    flags the engine may set (default: an unsigned out-of-tree module's)."""
     checks: list[Check] = []
     seen: set[str] = set()
     dmesg: list[str] = []
@@ -417,7 +476,8 @@ def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
             seen.add(name)
             checks.append(Check(name, verdict == "PASS", detail or ""))
     checks.insert(0, Check("guest-booted", began, "the guest's /init started" if began else "no /init output"))
-    missing = [name for name in required_cases(fuzz, cycles) if name not in seen]
+    missing = [name for name in (required if required is not None else required_cases(fuzz, cycles))
+               if name not in seen]
     checks.append(Check("all-steps-ran", not missing, f"missing={','.join(missing)}" if missing else "all present"))
     # The whole console, kernel log dump included; the peer's own lines are not kernel output.
     faults = [line for line in lines if KERNEL_FAULT_RE.search(line) and not CASE_RE.search(line)]
@@ -428,7 +488,7 @@ def parse_serial(lines: list[str], *, fuzz: int, cycles: int) -> list[Check]:
     if tainted is None or not tainted.isdigit():
         checks.append(Check("kernel-not-tainted-by-fault", False, f"tainted={tainted}"))
     else:
-        unexpected = int(tainted) & ~EXPECTED_TAINT
+        unexpected = int(tainted) & ~expected_taint
         checks.append(Check("kernel-not-tainted-by-fault", unexpected == 0, f"tainted={tainted} unexpected_bits={unexpected}"))
     checks.append(Check("guest-finished", ended, "reached poweroff" if ended else "no end marker"))
     return checks
@@ -454,7 +514,7 @@ def signature_check(lines: list[str], sig_enforce: bool) -> Check | None:
 
 def verify(
     vmlinuz: Path,
-    ko: Path,
+    ko: Path | None,
     release: str,
     modules_dir: Path | None,
     *,
@@ -465,23 +525,42 @@ def verify(
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
     sig_enforce: bool = False,
+    engine: str = "module",
+    bpf=None,
 ) -> LabReport:
     """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made.
-    SIG_ENFORCE boots with module.sig_enforce=1: only modules signed by a key the kernel trusts load."""
+    SIG_ENFORCE boots with module.sig_enforce=1: only modules signed by a key the kernel trusts load.
+
+    ENGINE "bpf" proves the eBPF engine instead: BPF (a toa.engine_bpf.BpfBuild) puts its object and
+    loader in the guest, which attaches, checks and detaches them as the module's guest loads and
+    unloads toa.ko. There KO is only for SIG_ENFORCE, which then also locks the kernel down: the
+    guest checks that KO (unsigned) is refused and that the engine works all the same."""
     say = progress or (lambda message: None)
-    vmlinuz, ko = Path(vmlinuz).resolve(), Path(ko).resolve()
+    if engine not in ENGINES:
+        raise ToaError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    vmlinuz = Path(vmlinuz).resolve()
     if not vmlinuz.is_file():
         raise ToaError(f"kernel image {vmlinuz} not found: pass the path of a vmlinuz/bzImage")
-    if not ko.is_file():
+    if engine == "module" and ko is None:
+        raise ToaError("the module engine needs toa.ko: build it first or pass --ko")
+    if engine == "bpf" and bpf is None:
+        raise ToaError("the bpf engine needs its build (toa.engine_bpf.build())")
+    if engine == "bpf" and ko is not None and not sig_enforce:
+        raise ToaError("with the bpf engine a toa.ko is only used with sig_enforce (to be refused)")
+    if engine == "bpf" and sig_enforce and ko is None:
+        raise ToaError("with the bpf engine, sig_enforce needs an unsigned toa.ko for the kernel to refuse")
+    ko = Path(ko).resolve() if ko is not None else None
+    if ko is not None and not ko.is_file():
         raise ToaError(f"module {ko} not found: build toa.ko first or pass --ko")
     if modules_dir is not None and not (Path(modules_dir) / "kernel").is_dir():
         raise ToaError(f"{modules_dir} is not a kernel modules directory (no kernel/ inside): pass lib/modules/<release>")
     if cycles < 0 or fuzz < 0 or timeout <= 0:
         raise ToaError("cycles and fuzz must be >= 0 and timeout > 0")
-    ko_bytes = read_module(ko)
-    vermagic = modinfo(ko_bytes).get("vermagic", "")
-    if vermagic.split(" ", 1)[0] != release:
-        raise ToaError(f"{ko} was built for {vermagic.split(' ', 1)[0] or 'an unknown kernel'}, not {release}: build it against {release}'s headers")
+    ko_bytes = read_module(ko) if ko is not None else None
+    if ko_bytes is not None:
+        vermagic = modinfo(ko_bytes).get("vermagic", "")
+        if vermagic.split(" ", 1)[0] != release:
+            raise ToaError(f"{ko} was built for {vermagic.split(' ', 1)[0] or 'an unknown kernel'}, not {release}: build it against {release}'s headers")
     seed = random.randrange(1, 2**63) if seed is None else seed
     serial_log = Path(log_dir) / "serial.log"
     started = time.monotonic()
@@ -491,21 +570,35 @@ def verify(
         if match:
             say(f"{match.group(1)} {match.group(2)}")
 
+    if engine == "bpf":
+        files = [("bin/toa-bpf", Path(bpf.loader).read_bytes(), 0o755), ("lib/toa.bpf.o", Path(bpf.object).read_bytes(), 0o644)]
+        init_for = lambda tun_modules: render_init_bpf(  # noqa: E731
+            tun_modules=tun_modules, seed=seed, fuzz=fuzz, cycles=cycles, object_sha256=bpf.object_sha256,
+            sig_enforce=sig_enforce)
+        cmdline = f"{SIG_ENFORCE_CMDLINE} {LOCKDOWN_CMDLINE}" if sig_enforce else ""
+    else:
+        files = []
+        init_for = lambda tun_modules: render_init(tun_modules=tun_modules, seed=seed, fuzz=fuzz, cycles=cycles)  # noqa: E731
+        cmdline = SIG_ENFORCE_CMDLINE if sig_enforce else ""
     result = boot_guest(
-        vmlinuz, ko_bytes, modules_dir,
-        lambda tun_modules: render_init(tun_modules=tun_modules, seed=seed, fuzz=fuzz, cycles=cycles),
-        log_dir=Path(log_dir), timeout=timeout, on_line=on_line, say=say,
-        extra_cmdline=SIG_ENFORCE_CMDLINE if sig_enforce else "",
+        vmlinuz, ko_bytes, modules_dir, init_for,
+        log_dir=Path(log_dir), timeout=timeout, on_line=on_line, say=say, extra_cmdline=cmdline, files=files,
     )
 
     duration = time.monotonic() - started
     tail = result.lines[-SERIAL_TAIL_LINES:]
-    checks = parse_serial(result.lines, fuzz=fuzz, cycles=cycles)
-    signature = signature_check(result.lines, sig_enforce)
-    if signature:
-        checks.insert(1, signature)
+    if engine == "bpf":
+        # No module is loaded: no taint at all is expected; a refused toa.ko is a check of the guest's own.
+        checks = parse_serial(result.lines, fuzz=fuzz, cycles=cycles,
+                              required=required_cases_bpf(fuzz, cycles, sig_enforce), expected_taint=0)
+    else:
+        checks = parse_serial(result.lines, fuzz=fuzz, cycles=cycles)
+        signature = signature_check(result.lines, sig_enforce)
+        if signature:
+            checks.insert(1, signature)
     if result.timed_out:
         checks.append(Check("guest-timeout", False, f"no poweroff within {timeout:.0f}s: QEMU killed; serial log {serial_log}"))
     else:
         checks.append(Check("qemu-exit", result.returncode == 0, f"exit={result.returncode}"))
-    return LabReport(release, checks, serial_log, duration, seed, result.timed_out, tail)
+    return LabReport(release, checks, serial_log, duration, seed, result.timed_out, tail, engine=engine,
+                     object_sha256=bpf.object_sha256 if engine == "bpf" else None)

@@ -108,20 +108,31 @@ ns.add_task(test)
             "cycles": "insmod/rmmod cycles with a checked connection in between (default: 100)",
             "fuzz": "random-option handshakes (default: 1000; a quarter more with kind 200 accepted)",
             "seed": "fuzz seed, to replay a run (default: random, printed in the report)",
-            "sig_enforce": "boot with module.sig_enforce=1: toa.ko loads only if signed by a key the kernel trusts"},
+            "sig_enforce": "boot with module.sig_enforce=1: toa.ko loads only if signed by a key the kernel trusts "
+                           "(with --engine bpf also lockdown=integrity: the unsigned toa.ko must be refused and "
+                           "the eBPF engine work all the same)",
+            "engine": "module (toa.ko, default) or bpf (toa.bpf.o attached by toa-bpf, built into dist/bpf: "
+                      "one object for every kernel from 5.10)"},
       auto_shortflags=False)
 @user_errors
 def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
-           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None, sig_enforce=False):
-    """Boot a real kernel under QEMU, load toa.ko in it and prove every TOA rule with real handshakes."""
+           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None, sig_enforce=False, engine="module"):
+    """Boot a real kernel under QEMU, load toa.ko (or attach the eBPF engine) in it and prove every TOA rule
+    with real handshakes."""
     from rich.console import Console
 
     from toa import build as builder
     from toa import debian, lab
 
+    if engine not in lab.ENGINES:
+        raise ToaError(f"--engine must be one of {', '.join(lab.ENGINES)}, not {engine!r}")
+    # The eBPF engine needs toa.ko only to show that a kernel enforcing signatures refuses it.
+    needs_ko = engine == "module" or sig_enforce
     if sum(bool(x) for x in (kernel, vmlinuz)) + (bool(suite) and not vmlinuz) != 1:
         raise ToaError("give one of --suite SUITE, --kernel RELEASE or --vmlinuz PATH")
-    if vmlinuz and not (ko or headers):
+    if engine == "bpf" and not sig_enforce and (ko or headers):
+        raise ToaError("--engine bpf loads no toa.ko: leave out --ko/--headers (they go with --sig-enforce)")
+    if vmlinuz and needs_ko and not (ko or headers):
         raise ToaError("with --vmlinuz give --ko PATH (a built toa.ko) or --headers DIR (to build one)")
     if ko and headers:
         raise ToaError("give --ko or --headers, not both")
@@ -142,24 +153,36 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
         step(f"lab: {message}")
 
     with progress(console) as step:
+        bpf = None
+        if engine == "bpf":
+            from toa import engine_bpf
+
+            bpf = engine_bpf.build(engine_bpf.DEFAULT_OUT, progress=lambda message: step(f"build: {message}"))
         if vmlinuz:
             vmlinuz_path = Path(vmlinuz)
             if not vmlinuz_path.is_file():
                 raise ToaError(f"kernel image {vmlinuz} not found")
             release = lab.kernel_release(vmlinuz_path)
             modules_dir = Path(modules) if modules else None
-            ko_path = Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm")
+            ko_path = (Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm")) if needs_ko else None
         else:
             pkgs, tree = debian.prepare(kernel, suite, progress=step)
             release, vmlinuz_path = tree.release, tree.vmlinuz
             modules_dir = Path(modules) if modules else tree.modules_dir
-            ko_path = Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)
-        console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
+            ko_path = (Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)) if needs_ko else None
+        if bpf:
+            console.print(f"kernel {release}: {vmlinuz_path}, eBPF engine {bpf.object} (sha256 {bpf.object_sha256}) "
+                          f"and {bpf.loader}" + (f", refused module {ko_path}" if ko_path else ""), soft_wrap=True)
+            default_log_dir = bpf.object.parent / "lab" / release
+        else:
+            console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
+            default_log_dir = (Path("dist") / release if ko else ko_path.parent) / "lab"
         report = lab.verify(
             vmlinuz_path, ko_path, release, modules_dir,
-            log_dir=Path(log_dir) if log_dir else (Path("dist") / release if ko else ko_path.parent) / "lab",
+            log_dir=Path(log_dir) if log_dir else default_log_dir,
             timeout=float(timeout), cycles=int(cycles), fuzz=int(fuzz),
             seed=int(seed) if seed is not None else None, progress=lab_step, sig_enforce=sig_enforce,
+            engine=engine, bpf=bpf,
         )
     if json:
         print_json(report.to_dict())
@@ -174,7 +197,8 @@ def _print_report(report, console):
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"toa verify: {report.release}", title_justify="left")
+    engine = f" ({report.engine} engine, object sha256 {report.object_sha256})" if report.engine == "bpf" else ""
+    table = Table(title=f"toa verify: {report.release}{engine}", title_justify="left")
     for column in ("check", "result", "detail"):
         table.add_column(column, overflow="fold")
     for check in report.checks:
@@ -187,7 +211,8 @@ def _print_report(report, console):
             console.print(line, markup=False, highlight=False)
     passed = sum(check.passed for check in report.checks)
     console.print(
-        f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {report.release} in "
+        f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {report.release} "
+        f"({report.engine} engine) in "
         f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}",
         soft_wrap=True,
     )
