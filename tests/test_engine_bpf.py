@@ -9,7 +9,6 @@ import re
 import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
