@@ -1,0 +1,132 @@
+"""`invoke verify`: boot a real kernel under QEMU and prove toa in it (the module or the eBPF engine)."""
+
+from pathlib import Path
+
+from invoke import Exit, task
+
+from toa.commands.common import print_json, progress, user_errors
+from toa.errors import ToaError
+
+
+@task(help={"suite": "boot the newest kernel of this Debian suite (with --vmlinuz: the suite whose container "
+                     "compiles --headers; default bookworm)",
+            "kernel": "boot this full Debian kernel release, e.g. 6.1.0-56-amd64 (searched across suites)",
+            "vmlinuz": "boot your own kernel image (any distro's x86_64 bzImage) instead of a Debian one",
+            "modules": "the kernel's modules directory (lib/modules/<release>) for tun.ko; "
+                       "default: the fetched Debian kernel's",
+            "ko": "a toa.ko built for that kernel (default: build it with toa.build)",
+            "headers": "with --vmlinuz: the kernel's headers tree to build toa.ko against",
+            "json": "print the report as JSON instead of a table",
+            "log_dir": "where the serial log and /init go (default: lab/ beside the built toa.ko)",
+            "timeout": "seconds before a guest that has not powered off is killed (default: 900)",
+            "cycles": "insmod/rmmod cycles with a checked connection in between (default: 100)",
+            "fuzz": "random-option handshakes (default: 1000; a quarter more with kind 200 accepted)",
+            "seed": "fuzz seed, to replay a run (default: random, printed in the report)",
+            "sig_enforce": "boot with module.sig_enforce=1: toa.ko loads only if signed by a key the kernel trusts "
+                           "(with --engine bpf also lockdown=integrity: the unsigned toa.ko must be refused and "
+                           "the eBPF engine work all the same)",
+            "engine": "module (toa.ko, default) or bpf (toa.bpf.o attached by toa-bpf, built into dist/bpf: "
+                      "one object for every kernel from 5.10)"},
+      auto_shortflags=False)
+@user_errors
+def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
+           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None, sig_enforce=False, engine="module"):
+    """Boot a real kernel under QEMU, load toa.ko (or attach the eBPF engine) in it and prove every TOA rule
+    with real handshakes."""
+    from rich.console import Console
+
+    from toa import build as builder
+    from toa import debian, lab
+
+    if engine not in lab.ENGINES:
+        raise ToaError(f"--engine must be one of {', '.join(lab.ENGINES)}, not {engine!r}")
+    # The eBPF engine needs toa.ko only to show that a kernel enforcing signatures refuses it.
+    needs_ko = engine == "module" or sig_enforce
+    if sum(bool(x) for x in (kernel, vmlinuz)) + (bool(suite) and not vmlinuz) != 1:
+        raise ToaError("give one of --suite SUITE, --kernel RELEASE or --vmlinuz PATH")
+    if engine == "bpf" and not sig_enforce and (ko or headers):
+        raise ToaError("--engine bpf loads no toa.ko: leave out --ko/--headers (they go with --sig-enforce)")
+    if vmlinuz and needs_ko and not (ko or headers):
+        raise ToaError("with --vmlinuz give --ko PATH (a built toa.ko) or --headers DIR (to build one)")
+    if ko and headers:
+        raise ToaError("give --ko or --headers, not both")
+    if seed is not None and not str(seed).isdigit():
+        raise ToaError(f"--seed must be a non-negative integer, not {seed!r}")
+    console = Console(stderr=True)
+    counts = {"PASS": 0, "FAIL": 0}
+
+    def build_ko(headers_dir, release, build_suite):
+        return builder.build_module(headers_dir, release, build_suite, Path("dist"),
+                                    progress=lambda message: step(f"build: {message}")).ko
+
+    def lab_step(message):
+        verdict = message.rsplit(" ", 1)[-1]
+        if verdict in counts:
+            counts[verdict] += 1
+            message = f"{counts['PASS']} passed, {counts['FAIL']} failed; last: {message}"
+        step(f"lab: {message}")
+
+    with progress(console) as step:
+        bpf = None
+        if engine == "bpf":
+            from toa import engine_bpf
+
+            bpf = engine_bpf.build(engine_bpf.DEFAULT_OUT, progress=lambda message: step(f"build: {message}"))
+        if vmlinuz:
+            vmlinuz_path = Path(vmlinuz)
+            if not vmlinuz_path.is_file():
+                raise ToaError(f"kernel image {vmlinuz} not found")
+            release = lab.kernel_release(vmlinuz_path)
+            modules_dir = Path(modules) if modules else None
+            ko_path = (Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm")) if needs_ko else None
+        else:
+            pkgs, tree = debian.prepare(kernel, suite, progress=step)
+            release, vmlinuz_path = tree.release, tree.vmlinuz
+            modules_dir = Path(modules) if modules else tree.modules_dir
+            ko_path = (Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)) if needs_ko else None
+        if bpf:
+            console.print(f"kernel {release}: {vmlinuz_path}, eBPF engine {bpf.object} (sha256 {bpf.object_sha256}) "
+                          f"and {bpf.loader}" + (f", refused module {ko_path}" if ko_path else ""), soft_wrap=True)
+            default_log_dir = bpf.object.parent / "lab" / release
+        else:
+            console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
+            default_log_dir = (Path("dist") / release if ko else ko_path.parent) / "lab"
+        report = lab.verify(
+            vmlinuz_path, ko_path, release, modules_dir,
+            log_dir=Path(log_dir) if log_dir else default_log_dir,
+            timeout=float(timeout), cycles=int(cycles), fuzz=int(fuzz),
+            seed=int(seed) if seed is not None else None, progress=lab_step, sig_enforce=sig_enforce,
+            engine=engine, bpf=bpf,
+        )
+    if json:
+        print_json(report.to_dict())
+    else:
+        _print_report(report, console)
+    if not report.ok:
+        raise Exit(code=1)
+
+
+def _print_report(report, console):
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    engine = f" ({report.engine} engine, object sha256 {report.object_sha256})" if report.engine == "bpf" else ""
+    table = Table(title=f"toa verify: {report.release}{engine}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in report.checks:
+        result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
+        table.add_row(Text(check.name), result, Text(check.detail[:160]))
+    Console().print(table)
+    if not report.ok:
+        console.print("last lines of the serial console:")
+        for line in report.serial_tail:
+            console.print(line, markup=False, highlight=False)
+    passed = sum(check.passed for check in report.checks)
+    console.print(
+        f"{'PASS' if report.ok else 'FAIL'}: {passed}/{len(report.checks)} checks on {report.release} "
+        f"({report.engine} engine) in "
+        f"{report.duration:.0f}s (fuzz seed {report.seed}); serial log {report.serial_log}",
+        soft_wrap=True,
+    )
