@@ -5,6 +5,10 @@ KMM (Kernel Module Management) loads out-of-tree modules from per-kernel "kmod i
 Docker engine (toa.ko under /opt/lib/modules/<release>/, indexed with depmod, on a minimal Debian
 base that has the cp, modprobe and sleep KMM's workers run) and writes the `Module` manifest whose
 kernelMappings name each built kernel literally. Pushing the images is the user's step.
+
+`ansible()` writes a role that carries the modules and does what `invoke deploy` does on each host
+(the same module path, boot files and checks, rollback when the module does not load), with module
+options as per-group variables; its tasks are templates/ansible/tasks.yml, its data generated here.
 """
 
 from __future__ import annotations
