@@ -2410,6 +2410,9 @@ static int bench_getpeername(struct lab_net *n, const struct bench_run *run, con
 	return 0;
 }
 
+static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
+				    int count);
+
 static int mode_bench(const char *side, int round, int handshakes, int calls)
 {
 	struct bench_run run = { side, !strcmp(side, "toa"), round };
@@ -2425,6 +2428,7 @@ static int mode_bench(const char *side, int round, int handshakes, int calls)
 	failed |= bench_handshakes(&n, &run, "handshake-toa", 1, handshakes) < 0;
 	failed |= bench_getpeername(&n, &run, "getpeername-plain", 0, calls) < 0;
 	failed |= bench_getpeername(&n, &run, "getpeername-toa", 1, calls) < 0;
+	failed |= bench_accept_getpeername(&n, &run, "accept-getpeername", handshakes) < 0;
 	return failed;
 }
 
@@ -2476,4 +2480,38 @@ int main(int argc, char **argv)
 	if (argc == 3 && !strcmp(argv[1], "many"))
 		return mode_many(atoi(argv[2]));
 	return usage();
+}
+
+/* ---------- bench: accept() + getpeername() ---------- */
+
+/*
+ * What a server behind a balancer does per connection, measured as one loop:
+ * a handshake with a TOA option, accept() (which asks for the peer too), one
+ * getpeername() on the accepted socket, both answers checked, abortive close.
+ */
+static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
+				    int count)
+{
+	struct sockaddr_storage peer, want;
+	struct probe p;
+	const char *why = NULL;
+	double started = 0;
+	int i;
+
+	bench_probe(run, 1, &p);
+	for (i = -BENCH_WARMUP; i < count; i++) {
+		socklen_t plen = sizeof(peer);
+		int fd = -1, ok;
+
+		if (i == 0)
+			started = now_seconds();
+		if (bench_connection(n, &p, &fd, &want, &why) < 0)
+			return bench_error(run, name, "op=%d error=%s", i, why);
+		ok = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0 && same_addr(&peer, &want);
+		close_abort(fd);
+		if (!ok)
+			return bench_error(run, name, "op=%d error=getpeername-wrong-or-failed", i);
+	}
+	bench_result(run, name, count, now_seconds() - started);
+	return 0;
 }
