@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's toa package, whatever else is installed (its guest peer is what is measured).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
 from toa import build, debian, lab  # noqa: E402
