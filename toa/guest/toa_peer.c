@@ -2529,16 +2529,19 @@ static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *r
  * and accept() must report each thread its connection's TOA address. Then all
  * of them call getpeername() on one more TOA connection whose socket lock is
  * held: a sender is stopped inside send() on that socket, holding the lock,
- * by a userfaultfd page it is copying from. Where inet_getname() takes the
- * socket lock (it sleeps in lock_sock()), every thread is then inside getname
- * at once; the lab counts how many were seen asleep there together. The page
+ * by a userfaultfd page it is copying from. inet_getname() takes the socket
+ * lock (since 5.x always, before only around a cgroup getpeername program,
+ * which is attached for the purpose), so every thread sleeps inside getname at
+ * once; the lab counts how many were seen asleep there together. The page
  * is filled, the sender finishes, the lock passes from thread to thread, and
  * every getpeername() must return the TOA address. probe_missed must stay 0: a
  * hook with a fixed pool of calls in flight (a kretprobe's maxactive) skips
  * the callers it has no room for, and they get the balancer's address.
  */
+#include <linux/bpf.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 
 #define CROWD_MAX 10000
@@ -2657,6 +2660,73 @@ static void *crowd_send(void *arg)
 	return NULL;
 }
 
+/*
+ * Before 5.x's lock_sock() in inet_getname() (5.10 takes none), getname takes
+ * the socket lock only around a cgroup program for getpeername: attach one
+ * that allows everything, so that the crowd sleeps inside getname there too.
+ * Returns the program's fd (0: none could be attached), detached by crowd_unlock().
+ */
+#define CROWD_CGROUP "/tmp/crowd-cgroup"
+
+static int crowd_bpf(int cmd, union bpf_attr *attr)
+{
+	return (int)syscall(SYS_bpf, cmd, attr, sizeof(*attr));
+}
+
+static int crowd_cgroup_fd = -1;
+
+static int crowd_lock_getname(void)
+{
+	static const struct bpf_insn allow[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = 1 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	union bpf_attr attr;
+	int prog;
+
+	mkdir(CROWD_CGROUP, 0755);
+	if (mount("none", CROWD_CGROUP, "cgroup2", 0, NULL) < 0 && errno != EBUSY)
+		return 0;
+	crowd_cgroup_fd = open(CROWD_CGROUP, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+	attr.expected_attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+	attr.insns = (uintptr_t)allow;
+	attr.insn_cnt = 2;
+	attr.license = (uintptr_t)"GPL";
+	prog = crowd_bpf(BPF_PROG_LOAD, &attr);
+	if (crowd_cgroup_fd < 0 || prog < 0)
+		return 0;
+	memset(&attr, 0, sizeof(attr));
+	attr.target_fd = (uint32_t)crowd_cgroup_fd;
+	attr.attach_bpf_fd = (uint32_t)prog;
+	attr.attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+	attr.attach_flags = BPF_F_ALLOW_MULTI;
+	if (crowd_bpf(BPF_PROG_ATTACH, &attr) < 0) {
+		close(prog);
+		return 0;
+	}
+	return prog;
+}
+
+static void crowd_unlock_getname(int prog)
+{
+	union bpf_attr attr;
+
+	if (prog > 0) {
+		memset(&attr, 0, sizeof(attr));
+		attr.target_fd = (uint32_t)crowd_cgroup_fd;
+		attr.attach_bpf_fd = (uint32_t)prog;
+		attr.attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+		crowd_bpf(BPF_PROG_DETACH, &attr);
+		close(prog);
+	}
+	if (crowd_cgroup_fd >= 0)
+		close(crowd_cgroup_fd);
+	umount2(CROWD_CGROUP, MNT_DETACH);
+	rmdir(CROWD_CGROUP);
+}
+
 /* Drive one handshake with connection i's TOA option and wait until a crowd thread accepted it. */
 static const char *crowd_connect(struct lab_net *n, int i)
 {
@@ -2702,7 +2772,7 @@ static int mode_crowd(int count, const char *label)
 	char detail[512], addr_s[80], first_wrong[96] = "none";
 	const char *why = NULL;
 	int *seen, i, uffd = -1, stalled = 0, created = 0, asleep_max = 0, wrong_accept = 0;
-	int wrong_own = 0, wrong_held = 0, ok;
+	int wrong_own = 0, wrong_held = 0, cgroup_prog = 0, ok;
 	long started = now_ms(), deadline;
 	long long missed_before = -1, missed = -1, drained;
 	char name[64];
@@ -2781,6 +2851,7 @@ static int mode_crowd(int count, const char *label)
 		_exit(1);
 	}
 	printf("crowd: %d connections accepted, held fd %d\n", count, crowd.held_fd);
+	cgroup_prog = crowd_lock_getname();
 	pthread_create(&sender_thread, NULL, crowd_send, &sender);
 	pfd.fd = uffd;
 	pfd.events = POLLIN;
@@ -2815,6 +2886,7 @@ static int mode_crowd(int count, const char *label)
 	pthread_join(sender_thread, NULL);
 	for (i = 0; i < count; i++)
 		pthread_join(crowd.threads[i].thread, NULL);
+	crowd_unlock_getname(cgroup_prog);
 
 	for (i = 0; i < count; i++) {
 		struct crowd_thread *t = &crowd.threads[i];
@@ -2847,9 +2919,9 @@ static int mode_crowd(int count, const char *label)
 	ok = stalled && sender.sent == 4096 && !wrong_accept && !wrong_own && !wrong_held &&
 	     missed_before == 0 && missed == 0 && drained == 0;
 	report(name, ok,
-	       "threads=%d asleep_in_getname_at_once=%d wrong_accept=%d wrong_own=%d wrong_held=%d first_wrong=%s probe_missed=%lld->%lld lock_held=%s sent=%zd/%d drained_to=%lld seconds=%.1f",
+	       "threads=%d asleep_in_getname_at_once=%d wrong_accept=%d wrong_own=%d wrong_held=%d first_wrong=%s probe_missed=%lld->%lld lock_held=%s cgroup_getpeername_prog=%s sent=%zd/%d drained_to=%lld seconds=%.1f",
 	       count, asleep_max, wrong_accept, wrong_own, wrong_held, first_wrong, missed_before, missed,
-	       stalled ? "yes" : "no", sender.sent, sender.error, drained,
+	       stalled ? "yes" : "no", cgroup_prog > 0 ? "attached" : "none", sender.sent, sender.error, drained,
 	       (double)(now_ms() - started) / 1000.0);
 	return !ok;
 }

@@ -99,6 +99,8 @@ struct toa_entry {
 	__addrpair addrpair;
 	__portpair portpair;
 	struct toa_addr addr;
+	/* The counters of the socket's namespace, for getname's count without a net_generic() lookup. */
+	struct toa_counters __percpu *counters;
 	struct rcu_head rcu;
 };
 
@@ -597,8 +599,8 @@ static __always_inline bool toa_may_have_entry(struct toa_slot slot)
 	return READ_ONCE(slot.bucket->sig) & slot.bit;
 }
 
-/* The entry of @sk; the caller holds rcu_read_lock(). */
-static struct toa_entry *toa_find(struct toa_slot slot, const struct sock *sk)
+/* The entry of @sk; the caller holds rcu_read_lock() or toa_rcu_read_lock(). */
+static __always_inline struct toa_entry *toa_find(struct toa_slot slot, const struct sock *sk)
 {
 	struct toa_entry *entry;
 
@@ -658,6 +660,7 @@ static void toa_remember(const struct sock *sk, const struct toa_addr *addr)
 	entry->addr = *addr;
 
 	rcu_read_lock();
+	entry->counters = toa_counters_of(sock_net(sk));
 	/*
 	 * A socket that died while its destructor hook missed (probe_missed) left
 	 * an entry that must not stay beside the new one. Its namespace's
@@ -693,7 +696,9 @@ static void toa_forget(const struct sock *sk)
 	rcu_read_unlock();
 }
 
-static bool toa_lookup(const struct sock *sk, struct toa_addr *addr)
+/* Every getpeername() of a rewritten socket comes here: inline, and no call to enter RCU. */
+static __always_inline bool toa_lookup(const struct sock *sk, struct toa_addr *addr,
+				       struct toa_counters __percpu **counters)
 {
 	struct toa_slot slot = toa_slot_of(sk);
 	struct toa_entry *entry;
@@ -701,13 +706,14 @@ static bool toa_lookup(const struct sock *sk, struct toa_addr *addr)
 
 	if (!toa_may_have_entry(slot))
 		return false;
-	rcu_read_lock();
+	toa_rcu_read_lock();
 	entry = toa_find(slot, sk);
 	if (entry && entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair) {
 		*addr = entry->addr;
+		*counters = entry->counters;
 		found = true;
 	}
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 	return found;
 }
 
@@ -723,7 +729,7 @@ static void toa_syn_recv_done(struct sock *child, const struct toa_addr *addr)
 		toa_remember(child, addr);
 }
 
-static void toa_write_sockaddr(struct sockaddr *uaddr, const struct toa_addr *addr)
+static __always_inline void toa_write_sockaddr(struct sockaddr *uaddr, const struct toa_addr *addr)
 {
 	if (uaddr->sa_family == AF_INET) {
 		struct sockaddr_in *sin = (struct sockaddr_in *)uaddr;
@@ -744,18 +750,26 @@ static void toa_write_sockaddr(struct sockaddr *uaddr, const struct toa_addr *ad
 	}
 }
 
-/* After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret. */
-static void toa_getname_done(struct socket *sock, struct sockaddr *uaddr, int ret)
+/*
+ * After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret.
+ * addresses_returned is counted through the entry's own pointer: the
+ * namespace's counters are there as long as it is alive (see toa_counters_of).
+ */
+static __always_inline void toa_getname_done(struct socket *sock, struct sockaddr *uaddr, int ret)
 {
+	struct toa_counters __percpu *counters = NULL;
 	const struct sock *sk = sock->sk;
 	struct toa_addr addr;
 
-	if (ret < 0 || !sk || !toa_lookup(sk, &addr))
+	if (ret < 0 || !sk || !toa_lookup(sk, &addr, &counters))
 		return;
 	if (uaddr->sa_family == AF_INET && addr.family != AF_INET)
 		return;
 	toa_write_sockaddr(uaddr, &addr);
-	toa_count(sock_net(sk), TOA_ADDRESSES_RETURNED);
+	toa_rcu_read_lock();
+	if (counters && check_net(sock_net(sk)))
+		this_cpu_inc(counters->value[TOA_ADDRESSES_RETURNED]);
+	toa_rcu_read_unlock();
 }
 
 /* inet_sock_destruct(sk), the last destructor of every inet socket: one compare for UDP. */
@@ -1008,9 +1022,17 @@ static unsigned long toa_kretprobe_missed(void)
  * synchronize_rcu() waits for every CPU to leave it). Only then is the module
  * freed.
  *
- * The callbacks are notrace and call nothing that could reach a hooked
- * function; the recursion guard is there for what could nest anyway, and a
- * refusal counts in probe_missed.
+ * Recursion: the redirecting callbacks are notrace and call nothing (a few
+ * loads, an inline option walk, a per-CPU increment), so they cannot come back
+ * to themselves and need no guard; ftrace's own would cost each call more than
+ * the callback does. The destructor's callback takes locks and frees memory:
+ * it runs under ftrace_test_recursion_trylock() (5.11 and later; before, ftrace
+ * guards it itself), and a refusal counts in probe_missed.
+ *
+ * How a wrapper reaches the original (toa_ftrace_call_target): on IBT kernels
+ * through the function's ENDBR, which passes the fentry call again (the
+ * callback lets its own module through); elsewhere just past the fentry call,
+ * so the call is not traced twice.
  */
 
 enum toa_ftrace_hook_id {
@@ -1029,7 +1051,7 @@ struct toa_ftrace_hook {
 	bool registered;
 	unsigned long wrapper;	/* 0: a plain callback */
 	unsigned long fentry;	/* the hooked call site, taken by the first call */
-	unsigned long original;	/* the hooked function's start: what the wrapper calls */
+	unsigned long original;	/* where the wrapper calls the hooked function (toa_ftrace_call_target) */
 };
 
 static DEFINE_PER_CPU(long, toa_wrappers_running);
@@ -1105,9 +1127,9 @@ static __always_inline bool toa_hook_owns(struct toa_ftrace_hook *hook, unsigned
 /* Send this call to the hook's wrapper, counted until the wrapper returns. */
 static __always_inline void toa_redirect(struct toa_ftrace_hook *hook, unsigned long ip, toa_fregs_t *fregs)
 {
-	/* Every caller that gets here computes the same start: the first write is as good as any. */
+	/* Every caller that gets here computes the same target: the first write is as good as any. */
 	if (unlikely(!READ_ONCE(hook->original)))
-		WRITE_ONCE(hook->original, toa_ftrace_func_start(ip));
+		WRITE_ONCE(hook->original, toa_ftrace_call_target(ip));
 	this_cpu_inc(toa_wrappers_running);
 	toa_fregs_set_ip(fregs, hook->wrapper);
 }
@@ -1152,7 +1174,6 @@ static void notrace toa_getname_redirect(unsigned long ip, unsigned long parent_
 	struct toa_ftrace_hook *hook = container_of(op, struct toa_ftrace_hook, ops);
 	const struct socket *sock;
 	const struct sock *sk;
-	int bit;
 
 	if (!(int)toa_fregs_arg(fregs, TOA_GETNAME_PEER_ARG))
 		return;
@@ -1160,15 +1181,8 @@ static void notrace toa_getname_redirect(unsigned long ip, unsigned long parent_
 		return;
 	sock = (const struct socket *)toa_fregs_arg(fregs, 0);
 	sk = sock->sk;
-	if (!sk || !toa_may_have_entry(toa_slot_of(sk)))
-		return;
-	bit = toa_ftrace_trylock(ip, parent_ip);
-	if (bit < 0) {
-		this_cpu_inc(toa_ftrace_missed);
-		return;
-	}
-	toa_redirect(hook, ip, fregs);
-	toa_ftrace_unlock(bit);
+	if (sk && toa_may_have_entry(toa_slot_of(sk)))
+		toa_redirect(hook, ip, fregs);
 }
 
 /* Would toa_read_ack() have anything to say about this ACK? No counting here: the wrapper reads it again. */
@@ -1193,22 +1207,14 @@ static void notrace toa_syn_recv_redirect(unsigned long ip, unsigned long parent
 {
 	struct toa_ftrace_hook *hook = container_of(op, struct toa_ftrace_hook, ops);
 	const struct sk_buff *skb;
-	int bit;
 
 	if (within_module(parent_ip, THIS_MODULE) || !toa_hook_owns(hook, ip))
 		return;
 	skb = (const struct sk_buff *)toa_fregs_arg(fregs, 1);
 	if (hook == &toa_ftrace_hooks[TOA_FH_SYN_RECV6] && skb->protocol == htons(ETH_P_IP))
 		return;
-	if (!toa_ack_has_option(skb))
-		return;
-	bit = toa_ftrace_trylock(ip, parent_ip);
-	if (bit < 0) {
-		this_cpu_inc(toa_ftrace_missed);
-		return;
-	}
-	toa_redirect(hook, ip, fregs);
-	toa_ftrace_unlock(bit);
+	if (toa_ack_has_option(skb))
+		toa_redirect(hook, ip, fregs);
 }
 
 static __always_inline toa_getname_fn toa_getname_original(enum toa_ftrace_hook_id id)

@@ -321,6 +321,25 @@ static __always_inline unsigned long toa_fregs_arg(toa_fregs_t *fregs, unsigned 
 #endif
 
 /*
+ * Where a wrapper calls the function whose fentry call site is fentry_ip.
+ * With IBT the ENDBR start (below): the call passes the fentry site again and
+ * the callback lets the module's own call through. Without IBT just past the
+ * fentry call (MCOUNT_INSN_SIZE bytes, the next instruction of the function):
+ * every ftrace user of this call ran at the first pass, so nobody sees it
+ * twice, and the second trip through ftrace is saved.
+ */
+static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip);
+
+static __always_inline unsigned long toa_ftrace_call_target(unsigned long fentry_ip)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	return toa_ftrace_func_start(fentry_ip);
+#else
+	return fentry_ip + MCOUNT_INSN_SIZE;
+#endif
+}
+
+/*
  * The start of the function whose call site is fentry_ip, for a wrapper to
  * call it through a pointer. With IBT (CONFIG_X86_KERNEL_IBT, Debian 6.2 and
  * later) a function called through a pointer begins with ENDBR64 and the
@@ -344,6 +363,21 @@ static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_
 #endif
 }
 #endif /* TOA_HAVE_FTRACE_HOOKS */
+
+/*
+ * A cheap RCU reader for getname's path: preempt_disable(), inline, where
+ * rcu_read_lock() is a call each way (PREEMPT_RCU). Since 4.20 (RCU flavours
+ * consolidated) synchronize_rcu() and call_rcu() wait for preempt-disabled
+ * readers too; without PREEMPT_RCU the two are the same. Older PREEMPT_RCU
+ * kernels keep rcu_read_lock().
+ */
+#if !defined(CONFIG_PREEMPT_RCU) || LINUX_VERSION_CODE >= KERNEL_VERSION(4, 20, 0)
+#define toa_rcu_read_lock() rcu_read_lock_sched()
+#define toa_rcu_read_unlock() rcu_read_unlock_sched()
+#else
+#define toa_rcu_read_lock() rcu_read_lock()
+#define toa_rcu_read_unlock() rcu_read_unlock()
+#endif
 
 /*
  * Identical on every kernel from 3.10, so no shim: in4_pton()/in6_pton(),
