@@ -175,7 +175,8 @@ static unsigned int toa_net_id __read_mostly;
  * and other subsystems' exit methods that run later may still destroy
  * sockets in it. Counting stops once the namespace is dead: check_net() turns
  * false before cleanup_net() starts, and cleanup_net() waits for RCU readers
- * before any exit method, so a reader that saw it alive finishes first.
+ * (preempt-disabled ones too: toa_rcu_read_lock) before any exit method, so a
+ * reader that saw it alive finishes first.
  */
 static struct toa_counters __percpu *toa_counters_of(const struct net *net)
 {
@@ -191,22 +192,22 @@ static void toa_count(const struct net *net, enum toa_counter counter)
 {
 	struct toa_counters __percpu *counters;
 
-	rcu_read_lock();
+	toa_rcu_read_lock();
 	counters = toa_counters_of(net);
 	if (counters)
 		this_cpu_inc(counters->value[counter]);
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 }
 
 static void toa_uncount(const struct net *net, enum toa_counter counter)
 {
 	struct toa_counters __percpu *counters;
 
-	rcu_read_lock();
+	toa_rcu_read_lock();
 	counters = toa_counters_of(net);
 	if (counters)
 		this_cpu_dec(counters->value[counter]);
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 }
 
 /* ---------- trusted sources ---------- */
@@ -1177,11 +1178,11 @@ static void notrace toa_getname_redirect(unsigned long ip, unsigned long parent_
 
 	if (!(int)toa_fregs_arg(fregs, TOA_GETNAME_PEER_ARG))
 		return;
-	if (within_module(parent_ip, THIS_MODULE) || !toa_hook_owns(hook, ip))
-		return;
 	sock = (const struct socket *)toa_fregs_arg(fregs, 0);
 	sk = sock->sk;
-	if (sk && toa_may_have_entry(toa_slot_of(sk)))
+	if (!sk || !toa_may_have_entry(toa_slot_of(sk)))
+		return;
+	if (!within_module(parent_ip, THIS_MODULE) && toa_hook_owns(hook, ip))
 		toa_redirect(hook, ip, fregs);
 }
 
