@@ -381,7 +381,8 @@ def required_cases(fuzz: int, cycles: int) -> list[str]:
                                           "netns-init-untouched"]
     # Thousands of callers inside getname at once, with the default hooks and with the kretprobe fallback.
     names += ["hooks-default", "crowd", "insmod-kretprobe", "hooks-kretprobe", "kretprobe-basic",
-              "kretprobe-crowd", "rmmod-kretprobe"]
+              "kretprobe-crowd", "rmmod-kretprobe", "insmod-via-entry", "call-via-entry", "via-entry-basic",
+              "via-entry-crowd", "rmmod-via-entry"]
     if fuzz:
         names += ["fuzz-kinds2", "fuzz-kinds3"]
     if cycles:

@@ -1030,10 +1030,11 @@ static unsigned long toa_kretprobe_missed(void)
  * it runs under ftrace_test_recursion_trylock() (5.11 and later; before, ftrace
  * guards it itself), and a refusal counts in probe_missed.
  *
- * How a wrapper reaches the original (toa_ftrace_call_target): on IBT kernels
- * through the function's ENDBR, which passes the fentry call again (the
- * callback lets its own module through); elsewhere just past the fentry call,
- * so the call is not traced twice.
+ * How a wrapper reaches the original (toa_ftrace_call_target): where the CPU
+ * enforces IBT, through the function's ENDBR at its start, which passes the
+ * fentry call again (the callback lets its own module through); elsewhere just
+ * past the fentry call, so the call is not traced twice. call_via_entry=1
+ * takes the first way everywhere (the lab proves it on CPUs without CET).
  */
 
 enum toa_ftrace_hook_id {
@@ -1055,6 +1056,13 @@ struct toa_ftrace_hook {
 	unsigned long original;	/* where the wrapper calls the hooked function (toa_ftrace_call_target) */
 };
 
+static bool call_via_entry;
+module_param(call_via_entry, bool, 0444);
+MODULE_PARM_DESC(call_via_entry, "ftrace hooks: wrappers call the original through its entry, passing ftrace again (always where the CPU enforces IBT; default elsewhere: just past its fentry call); reads back the way in use");
+
+/* Set at registration, before any callback runs: call_via_entry, or forced by IBT. */
+static bool toa_via_entry;
+
 static DEFINE_PER_CPU(long, toa_wrappers_running);
 static DEFINE_PER_CPU(unsigned long, toa_ftrace_missed);
 
@@ -1073,7 +1081,8 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 
-#define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT)
+#define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
+			    TOA_FTRACE_UNGUARDED)
 #define TOA_CALLBACK_FLAGS (TOA_FTRACE_SAVE_FLAGS | TOA_FTRACE_PERMANENT)
 
 /* In registration order: readers first, so that an address is never remembered without a way out. */
@@ -1130,7 +1139,7 @@ static __always_inline void toa_redirect(struct toa_ftrace_hook *hook, unsigned 
 {
 	/* Every caller that gets here computes the same target: the first write is as good as any. */
 	if (unlikely(!READ_ONCE(hook->original)))
-		WRITE_ONCE(hook->original, toa_ftrace_call_target(ip));
+		WRITE_ONCE(hook->original, toa_ftrace_call_target(ip, toa_via_entry));
 	this_cpu_inc(toa_wrappers_running);
 	toa_fregs_set_ip(fregs, hook->wrapper);
 }
@@ -1343,6 +1352,8 @@ static int toa_ftrace_register(void)
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
 
+	toa_via_entry = call_via_entry || toa_ibt_enforced();
+	call_via_entry = toa_via_entry;
 	for (i = 0; i < TOA_NR_FTRACE_HOOKS; i++) {
 		struct toa_ftrace_hook *hook = &toa_ftrace_hooks[i];
 
@@ -1358,7 +1369,8 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
-	pr_info("hooks: ftrace (%s)\n", TOA_FTRACE_MODE);
+	pr_info("hooks: ftrace (%s, calls %s)\n", TOA_FTRACE_MODE,
+		toa_via_entry ? "through the entry" : "past the fentry call");
 	return 0;
 }
 

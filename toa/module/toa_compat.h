@@ -230,6 +230,7 @@ static inline unsigned long __compat_totalram_pages(void)
 #ifdef TOA_HAVE_FTRACE_HOOKS
 #include <linux/ftrace.h>
 #include <linux/uaccess.h>
+#include <asm/cpufeature.h>
 #include <asm/ptrace.h>
 
 /*
@@ -299,16 +300,21 @@ static __always_inline unsigned long toa_fregs_arg(toa_fregs_t *fregs, unsigned 
 #endif
 
 /*
- * Recursion: from 5.11 a callback guards itself with
- * ftrace_test_recursion_trylock() (toa's do, and count a refusal in
- * probe_missed); before, ftrace guards every callback whose ops does not set
- * FTRACE_OPS_FL_RECURSION_SAFE (toa's do not), and a refusal is not seen.
+ * Recursion. From 5.11 ftrace calls a callback straight from its trampoline
+ * unless the ops sets FTRACE_OPS_FL_RECURSION, and a callback that needs a
+ * guard takes ftrace_test_recursion_trylock() itself (toa's destructor does,
+ * and counts a refusal in probe_missed). Before 5.11 it was the other way
+ * round: ftrace guards every callback (through an extra function) unless the
+ * ops sets FTRACE_OPS_FL_RECURSION_SAFE. toa's redirecting callbacks call
+ * nothing and need no guard: TOA_FTRACE_UNGUARDED asks for none on both.
  */
 #ifdef TOA_PROBE_HAS_FTRACE_OPS_FL_RECURSION
 #include <linux/trace_recursion.h>
+#define TOA_FTRACE_UNGUARDED 0
 #define toa_ftrace_trylock(ip, parent_ip) ftrace_test_recursion_trylock(ip, parent_ip)
 #define toa_ftrace_unlock(bit) ftrace_test_recursion_unlock(bit)
 #else
+#define TOA_FTRACE_UNGUARDED FTRACE_OPS_FL_RECURSION_SAFE
 #define toa_ftrace_trylock(ip, parent_ip) 0
 #define toa_ftrace_unlock(bit) do { } while (0)
 #endif
@@ -322,20 +328,31 @@ static __always_inline unsigned long toa_fregs_arg(toa_fregs_t *fregs, unsigned 
 
 /*
  * Where a wrapper calls the function whose fentry call site is fentry_ip.
- * With IBT the ENDBR start (below): the call passes the fentry site again and
- * the callback lets the module's own call through. Without IBT just past the
- * fentry call (MCOUNT_INSN_SIZE bytes, the next instruction of the function):
- * every ftrace user of this call ran at the first pass, so nobody sees it
+ * Through its entry (via_entry): its start, so the call passes the fentry
+ * site again and the callback lets the module's own call through; a must
+ * where the CPU enforces IBT (toa_ibt_enforced), since a call through a
+ * pointer must land on the ENDBR at the start. Elsewhere just past the fentry
+ * call (MCOUNT_INSN_SIZE bytes, the function's next instruction): every
+ * ftrace user of this call already ran at the first pass, so none sees it
  * twice, and the second trip through ftrace is saved.
  */
 static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip);
 
-static __always_inline unsigned long toa_ftrace_call_target(unsigned long fentry_ip)
+static __always_inline unsigned long toa_ftrace_call_target(unsigned long fentry_ip, bool via_entry)
+{
+	return via_entry ? toa_ftrace_func_start(fentry_ip) : fentry_ip + MCOUNT_INSN_SIZE;
+}
+
+/*
+ * Does the CPU enforce IBT? The kernel keeps X86_FEATURE_IBT only when it
+ * turned IBT on (a CET CPU, a kernel built with X86_KERNEL_IBT, no ibt=off).
+ */
+static __always_inline bool toa_ibt_enforced(void)
 {
 #ifdef CONFIG_X86_KERNEL_IBT
-	return toa_ftrace_func_start(fentry_ip);
+	return cpu_feature_enabled(X86_FEATURE_IBT);
 #else
-	return fentry_ip + MCOUNT_INSN_SIZE;
+	return false;
 #endif
 }
 
