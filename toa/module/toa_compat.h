@@ -360,24 +360,21 @@ static __always_inline bool toa_ibt_enforced(void)
  * The start of the function whose call site is fentry_ip, for a wrapper to
  * call it through a pointer. With IBT (CONFIG_X86_KERNEL_IBT, Debian 6.2 and
  * later) a function called through a pointer begins with ENDBR64 and the
- * fentry call follows it: an indirect call must land on the ENDBR. The kernel
- * says so itself from 6.14 (ftrace_get_symaddr()); before, the 4 bytes in
- * front of the call site are compared with ENDBR64 (f3 0f 1e fa). Kernel text
- * is only read. Without IBT the call site is the start.
+ * fentry call follows it: an indirect call must land on the ENDBR. The 4
+ * bytes in front of the call site are compared with ENDBR64 (f3 0f 1e fa);
+ * kernel text is only read. (6.14's ftrace_get_symaddr() does the same, but
+ * through is_endbr(), which is not exported to modules.) Without IBT the call
+ * site is the start.
  */
 static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip)
 {
-#if defined(TOA_PROBE_HAS_FTRACE_GET_SYMADDR)
-	return ftrace_get_symaddr(fentry_ip);
-#elif defined(CONFIG_X86_KERNEL_IBT)
+#ifdef CONFIG_X86_KERNEL_IBT
 	u32 insn;
 
 	if (!get_kernel_nofault(insn, (const u32 *)(fentry_ip - 4)) && insn == 0xfa1e0ff3)
 		return fentry_ip - 4;
-	return fentry_ip;
-#else
-	return fentry_ip;
 #endif
+	return fentry_ip;
 }
 #endif /* TOA_HAVE_FTRACE_HOOKS */
 
