@@ -1006,9 +1006,10 @@ static unsigned long toa_kretprobe_missed(void)
  * pointer to a wrapper of ours. The wrapper has the function's own signature,
  * calls the original, and does toa's work before and after it with every bit
  * of state on its own stack: no pool, nothing shared to run out of, however
- * many callers sleep inside. The wrapper's call to the original passes the
- * fentry call again; the callback sees its return address in this module and
- * lets it through. The destructor needs no wrapper: a plain callback.
+ * many callers sleep inside. Where the wrapper's call to the original passes
+ * the fentry call again (through its entry, below), the callback sees its
+ * return address in this module and lets it through. The destructor needs no
+ * wrapper: a plain callback.
  *
  * Unload: unregister_ftrace_function() returns once no callback runs and none
  * will, so no call is sent to a wrapper any more. A wrapper may still be
