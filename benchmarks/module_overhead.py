@@ -8,6 +8,8 @@ One QEMU boot of the kernel runs several rounds; each round measures once withou
   handshake-toa       handshakes/s with a valid TOA option (parsing and remembering the address)
   getpeername-plain   getpeername()/s on an accepted socket the module holds no address for
   getpeername-toa     getpeername()/s on an accepted socket whose TOA address is returned
+  accept-getpeername  connections/s of what a server behind a balancer does, timed as one loop:
+                      a handshake with a TOA option, accept(), one getpeername(), abortive close
 
 A handshake is the whole connection: SYN, SYN-ACK, ACK written through the guest's TUN device,
 accept() (which asks for the peer address too) and an abortive close. From each round's two TOA
@@ -17,11 +19,15 @@ measurements comes one more figure, what a server behind a balancer pays per con
                       one getpeername-toa call, seconds per operation added up within the round
 
 The median rate per side and the median of the per-round ratios (with-toa / baseline: both sides
-of a round run back to back) are printed, and written as JSON for benchmarks/report.py. The exit
-status is non-zero only when the guest did not boot and finish or a measurement is missing, never
-because of a ratio.
+of a round run back to back) are printed, and written as JSON for benchmarks/report.py. Three of
+them are the headline: the connection rate (handshake-toa), the accept()+getpeername() rate
+(accept-getpeername) and the getpeername() rate (getpeername-toa). The exit status is non-zero only
+when the guest did not boot and finish or a measurement is missing, never because of a ratio.
 
-    python benchmarks/module_overhead.py [--suite bookworm | --kernel RELEASE] [--rounds N]
+    python benchmarks/module_overhead.py [--suite bookworm | --kernel RELEASE] [--rounds N] [--ko PATH]
+
+--ko measures another toa.ko built for the same kernel (an older build of this module, or another
+TOA implementation that loads as toa.ko) exactly the same way, instead of building this one.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's toa package, whatever else is installed (its guest peer is what is measured).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
 from toa import build, debian, lab  # noqa: E402
@@ -49,12 +57,19 @@ METRICS = {
     "handshake-toa": "handshakes/s",
     "getpeername-plain": "calls/s",
     "getpeername-toa": "calls/s",
+    "accept-getpeername": "connections/s",
 }
 # Figures derived per round and side from two measurements: name -> (unit, the metrics it adds up).
 DERIVED = {"connection": ("connections/s", ("handshake-toa", "getpeername-toa"))}
 UNITS = {**METRICS, **{name: unit for name, (unit, _parts) in DERIVED.items()}}
 # The connection rate with toa loaded should stay within 1% of the rate without it.
 GOAL_CONNECTION_RATIO = 0.99
+# The three figures the summary leads with: (metric, what it is).
+HEADLINE = (
+    ("handshake-toa", "connection rate (handshake with a TOA option, accept(), close)"),
+    ("accept-getpeername", "accept()+getpeername() rate (the same plus one getpeername(), one loop)"),
+    ("getpeername-toa", "getpeername() rate (on a socket whose TOA address is returned)"),
+)
 # One bookworm boot with these stays well under two minutes under TCG.
 DEFAULT_ROUNDS = 5
 DEFAULT_HANDSHAKES = 10000
@@ -220,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"timed getpeername() calls per metric, side and round (default: {DEFAULT_CALLS})")
     parser.add_argument("--timeout", type=results.positive, default=DEFAULT_TIMEOUT,
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
+    parser.add_argument("--ko", type=Path,
+                        help="measure this toa.ko (built for the same kernel) instead of building toa/module")
     parser.add_argument("--out", type=Path, default=Path("dist"),
                         help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/ (default: dist)")
     parser.add_argument("--json", type=Path,
@@ -241,9 +258,14 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
         table.add_row(row.metric, f"{row.baseline:,.0f}", f"{row.with_toa:,.0f}", f"{row.ratio:.3f}",
                       f"{min(row.round_ratios):.3f}-{max(row.round_ratios):.3f}", UNITS[row.metric])
     console.print(table)
+    rows = {row.metric: row for row in outcome.rows}
+    for metric, what in HEADLINE:
+        if metric in rows:
+            console.print(f"ratio {rows[metric].ratio:.3f}  {what}", markup=False, highlight=False, soft_wrap=True)
     notes = [
         f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline and toa alternating in one boot; "
         f"median rate per side; {args.handshakes} handshakes and {args.calls} getpeername() calls per measurement",
+        f"module: {args.ko if args.ko else 'toa/module, built for this kernel'}",
         "ratio = median over rounds of with-toa / baseline (range: the rounds' lowest and highest): "
         "below 1 means slower with the module loaded",
         "connection = accept() plus one getpeername() per connection: one handshake-toa and one getpeername-toa "
@@ -266,6 +288,7 @@ def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: li
     connection = next((row for row in outcome.rows if row.metric == "connection"), None)
     return results.record("module_overhead", machine, {
         "kernel": outcome.release,
+        "module": str(args.ko) if args.ko else "toa/module",
         "rounds": args.rounds, "handshakes": args.handshakes, "calls": args.calls,
         "rows": [{"metric": row.metric, "unit": UNITS[row.metric], "baseline": row.baseline,
                   "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios)}
@@ -274,6 +297,24 @@ def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: li
                                        "met": connection.ratio >= GOAL_CONNECTION_RATIO}} if connection else {},
         "problems": outcome.problems,
     }, argv)
+
+
+def given_module(path: Path, release: str) -> Path:
+    """A toa.ko passed with --ko, checked to be a module built for the kernel being booted."""
+    from toa.ko import modinfo, read_module
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ToaError(f"--ko {path}: no such file")
+    try:
+        vermagic = modinfo(read_module(path)).get("vermagic", "")
+    except Exception as error:  # not an ELF module at all
+        raise ToaError(f"--ko {path} is not a kernel module ({error})")
+    built_for = vermagic.split(" ", 1)[0]
+    if built_for != release:
+        raise ToaError(f"--ko {path} was built for {built_for or 'an unknown kernel'}, not {release}: "
+                       "pick the kernel with --kernel/--suite or build the module for it")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                 status.update(message)
 
             pkgs, tree = results.prepare_kernel(args, progress)
-            ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
-                                    progress=lambda message: progress(f"build: {message}")).ko
-            log_dir = ko.parent / "bench"
+            if args.ko:
+                ko = given_module(args.ko, tree.release)
+                log_dir = args.out / tree.release / "bench-ko"
+            else:
+                ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
+                                        progress=lambda message: progress(f"build: {message}")).ko
+                log_dir = ko.parent / "bench"
             outcome = run_guest(tree, ko, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
                                 timeout=float(args.timeout), log_dir=log_dir, progress=progress)
     except ToaError as error:

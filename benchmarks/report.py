@@ -167,7 +167,7 @@ def overhead_notes(doc: dict) -> list[str]:
             f"{call['ratio']:.3f}), but one call is {call_share:.2%} of a connection's time: the connection ratio "
             f"follows the handshake's ({handshake['ratio']:.3f}"
             + (f"; {plain['ratio']:.3f} without a TOA option" if plain else "")
-            + "), the module's probes on the handshake path (syn_recv, the peer address accept() asks for, the "
+            + "), the module's hooks on the handshake path (syn_recv, the peer address accept() asks for, the "
               "socket's destructor) cost that much in this emulated CPU; whether hardware pays the same share was "
               "not measured here.")
     note = load_note(doc)

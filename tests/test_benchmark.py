@@ -145,6 +145,37 @@ def test_round_counts_must_be_positive(capsys):
     assert bench.parse_args(["--suite", "bookworm"]).rounds == bench.DEFAULT_ROUNDS
 
 
+def _module_for(tmp_path: Path, release: str) -> Path:
+    """An ELF object with nothing but a .modinfo naming a kernel, as a module built for it has."""
+    source = tmp_path / "modinfo.c"
+    source.write_text('const char modinfo[] __attribute__((section(".modinfo"), used)) = '
+                      f'"vermagic={release} SMP mod_unload modversions ";\n')
+    out = tmp_path / "toa.ko"
+    subprocess.run(["gcc", "-c", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def test_ko_must_be_a_module_built_for_the_kernel_booted(tmp_path):
+    from toa.errors import ToaError
+
+    module = _module_for(tmp_path, "6.1.0-57-amd64")
+    assert bench.given_module(module, "6.1.0-57-amd64") == module.resolve()
+    with pytest.raises(ToaError, match="built for 6.1.0-57-amd64, not 6.12.118\\+deb13-amd64"):
+        bench.given_module(module, "6.12.118+deb13-amd64")
+    (tmp_path / "junk.ko").write_bytes(b"not a module")
+    with pytest.raises(ToaError, match="not a kernel module"):
+        bench.given_module(tmp_path / "junk.ko", "6.1.0-57-amd64")
+    with pytest.raises(ToaError, match="no such file"):
+        bench.given_module(tmp_path / "missing.ko", "6.1.0-57-amd64")
+    assert bench.parse_args(["--suite", "bookworm", "--ko", str(module)]).ko == module
+    assert bench.parse_args(["--suite", "bookworm"]).ko is None
+
+
+def test_accept_getpeername_is_measured_and_headlined():
+    assert bench.METRICS["accept-getpeername"] == "connections/s"
+    assert [metric for metric, _what in bench.HEADLINE] == ["handshake-toa", "accept-getpeername", "getpeername-toa"]
+
+
 def test_connection_adds_the_two_toa_costs_of_each_round():
     lines = ["TOA-BENCH BEGIN release=6.1.0-56-amd64"]
     # handshake-toa 1000 ops: 1 s baseline, 2 s toa; getpeername-toa 1000 ops: 1 s and 1 s.

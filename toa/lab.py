@@ -404,6 +404,10 @@ def required_cases(fuzz: int, cycles: int) -> list[str]:
              "hold-after-unload", "hold-close", "after-all-v4-untouched", "load-messages-total"]
     names += TRUST_CASES + TABLE_CASES + ["tfo-v4", "tfo-v6", "netns-stats-fresh", "netns-stats-own",
                                           "netns-init-untouched"]
+    # Thousands of callers inside getname at once, with the default hooks and with the kretprobe fallback.
+    names += ["hooks-default", "crowd", "insmod-kretprobe", "hooks-kretprobe", "kretprobe-basic",
+              "kretprobe-crowd", "rmmod-kretprobe", "insmod-via-entry", "call-via-entry", "via-entry-basic",
+              "via-entry-crowd", "rmmod-via-entry"]
     if fuzz:
         names += ["fuzz-kinds2", "fuzz-kinds3"]
     if cycles:

@@ -23,6 +23,8 @@
  *     toa_peer bench SIDE ROUND HANDSHAKES CALLS
  *                                     time handshakes and getpeername() calls for the
  *                                     benchmark (SIDE: baseline = module not loaded, toa)
+ *     toa_peer crowd COUNT [LABEL]    COUNT threads in accept(), then all in getpeername()
+ *                                     on one TOA connection at once (its lock held)
  *
  * The engine under test is toa.ko unless TOA_ENGINE_CTL names the control
  * program of another engine (the eBPF engine's toa-bpf): then the counters
@@ -2526,6 +2528,10 @@ static int bench_getpeername(struct lab_net *n, const struct bench_run *run, con
 	return 0;
 }
 
+static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
+				    int count);
+static int mode_crowd(int count, const char *label);
+
 static int mode_bench(const char *side, int round, int handshakes, int calls)
 {
 	struct bench_run run = { side, !strcmp(side, "toa"), round };
@@ -2541,6 +2547,7 @@ static int mode_bench(const char *side, int round, int handshakes, int calls)
 	failed |= bench_handshakes(&n, &run, "handshake-toa", 1, handshakes) < 0;
 	failed |= bench_getpeername(&n, &run, "getpeername-plain", 0, calls) < 0;
 	failed |= bench_getpeername(&n, &run, "getpeername-toa", 1, calls) < 0;
+	failed |= bench_accept_getpeername(&n, &run, "accept-getpeername", handshakes) < 0;
 	return failed;
 }
 
@@ -2552,7 +2559,7 @@ static int usage(void)
 			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO [PARAMS] |"
 			" cases SEED COUNT KINDS REFUSED_FROM | bench SIDE ROUND HANDSHAKES CALLS |"
 			" tfo | netns | trust-flip PEER_RANGE OTHER_RANGE | trust-bad |"
-			" trust-race COUNT PEER_RANGE OTHER_RANGE | many COUNT\n");
+			" trust-race COUNT PEER_RANGE OTHER_RANGE | many COUNT | crowd COUNT [LABEL]\n");
 	return 2;
 }
 
@@ -2594,5 +2601,446 @@ int main(int argc, char **argv)
 		return mode_trust_race(atoi(argv[2]), argv[3], argv[4]);
 	if (argc == 3 && !strcmp(argv[1], "many"))
 		return mode_many(atoi(argv[2]));
+	if ((argc == 3 || argc == 4) && !strcmp(argv[1], "crowd"))
+		return mode_crowd(atoi(argv[2]), argc == 4 ? argv[3] : NULL);
 	return usage();
+}
+
+/* ---------- bench: accept() + getpeername() ---------- */
+
+/*
+ * What a server behind a balancer does per connection, measured as one loop:
+ * a handshake with a TOA option, accept() (which asks for the peer too), one
+ * getpeername() on the accepted socket, both answers checked, abortive close.
+ */
+static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
+				    int count)
+{
+	struct sockaddr_storage peer, want;
+	struct probe p;
+	const char *why = NULL;
+	double started = 0;
+	int i;
+
+	bench_probe(run, 1, &p);
+	for (i = -BENCH_WARMUP; i < count; i++) {
+		socklen_t plen = sizeof(peer);
+		int fd = -1, ok;
+
+		if (i == 0)
+			started = now_seconds();
+		if (bench_connection(n, &p, &fd, &want, &why) < 0)
+			return bench_error(run, name, "op=%d error=%s", i, why);
+		ok = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0 && same_addr(&peer, &want);
+		close_abort(fd);
+		if (!ok)
+			return bench_error(run, name, "op=%d error=getpeername-wrong-or-failed", i);
+	}
+	bench_result(run, name, count, now_seconds() - started);
+	return 0;
+}
+
+/* ---------- mode: crowd (thousands of callers inside getname at once) ---------- */
+
+/*
+ * COUNT threads block in accept() on one listener; COUNT handshakes with a TOA
+ * option each (client 198.18.i/256.i%256, port 1000+i) wake them one by one,
+ * and accept() must report each thread its connection's TOA address. Then all
+ * of them call getpeername() on one more TOA connection whose socket lock is
+ * held: a sender is stopped inside send() on that socket, holding the lock,
+ * by a userfaultfd page it is copying from. inet_getname() takes the socket
+ * lock (since 5.x always, before only around a cgroup getpeername program,
+ * which is attached for the purpose), so every thread sleeps inside getname at
+ * once; the lab counts how many were seen asleep there together. The page
+ * is filled, the sender finishes, the lock passes from thread to thread, and
+ * every getpeername() must return the TOA address. probe_missed must stay 0: a
+ * hook with a fixed pool of calls in flight (a kretprobe's maxactive) skips
+ * the callers it has no room for, and they get the balancer's address.
+ */
+#include <linux/bpf.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+
+#define CROWD_MAX 10000
+#define CROWD_STACK (64 * 1024)
+#define CROWD_WAIT_MS 20000
+
+struct crowd_thread {
+	pthread_t thread;
+	int tid;
+	int fd;
+	struct sockaddr_storage accepted, own, held;
+	int own_ok, held_ok;
+};
+
+static struct {
+	int listen_fd, held_fd, count;
+	struct crowd_thread *threads;
+	int accepted, started, entering, returned; /* __atomic */
+	int go; /* under crowd_go_lock */
+} crowd;
+
+static pthread_mutex_t crowd_go_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t crowd_go_cond = PTHREAD_COND_INITIALIZER;
+static const uint8_t crowd_held_addr[4] = { 198, 19, 0, 1 };
+#define CROWD_HELD_PORT 999
+
+static void crowd_addr(int i, struct sockaddr_storage *out)
+{
+	const uint8_t addr[4] = { 198, 18, (uint8_t)(i >> 8), (uint8_t)i };
+
+	make_v4(out, addr, (uint16_t)(1000 + i));
+}
+
+/* Which connection an address names (-1: none of the crowd's). */
+static int crowd_index(const struct sockaddr_storage *ss)
+{
+	const struct sockaddr_in *sin = (const void *)ss;
+	const uint8_t *a = (const uint8_t *)&sin->sin_addr;
+	int i;
+
+	if (ss->ss_family != AF_INET || a[0] != 198 || a[1] != 18)
+		return -1;
+	i = a[2] << 8 | a[3];
+	if (i >= crowd.count || ntohs(sin->sin_port) != 1000 + i)
+		return -1;
+	return i;
+}
+
+static void *crowd_main(void *arg)
+{
+	struct crowd_thread *t = arg;
+	struct sockaddr_storage want;
+	socklen_t len;
+
+	t->tid = (int)syscall(SYS_gettid);
+	__atomic_add_fetch(&crowd.started, 1, __ATOMIC_SEQ_CST);
+	len = sizeof(t->accepted);
+	t->fd = accept4(crowd.listen_fd, (struct sockaddr *)&t->accepted, &len, SOCK_CLOEXEC);
+	__atomic_add_fetch(&crowd.accepted, 1, __ATOMIC_SEQ_CST);
+	pthread_mutex_lock(&crowd_go_lock);
+	while (!crowd.go)
+		pthread_cond_wait(&crowd_go_cond, &crowd_go_lock);
+	pthread_mutex_unlock(&crowd_go_lock);
+	if (t->fd >= 0) {
+		len = sizeof(t->own);
+		t->own_ok = getpeername(t->fd, (struct sockaddr *)&t->own, &len) == 0 &&
+			    crowd_index(&t->own) >= 0 && same_addr(&t->own, &t->accepted);
+	}
+	__atomic_add_fetch(&crowd.entering, 1, __ATOMIC_SEQ_CST);
+	len = sizeof(t->held);
+	make_v4(&want, crowd_held_addr, CROWD_HELD_PORT);
+	t->held_ok = getpeername(crowd.held_fd, (struct sockaddr *)&t->held, &len) == 0 &&
+		     same_addr(&t->held, &want);
+	__atomic_add_fetch(&crowd.returned, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+/* How many crowd threads are asleep in the kernel (state D: lock_sock() waits uninterruptibly). */
+static int crowd_asleep(void)
+{
+	char path[64], buf[256], *state;
+	int i, asleep = 0;
+
+	for (i = 0; i < crowd.count; i++) {
+		int fd, len;
+
+		snprintf(path, sizeof(path), "/proc/self/task/%d/stat", crowd.threads[i].tid);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		len = (int)read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (len <= 0)
+			continue;
+		buf[len] = '\0';
+		state = strrchr(buf, ')');
+		if (state && state[1] == ' ' && state[2] == 'D')
+			asleep++;
+	}
+	return asleep;
+}
+
+struct crowd_sender {
+	int fd;
+	void *page;
+	ssize_t sent;
+	int error;
+};
+
+static void *crowd_send(void *arg)
+{
+	struct crowd_sender *s = arg;
+
+	s->sent = send(s->fd, s->page, 4096, MSG_NOSIGNAL);
+	s->error = s->sent < 0 ? errno : 0;
+	return NULL;
+}
+
+/*
+ * Before 5.x's lock_sock() in inet_getname() (5.10 takes none), getname takes
+ * the socket lock only around a cgroup program for getpeername: attach one
+ * that allows everything, so that the crowd sleeps inside getname there too.
+ * Returns the program's fd (0: none could be attached), detached by crowd_unlock().
+ */
+#define CROWD_CGROUP "/tmp/crowd-cgroup"
+
+static int crowd_bpf(int cmd, union bpf_attr *attr)
+{
+	return (int)syscall(SYS_bpf, cmd, attr, sizeof(*attr));
+}
+
+static int crowd_cgroup_fd = -1;
+
+static int crowd_lock_getname(void)
+{
+	static const struct bpf_insn allow[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = 1 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	union bpf_attr attr;
+	int prog;
+
+	mkdir(CROWD_CGROUP, 0755);
+	if (mount("none", CROWD_CGROUP, "cgroup2", 0, NULL) < 0 && errno != EBUSY)
+		return 0;
+	crowd_cgroup_fd = open(CROWD_CGROUP, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+	attr.expected_attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+	attr.insns = (uintptr_t)allow;
+	attr.insn_cnt = 2;
+	attr.license = (uintptr_t)"GPL";
+	prog = crowd_bpf(BPF_PROG_LOAD, &attr);
+	if (crowd_cgroup_fd < 0 || prog < 0)
+		return 0;
+	memset(&attr, 0, sizeof(attr));
+	attr.target_fd = (uint32_t)crowd_cgroup_fd;
+	attr.attach_bpf_fd = (uint32_t)prog;
+	attr.attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+	attr.attach_flags = BPF_F_ALLOW_MULTI;
+	if (crowd_bpf(BPF_PROG_ATTACH, &attr) < 0) {
+		close(prog);
+		return 0;
+	}
+	return prog;
+}
+
+static void crowd_unlock_getname(int prog)
+{
+	union bpf_attr attr;
+
+	if (prog > 0) {
+		memset(&attr, 0, sizeof(attr));
+		attr.target_fd = (uint32_t)crowd_cgroup_fd;
+		attr.attach_bpf_fd = (uint32_t)prog;
+		attr.attach_type = BPF_CGROUP_INET4_GETPEERNAME;
+		crowd_bpf(BPF_PROG_DETACH, &attr);
+		close(prog);
+	}
+	if (crowd_cgroup_fd >= 0)
+		close(crowd_cgroup_fd);
+	umount2(CROWD_CGROUP, MNT_DETACH);
+	rmdir(CROWD_CGROUP);
+}
+
+/* Drive one handshake with connection i's TOA option and wait until a crowd thread accepted it. */
+static const char *crowd_connect(struct lab_net *n, int i)
+{
+	struct sockaddr_storage want;
+	struct optbuf ack = { .len = 0 };
+	const struct sockaddr_in *sin = (const void *)&want;
+	uint16_t sport = n->next_port;
+	uint32_t isn = wire_random(), server_isn;
+	long deadline;
+
+	crowd_addr(i, &want);
+	put_toa4(&ack, 254, (uint16_t)(1000 + i), (const uint8_t *)&sin->sin_addr);
+	n->next_port = (uint16_t)(n->next_port >= 60000 ? 20000 : n->next_port + 1);
+	if (send_segment(n, L4, sport, isn, 0, TCP_SYN, mss_only.b, mss_only.len) < 0)
+		return "tun-write-failed";
+	if (wait_synack(n, L4, sport, isn, &server_isn) < 0)
+		return "no-syn-ack";
+	if (send_segment(n, L4, sport, isn + 1, server_isn + 1, TCP_ACK, ack.b, ack.len) < 0)
+		return "tun-write-failed";
+	deadline = now_ms() + WAIT_MS;
+	while (__atomic_load_n(&crowd.accepted, __ATOMIC_SEQ_CST) <= i) {
+		if (now_ms() > deadline)
+			return "not-accepted";
+		sched_yield();
+	}
+	return NULL;
+}
+
+static int mode_crowd(int count, const char *label)
+{
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register reg;
+	struct uffdio_zeropage zero;
+	struct crowd_sender sender = { -1, NULL, 0, 0 };
+	struct probe held = { .lk = L4, .want = { TOA_V4, CROWD_HELD_PORT, { 198, 19, 0, 1 } } };
+	struct stats before, after;
+	struct lab_net n;
+	struct pollfd pfd;
+	struct uffd_msg msg;
+	pthread_attr_t attr;
+	pthread_t sender_thread;
+	struct rlimit nofile;
+	char detail[512], addr_s[80], first_wrong[96] = "none";
+	const char *why = NULL;
+	int *seen, i, uffd = -1, stalled = 0, created = 0, asleep_max = 0, wrong_accept = 0;
+	int wrong_own = 0, wrong_held = 0, cgroup_prog = 0, ok;
+	long started = now_ms(), deadline;
+	long long missed_before = -1, missed = -1, drained;
+	char name[64];
+
+	snprintf(name, sizeof(name), "%s%scrowd", label ? label : "", label ? "-" : "");
+
+	if (count < 1 || count > CROWD_MAX || net_up(&n, 0) < 0)
+		return count < 1 || count > CROWD_MAX ? usage() : 1;
+	if (read_stats(&before) < 0) {
+		report(name, 0, "problem=stats:%s", before.problem);
+		return 1;
+	}
+	missed_before = stat_value(&before, "probe_missed");
+	/* A descriptor per connection, past the usual 1024. */
+	nofile.rlim_cur = nofile.rlim_max = (rlim_t)count + 256;
+	if (setrlimit(RLIMIT_NOFILE, &nofile) < 0) {
+		report(name, 0, "problem=setrlimit-nofile:%s", strerror(errno));
+		return 1;
+	}
+	put_toa4(&held.ack, 254, CROWD_HELD_PORT, crowd_held_addr);
+	/* Room for every handshake still being accepted (the listener was made with 64). */
+	listen(n.listen_fd[L4], 4096);
+	memset(&crowd, 0, sizeof(crowd));
+	crowd.listen_fd = n.listen_fd[L4];
+	crowd.held_fd = -1;
+	crowd.count = count;
+	crowd.threads = calloc((size_t)count, sizeof(*crowd.threads));
+	seen = calloc((size_t)count, sizeof(*seen));
+	if (!crowd.threads || !seen) {
+		report(name, 0, "problem=out-of-memory");
+		return 1;
+	}
+
+	/* Every thread blocked in accept() first. */
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, CROWD_STACK);
+	for (i = 0; i < count; i++) {
+		crowd.threads[i].fd = -1;
+		if (pthread_create(&crowd.threads[i].thread, &attr, crowd_main, &crowd.threads[i]) != 0)
+			break;
+		created++;
+	}
+	if (created < count) {
+		report(name, 0, "problem=pthread_create:%s threads=%d/%d", strerror(errno), created, count);
+		_exit(1); /* the threads blocked in accept() cannot be joined */
+	}
+	deadline = now_ms() + CROWD_WAIT_MS;
+	while (__atomic_load_n(&crowd.started, __ATOMIC_SEQ_CST) < count && now_ms() < deadline)
+		sleep_ms(10);
+	sleep_ms(100); /* from "started" to asleep in accept() */
+	printf("crowd: %d threads started in %.1fs\n", __atomic_load_n(&crowd.started, __ATOMIC_SEQ_CST), (double)(now_ms() - started) / 1000.0);
+
+	/* The connections, each accepted by one of them. */
+	for (i = 0; i < count && !why; i++)
+		why = crowd_connect(&n, i);
+	if (why) {
+		report(name, 0, "problem=handshake-%d:%s accepted=%d started=%d", i - 1, why,
+		       __atomic_load_n(&crowd.accepted, __ATOMIC_SEQ_CST), __atomic_load_n(&crowd.started, __ATOMIC_SEQ_CST));
+		_exit(1);
+	}
+
+	/* One more TOA connection, its lock held by a sender stopped inside send(). */
+	if (!check_probe(&n, &held, detail, sizeof(detail), &crowd.held_fd, NULL)) {
+		report(name, 0, "problem=held-connection %s", detail);
+		_exit(1);
+	}
+	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	sender.fd = crowd.held_fd;
+	sender.page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	reg.range.start = (uintptr_t)sender.page;
+	reg.range.len = 4096;
+	reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+	if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api) < 0 || sender.page == MAP_FAILED ||
+	    ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+		report(name, 0, "problem=userfaultfd:%s", strerror(errno));
+		_exit(1);
+	}
+	printf("crowd: %d connections accepted, held fd %d\n", count, crowd.held_fd);
+	cgroup_prog = crowd_lock_getname();
+	pthread_create(&sender_thread, NULL, crowd_send, &sender);
+	pfd.fd = uffd;
+	pfd.events = POLLIN;
+	if (poll(&pfd, 1, WAIT_MS) == 1 && read(uffd, &msg, sizeof(msg)) == sizeof(msg) &&
+	    msg.event == UFFD_EVENT_PAGEFAULT)
+		stalled = 1;
+
+	printf("crowd: sender stalled=%d\n", stalled);
+	/* All at once: each checks its own connection, then asks about the held one. */
+	pthread_mutex_lock(&crowd_go_lock);
+	crowd.go = 1;
+	pthread_cond_broadcast(&crowd_go_cond);
+	pthread_mutex_unlock(&crowd_go_lock);
+	deadline = now_ms() + CROWD_WAIT_MS;
+	for (;;) {
+		int entering = __atomic_load_n(&crowd.entering, __ATOMIC_SEQ_CST);
+		int returned = __atomic_load_n(&crowd.returned, __ATOMIC_SEQ_CST);
+		int asleep = entering == count ? crowd_asleep() : 0;
+
+		if (asleep > asleep_max)
+			asleep_max = asleep;
+		if ((entering == count && asleep + returned >= count) || now_ms() > deadline)
+			break;
+		sleep_ms(entering == count ? 50 : 10);
+	}
+	/* Let the sender go: the lock passes to the sleepers one by one. */
+	zero.range.start = (uintptr_t)sender.page;
+	zero.range.len = 4096;
+	zero.mode = 0;
+	ioctl(uffd, UFFDIO_ZEROPAGE, &zero); /* also when no fault was seen: the sender must not hang */
+	printf("crowd: released stalled=%d asleep_max=%d\n", stalled, asleep_max);
+	pthread_join(sender_thread, NULL);
+	for (i = 0; i < count; i++)
+		pthread_join(crowd.threads[i].thread, NULL);
+	crowd_unlock_getname(cgroup_prog);
+
+	for (i = 0; i < count; i++) {
+		struct crowd_thread *t = &crowd.threads[i];
+		int index = crowd_index(&t->accepted);
+		const char *what = NULL;
+
+		if (t->fd < 0 || index < 0 || seen[index]++) {
+			wrong_accept++;
+			what = "accept";
+			fmt_addr(&t->accepted, addr_s, sizeof(addr_s));
+		}
+		if (!t->own_ok && wrong_own++ >= 0 && !what) {
+			what = "own";
+			fmt_addr(&t->own, addr_s, sizeof(addr_s));
+		}
+		if (!t->held_ok && wrong_held++ >= 0 && !what) {
+			what = "held";
+			fmt_addr(&t->held, addr_s, sizeof(addr_s));
+		}
+		if (what && !strcmp(first_wrong, "none"))
+			snprintf(first_wrong, sizeof(first_wrong), "%s:%s", what, addr_s);
+	}
+	if (read_stats(&after) == 0)
+		missed = stat_value(&after, "probe_missed");
+	for (i = 0; i < count; i++)
+		if (crowd.threads[i].fd >= 0)
+			close_abort(crowd.threads[i].fd);
+	close_abort(crowd.held_fd);
+	drained = wait_entries_drained();
+	ok = stalled && sender.sent == 4096 && !wrong_accept && !wrong_own && !wrong_held &&
+	     missed_before == 0 && missed == 0 && drained == 0;
+	report(name, ok,
+	       "threads=%d asleep_in_getname_at_once=%d wrong_accept=%d wrong_own=%d wrong_held=%d first_wrong=%s probe_missed=%lld->%lld lock_held=%s cgroup_getpeername_prog=%s sent=%zd/%d drained_to=%lld seconds=%.1f",
+	       count, asleep_max, wrong_accept, wrong_own, wrong_held, first_wrong, missed_before, missed,
+	       stalled ? "yes" : "no", cgroup_prog > 0 ? "attached" : "none", sender.sent, sender.error, drained,
+	       (double)(now_ms() - started) / 1000.0);
+	return !ok;
 }

@@ -8,8 +8,11 @@
  * table keyed by the socket pointer, writes it into the result of
  * inet{,6}_getname when the peer address is asked for (getpeername, accept),
  * and forgets it in inet_sock_destruct, the final destructor of every inet
- * socket. Only kprobes and kretprobes are used: no kernel text or read-only
- * table is written.
+ * socket. The hooks are ftrace callbacks that redirect a call to a wrapper of
+ * ours, as livepatch does, where the kernel allows it, and kprobes and
+ * kretprobes elsewhere (see "how: ftrace or kretprobes"). Only the kernel's
+ * own patching (ftrace, kprobes) touches its text; no read-only table is
+ * written.
  *
  * The option is believed only from an IP source in the `trusted` list (the
  * balancer's addresses; empty: from anyone). Counters are kept per network
@@ -21,6 +24,7 @@
 
 #include <linux/hash.h>
 #include <linux/ctype.h>
+#include <linux/delay.h>
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/inet.h>
@@ -53,8 +57,6 @@
 #define TOA_MAX_KINDS 4
 #define TOA_V4_OPTION_LEN 8	/* kind, len, be16 port, be32 address */
 #define TOA_V6_OPTION_LEN 20	/* kind, len, be16 port, 16-byte address */
-/* getname can sleep in lock_sock; every sleeper holds one instance. */
-#define TOA_MIN_MAXACTIVE 256
 
 static int kinds[TOA_MAX_KINDS] = { 254, 253 };
 static unsigned int nr_kinds = 2;
@@ -97,24 +99,34 @@ struct toa_entry {
 	__addrpair addrpair;
 	__portpair portpair;
 	struct toa_addr addr;
+	/* The counters of the socket's namespace, for getname's count without a net_generic() lookup. */
+	struct toa_counters __percpu *counters;
 	struct rcu_head rcu;
 };
 
 /*
  * Readers (lookup, and the search on teardown) walk a chain under RCU with no
- * lock. The lock covers only linking or unlinking one entry already found:
- * O(1), never a walk. It is taken with interrupts off because the hooks can run
+ * lock. The lock covers linking or unlinking one entry already found and
+ * recomputing the bucket's signature from its chain (short: about one entry per
+ * bucket at most). It is taken with interrupts off because the hooks can run
  * where softirqs cannot be re-enabled: a kprobe handler entered through a
  * breakpoint (int3 on x86 without ftrace, BRK on arm64) runs as an NMI-like
  * exception with interrupts disabled, and some kernels' ftrace kprobe handler
  * disables interrupts too, so spin_lock_bh()'s local_bh_enable() would run
- * softirqs (or warn) there. A socket without an entry, the common teardown,
- * takes no lock at all.
+ * softirqs (or warn) there.
+ *
+ * The signature is the OR of one bit per socket in the chain (toa_slot_of), so
+ * a socket that never had an address is told apart without a walk or a lock:
+ * its bit is clear, unless another socket in its bucket shares it (1 in 32).
+ * It fits beside the lock: a bucket stays 16 bytes.
  */
 struct toa_bucket {
 	spinlock_t lock;
+	u32 sig;
 	struct hlist_head head;
 };
+
+#define TOA_SIG_SHIFT 5	/* a signature has 1 << TOA_SIG_SHIFT bits */
 
 static struct toa_bucket *toa_table;
 
@@ -163,7 +175,8 @@ static unsigned int toa_net_id __read_mostly;
  * and other subsystems' exit methods that run later may still destroy
  * sockets in it. Counting stops once the namespace is dead: check_net() turns
  * false before cleanup_net() starts, and cleanup_net() waits for RCU readers
- * before any exit method, so a reader that saw it alive finishes first.
+ * (preempt-disabled ones too: toa_rcu_read_lock) before any exit method, so a
+ * reader that saw it alive finishes first.
  */
 static struct toa_counters __percpu *toa_counters_of(const struct net *net)
 {
@@ -179,22 +192,22 @@ static void toa_count(const struct net *net, enum toa_counter counter)
 {
 	struct toa_counters __percpu *counters;
 
-	rcu_read_lock();
+	toa_rcu_read_lock();
 	counters = toa_counters_of(net);
 	if (counters)
 		this_cpu_inc(counters->value[counter]);
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 }
 
 static void toa_uncount(const struct net *net, enum toa_counter counter)
 {
 	struct toa_counters __percpu *counters;
 
-	rcu_read_lock();
+	toa_rcu_read_lock();
 	counters = toa_counters_of(net);
 	if (counters)
 		this_cpu_dec(counters->value[counter]);
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 }
 
 /* ---------- trusted sources ---------- */
@@ -561,35 +574,70 @@ static bool toa_read_ack(const struct sock *listener, const struct sk_buff *skb,
 
 /* ---------- remembering and forgetting ---------- */
 
-static struct toa_bucket *toa_bucket_of(const struct sock *sk)
+/*
+ * Where @sk's entry would be: its bucket, and its bit in the bucket's
+ * signature. Both come from one multiplicative hash of the pointer: the bucket
+ * from its top table_bits bits, the bit from the TOA_SIG_SHIFT bits below.
+ */
+struct toa_slot {
+	struct toa_bucket *bucket;
+	u32 bit;
+};
+
+static __always_inline struct toa_slot toa_slot_of(const struct sock *sk)
 {
-	return &toa_table[hash_ptr(sk, table_bits)];
+	u32 hash = hash_ptr(sk, table_bits + TOA_SIG_SHIFT);
+
+	return (struct toa_slot){
+		.bucket = &toa_table[hash >> TOA_SIG_SHIFT],
+		.bit = 1U << (hash & ((1U << TOA_SIG_SHIFT) - 1)),
+	};
 }
 
-/* The entry of @sk in @bucket; the caller holds rcu_read_lock(). */
-static struct toa_entry *toa_find(struct toa_bucket *bucket, const struct sock *sk)
+/* False: @sk has no entry, told without a walk or a lock. */
+static __always_inline bool toa_may_have_entry(struct toa_slot slot)
+{
+	return READ_ONCE(slot.bucket->sig) & slot.bit;
+}
+
+/* The entry of @sk; the caller holds rcu_read_lock() or toa_rcu_read_lock(). */
+static __always_inline struct toa_entry *toa_find(struct toa_slot slot, const struct sock *sk)
 {
 	struct toa_entry *entry;
 
-	hlist_for_each_entry_rcu(entry, &bucket->head, node) {
+	if (!toa_may_have_entry(slot))
+		return NULL;
+	hlist_for_each_entry_rcu(entry, &slot.bucket->head, node) {
 		if (entry->sk == sk)
 			return entry;
 	}
 	return NULL;
 }
 
+/* The bucket's signature from the chain it holds; under the bucket's lock. */
+static void toa_resign(struct toa_bucket *bucket)
+{
+	struct toa_entry *entry;
+	u32 sig = 0;
+
+	hlist_for_each_entry(entry, &bucket->head, node)
+		sig |= toa_slot_of(entry->sk).bit;
+	WRITE_ONCE(bucket->sig, sig);
+}
+
 /* Unlink an entry found under RCU (still held); true if this call removed it. */
-static bool toa_unlink(struct toa_bucket *bucket, struct toa_entry *entry)
+static bool toa_unlink(struct toa_slot slot, struct toa_entry *entry)
 {
 	unsigned long flags;
 	bool unlinked = false;
 
-	spin_lock_irqsave(&bucket->lock, flags);
+	spin_lock_irqsave(&slot.bucket->lock, flags);
 	if (!hlist_unhashed(&entry->node)) {
 		hlist_del_init_rcu(&entry->node);
+		toa_resign(slot.bucket);
 		unlinked = true;
 	}
-	spin_unlock_irqrestore(&bucket->lock, flags);
+	spin_unlock_irqrestore(&slot.bucket->lock, flags);
 	if (unlinked)
 		kfree_rcu(entry, rcu);
 	return unlinked;
@@ -597,7 +645,7 @@ static bool toa_unlink(struct toa_bucket *bucket, struct toa_entry *entry)
 
 static void toa_remember(const struct sock *sk, const struct toa_addr *addr)
 {
-	struct toa_bucket *bucket = toa_bucket_of(sk);
+	struct toa_slot slot = toa_slot_of(sk);
 	struct toa_entry *entry, *stale;
 	unsigned long flags;
 
@@ -613,53 +661,158 @@ static void toa_remember(const struct sock *sk, const struct toa_addr *addr)
 	entry->addr = *addr;
 
 	rcu_read_lock();
+	entry->counters = toa_counters_of(sock_net(sk));
 	/*
 	 * A socket that died while its destructor hook missed (probe_missed) left
 	 * an entry that must not stay beside the new one. Its namespace's
 	 * entries_live is left as it was: that namespace may be gone.
 	 */
-	stale = toa_find(bucket, sk);
+	stale = toa_find(slot, sk);
 	if (stale)
-		toa_unlink(bucket, stale);
-	spin_lock_irqsave(&bucket->lock, flags);
-	hlist_add_head_rcu(&entry->node, &bucket->head);
-	spin_unlock_irqrestore(&bucket->lock, flags);
+		toa_unlink(slot, stale);
+	spin_lock_irqsave(&slot.bucket->lock, flags);
+	hlist_add_head_rcu(&entry->node, &slot.bucket->head);
+	/*
+	 * Published before the child is: nobody can ask about @sk or free it
+	 * until syn_recv_sock has returned it and the handshake has queued it.
+	 */
+	WRITE_ONCE(slot.bucket->sig, slot.bucket->sig | slot.bit);
+	spin_unlock_irqrestore(&slot.bucket->lock, flags);
 	rcu_read_unlock();
 	toa_count(sock_net(sk), TOA_ENTRIES_LIVE);
 }
 
-/* Every TCP socket's teardown: an empty bucket or a chain without @sk takes no lock. */
+/* Every TCP socket's teardown: without its signature bit, no walk and no lock. */
 static void toa_forget(const struct sock *sk)
 {
-	struct toa_bucket *bucket = toa_bucket_of(sk);
+	struct toa_slot slot = toa_slot_of(sk);
 	struct toa_entry *entry;
 
-	if (hlist_empty(&bucket->head))
+	if (!toa_may_have_entry(slot))
 		return;
 	rcu_read_lock();
-	entry = toa_find(bucket, sk);
-	if (entry && toa_unlink(bucket, entry))
+	entry = toa_find(slot, sk);
+	if (entry && toa_unlink(slot, entry))
 		toa_uncount(sock_net(sk), TOA_ENTRIES_LIVE);
 	rcu_read_unlock();
 }
 
-static bool toa_lookup(const struct sock *sk, struct toa_addr *addr)
+/* Every getpeername() of a rewritten socket comes here: inline, and no call to enter RCU. */
+static __always_inline bool toa_lookup(const struct sock *sk, struct toa_addr *addr,
+				       struct toa_counters __percpu **counters)
 {
-	struct toa_bucket *bucket = toa_bucket_of(sk);
+	struct toa_slot slot = toa_slot_of(sk);
 	struct toa_entry *entry;
 	bool found = false;
 
-	rcu_read_lock();
-	entry = toa_find(bucket, sk);
+	if (!toa_may_have_entry(slot))
+		return false;
+	toa_rcu_read_lock();
+	entry = toa_find(slot, sk);
 	if (entry && entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair) {
 		*addr = entry->addr;
+		*counters = entry->counters;
 		found = true;
 	}
-	rcu_read_unlock();
+	toa_rcu_read_unlock();
 	return found;
 }
 
-/* ---------- hooks ---------- */
+/* ---------- what the hooks do, whichever mechanism calls them ---------- */
+
+/*
+ * Around tcp_v{4,6}_syn_recv_sock(listener, skb, ...): before it, toa_read_ack()
+ * reads the ACK; after it, the address is remembered for the child it made.
+ */
+static void toa_syn_recv_done(struct sock *child, const struct toa_addr *addr)
+{
+	if (child)
+		toa_remember(child, addr);
+}
+
+static __always_inline void toa_write_sockaddr(struct sockaddr *uaddr, const struct toa_addr *addr)
+{
+	if (uaddr->sa_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)uaddr;
+
+		sin->sin_port = addr->port;
+		sin->sin_addr.s_addr = addr->v4;
+	} else {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)uaddr;
+
+		sin6->sin6_port = addr->port;
+		if (addr->family == AF_INET)
+			ipv6_addr_set_v4mapped(addr->v4, &sin6->sin6_addr);
+		else
+			sin6->sin6_addr = addr->v6;
+		/* Flow label and scope belonged to the balancer's address. */
+		sin6->sin6_flowinfo = 0;
+		sin6->sin6_scope_id = 0;
+	}
+}
+
+/*
+ * After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret.
+ * addresses_returned is counted through the entry's own pointer: the
+ * namespace's counters are there as long as it is alive (see toa_counters_of).
+ */
+static __always_inline void toa_getname_done(struct socket *sock, struct sockaddr *uaddr, int ret)
+{
+	struct toa_counters __percpu *counters = NULL;
+	const struct sock *sk = sock->sk;
+	struct toa_addr addr;
+
+	if (ret < 0 || !sk || !toa_lookup(sk, &addr, &counters))
+		return;
+	if (uaddr->sa_family == AF_INET && addr.family != AF_INET)
+		return;
+	toa_write_sockaddr(uaddr, &addr);
+	toa_rcu_read_lock();
+	if (counters && check_net(sock_net(sk)))
+		this_cpu_inc(counters->value[TOA_ADDRESSES_RETURNED]);
+	toa_rcu_read_unlock();
+}
+
+/* inet_sock_destruct(sk), the last destructor of every inet socket: one compare for UDP. */
+static __always_inline bool toa_destruct_wanted(const struct sock *sk)
+{
+	return sk->sk_protocol == IPPROTO_TCP && toa_may_have_entry(toa_slot_of(sk));
+}
+
+/* ---------- how: ftrace or kretprobes, chosen at load ---------- */
+
+enum toa_hooks { TOA_HOOKS_AUTO, TOA_HOOKS_FTRACE, TOA_HOOKS_KRETPROBE };
+static const char *const toa_hooks_names[] = { "auto", "ftrace", "kretprobe" };
+/* What hooks= asked for, then (once loaded) what is in use: ftrace or kretprobe. */
+static int toa_hooks = TOA_HOOKS_AUTO;
+
+static int toa_hooks_set(const char *val, const struct kernel_param *kp)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(toa_hooks_names); i++) {
+		if (sysfs_streq(val, toa_hooks_names[i])) {
+			toa_hooks = i;
+			return 0;
+		}
+	}
+	pr_err("hooks: \"%.*s\" is not auto, ftrace or kretprobe\n", 32, val);
+	return -EINVAL;
+}
+
+static int toa_hooks_get(char *buffer, const struct kernel_param *kp)
+{
+	return scnprintf(buffer, PAGE_SIZE, "%s\n", toa_hooks_names[toa_hooks]);
+}
+
+static const struct kernel_param_ops toa_hooks_ops = {
+	.set = toa_hooks_set,
+	.get = toa_hooks_get,
+};
+module_param_cb(hooks, &toa_hooks_ops, NULL, 0444);
+MODULE_PARM_DESC(hooks, "how toa hooks the kernel: auto (default: ftrace where the kernel allows it, else kretprobes), ftrace, kretprobe; reads back the one in use");
+
+/* ---------- kretprobe hooks: the fallback ---------- */
 
 /* tcp_v4_syn_recv_sock(listener, skb, ...): also runs for v4-mapped children of v6 listeners. */
 static int toa_v4_syn_recv_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
@@ -683,10 +836,7 @@ static int toa_v6_syn_recv_entry(struct kretprobe_instance *ri, struct pt_regs *
 
 static int toa_syn_recv_return(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
-	const struct sock *child = (const struct sock *)regs_return_value(regs);
-
-	if (child)
-		toa_remember(child, (const struct toa_addr *)ri->data);
+	toa_syn_recv_done((struct sock *)regs_return_value(regs), (const struct toa_addr *)ri->data);
 	return 0;
 }
 
@@ -707,39 +857,11 @@ static int toa_getname_entry(struct kretprobe_instance *ri, struct pt_regs *regs
 	return 0;
 }
 
-static void toa_write_sockaddr(struct sockaddr *uaddr, const struct toa_addr *addr)
-{
-	if (uaddr->sa_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)uaddr;
-
-		sin->sin_port = addr->port;
-		sin->sin_addr.s_addr = addr->v4;
-	} else {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)uaddr;
-
-		sin6->sin6_port = addr->port;
-		if (addr->family == AF_INET)
-			ipv6_addr_set_v4mapped(addr->v4, &sin6->sin6_addr);
-		else
-			sin6->sin6_addr = addr->v6;
-		/* Flow label and scope belonged to the balancer's address. */
-		sin6->sin6_flowinfo = 0;
-		sin6->sin6_scope_id = 0;
-	}
-}
-
 static int toa_getname_return(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	const struct toa_getname_call *call = (const struct toa_getname_call *)ri->data;
-	const struct sock *sk = call->sock->sk;
-	struct toa_addr addr;
 
-	if ((int)regs_return_value(regs) < 0 || !sk || !toa_lookup(sk, &addr))
-		return 0;
-	if (call->uaddr->sa_family == AF_INET && addr.family != AF_INET)
-		return 0;
-	toa_write_sockaddr(call->uaddr, &addr);
-	toa_count(sock_net(sk), TOA_ADDRESSES_RETURNED);
+	toa_getname_done(call->sock, call->uaddr, (int)regs_return_value(regs));
 	return 0;
 }
 
@@ -747,7 +869,7 @@ static int toa_destruct_pre(struct kprobe *kp, struct pt_regs *regs)
 {
 	const struct sock *sk = (const struct sock *)regs_get_kernel_argument(regs, 0);
 
-	if (sk->sk_protocol == IPPROTO_TCP)
+	if (toa_destruct_wanted(sk))
 		toa_forget(sk);
 	return 0;
 }
@@ -799,7 +921,32 @@ static struct toa_return_hook {
 static struct kretprobe *toa_registered[ARRAY_SIZE(toa_return_hooks)];
 static unsigned int toa_nr_registered;
 
-static void toa_unregister_hooks(void)
+/*
+ * A kretprobe takes an instance from a pool allocated at registration for
+ * every call in flight, and skips the return handler of a call that finds the
+ * pool empty (counted in probe_missed, the caller keeps the balancer's address).
+ * Each call in flight is a task inside the function: getname sleeps in
+ * lock_sock(), and a listener's backlog runs syn_recv_sock in process context,
+ * where it can be preempted. So the pool holds one instance per task the kernel
+ * admits by default, threads-max's boot value (RAM / (8 * THREAD_SIZE), as
+ * kernel/fork.c sets it; 8192 per GiB with 16 KiB stacks), at least 8 per CPU
+ * and at most TOA_KRETPROBE_POOL_MAX (the default of an 8 GiB machine): the pool
+ * is allocated whole, with 8 bytes more per instance and CPU on kernels whose
+ * kretprobes use rethook's object pool. Only threads-max raised past that, with
+ * every thread in getname at once, could still empty it.
+ */
+#define TOA_KRETPROBE_POOL_MIN 256
+#define TOA_KRETPROBE_POOL_MAX 65536
+
+static int toa_kretprobe_pool(void)
+{
+	unsigned long tasks = totalram_pages() / (8 * (THREAD_SIZE / PAGE_SIZE));
+
+	tasks = max_t(unsigned long, tasks, 8UL * num_possible_cpus());
+	return clamp_t(unsigned long, tasks, TOA_KRETPROBE_POOL_MIN, TOA_KRETPROBE_POOL_MAX);
+}
+
+static void toa_kretprobe_unregister(void)
 {
 	/* The destructor hook goes last: until then every entry still has a way out. */
 	unregister_kretprobes(toa_registered, toa_nr_registered);
@@ -807,9 +954,9 @@ static void toa_unregister_hooks(void)
 	unregister_kprobe(&toa_destruct_probe);
 }
 
-static int toa_register_hooks(void)
+static int toa_kretprobe_register(void)
 {
-	int maxactive = max_t(int, TOA_MIN_MAXACTIVE, 8 * num_possible_cpus());
+	int pool = toa_kretprobe_pool();
 	unsigned int i;
 	int err;
 
@@ -821,7 +968,7 @@ static int toa_register_hooks(void)
 	for (i = 0; i < ARRAY_SIZE(toa_return_hooks); i++) {
 		struct kretprobe *probe = toa_return_hooks[i].probe;
 
-		probe->maxactive = maxactive;
+		probe->maxactive = pool;
 		err = register_kretprobe(probe);
 		if (!err) {
 			toa_registered[toa_nr_registered++] = probe;
@@ -833,16 +980,14 @@ static int toa_register_hooks(void)
 			continue;
 		}
 		pr_err("cannot hook %s: %d\n", probe->kp.symbol_name, err);
-		toa_unregister_hooks();
+		toa_kretprobe_unregister();
 		return err;
 	}
+	pr_info("hooks: kretprobe (pool of %d calls in flight per function)\n", pool);
 	return 0;
 }
 
-/* ---------- /proc/net/toa_stats ---------- */
-
-/* Misses of the hooks themselves: the module's, shown alike in every namespace. */
-static unsigned long toa_probe_missed(void)
+static unsigned long toa_kretprobe_missed(void)
 {
 	unsigned long missed = toa_destruct_probe.nmissed;
 	unsigned int i;
@@ -851,6 +996,447 @@ static unsigned long toa_probe_missed(void)
 		missed += toa_return_hooks[i].probe->nmissed + toa_return_hooks[i].probe->kp.nmissed;
 	return missed;
 }
+
+#ifdef TOA_HAVE_FTRACE_HOOKS
+/* ---------- ftrace hooks ---------- */
+
+/*
+ * As livepatch redirects a function: an ftrace_ops with IPMODIFY, filtered by
+ * name, whose callback (run at the function's fentry call) sets the instruction
+ * pointer to a wrapper of ours. The wrapper has the function's own signature,
+ * calls the original, and does toa's work before and after it with every bit
+ * of state on its own stack: no pool, nothing shared to run out of, however
+ * many callers sleep inside. Where the wrapper's call to the original passes
+ * the fentry call again (through its entry, below), the callback sees its
+ * return address in this module and lets it through. The destructor needs no
+ * wrapper: a plain callback.
+ *
+ * Unload: unregister_ftrace_function() returns once no callback runs and none
+ * will, so no call is sent to a wrapper any more. A wrapper may still be
+ * inside the original (getname asleep in lock_sock) and will come back to
+ * module text; the callback counts every call it sends (toa_wrappers_running,
+ * per CPU: one can start on one CPU and end on another, only the sum means
+ * anything), and the wrapper uncounts as its last act. toa_exit waits for the
+ * sum to reach 0, then for the few instructions a wrapper runs after its
+ * uncount: synchronize_rcu_tasks() returns once every task has passed a
+ * voluntary context switch, and none happens in a wrapper's tail (without
+ * PREEMPTION, where there are no tasks-RCU, a tail cannot be preempted and
+ * synchronize_rcu() waits for every CPU to leave it). Only then is the module
+ * freed.
+ *
+ * Recursion: the redirecting callbacks are notrace and call nothing (a few
+ * loads, an inline option walk, a per-CPU increment), so they cannot come back
+ * to themselves and need no guard; ftrace's own would cost each call more than
+ * the callback does. The destructor's callback takes locks and frees memory:
+ * it runs under ftrace_test_recursion_trylock() (5.11 and later; before, ftrace
+ * guards it itself), and a refusal counts in probe_missed.
+ *
+ * How a wrapper reaches the original (toa_ftrace_call_target): where the CPU
+ * enforces IBT, through the function's ENDBR at its start, which passes the
+ * fentry call again (the callback lets its own module through); elsewhere just
+ * past the fentry call, so the call is not traced twice. call_via_entry=1
+ * takes the first way everywhere (the lab proves it on CPUs without CET).
+ */
+
+enum toa_ftrace_hook_id {
+	TOA_FH_DESTRUCT,
+	TOA_FH_GETNAME,
+	TOA_FH_GETNAME6,
+	TOA_FH_SYN_RECV4,
+	TOA_FH_SYN_RECV6,
+	TOA_NR_FTRACE_HOOKS
+};
+
+struct toa_ftrace_hook {
+	struct ftrace_ops ops;
+	const char *symbol;
+	bool optional;		/* IPv6 may be a module that is not loaded */
+	bool registered;
+	unsigned long wrapper;	/* 0: a plain callback */
+	unsigned long fentry;	/* the hooked call site, taken by the first call */
+	unsigned long original;	/* where the wrapper calls the hooked function (toa_ftrace_call_target) */
+};
+
+static bool call_via_entry;
+module_param(call_via_entry, bool, 0444);
+MODULE_PARM_DESC(call_via_entry, "ftrace hooks: wrappers call the original through its entry, passing ftrace again (always where the CPU enforces IBT; default elsewhere: just past its fentry call); reads back the way in use");
+
+/* Set at registration, before any callback runs: call_via_entry, or forced by IBT. */
+static bool toa_via_entry;
+
+static DEFINE_PER_CPU(long, toa_wrappers_running);
+static DEFINE_PER_CPU(unsigned long, toa_ftrace_missed);
+
+/* The types the kernel calls them through, which the wrappers must have (checked in toa_ftrace_register). */
+typedef typeof(((struct proto_ops *)NULL)->getname) toa_getname_fn;
+typedef typeof(((struct inet_connection_sock_af_ops *)NULL)->syn_recv_sock) toa_syn_recv_fn;
+
+static void toa_destruct_call(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+			      toa_fregs_t *fregs);
+static void toa_getname_redirect(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+				 toa_fregs_t *fregs);
+static void toa_syn_recv_redirect(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+				  toa_fregs_t *fregs);
+static int toa_inet_getname(struct socket *sock, struct sockaddr *uaddr, int peer);
+static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int peer);
+static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS);
+static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
+
+#define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
+			    TOA_FTRACE_UNGUARDED)
+#define TOA_CALLBACK_FLAGS (TOA_FTRACE_SAVE_FLAGS | TOA_FTRACE_PERMANENT)
+
+/* In registration order: readers first, so that an address is never remembered without a way out. */
+static struct toa_ftrace_hook toa_ftrace_hooks[TOA_NR_FTRACE_HOOKS] = {
+	[TOA_FH_DESTRUCT] = {
+		.ops = { .func = toa_destruct_call, .flags = TOA_CALLBACK_FLAGS },
+		.symbol = "inet_sock_destruct",
+	},
+	[TOA_FH_GETNAME] = {
+		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
+		.symbol = "inet_getname",
+		.wrapper = (unsigned long)toa_inet_getname,
+	},
+	[TOA_FH_GETNAME6] = {
+		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
+		.symbol = "inet6_getname",
+		.optional = true,
+		.wrapper = (unsigned long)toa_inet6_getname,
+	},
+	[TOA_FH_SYN_RECV4] = {
+		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
+		.symbol = "tcp_v4_syn_recv_sock",
+		.wrapper = (unsigned long)toa_tcp_v4_syn_recv_sock,
+	},
+	[TOA_FH_SYN_RECV6] = {
+		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
+		.symbol = "tcp_v6_syn_recv_sock",
+		.optional = true,
+		.wrapper = (unsigned long)toa_tcp_v6_syn_recv_sock,
+	},
+};
+
+/*
+ * Is this call the function @hook wraps? A name could match more than one
+ * function (static functions of other files or modules): the first call names
+ * the one that is wrapped, and calls of any other are left alone (counted).
+ */
+static __always_inline bool toa_hook_owns(struct toa_ftrace_hook *hook, unsigned long ip)
+{
+	unsigned long fentry = READ_ONCE(hook->fentry);
+
+	if (likely(fentry == ip))
+		return true;
+	if (!fentry && !cmpxchg(&hook->fentry, 0UL, ip))
+		return true;
+	if (READ_ONCE(hook->fentry) == ip)
+		return true;
+	this_cpu_inc(toa_ftrace_missed);
+	return false;
+}
+
+/* Send this call to the hook's wrapper, counted until the wrapper returns. */
+static __always_inline void toa_redirect(struct toa_ftrace_hook *hook, unsigned long ip, toa_fregs_t *fregs)
+{
+	/* Every caller that gets here computes the same target: the first write is as good as any. */
+	if (unlikely(!READ_ONCE(hook->original)))
+		WRITE_ONCE(hook->original, toa_ftrace_call_target(ip, toa_via_entry));
+	this_cpu_inc(toa_wrappers_running);
+	toa_fregs_set_ip(fregs, hook->wrapper);
+}
+
+/* The last act of every wrapper; no tail call may follow the original's (see toa_getname_redirect). */
+static __always_inline void toa_wrapper_done(void)
+{
+	this_cpu_dec(toa_wrappers_running);
+}
+
+static void notrace toa_destruct_call(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+				      toa_fregs_t *fregs)
+{
+	struct toa_ftrace_hook *hook = container_of(op, struct toa_ftrace_hook, ops);
+	const struct sock *sk;
+	int bit;
+
+	if (!toa_hook_owns(hook, ip))
+		return;
+	sk = (const struct sock *)toa_fregs_arg(fregs, 0);
+	if (!toa_destruct_wanted(sk))
+		return;
+	bit = toa_ftrace_trylock(ip, parent_ip);
+	if (bit < 0) {
+		this_cpu_inc(toa_ftrace_missed);
+		return;
+	}
+	toa_forget(sk);
+	toa_ftrace_unlock(bit);
+}
+
+/*
+ * inet_getname / inet6_getname(sock, uaddr, peer). getsockname (peer 0) and a
+ * socket without an address (its signature bit clear) go on untouched: the
+ * callback is all they cost. Our wrapper's own call to the original is told by
+ * its return address, which is in this module; that is why the wrappers must
+ * never tail-call the original (they do work after it, so they cannot).
+ */
+static void notrace toa_getname_redirect(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+					 toa_fregs_t *fregs)
+{
+	struct toa_ftrace_hook *hook = container_of(op, struct toa_ftrace_hook, ops);
+	const struct socket *sock;
+	const struct sock *sk;
+
+	if (!(int)toa_fregs_arg(fregs, TOA_GETNAME_PEER_ARG))
+		return;
+	sock = (const struct socket *)toa_fregs_arg(fregs, 0);
+	sk = sock->sk;
+	if (!sk || !toa_may_have_entry(toa_slot_of(sk)))
+		return;
+	if (!within_module(parent_ip, THIS_MODULE) && toa_hook_owns(hook, ip))
+		toa_redirect(hook, ip, fregs);
+}
+
+/* Would toa_read_ack() have anything to say about this ACK? No counting here: the wrapper reads it again. */
+static bool toa_ack_has_option(const struct sk_buff *skb)
+{
+	const struct tcphdr *th = tcp_hdr(skb);
+	struct toa_addr scratch;
+
+	if (th->syn || th->doff * 4 <= sizeof(*th))
+		return false;
+	return toa_parse_options((const u8 *)(th + 1), th->doff * 4 - sizeof(*th), &scratch) != TOA_ABSENT;
+}
+
+/*
+ * tcp_v{4,6}_syn_recv_sock(listener, skb, ...): only an ACK with an accepted
+ * kind in its options goes to the wrapper; every other handshake costs the
+ * callback alone. A v4-mapped ACK reaching tcp_v6_syn_recv_sock goes on to
+ * tcp_v4_syn_recv_sock, whose hook takes it.
+ */
+static void notrace toa_syn_recv_redirect(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
+					  toa_fregs_t *fregs)
+{
+	struct toa_ftrace_hook *hook = container_of(op, struct toa_ftrace_hook, ops);
+	const struct sk_buff *skb;
+
+	if (within_module(parent_ip, THIS_MODULE) || !toa_hook_owns(hook, ip))
+		return;
+	skb = (const struct sk_buff *)toa_fregs_arg(fregs, 1);
+	if (hook == &toa_ftrace_hooks[TOA_FH_SYN_RECV6] && skb->protocol == htons(ETH_P_IP))
+		return;
+	if (toa_ack_has_option(skb))
+		toa_redirect(hook, ip, fregs);
+}
+
+static __always_inline toa_getname_fn toa_getname_original(enum toa_ftrace_hook_id id)
+{
+	return (toa_getname_fn)READ_ONCE(toa_ftrace_hooks[id].original);
+}
+
+static int toa_inet_getname(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	int ret = toa_getname_original(TOA_FH_GETNAME)(sock, uaddr, peer);
+
+	toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+
+static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	int ret = toa_getname_original(TOA_FH_GETNAME6)(sock, uaddr, peer);
+
+	toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+
+static __always_inline toa_syn_recv_fn toa_syn_recv_original(enum toa_ftrace_hook_id id)
+{
+	return (toa_syn_recv_fn)READ_ONCE(toa_ftrace_hooks[id].original);
+}
+
+static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS)
+{
+	struct toa_addr addr;
+	bool found = toa_read_ack(sk, skb, &addr);
+	struct sock *child = toa_syn_recv_original(TOA_FH_SYN_RECV4)(TOA_SYN_RECV_ARGS);
+
+	if (found)
+		toa_syn_recv_done(child, &addr);
+	toa_wrapper_done();
+	return child;
+}
+
+static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS)
+{
+	struct toa_addr addr;
+	bool found = skb->protocol != htons(ETH_P_IP) && toa_read_ack(sk, skb, &addr);
+	struct sock *child = toa_syn_recv_original(TOA_FH_SYN_RECV6)(TOA_SYN_RECV_ARGS);
+
+	if (found)
+		toa_syn_recv_done(child, &addr);
+	toa_wrapper_done();
+	return child;
+}
+
+static void toa_ftrace_unhook(struct toa_ftrace_hook *hook)
+{
+	if (!hook->registered)
+		return;
+	/* Returns once no callback of this ops runs, on any CPU, and none will. */
+	unregister_ftrace_function(&hook->ops);
+	/* Frees the filter (ftrace_free_filter() is not exported before 6.1). */
+	ftrace_set_filter(&hook->ops, NULL, 0, 1);
+	hook->registered = false;
+}
+
+/* Every call a callback sent to a wrapper has come back out of this module's text. */
+static void toa_ftrace_wait_wrappers(void)
+{
+	unsigned int waited = 0;
+
+	for (;;) {
+		long running = 0;
+		int cpu;
+
+		/* Callbacks are over (unregistered): every increment is seen, a missed decrement only overcounts. */
+		smp_mb();
+		for_each_possible_cpu(cpu)
+			running += READ_ONCE(*per_cpu_ptr(&toa_wrappers_running, cpu));
+		if (running <= 0)
+			break;
+		if (++waited == 1000)
+			pr_info("unload waits for %ld hooked calls to return\n", running);
+		msleep(1);
+	}
+	/* Past its uncount a wrapper still runs a few instructions: wait for every task to leave them. */
+	synchronize_rcu_tasks();
+}
+
+static void toa_ftrace_unregister(void)
+{
+	int i;
+
+	/* Reverse order: the destructor hook goes last, so every entry keeps a way out. */
+	for (i = TOA_NR_FTRACE_HOOKS - 1; i >= 0; i--)
+		toa_ftrace_unhook(&toa_ftrace_hooks[i]);
+	toa_ftrace_wait_wrappers();
+}
+
+static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
+{
+	/* ftrace_set_filter() takes a writable buffer. */
+	char name[64];
+	int err;
+
+	strscpy(name, hook->symbol, sizeof(name));
+	hook->fentry = 0;
+	hook->original = 0;
+	err = ftrace_set_filter(&hook->ops, (unsigned char *)name, strlen(name), 1);
+	if (!err) {
+		err = register_ftrace_function(&hook->ops);
+		if (err)
+			ftrace_set_filter(&hook->ops, NULL, 0, 1);
+	}
+	hook->registered = !err;
+	return err;
+}
+
+static int toa_ftrace_register(void)
+{
+	int i, err;
+
+	/* The wrappers stand in for the kernel's functions: their types must be the same. */
+	BUILD_BUG_ON(!__same_type(&toa_inet_getname, toa_getname_fn));
+	BUILD_BUG_ON(!__same_type(&toa_inet6_getname, toa_getname_fn));
+	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
+	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
+
+	toa_via_entry = call_via_entry || toa_ibt_enforced();
+	call_via_entry = toa_via_entry;
+	for (i = 0; i < TOA_NR_FTRACE_HOOKS; i++) {
+		struct toa_ftrace_hook *hook = &toa_ftrace_hooks[i];
+
+		err = toa_ftrace_hook(hook);
+		if (!err)
+			continue;
+		if (hook->optional) {
+			pr_warn("%s not hooked (%d): IPv6 connections keep the balancer's address\n",
+				hook->symbol, err);
+			continue;
+		}
+		pr_err("cannot hook %s through ftrace: %d\n", hook->symbol, err);
+		toa_ftrace_unregister();
+		return err;
+	}
+	pr_info("hooks: ftrace (%s, calls %s)\n", TOA_FTRACE_MODE,
+		toa_via_entry ? "through the entry" : "past the fentry call");
+	return 0;
+}
+
+static unsigned long toa_ftrace_missed_total(void)
+{
+	unsigned long missed = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		missed += READ_ONCE(*per_cpu_ptr(&toa_ftrace_missed, cpu));
+	return missed;
+}
+#endif /* TOA_HAVE_FTRACE_HOOKS */
+
+/* ---------- registering the hooks ---------- */
+
+static int toa_register_hooks(void)
+{
+	int err;
+
+#ifdef TOA_HAVE_FTRACE_HOOKS
+	if (toa_hooks != TOA_HOOKS_KRETPROBE) {
+		err = toa_ftrace_register();
+		if (!err) {
+			toa_hooks = TOA_HOOKS_FTRACE;
+			return 0;
+		}
+		if (toa_hooks == TOA_HOOKS_FTRACE)
+			return err;
+		pr_warn("ftrace hooks failed (%d): using kretprobes\n", err);
+	}
+#else
+	if (toa_hooks == TOA_HOOKS_FTRACE) {
+		pr_err("hooks=ftrace: this kernel cannot redirect a call through ftrace (see toa_compat.h); use hooks=auto or hooks=kretprobe\n");
+		return -EOPNOTSUPP;
+	}
+#endif
+	err = toa_kretprobe_register();
+	if (!err)
+		toa_hooks = TOA_HOOKS_KRETPROBE;
+	return err;
+}
+
+static void toa_unregister_hooks(void)
+{
+#ifdef TOA_HAVE_FTRACE_HOOKS
+	if (toa_hooks == TOA_HOOKS_FTRACE) {
+		toa_ftrace_unregister();
+		return;
+	}
+#endif
+	toa_kretprobe_unregister();
+}
+
+/* Misses of the hooks themselves: the module's, shown alike in every namespace. */
+static unsigned long toa_probe_missed(void)
+{
+#ifdef TOA_HAVE_FTRACE_HOOKS
+	if (toa_hooks == TOA_HOOKS_FTRACE)
+		return toa_ftrace_missed_total();
+#endif
+	return toa_kretprobe_missed();
+}
+
+/* ---------- /proc/net/toa_stats ---------- */
 
 static int toa_stats_show(struct seq_file *seq, void *v)
 {

@@ -47,7 +47,10 @@
 #define ISSUSE
 #endif
 
-/* Hooks are kprobes and kretprobes: without them there is no module. */
+/*
+ * The fallback hooks are kprobes and kretprobes: every kernel toa supports has
+ * them, and hooks=kretprobe selects them where ftrace hooks exist too.
+ */
 #if !IS_ENABLED(CONFIG_KPROBES) || !IS_ENABLED(CONFIG_KRETPROBES)
 #error "toa needs a kernel built with CONFIG_KPROBES=y and CONFIG_KRETPROBES=y"
 #endif
@@ -183,6 +186,211 @@ static inline unsigned long __compat_totalram_pages(void)
 	return totalram_pages;
 }
 #define totalram_pages() __compat_totalram_pages()
+#endif
+
+/* ---------- hooks: ftrace redirection where the kernel can, kretprobes elsewhere ---------- */
+
+/*
+ * syn_recv_sock's arguments, so that a wrapper can stand in for it: (sk, skb,
+ * req, dst, req_unhash, own_req) from 4.4, and a seventh, opt_child_init, since
+ * a 6.1 stable update (no version number tells, the probes do). toa.c checks
+ * at build time that its wrappers have exactly the kernel's type.
+ */
+#if defined(TOA_PROBE_SYN_RECV_SOCK_OPT_CHILD_INIT)
+#define TOA_SYN_RECV_PARAMS const struct sock *sk, struct sk_buff *skb, struct request_sock *req, \
+	struct dst_entry *dst, struct request_sock *req_unhash, bool *own_req, \
+	void (*opt_child_init)(struct sock *newsk, const struct sock *sk)
+#define TOA_SYN_RECV_ARGS sk, skb, req, dst, req_unhash, own_req, opt_child_init
+#elif defined(TOA_PROBE_SYN_RECV_SOCK_OWN_REQ)
+#define TOA_SYN_RECV_PARAMS const struct sock *sk, struct sk_buff *skb, struct request_sock *req, \
+	struct dst_entry *dst, struct request_sock *req_unhash, bool *own_req
+#define TOA_SYN_RECV_ARGS sk, skb, req, dst, req_unhash, own_req
+#endif
+
+/*
+ * ftrace hooks (toa.c, "ftrace hooks") need, on the target kernel:
+ *   - dynamic ftrace that hands the callback the registers and lets it change
+ *     the instruction pointer (DYNAMIC_FTRACE_WITH_REGS, or _WITH_ARGS from
+ *     5.11), the way livepatch redirects a function;
+ *   - x86_64: the wrappers call the original through its ENDBR (IBT), and
+ *     arm64 could not modify the instruction pointer from ftrace for most of
+ *     the kernels toa supports;
+ *   - no clang kCFI: calls through a pointer are checked against type hashes
+ *     this module was not built to match (untested, so not attempted);
+ *   - a known getname and syn_recv_sock signature (probes), for the wrappers.
+ * Elsewhere the kretprobe hooks are built alone (hooks=ftrace then fails to load).
+ */
+#if defined(CONFIG_X86_64) && defined(CONFIG_DYNAMIC_FTRACE) && \
+	(defined(CONFIG_DYNAMIC_FTRACE_WITH_REGS) || defined(CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)) && \
+	!defined(CONFIG_CFI_CLANG) && defined(TOA_PROBE_GETNAME_WITHOUT_UADDR_LEN) && \
+	defined(TOA_SYN_RECV_PARAMS)
+#define TOA_HAVE_FTRACE_HOOKS 1
+#endif
+
+#ifdef TOA_HAVE_FTRACE_HOOKS
+#include <linux/ftrace.h>
+#include <linux/uaccess.h>
+#include <asm/cpufeature.h>
+#include <asm/ptrace.h>
+
+/*
+ * What an ftrace callback is handed: struct pt_regs before 5.11, struct
+ * ftrace_regs since (the probe decides).
+ */
+#ifdef TOA_PROBE_FTRACE_REGS_CALLBACK
+typedef struct ftrace_regs toa_fregs_t;
+#else
+typedef struct pt_regs toa_fregs_t;
+#endif
+
+/*
+ * ARGS mode: since 5.11 x86 saves the argument registers for every callback
+ * and lets it set the instruction pointer without a full pt_regs
+ * (ftrace_instruction_pointer_set(), renamed ftrace_regs_set_instruction_pointer()
+ * in 6.7): the cheaper trampoline. Without WITH_ARGS both names exist as
+ * no-ops, so the config decides first. REGS mode elsewhere: SAVE_REGS, and the
+ * callback writes pt_regs.
+ */
+#if defined(TOA_PROBE_FTRACE_REGS_CALLBACK) && defined(CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS) && \
+	(defined(TOA_PROBE_HAS_FTRACE_REGS_SET_INSTRUCTION_POINTER) || \
+	 defined(TOA_PROBE_HAS_FTRACE_INSTRUCTION_POINTER_SET))
+#define TOA_FTRACE_SAVE_FLAGS 0
+#define TOA_FTRACE_MODE "args"
+
+static __always_inline void toa_fregs_set_ip(struct ftrace_regs *fregs, unsigned long ip)
+{
+#ifdef TOA_PROBE_HAS_FTRACE_REGS_SET_INSTRUCTION_POINTER
+	ftrace_regs_set_instruction_pointer(fregs, ip);
+#else
+	ftrace_instruction_pointer_set(fregs, ip);
+#endif
+}
+
+static __always_inline unsigned long toa_fregs_arg(struct ftrace_regs *fregs, unsigned int n)
+{
+#ifdef TOA_PROBE_HAS_FTRACE_REGS_GET_ARGUMENT
+	return ftrace_regs_get_argument(fregs, n);
+#else
+	/* 5.11 to 6.6 on x86: struct ftrace_regs is a pt_regs with the argument registers filled. */
+	return regs_get_kernel_argument(&fregs->regs, n);
+#endif
+}
+#else
+#define TOA_FTRACE_SAVE_FLAGS FTRACE_OPS_FL_SAVE_REGS
+#define TOA_FTRACE_MODE "regs"
+
+static __always_inline struct pt_regs *toa_fregs_regs(toa_fregs_t *fregs)
+{
+#ifdef TOA_PROBE_FTRACE_REGS_CALLBACK
+	return ftrace_get_regs(fregs);	/* never NULL: the ops asks for SAVE_REGS */
+#else
+	return fregs;
+#endif
+}
+
+static __always_inline void toa_fregs_set_ip(toa_fregs_t *fregs, unsigned long ip)
+{
+	instruction_pointer_set(toa_fregs_regs(fregs), ip);
+}
+
+static __always_inline unsigned long toa_fregs_arg(toa_fregs_t *fregs, unsigned int n)
+{
+	return regs_get_kernel_argument(toa_fregs_regs(fregs), n);
+}
+#endif
+
+/*
+ * Recursion. From 5.11 ftrace calls a callback straight from its trampoline
+ * unless the ops sets FTRACE_OPS_FL_RECURSION, and a callback that needs a
+ * guard takes ftrace_test_recursion_trylock() itself (toa's destructor does,
+ * and counts a refusal in probe_missed). Before 5.11 it was the other way
+ * round: ftrace guards every callback (through an extra function) unless the
+ * ops sets FTRACE_OPS_FL_RECURSION_SAFE. toa's redirecting callbacks call
+ * nothing and need no guard: TOA_FTRACE_UNGUARDED asks for none on both.
+ */
+#ifdef TOA_PROBE_HAS_FTRACE_OPS_FL_RECURSION
+#include <linux/trace_recursion.h>
+#define TOA_FTRACE_UNGUARDED 0
+#define toa_ftrace_trylock(ip, parent_ip) ftrace_test_recursion_trylock(ip, parent_ip)
+#define toa_ftrace_unlock(bit) ftrace_test_recursion_unlock(bit)
+#else
+#define TOA_FTRACE_UNGUARDED FTRACE_OPS_FL_RECURSION_SAFE
+#define toa_ftrace_trylock(ip, parent_ip) 0
+#define toa_ftrace_unlock(bit) do { } while (0)
+#endif
+
+/* ftrace_enabled cannot be turned off while a PERMANENT ops is registered (5.5 and later). */
+#ifdef TOA_PROBE_HAS_FTRACE_OPS_FL_PERMANENT
+#define TOA_FTRACE_PERMANENT FTRACE_OPS_FL_PERMANENT
+#else
+#define TOA_FTRACE_PERMANENT 0
+#endif
+
+/*
+ * Where a wrapper calls the function whose fentry call site is fentry_ip.
+ * Through its entry (via_entry): its start, so the call passes the fentry
+ * site again and the callback lets the module's own call through; a must
+ * where the CPU enforces IBT (toa_ibt_enforced), since a call through a
+ * pointer must land on the ENDBR at the start. Elsewhere just past the fentry
+ * call (MCOUNT_INSN_SIZE bytes, the function's next instruction): every
+ * ftrace user of this call already ran at the first pass, so none sees it
+ * twice, and the second trip through ftrace is saved.
+ */
+static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip);
+
+static __always_inline unsigned long toa_ftrace_call_target(unsigned long fentry_ip, bool via_entry)
+{
+	return via_entry ? toa_ftrace_func_start(fentry_ip) : fentry_ip + MCOUNT_INSN_SIZE;
+}
+
+/*
+ * Does the CPU enforce IBT? The kernel keeps X86_FEATURE_IBT only when it
+ * turned IBT on (a CET CPU, a kernel built with X86_KERNEL_IBT, no ibt=off).
+ */
+static __always_inline bool toa_ibt_enforced(void)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	return cpu_feature_enabled(X86_FEATURE_IBT);
+#else
+	return false;
+#endif
+}
+
+/*
+ * The start of the function whose call site is fentry_ip, for a wrapper to
+ * call it through a pointer. With IBT (CONFIG_X86_KERNEL_IBT, Debian 6.2 and
+ * later) a function called through a pointer begins with ENDBR64 and the
+ * fentry call follows it: an indirect call must land on the ENDBR. The 4
+ * bytes in front of the call site are compared with ENDBR64 (f3 0f 1e fa);
+ * kernel text is only read. (6.14's ftrace_get_symaddr() does the same, but
+ * through is_endbr(), which is not exported to modules.) Without IBT the call
+ * site is the start.
+ */
+static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	u32 insn;
+
+	if (!get_kernel_nofault(insn, (const u32 *)(fentry_ip - 4)) && insn == 0xfa1e0ff3)
+		return fentry_ip - 4;
+#endif
+	return fentry_ip;
+}
+#endif /* TOA_HAVE_FTRACE_HOOKS */
+
+/*
+ * A cheap RCU reader for getname's path: preempt_disable(), inline, where
+ * rcu_read_lock() is a call each way (PREEMPT_RCU). Since 4.20 (RCU flavours
+ * consolidated) synchronize_rcu() and call_rcu() wait for preempt-disabled
+ * readers too; without PREEMPT_RCU the two are the same. Older PREEMPT_RCU
+ * kernels keep rcu_read_lock().
+ */
+#if !defined(CONFIG_PREEMPT_RCU) || LINUX_VERSION_CODE >= KERNEL_VERSION(4, 20, 0)
+#define toa_rcu_read_lock() rcu_read_lock_sched()
+#define toa_rcu_read_unlock() rcu_read_unlock_sched()
+#else
+#define toa_rcu_read_lock() rcu_read_lock()
+#define toa_rcu_read_unlock() rcu_read_unlock()
 #endif
 
 /*
