@@ -230,6 +230,23 @@ def test_recipe_build_arguments_follow_the_kernel():
         build.build_for_target(targets.get("sles-11"), "3.0.101-63-default")
 
 
+def test_the_ubuntu_recipe_gets_the_compiler_its_kernel_was_built_with():
+    """Ubuntu packages several gcc: a release's own kernels and its HWE kernels were built with different
+    ones (22.04: gcc-11 for 5.15, gcc-12 for 6.x), and the recipe installs and builds with the one given."""
+    def compiler(target, release):
+        return build.recipe_build_args(targets.get(target), release).get("COMPILER")
+
+    assert compiler("ubuntu-22.04", "5.15.0-91-generic") == "gcc-11"
+    assert compiler("ubuntu-22.04", "6.8.0-52-generic") == "gcc-12"
+    assert compiler("ubuntu-20.04", "5.15.0-91-generic") == "gcc-9"
+    assert compiler("ubuntu-24.04", "6.8.0-31-generic") == "gcc-13"
+    assert compiler("ubuntu-18.04", "4.15.0-213-generic") == "gcc-7"
+    assert compiler("centos-7", "3.10.0-693.el7.x86_64") is None  # one gcc in the image: nothing to choose
+    plan = json.loads(run_toa("build", "--kernel", "6.8.0-52-generic", "--distro", "ubuntu-22.04", "--dry-run",
+                              "--json").stdout)
+    assert plan["build_args"]["COMPILER"] == "gcc-12"
+
+
 # ---------------------------------------------------------------- recipes, plans, skips, --local
 
 RECIPE_KERNELS = {

@@ -453,12 +453,26 @@ def recipe_build_args(target: Target, release: str) -> dict[str, str]:
     vaults = _CENTOS_VAULT.get(target.build, {})
     if target.distro == "centos" and build_number and int(build_number.group(1)) in vaults:
         args["CENTOS_VAULT"] = vaults[int(build_number.group(1))]
+    compiler = recipe_compiler(target, release)
+    if compiler:
+        args["COMPILER"] = compiler
     major, minor = el_minor(release)
     if target.distro == "rocky" and minor is not None and int(minor) >= _ROCKY_FIRST_MINOR.get(major, 0):
         # older minor releases' kernels live on Rocky's vault
         args["REPO_URL"] = f"https://dl.rockylinux.org/vault/rocky/{major}.{minor}/AppStream/x86_64/os/"
         args["REPO_GPGKEY"] = "file:///etc/pki/rpm-gpg/" + ("RPM-GPG-KEY-rockyofficial" if major == "8" else f"RPM-GPG-KEY-Rocky-{major}")
     return args
+
+
+def recipe_compiler(target: Target, release: str) -> str | None:
+    """The gcc package a recipe installs and builds with, where its distro packages several (Ubuntu): the
+    one targets.toml names for the release's own kernels ("gcc 11/12": 11), or for its HWE kernels (12)."""
+    if target.container != "ubuntu":
+        return None  # the other recipes' images carry the one gcc their kernels were built with
+    majors = [version.split(".")[0] for version in re.findall(r"\d+(?:\.\d+)*", target.compiler)]
+    known = kernels.classify(release)
+    hwe = known is not None and known.key in target.hwe_kernels
+    return f"gcc-{majors[-1] if hwe else majors[0]}" if majors else None
 
 
 def el_minor(release: str) -> tuple[str | None, str | None]:
@@ -492,8 +506,8 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
     base = args["BASE"]
     given = ",".join(sorted(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in packages))
     existing = _image(client, tag)
-    if existing is not None and existing.labels.get("org.toa.base") == base \
-            and existing.labels.get("org.toa.packages", "") == given:
+    labels = {"org.toa.base": base, "org.toa.packages": given, "org.toa.compiler": args.get("COMPILER", "")}
+    if existing is not None and all(existing.labels.get(name, "") == value for name, value in labels.items()):
         return existing
     if _image(client, base) is None:
         _say(progress, f"pulling {base}")
@@ -513,8 +527,7 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
         for package in packages:
             shutil.copyfile(package, Path(context) / "packages" / package.name)
         try:
-            return _docker_build(client, Path(context), tag, args,
-                                 labels={"org.toa.base": base, "org.toa.packages": given}, progress=progress)
+            return _docker_build(client, Path(context), tag, args, labels=labels, progress=progress)
         except ToaError as exc:
             log = getattr(exc, "build_log", "")
             if HEADERS_NOT_FOUND_MARK not in log:
@@ -559,9 +572,11 @@ def build_for_target(
     packages = [_headers_package_file(path) for path in headers_pkgs]
     client = docker_client()
     image = _recipe_image(client, CONTAINERS_DIR / plan.recipe, plan.image, plan.build_args, progress, packages)
+    compiler = plan.build_args.get("COMPILER", "gcc")
     return _compile(
-        _container_runner(client, image, {}), image.id, plan.image, release, plan.output, make=["make"],
-        compiler="gcc", manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
+        _container_runner(client, image, {}), image.id, plan.image, release, plan.output,
+        make=["make"] + ([f"CC={compiler}"] if compiler != "gcc" else []),
+        compiler=compiler, manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
         progress=progress, module_source=module_source, force=force,
     )
 
