@@ -169,7 +169,8 @@ def _fake_dist(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "toa.ko").write_bytes(b"\x7fELF")
     (folder / "manifest.json").write_text(json.dumps(
-        {"kernel_release": "6.1.0-56-amd64", "target": "debian-12", "srcversion": "0" * 23}))
+        {"kernel_release": "6.1.0-56-amd64", "target": "debian-12", "srcversion": "0" * 23,
+         "sha256": hashlib.sha256(b"\x7fELF").hexdigest()}))
     return tmp_path / "dist"
 
 
@@ -192,7 +193,7 @@ def test_the_exported_role_passes_ansible_lint(tmp_path):
 def test_a_build_without_a_target_is_one_line(tmp_path):
     dist = _fake_dist(tmp_path)
     manifest = dist / "debian-12" / "6.1.0-56-amd64" / "manifest.json"
-    manifest.write_text(json.dumps({"kernel_release": "6.1.0-56-amd64"}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "target": None}))
     assert_one_line_error(toa("export", "ansible", "--out", str(tmp_path / "out"), "--dist", str(dist)),
                           "names no target")
 
