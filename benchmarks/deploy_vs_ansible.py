@@ -354,7 +354,7 @@ def run_toa(bench: Bench, fleet: list[guests.Guest]) -> None:
     completed = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=TOOL_TIMEOUT,
                                cwd=results.REPO)
     try:
-        actions = [host["action"] for host in json.loads(completed.stdout)["hosts"]]
+        actions = [host["action"] for host in json.loads(completed.stdout)["items"]]
     except (ValueError, KeyError, TypeError):
         actions = []
     if completed.returncode != 0 or actions != ["installed"] * len(fleet):

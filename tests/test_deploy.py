@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import deploy, detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
@@ -382,7 +382,7 @@ def test_invokes_own_dry_flag_is_a_dry_run_or_refused(tmp_path):
     nodes = tmp_path / "nodes.txt"
     nodes.write_text("root@127.0.0.1:1\n")  # nothing listens there: the host fails, nothing is changed anywhere
     result = toa("deploy", "--dry", "--hosts", str(nodes), "--known-hosts", str(tmp_path / "kh"), "--json")
-    assert json.loads(result.stdout)["dry_run"] is True
+    assert json.loads(result.stdout)["dry_run"] is True and json_items(result, "deploy")[0]["action"] == "failed"
     assert_one_line_error(toa("images", "--dry"), "--dry is invoke's echo-only mode and `images` has no dry run")
 
 
@@ -454,7 +454,7 @@ def _fleet_args(tmp_path, fleet, *lines):
 def _deploy_json(*args):
     result = toa("deploy", *args, "--json")
     assert "Traceback" not in result.stderr, result.stderr
-    return result, {host["host"]: host for host in json.loads(result.stdout)["hosts"]}
+    return result, {host["host"]: host for host in json_items(result, "deploy")}
 
 
 def _guest_facts(guest):
@@ -565,7 +565,7 @@ def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_
 
     status = toa("status", *args, "--dist", str(full), "--json")
     assert status.returncode == 0, status.stderr
-    rows = {row["host"]: row for row in json.loads(status.stdout)["hosts"]}
+    rows = {row["host"]: row for row in json_items(status, "status")}
     for guest in fleet:
         artifact = find_artifact(full, guest.release)
         row = rows[guest.node_line()]
@@ -659,7 +659,7 @@ def test_new_host_keys_only_with_the_explicit_flag(fleet, releases, tmp_path):
     recorded = tmp_path / "new_known_hosts"
     base = ["--hosts", str(nodes), "--key", str(guest.key_path), "--known-hosts", str(recorded), "--json"]
     refused = toa("status", *base[:-3], "--json")
-    assert refused.returncode == 1 and "host key" in json.loads(refused.stdout)["hosts"][0]["error"]
+    assert refused.returncode == 1 and "host key" in json_items(refused, "status")[0]["error"]
     accepted = toa("status", *base, "--accept-new-host-keys")
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert recorded.read_text() == guest.known_hosts.read_text()
@@ -960,7 +960,7 @@ def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels,
             conn.put(str(new_modules / name), f"/lib/modules/{new}/{name}")
     try:
         full, _ = artifacts
-        before = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        before = json_items(toa("status", *args, "--dist", str(full), "--json"), "status")[0]
         assert (before["next_kernel"], before["next_boot"]) == (new, f"NO toa.ko: {new} boots without toa")
 
         result, hosts = _deploy_json(*args, "--dist", str(full), "--dry-run")
@@ -975,7 +975,7 @@ def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels,
         assert "extra/toa.ko:" in guest.run(f"cat /lib/modules/{new}/modules.dep")  # indexed for that kernel
         assert guest.run("cat /sys/module/toa/srcversion").strip() == find_artifact(full, old).srcversion
 
-        after = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        after = json_items(toa("status", *args, "--dist", str(full), "--json"), "status")[0]
         assert after["next_boot"] == "toa.ko in place"
         _, hosts = _deploy_json(*args, "--dist", str(full))
         assert hosts[guest.node_line()]["action"] == "unchanged"

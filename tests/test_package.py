@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import toa
-from tests.cli import assert_one_line_error, toa as run_toa
+from tests.cli import assert_one_line_error, json_items, toa as run_toa
 from toa import artifacts, build, debian, package
 from toa.errors import ToaError
 
@@ -206,9 +206,9 @@ def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
     result = run_toa("package", "--format", "deb", "--dist", str(dist), "--out", str(tmp_path), "--json",
                      "--kernel", first_kernel)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"format": "deb", "packages": [
-        str(tmp_path / f"toa-common_{toa.__version__}_all.deb"),
-        str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+    assert json_items(result, "package") == [
+        {"format": "deb", "package": str(tmp_path / f"toa-common_{toa.__version__}_all.deb")},
+        {"format": "deb", "package": str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")}]
 
 
 @pytest.mark.docker
