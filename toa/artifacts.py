@@ -108,17 +108,16 @@ def load(folder: Path, release: str) -> Artifact:
     return Artifact(ko, manifest)
 
 
-def find(dist: Path, release: str, target_id: str | None = None, *, verify: bool = True) -> Artifact | None:
+def find(dist: Path, release: str, target_id: str | None = None) -> Artifact | None:
     """The build for exactly RELEASE under DIST, TARGET_ID's where several targets built the same release,
-    else the newest; verified (sha256) unless VERIFY is false; None if there is none."""
+    else the newest, verified (its sha256); None if there is none."""
     validate_release(release)  # also keeps glob characters out of the pattern
     found = [m.parent for m in Path(dist).glob(f"*/{release}/{MANIFEST_NAME}") if (m.parent / KO_NAME).is_file()]
     folder = max(found, key=lambda d: (d.parent.name == target_id, (d / MANIFEST_NAME).stat().st_mtime),
                  default=None)
     if folder is None:
         return None
-    artifact = load(folder, release)
-    return artifact.verify() if verify else artifact
+    return load(folder, release).verify()
 
 
 def find_all(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
