@@ -191,6 +191,11 @@ def test_build_task_refuses_with_one_line(args, fragment, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+# The ubuntu/ recipe run on a Debian base image for a Debian kernel: it installs and builds with the
+# target's gcc for the kernel, and bookworm's kernels are gcc-12's.
+UBUNTU_RECIPE_ON_BOOKWORM = dataclasses.replace(targets.get("ubuntu-22.04"), compiler="gcc 12")
+
+
 @pytest.mark.docker
 @pytest.mark.network
 def test_recipe_path_builds_for_real_on_a_local_base_image(docker_client, tmp_path):
@@ -205,9 +210,7 @@ def test_recipe_path_builds_for_real_on_a_local_base_image(docker_client, tmp_pa
     release = max(kernels, key=functools.cmp_to_key(lambda a, b: debian.compare_versions(a.version, b.version))).release
     base = build.base_image(docker_client, "bookworm").tags[0]
 
-    # the recipe installs and builds with the target's gcc for the kernel: bookworm's kernels are gcc-12's
-    stand_in = dataclasses.replace(targets.get("ubuntu-22.04"), compiler="gcc 12")
-    result = build.build_for_target(stand_in, release, tmp_path, base=base)
+    result = build.build_for_target(UBUNTU_RECIPE_ON_BOOKWORM, release, tmp_path, base=base)
 
     manifest = json.loads(result.manifest.read_text())
     assert (manifest["target"], manifest["base_image"], manifest["kernel_release"]) == ("ubuntu-22.04", base, release)
@@ -431,7 +434,7 @@ def test_headers_package_files_are_installed_instead_of_the_archive(kernel_trees
     files = tuple(sorted(tmp_path.glob("*.deb")))
     assert len(files) == 3
     base = build.base_image(docker_client, "bookworm").tags[0]
-    result = build.build_for_target(targets.get("ubuntu-22.04"), tree.release, tmp_path / "dist", base=base,
+    result = build.build_for_target(UBUNTU_RECIPE_ON_BOOKWORM, tree.release, tmp_path / "dist", base=base,
                                     headers_pkgs=files)
     assert _modinfo_field(result.ko, "vermagic").split()[0] == tree.release
     image = docker_client.images.get(json.loads(result.manifest.read_text())["build_image"]["id"])
