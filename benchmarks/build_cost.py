@@ -113,7 +113,7 @@ def invoke_build(release: str, headers: Path, out: Path, wanted_status: str) -> 
     seconds, completed = timed(invoke_build_argv(release, headers, out), cwd=results.REPO)
     if completed.returncode != 0:
         raise results.StepFailed(f"invoke build --local failed (exit {completed.returncode}): {tail(completed)}")
-    status = json.loads(completed.stdout).get("status")
+    status = json.loads(completed.stdout)["items"][0].get("status")
     if status != wanted_status:
         raise results.StepFailed(f"invoke build --local said {status!r} where {wanted_status!r} was expected")
     return seconds

@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
-from toa import build, debian, deploy, guests, remote, render, targets  # noqa: E402
+from toa import artifacts, build, debian, deploy, guests, remote, render, targets  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
 from toa.nodes import Node  # noqa: E402
 
@@ -86,7 +86,7 @@ class Bench:
     """The booted fleet and the files every tool reads: one key, one known_hosts, the artifact."""
 
     fleet: list[guests.Guest]
-    artifact: deploy.Artifact
+    artifact: artifacts.Artifact
     workdir: Path
     dist: Path
 
@@ -167,7 +167,7 @@ def check_command(module_file: str) -> str:
             "echo \"@@autoload $(cat /etc/modules-load.d/toa.conf 2>/dev/null | grep -cx toa)\"\n")
 
 
-def check_problems(output: str, artifact: deploy.Artifact) -> list[str]:
+def check_problems(output: str, artifact: artifacts.Artifact) -> list[str]:
     """What is missing on a host after a tool ran (empty when the work is all there). Pure."""
     found = {}
     for line in output.splitlines():
@@ -354,7 +354,7 @@ def run_toa(bench: Bench, fleet: list[guests.Guest]) -> None:
     completed = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=TOOL_TIMEOUT,
                                cwd=results.REPO)
     try:
-        actions = [host["action"] for host in json.loads(completed.stdout)["hosts"]]
+        actions = [host["action"] for host in json.loads(completed.stdout)["items"]]
     except (ValueError, KeyError, TypeError):
         actions = []
     if completed.returncode != 0 or actions != ["installed"] * len(fleet):
@@ -470,12 +470,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def artifact_for(release: str, dist: Path, say) -> deploy.Artifact:
-    artifact = deploy.find_artifact(dist, release, GUEST_TARGET)
+def artifact_for(release: str, dist: Path, say) -> artifacts.Artifact:
+    artifact = artifacts.find(dist, release, GUEST_TARGET)
     if artifact is None:
         say(f"building toa.ko for {release}")
         build.build_kernel(kernel=release, out_dir=dist, progress=say)
-        artifact = deploy.find_artifact(dist, release, GUEST_TARGET)
+        artifact = artifacts.find(dist, release, GUEST_TARGET)
     if artifact is None:
         raise ToaError(f"no toa.ko for {release} in {dist} after building it: check its build.log")
     return artifact

@@ -20,3 +20,13 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def json_items(result, task):
+    """A task's --json output: checks its one shape ({"version": 1, "task": TASK, "items": [...]}) and
+    returns the items."""
+    import json
+
+    data = json.loads(result.stdout)
+    assert (data["version"], data["task"]) == (1, task) and isinstance(data["items"], list), data
+    return data["items"]

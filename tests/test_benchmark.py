@@ -230,7 +230,8 @@ def test_deploy_summary_medians_ratios_and_cost_per_added_host():
 
 
 def test_a_host_missing_any_part_of_the_work_is_reported():
-    artifact = deploy_bench.deploy.Artifact(Path("toa.ko"), "5.10.0-40-amd64", "debian-12", "ab" * 32, "8A22A2")
+    artifact = deploy_bench.artifacts.Artifact(Path("toa.ko"), {"kernel_release": "5.10.0-40-amd64", "target": "debian-12",
+                                                                "sha256": "ab" * 32, "srcversion": "8A22A2"})
     done = f"@@loaded 8A22A2\n@@installed {'ab' * 32}\n@@autoload 1\n"
     assert deploy_bench.check_problems(done, artifact) == []
     problems = deploy_bench.check_problems("@@loaded \n@@installed \n@@autoload 0\n", artifact)

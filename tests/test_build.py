@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import toa
-from tests.cli import assert_one_line_error, toa as run_toa
+from tests.cli import assert_one_line_error, json_items, toa as run_toa
 from toa import build, debian, ko, targets
 from toa.errors import ToaError
 
@@ -152,7 +153,7 @@ def test_not_a_module_is_refused(tmp_path):
 def test_build_task_prints_the_manifest_as_json(kernel_trees, docker_client, tmp_path):
     result = run_toa("build", "--suite", "bookworm", "--out", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout)
+    [printed] = json_items(result, "build")
     release = kernel_trees["bookworm"].release
     assert printed["kernel"] == release
     assert printed["ko"] == str(tmp_path / "debian-12" / release / "toa.ko")
@@ -190,6 +191,11 @@ def test_build_task_refuses_with_one_line(args, fragment, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+# The ubuntu/ recipe run on a Debian base image for a Debian kernel: it installs and builds with the
+# target's gcc for the kernel, and bookworm's kernels are gcc-12's.
+UBUNTU_RECIPE_ON_BOOKWORM = dataclasses.replace(targets.get("ubuntu-22.04"), compiler="gcc 12")
+
+
 @pytest.mark.docker
 @pytest.mark.network
 def test_recipe_path_builds_for_real_on_a_local_base_image(docker_client, tmp_path):
@@ -204,10 +210,11 @@ def test_recipe_path_builds_for_real_on_a_local_base_image(docker_client, tmp_pa
     release = max(kernels, key=functools.cmp_to_key(lambda a, b: debian.compare_versions(a.version, b.version))).release
     base = build.base_image(docker_client, "bookworm").tags[0]
 
-    result = build.build_for_target(targets.get("ubuntu-22.04"), release, tmp_path, base=base)
+    result = build.build_for_target(UBUNTU_RECIPE_ON_BOOKWORM, release, tmp_path, base=base)
 
     manifest = json.loads(result.manifest.read_text())
     assert (manifest["target"], manifest["base_image"], manifest["kernel_release"]) == ("ubuntu-22.04", base, release)
+    assert manifest["compiler"].startswith("gcc-12 ")
     assert _modinfo_field(result.ko, "vermagic").split()[0] == release
     assert manifest["build_image"]["tag"] == f"toa-build:ubuntu-22.04-{release}"
 
@@ -228,6 +235,23 @@ def test_recipe_build_arguments_follow_the_kernel():
     assert build.recipe_build_args(targets.get("centos-6"), "2.6.32-754.35.1.el6.x86_64")["CENTOS_VAULT"] == "6.10"
     with pytest.raises(ToaError, match="no container recipe for SUSE Linux Enterprise Server 11"):
         build.build_for_target(targets.get("sles-11"), "3.0.101-63-default")
+
+
+def test_the_ubuntu_recipe_gets_the_compiler_its_kernel_was_built_with():
+    """Ubuntu packages several gcc: a release's own kernels and its HWE kernels were built with different
+    ones (22.04: gcc-11 for 5.15, gcc-12 for 6.x), and the recipe installs and builds with the one given."""
+    def compiler(target, release):
+        return build.recipe_build_args(targets.get(target), release).get("COMPILER")
+
+    assert compiler("ubuntu-22.04", "5.15.0-91-generic") == "gcc-11"
+    assert compiler("ubuntu-22.04", "6.8.0-52-generic") == "gcc-12"
+    assert compiler("ubuntu-20.04", "5.15.0-91-generic") == "gcc-9"
+    assert compiler("ubuntu-24.04", "6.8.0-31-generic") == "gcc-13"
+    assert compiler("ubuntu-18.04", "4.15.0-213-generic") == "gcc-7"
+    assert compiler("centos-7", "3.10.0-693.el7.x86_64") is None  # one gcc in the image: nothing to choose
+    [plan] = json_items(run_toa("build", "--kernel", "6.8.0-52-generic", "--distro", "ubuntu-22.04", "--dry-run",
+                                "--json"), "build")
+    assert plan["build_args"]["COMPILER"] == "gcc-12"
 
 
 # ---------------------------------------------------------------- recipes, plans, skips, --local
@@ -253,7 +277,7 @@ def test_every_recipe_renders_for_its_kernels(recipe, kernel, target, tmp_path):
     result = run_toa("build", "--kernel", kernel, "--distro", target, "--dry-run", "--json",
                      "--out", str(tmp_path), *extra)
     assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+    [plan] = json_items(result, "build")
     release = plan["kernel_release"]
     assert release.startswith(kernel) and (plan["target"], plan["recipe"]) == (target, f"containers/{recipe}")
     assert plan["output"] == str(tmp_path / target / release / "toa.ko")
@@ -266,19 +290,33 @@ def test_every_recipe_renders_for_its_kernels(recipe, kernel, target, tmp_path):
 
 
 def test_an_hwe_kernel_is_built_for_its_own_release_and_says_who_else_runs_it():
-    plan = json.loads(run_toa("build", "--kernel", "5.15.0-91-generic", "--dry-run", "--json").stdout)
+    [plan] = json_items(run_toa("build", "--kernel", "5.15.0-91-generic", "--dry-run", "--json"), "build")
     assert (plan["target"], plan["also_runs_on"]) == ("ubuntu-22.04", ["ubuntu-20.04"])
     human = run_toa("build", "--kernel", "5.15.0-91-generic", "--dry-run")
     assert "5.15.0-91-generic also runs on ubuntu-20.04: this builds for ubuntu-22.04" in human.stdout
-    chosen = json.loads(run_toa("build", "--kernel", "5.15.0-91-generic", "--distro", "ubuntu-20.04", "--dry-run",
-                                "--json").stdout)
+    [chosen] = json_items(run_toa("build", "--kernel", "5.15.0-91-generic", "--distro", "ubuntu-20.04", "--dry-run",
+                                  "--json"), "build")
     assert (chosen["target"], chosen["also_runs_on"]) == ("ubuntu-20.04", [])
+
+
+def test_json_has_one_shape_whatever_the_count_and_build_args_print_as_data(tmp_path):
+    """--json printed one kernel's plan as an object and several as a list; the table printed build_args as
+    a Python dict ({'BASE': ...})."""
+    one = json_items(run_toa("build", "--kernel", "3.10.0-693", "--dry-run", "--json"), "build")
+    two = json_items(run_toa("build", "--kernel", "3.10.0-693", "--kernel", "2.6.32-754", "--dry-run", "--json"),
+                     "build")
+    assert [plan["kernel_release"] for plan in one] == ["3.10.0-693.el7.x86_64"]
+    assert [plan["kernel_release"] for plan in two] == ["3.10.0-693.el7.x86_64", "2.6.32-754.el6.x86_64"]
+    assert json.loads(run_toa("build", "--kernel", "3.10.0-693", "--dry-run", "--json").stdout)["dry_run"] is True
+    table = run_toa("build", "--kernel", "3.10.0-693", "--dry-run").stdout
+    assert "CENTOS_VAULT=7.4.1708" in table and "KERNEL_RELEASE=3.10.0-693.el7.x86_64" in table
+    assert "{'" not in table and "'BASE'" not in table
 
 
 def test_the_issue_example_dry_run():
     result = run_toa("build", "--kernel", "3.10.0-693", "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+    [plan] = json_items(result, "build")
     assert plan["target"] == "centos-7" and plan["image"] == "toa-build:centos-7-3.10.0-693.el7.x86_64"
     assert plan["headers_package"] == "kernel-devel-3.10.0-693.el7.x86_64"
     assert plan["build_args"]["CENTOS_VAULT"] == "7.4.1708"
@@ -309,16 +347,16 @@ def test_a_warm_rerun_is_skipped_and_force_rebuilds(kernel_trees, docker_client,
     release = kernel_trees["bookworm"].release
     first = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json")
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["status"] in ("built", "skipped")
+    assert json_items(first, "build")[0]["status"] in ("built", "skipped")
     manifest_path = tmp_path / "debian-12" / release / "manifest.json"
     before = manifest_path.read_text()
 
     again = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json")
-    assert json.loads(again.stdout)["status"] == "skipped"
+    assert json_items(again, "build")[0]["status"] == "skipped"
     assert manifest_path.read_text() == before
 
     forced = run_toa("build", "--kernel", release, "--out", str(tmp_path), "--json", "--force")
-    assert json.loads(forced.stdout)["status"] == "built"
+    assert json_items(forced, "build")[0]["status"] == "built"
     assert json.loads(manifest_path.read_text())["built_at"] >= json.loads(before)["built_at"]
 
 
@@ -346,14 +384,14 @@ def test_local_build_uses_the_headers_on_this_machine(kernel_trees, tmp_path):
     result = run_toa("build", "--local", "--kernel", tree.release, "--headers", str(tree.headers_dir),
                      "--out", str(tmp_path), "--json", env=env)
     assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout)
+    [printed] = json_items(result, "build")
     assert printed["ko"] == str(tmp_path / "debian-12" / tree.release / "toa.ko")
     assert _modinfo_field(Path(printed["ko"]), "vermagic").split()[0] == tree.release
     manifest = json.loads(Path(printed["manifest"]).read_text())
     assert manifest["build_image"]["id"].startswith("local:") and manifest["compiler"].startswith("gcc")
     again = run_toa("build", "--local", "--kernel", tree.release, "--headers", str(tree.headers_dir),
                     "--out", str(tmp_path), "--json", env=env)
-    assert json.loads(again.stdout)["status"] == "skipped"
+    assert json_items(again, "build")[0]["status"] == "skipped"
 
 
 @pytest.mark.docker
@@ -363,7 +401,7 @@ def test_several_kernels_from_a_file_one_failing(kernel_trees, docker_client, tm
     kernels_file.write_text(f"# fleet kernels\n{kernel_trees['bookworm'].release}\n\n2.6.32-754.el6.x86_64  # CentOS 6\n")
     result = run_toa("build", "--kernels-file", str(kernels_file), "--out", str(tmp_path / "dist"), "--json")
     assert result.returncode == 1
-    rows = json.loads(result.stdout)
+    rows = json_items(result, "build")
     assert [row["status"] for row in rows] in (["built", "failed"], ["skipped", "failed"])
     assert "centos:6" in rows[1]["error"]
 
@@ -396,7 +434,7 @@ def test_headers_package_files_are_installed_instead_of_the_archive(kernel_trees
     files = tuple(sorted(tmp_path.glob("*.deb")))
     assert len(files) == 3
     base = build.base_image(docker_client, "bookworm").tags[0]
-    result = build.build_for_target(targets.get("ubuntu-22.04"), tree.release, tmp_path / "dist", base=base,
+    result = build.build_for_target(UBUNTU_RECIPE_ON_BOOKWORM, tree.release, tmp_path / "dist", base=base,
                                     headers_pkgs=files)
     assert _modinfo_field(result.ko, "vermagic").split()[0] == tree.release
     image = docker_client.images.get(json.loads(result.manifest.read_text())["build_image"]["id"])
@@ -408,7 +446,7 @@ def test_headers_package_files_are_installed_instead_of_the_archive(kernel_trees
 def test_images_task_makes_and_lists_the_debian_base_image(docker_client):
     result = run_toa("images", "--suite", "bookworm", "--json")
     assert result.returncode == 0, result.stderr
-    listed = {row["tag"]: row for row in json.loads(result.stdout)}
+    listed = {row["tag"]: row for row in json_items(result, "images")}
     image = docker_client.images.get("toa-base:debian-bookworm")
     assert listed["toa-base:debian-bookworm"]["id"] == image.short_id.split(":")[-1]
     assert all(tag.startswith(("toa-base:", "toa-build:")) for tag in listed)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import deploy, detect, render, targets
+from toa.artifacts import Artifact
+from toa.artifacts import find as find_artifact
 from toa.errors import ToaError
 from toa.nodes import Node
 from toa.remote import HostSpec, SshOptions
@@ -41,7 +43,8 @@ SHA256 = "5" * 64
 
 
 def _artifact(sha256=SHA256, srcversion=SRCVERSION):
-    return deploy.Artifact(Path("dist/debian-12") / RELEASE / "toa.ko", RELEASE, "debian-12", sha256, srcversion)
+    return Artifact(Path("dist/debian-12") / RELEASE / "toa.ko",
+                    {"kernel_release": RELEASE, "target": "debian-12", "sha256": sha256, "srcversion": srcversion})
 
 
 # ---------------------------------------------------------------- pure: recorded output of a real guest
@@ -299,14 +302,14 @@ def test_artifacts_are_found_by_exact_release(tmp_path):
 
     put("debian-12", RELEASE)
     put("ubuntu-22.04", RELEASE, b"other")
-    assert deploy.find_artifact(tmp_path, RELEASE, "ubuntu-22.04").ko == tmp_path / "ubuntu-22.04" / RELEASE / "toa.ko"
-    assert deploy.find_artifact(tmp_path, RELEASE, "debian-12").target == "debian-12"
-    assert deploy.find_artifact(tmp_path, "6.1.0-55-amd64") is None
+    assert find_artifact(tmp_path, RELEASE, "ubuntu-22.04").ko == tmp_path / "ubuntu-22.04" / RELEASE / "toa.ko"
+    assert find_artifact(tmp_path, RELEASE, "debian-12").target == "debian-12"
+    assert find_artifact(tmp_path, "6.1.0-55-amd64") is None
     put("debian-11", "5.10.0-40-amd64", sha256="0" * 64)
     with pytest.raises(ToaError, match="does not match the sha256"):
-        deploy.find_artifact(tmp_path, "5.10.0-40-amd64")
+        find_artifact(tmp_path, "5.10.0-40-amd64")
     with pytest.raises(ToaError, match="invalid kernel release"):
-        deploy.find_artifact(tmp_path, "*")
+        find_artifact(tmp_path, "*")
 
 
 def _node(name):
@@ -379,7 +382,7 @@ def test_invokes_own_dry_flag_is_a_dry_run_or_refused(tmp_path):
     nodes = tmp_path / "nodes.txt"
     nodes.write_text("root@127.0.0.1:1\n")  # nothing listens there: the host fails, nothing is changed anywhere
     result = toa("deploy", "--dry", "--hosts", str(nodes), "--known-hosts", str(tmp_path / "kh"), "--json")
-    assert json.loads(result.stdout)["dry_run"] is True
+    assert json.loads(result.stdout)["dry_run"] is True and json_items(result, "deploy")[0]["action"] == "failed"
     assert_one_line_error(toa("images", "--dry"), "--dry is invoke's echo-only mode and `images` has no dry run")
 
 
@@ -401,7 +404,7 @@ def artifacts(releases, tmp_path_factory):
     for release in releases:
         build.build_kernel(kernel=release, out_dir=dist)
     partial = tmp_path_factory.mktemp("dist-new-only")
-    found = deploy.find_artifact(dist, new)
+    found = find_artifact(dist, new)
     shutil.copytree(found.ko.parent, partial / found.ko.parent.parent.name / new)
     return dist, partial
 
@@ -451,7 +454,7 @@ def _fleet_args(tmp_path, fleet, *lines):
 def _deploy_json(*args):
     result = toa("deploy", *args, "--json")
     assert "Traceback" not in result.stderr, result.stderr
-    return result, {host["host"]: host for host in json.loads(result.stdout)["hosts"]}
+    return result, {host["host"]: host for host in json_items(result, "deploy")}
 
 
 def _guest_facts(guest):
@@ -488,7 +491,7 @@ def test_a_host_without_an_artifact_fails_alone(fleet, releases, artifacts, tmp_
     guest1, guest2, guest3 = (hosts[g.node_line()] for g in fleet)
     assert guest2["action"] == "failed"
     assert f"invoke build --kernel {old}" in guest2["detail"], guest2
-    artifact = deploy.find_artifact(only_new, new)
+    artifact = find_artifact(only_new, new)
     for guest, row in ((fleet[0], guest1), (fleet[2], guest3)):
         assert row["action"] == "installed", row
         facts = _guest_facts(guest)
@@ -533,7 +536,7 @@ def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remain
 
     victim.start()
     victim.wait_for_ssh()
-    artifact = deploy.find_artifact(full, old)
+    artifact = find_artifact(full, old)
     facts = _guest_facts(victim)
     assert facts["temp_names"] == 0
     assert facts["sha256"] in ("none", artifact.sha256)  # absent, or the whole new file
@@ -562,9 +565,9 @@ def test_a_second_run_changes_nothing_and_status_shows_it(fleet, artifacts, tmp_
 
     status = toa("status", *args, "--dist", str(full), "--json")
     assert status.returncode == 0, status.stderr
-    rows = {row["host"]: row for row in json.loads(status.stdout)["hosts"]}
+    rows = {row["host"]: row for row in json_items(status, "status")}
     for guest in fleet:
-        artifact = deploy.find_artifact(full, guest.release)
+        artifact = find_artifact(full, guest.release)
         row = rows[guest.node_line()]
         assert (row["kernel"], row["loaded"], row["loaded_srcversion"], row["installed_srcversion"],
                 row["artifact"], row["autoload"], row["error"]) == (
@@ -579,12 +582,12 @@ def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, a
     full, _ = artifacts
     guest, tree = fleet[0], guest_kernels[0]
     new = tree.release
-    good = deploy.find_artifact(full, new)
+    good = find_artifact(full, new)
     before = _guest_facts(guest)
     assert before == {"srcversion": good.srcversion, "sha256": good.sha256, "temp_names": 0,
                       "autoload": _rendered(new)}
     # the old kernel's build under the new kernel's name: the preflight refuses it before any upload
-    wrong = deploy.find_artifact(full, guest_kernels[1].release)
+    wrong = find_artifact(full, guest_kernels[1].release)
     bad_dir = tmp_path / "bad-dist" / "debian-12" / new
     bad_dir.mkdir(parents=True)
     shutil.copyfile(wrong.ko, bad_dir / "toa.ko")
@@ -598,7 +601,7 @@ def test_a_failed_load_rolls_back_to_the_previous_module(fleet, guest_kernels, a
 
     # a real build for the new kernel whose init fails (a refusal no preflight can see): it uploads,
     # installs and fails to load, and the host is rolled back to the build it had
-    assert deploy.find_artifact(failing_dist, new).srcversion != good.srcversion
+    assert find_artifact(failing_dist, new).srcversion != good.srcversion
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet, guest.node_line()), "--dist", str(failing_dist))
     assert result.returncode == 1
     row = hosts[guest.node_line()]
@@ -629,7 +632,7 @@ def test_options_through_sudo_and_a_real_reboot_brings_toa_back(fleet, releases,
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
 
     guest.reboot()
-    artifact = deploy.find_artifact(full, new)
+    artifact = find_artifact(full, new)
     assert _guest_facts(guest) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
                                    "autoload": _rendered(new, {"kinds": "254,200"})}
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
@@ -656,7 +659,7 @@ def test_new_host_keys_only_with_the_explicit_flag(fleet, releases, tmp_path):
     recorded = tmp_path / "new_known_hosts"
     base = ["--hosts", str(nodes), "--key", str(guest.key_path), "--known-hosts", str(recorded), "--json"]
     refused = toa("status", *base[:-3], "--json")
-    assert refused.returncode == 1 and "host key" in json.loads(refused.stdout)["hosts"][0]["error"]
+    assert refused.returncode == 1 and "host key" in json_items(refused, "status")[0]["error"]
     accepted = toa("status", *base, "--accept-new-host-keys")
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert recorded.read_text() == guest.known_hosts.read_text()
@@ -750,7 +753,7 @@ def test_a_full_disk_fails_the_host_alone_and_leaves_every_file_whole(fleet, art
         assert (facts["srcversion"], facts["sha256"]) == ("none", "none")
         for guest in (fleet[0], fleet[2]):
             assert hosts[guest.node_line()]["action"] in ("installed", "updated", "unchanged"), hosts
-            assert _guest_facts(guest)["srcversion"] == deploy.find_artifact(full, guest.release).srcversion
+            assert _guest_facts(guest)["srcversion"] == find_artifact(full, guest.release).srcversion
     finally:
         victim.run("umount /etc/modules-load.d")
 
@@ -837,7 +840,7 @@ def test_a_coreos_host_is_rolled_back_with_insmod_of_its_own_file(fleet, artifac
     full, _ = artifacts
     guest = fleet[0]
     release = guest.release
-    good = deploy.find_artifact(full, release)
+    good = find_artifact(full, release)
     module_file = f"/var/lib/toa/{release}/toa.ko"
     _without_toa(guest)
     guest.run(f"printf %s {shlex.quote(FLATCAR_OS_RELEASE.read_text())} > /run/toa-test-os-release && "
@@ -898,7 +901,7 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     assert waited < timeout * 4 + 60
 
     victim.wait_for_ssh()
-    artifact = deploy.find_artifact(full, victim.release)
+    artifact = find_artifact(full, victim.release)
     facts = _guest_facts(victim)
     assert facts["temp_names"] == 0 and facts["sha256"] in ("none", artifact.sha256), facts
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
@@ -957,7 +960,7 @@ def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels,
             conn.put(str(new_modules / name), f"/lib/modules/{new}/{name}")
     try:
         full, _ = artifacts
-        before = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        before = json_items(toa("status", *args, "--dist", str(full), "--json"), "status")[0]
         assert (before["next_kernel"], before["next_boot"]) == (new, f"NO toa.ko: {new} boots without toa")
 
         result, hosts = _deploy_json(*args, "--dist", str(full), "--dry-run")
@@ -967,12 +970,12 @@ def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels,
         result, hosts = _deploy_json(*args, "--dist", str(full))
         assert result.returncode == 0, result.stdout
         assert f"install toa.ko for {new} (next boot)" in hosts[guest.node_line()]["detail"]
-        built = deploy.find_artifact(full, new)
+        built = find_artifact(full, new)
         assert guest.run(f"sha256sum /lib/modules/{new}/extra/toa.ko").split()[0] == built.sha256
         assert "extra/toa.ko:" in guest.run(f"cat /lib/modules/{new}/modules.dep")  # indexed for that kernel
-        assert guest.run("cat /sys/module/toa/srcversion").strip() == deploy.find_artifact(full, old).srcversion
+        assert guest.run("cat /sys/module/toa/srcversion").strip() == find_artifact(full, old).srcversion
 
-        after = json.loads(toa("status", *args, "--dist", str(full), "--json").stdout)["hosts"][0]
+        after = json_items(toa("status", *args, "--dist", str(full), "--json"), "status")[0]
         assert after["next_boot"] == "toa.ko in place"
         _, hosts = _deploy_json(*args, "--dist", str(full))
         assert hosts[guest.node_line()]["action"] == "unchanged"
@@ -980,7 +983,7 @@ def test_the_next_boots_kernel_gets_toa_and_status_says_so(fleet, guest_kernels,
         # a dist without that kernel's build: the running kernel is served, the next boot is named
         guest.run(f"rm -rf /lib/modules/{new}/extra")
         old_only = tmp_path / "old-only"
-        found = deploy.find_artifact(full, old)
+        found = find_artifact(full, old)
         shutil.copytree(found.ko.parent, old_only / found.ko.parent.parent.name / old)
         result, hosts = _deploy_json(*args, "--dist", str(old_only))
         assert result.returncode == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import detect, kernel
 from toa.errors import ToaError
 
@@ -34,7 +34,7 @@ def test_every_target_has_a_fixture():
 def test_detect_root_on_the_command_line(name):
     result = toa("detect", "--root", str(FIXTURES / "roots" / name), "--json")
     assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    [info] = json_items(result, "detect")
     assert {k: info[k] for k in ("family", "distro", "version", "target")} == {
         k: ROOTS[name][k] for k in ("family", "distro", "version", "target")
     }
@@ -173,7 +173,7 @@ def test_hostile_releases_are_rejected(entry):
 def test_this_machine():
     result = toa("detect", "--json")
     assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    [info] = json_items(result, "detect")
     os_release = detect.parse_os_release(Path("/etc/os-release").read_text())
     assert (info["distro"], info["version"]) == (os_release["ID"], os_release["VERSION_ID"])
     assert info["kernel"] == os.uname().release

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import build, debian, export
 from toa.errors import ToaError
 
@@ -81,7 +81,7 @@ def test_kmm_export_builds_one_image_per_kernel_and_a_module_that_maps_each(dist
     result = toa("export", "kmm", "--out", str(out), "--dist", str(dist), "--registry", "registry.example.com/kmods",
                  "--option", "trusted=100.64.0.0/10", "--json")
     assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout)
+    [printed] = json_items(result, "export")
     manifest = yaml.safe_load((out / "module.yaml").read_text())
     assert_valid_module(manifest)
     container = manifest["spec"]["moduleLoader"]["container"]
@@ -169,7 +169,8 @@ def _fake_dist(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "toa.ko").write_bytes(b"\x7fELF")
     (folder / "manifest.json").write_text(json.dumps(
-        {"kernel_release": "6.1.0-56-amd64", "target": "debian-12", "srcversion": "0" * 23}))
+        {"kernel_release": "6.1.0-56-amd64", "target": "debian-12", "srcversion": "0" * 23,
+         "sha256": hashlib.sha256(b"\x7fELF").hexdigest()}))
     return tmp_path / "dist"
 
 
@@ -192,7 +193,7 @@ def test_the_exported_role_passes_ansible_lint(tmp_path):
 def test_a_build_without_a_target_is_one_line(tmp_path):
     dist = _fake_dist(tmp_path)
     manifest = dist / "debian-12" / "6.1.0-56-amd64" / "manifest.json"
-    manifest.write_text(json.dumps({"kernel_release": "6.1.0-56-amd64"}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "target": None}))
     assert_one_line_error(toa("export", "ansible", "--out", str(tmp_path / "out"), "--dist", str(dist)),
                           "names no target")
 
@@ -255,7 +256,7 @@ def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, flee
     out = tmp_path / "ansible"
     result = toa("export", "ansible", "--out", str(out), "--dist", str(fleet_dist), "--json")
     assert result.returncode == 0, result.stderr
-    assert sorted(json.loads(result.stdout)["kernels"]) == sorted(guest.release for guest in fleet)
+    assert sorted(json_items(result, "export")[0]["kernels"]) == sorted(guest.release for guest in fleet)
     inventory = _inventory(tmp_path / "inventory.ini", fleet, {"toa_kinds": "254,200",
                                                                "toa_trusted": "10.0.2.0/24,fd00::/8"})
 

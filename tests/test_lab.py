@@ -7,7 +7,6 @@ every boot is a real TCG boot. Timings are printed (pytest -s shows them).
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from toa import build, debian, engine_bpf, lab
 from toa.errors import ToaError
+from tests.cli import json_items
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker, pytest.mark.network]
 
@@ -191,7 +191,7 @@ def test_own_kernel_through_the_task_as_json(bookworm, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=FULL_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout)
+    [report] = json_items(result, "verify")
     assert report["ok"] and report["release"] == bookworm.release and report["seed"] == 4242
     fuzz = next(check for check in report["checks"] if check["name"] == "fuzz-kinds2")
     assert fuzz["passed"] and "seed=4242 " in fuzz["detail"] and "cases=200 " in fuzz["detail"]

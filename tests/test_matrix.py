@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import debian, lab, matrix, targets
 from toa.errors import ToaError
 
@@ -96,13 +96,13 @@ def test_plan_lists_every_row_with_its_command():
     result = toa("matrix", "--plan", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [row["suite"] for row in rows["local"]] == list(debian.SUITES)
+    assert [row["suite"] for row in json_items(result, "matrix")] == list(debian.SUITES)
     assert {row["target"] for row in rows["github"]["builds"]} == {
         "centos-7", "rocky-8", "rocky-9", "ubuntu-18.04", "ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04",
         "opensuse-leap-15", "fedora-coreos"}
     assert [row["suite"] for row in rows["github"]["debian"]] == list(debian.SUITES)
-    picked = json.loads(toa("matrix", "--plan", "--json", "--suite", "sid", "--suite", "bullseye").stdout)
-    assert [row["suite"] for row in picked["local"]] == ["bullseye", "sid"]
+    picked = json_items(toa("matrix", "--plan", "--json", "--suite", "sid", "--suite", "bullseye"), "matrix")
+    assert [row["suite"] for row in picked] == ["bullseye", "sid"]
 
 
 @pytest.mark.parametrize("row", matrix.GITHUB_BUILDS, ids=lambda row: row.target)
@@ -112,7 +112,7 @@ def test_every_distro_row_is_a_build_toa_plans(row):
     assert argv[0] == "invoke"
     result = invoke(*argv[1:], "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
-    planned = json.loads(result.stdout)
+    [planned] = json_items(result, "build")
     target = targets.get(row.target)
     assert planned["kernel_release"] == row.kernel
     assert planned["target"] == row.target
@@ -128,7 +128,7 @@ def test_every_debian_row_is_a_build_toa_plans(suite):
     build_argv, verify_argv = matrix.debian_commands(suite)
     result = invoke(*build_argv[1:], "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
-    planned = json.loads(result.stdout)
+    [planned] = json_items(result, "build")
     assert planned["method"] == "debian"
     assert planned["suite"] == suite
     assert debian.is_debian_release(planned["kernel_release"])

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import toa
-from tests.cli import assert_one_line_error, toa as run_toa
-from toa import build, debian, package
+from tests.cli import assert_one_line_error, json_items, toa as run_toa
+from toa import artifacts, build, debian, package
 from toa.errors import ToaError
 
 DKMS_IMAGE = "toa-test:dkms-bookworm"
@@ -206,9 +206,9 @@ def test_package_task_prints_the_packages_as_json(dist, tmp_path, first_kernel):
     result = run_toa("package", "--format", "deb", "--dist", str(dist), "--out", str(tmp_path), "--json",
                      "--kernel", first_kernel)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"format": "deb", "packages": [
-        str(tmp_path / f"toa-common_{toa.__version__}_all.deb"),
-        str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")]}
+    assert json_items(result, "package") == [
+        {"format": "deb", "package": str(tmp_path / f"toa-common_{toa.__version__}_all.deb")},
+        {"format": "deb", "package": str(tmp_path / f"toa-kmod-{first_kernel}_{toa.__version__}_amd64.deb")}]
 
 
 @pytest.mark.docker
@@ -273,7 +273,9 @@ def _artifact(dist: Path, target: str, release: str, manifest: dict | None = Non
     folder = dist / target / release
     folder.mkdir(parents=True)
     (folder / "toa.ko").write_bytes(b"\x7fELF")
-    (folder / "manifest.json").write_text(json.dumps(manifest or {"kernel_release": release, "target": target}))
+    (folder / "manifest.json").write_text(json.dumps(manifest or {
+        "kernel_release": release, "target": target, "sha256": hashlib.sha256(b"\x7fELF").hexdigest(),
+        "srcversion": "0" * 23}))
     return folder
 
 
@@ -281,17 +283,17 @@ def test_find_artifacts_reads_the_dist_layout(tmp_path):
     _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
     _artifact(tmp_path, "rocky-9", "5.14.0-427.13.1.el9_4.x86_64")
     (tmp_path / "packages").mkdir()
-    found = package.find_artifacts(tmp_path)
+    found = artifacts.find_all(tmp_path)
     assert [a.release for a in found] == ["5.14.0-427.13.1.el9_4.x86_64", "6.1.0-56-amd64"]
-    assert package.find_artifacts(tmp_path, ["6.1.0-56-amd64"])[0].ko == tmp_path / "debian-12/6.1.0-56-amd64/toa.ko"
+    assert artifacts.find_all(tmp_path, ["6.1.0-56-amd64"])[0].ko == tmp_path / "debian-12/6.1.0-56-amd64/toa.ko"
     with pytest.raises(ToaError, match="no built toa.ko"):
-        package.find_artifacts(tmp_path / "empty")
+        artifacts.find_all(tmp_path / "empty")
 
 
 def test_find_artifacts_refuses_a_manifest_of_another_kernel(tmp_path):
     _artifact(tmp_path, "debian-13", "6.12.1-amd64", {"kernel_release": "6.12.2-amd64"})
     with pytest.raises(ToaError, match="does not describe a build for 6.12.1-amd64"):
-        package.find_artifacts(tmp_path)
+        artifacts.find_all(tmp_path)
 
 
 def test_package_names_keep_to_the_allowed_characters():
@@ -301,8 +303,7 @@ def test_package_names_keep_to_the_allowed_characters():
 
 def test_coreos_hosts_get_no_kmod_package(tmp_path):
     folder = _artifact(tmp_path, "fedora-coreos", "6.8.5-301.fc40.x86_64")
-    artifact = package.Artifact(folder / "toa.ko", folder / "manifest.json",
-                                json.loads((folder / "manifest.json").read_text()))
+    artifact = artifacts.Artifact(folder / "toa.ko", json.loads((folder / "manifest.json").read_text()))
     with pytest.raises(ToaError, match="do not take toa from a package"):
         package.autoload_files(artifact)
 
@@ -310,8 +311,8 @@ def test_coreos_hosts_get_no_kmod_package(tmp_path):
 def test_modules_of_targets_that_load_toa_differently_are_packaged_separately(tmp_path):
     _artifact(tmp_path, "debian-12", "6.1.0-56-amd64")
     _artifact(tmp_path, "centos-7", "3.10.0-1160.el7.x86_64")
-    artifacts = package.find_artifacts(tmp_path)
+    found = artifacts.find_all(tmp_path)
     with pytest.raises(ToaError, match=r"load toa at boot differently \(centos-7, debian-12\).*--kernel"):
-        package.common_files(artifacts, None)
-    [files] = {tuple(f.path for f in package.common_files([a], None)) for a in artifacts[:1]}
+        package.common_files(found, None)
+    [files] = {tuple(f.path for f in package.common_files([a], None)) for a in found[:1]}
     assert "/etc/modules-load.d/toa.conf" in files or "/etc/sysconfig/modules/toa.modules" in files

@@ -1,11 +1,10 @@
 """Detection over SSH against a real sshd on loopback, with real host-key checking."""
 
-import json
 import os
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa.errors import ToaError
 from toa.remote import HostSpec, parse_host
 
@@ -45,8 +44,8 @@ def _ssh_args(sshd, *extra):
 def test_detect_over_ssh_reads_the_real_host(sshd):
     result = toa("detect", *_ssh_args(sshd, "--known-hosts", str(sshd.known_hosts_path), "--json"))
     assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    local = json.loads(toa("detect", "--json").stdout)
+    [info] = json_items(result, "detect")
+    [local] = json_items(toa("detect", "--json"), "detect")
     assert info["kernel"] == os.uname().release
     assert {k: info[k] for k in ("family", "distro", "version", "target")} == {
         k: local[k] for k in ("family", "distro", "version", "target")
@@ -76,7 +75,7 @@ def test_changed_host_key_is_refused(sshd, tmp_path):
 def test_host_key_check_opt_out(sshd):
     result = toa("detect", *_ssh_args(sshd, "--no-host-key-check", "--json"))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["kernel"] == os.uname().release
+    assert json_items(result, "detect")[0]["kernel"] == os.uname().release
 
 
 @pytest.mark.ssh
@@ -100,7 +99,7 @@ def test_ssh_config_fills_in_what_the_host_spec_leaves_open(sshd, tmp_path):
     args = ["--key", str(sshd.key_path), "--known-hosts", str(sshd.known_hosts_path), "--json"]
     result = toa("detect", "--host", "toa-test-alias", *args, env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["kernel"] == os.uname().release
+    assert json_items(result, "detect")[0]["kernel"] == os.uname().release
     failed = toa("detect", "--host", "toa-test-dead", *args[:-1], env=env)
     assert_one_line_error(failed, f"cannot reach {getpass.getuser()}@127.0.0.1:1 "
                                   "(toa-test-dead in ssh_config)")

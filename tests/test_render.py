@@ -2,7 +2,6 @@
 in a minimal root, the coreos unit through systemd-analyze, modprobe.d through kmod's own parser,
 the shared-file merges through a real shell, and `toa render` end to end."""
 
-import json
 import os
 import shutil
 import stat
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa
+from tests.cli import assert_one_line_error, json_items, toa
 from toa import render, targets
 from toa.errors import ToaError
 from toa.lab import find_busybox
@@ -458,7 +457,7 @@ def test_toa_render_json_for_a_coreos_host(tmp_path):
     out = tmp_path / "out"
     result = toa("render", "--distro", "flatcar", "--kernel", "6.6.21-flatcar", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    [report] = json_items(result, "render")
     assert (report["target"], report["module"]) == ("flatcar", "/var/lib/toa/6.6.21-flatcar/toa.ko")
     assert [(f["path"], f["mode"], f["kind"]) for f in report["files"]] == [
         ("/etc/systemd/system/toa.service", "0644", "file"),
@@ -471,7 +470,7 @@ def test_toa_render_json_for_a_coreos_host(tmp_path):
 def test_toa_render_picks_the_target_from_the_kernel(tmp_path):
     result = toa("render", "--kernel", "3.0.101-63-default", "--out", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    [report] = json_items(result, "render")
     assert report["target"] == "sles-11"
     assert "/etc/sysconfig/kernel" in [f["path"] for f in report["files"]]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_error, toa as run_toa
+from tests.cli import assert_one_line_error, json_items, toa as run_toa
 from toa import build, debian, lab, sign
 from toa.errors import ToaError
 from toa.ko import SIGNATURE_MAGIC
@@ -90,7 +90,7 @@ def test_sign_task_signs_with_the_kernels_sign_file_and_records_the_signer(dist,
 
     result = run_toa("sign", "--key", str(key), "--cert", str(cert), "--dist", str(dist), "--kernel", release, "--json")
     assert result.returncode == 0, result.stderr
-    [printed] = json.loads(result.stdout)
+    [printed] = json_items(result, "sign")
 
     signed = ko.read_bytes()
     assert modinfo_field(ko, "signer") == SIGNER
@@ -238,7 +238,7 @@ def test_sig_enforce_refuses_an_untrusted_signer_with_the_cause_named(dist, keys
     result = run_toa("verify", "--kernel", release, "--ko", str(ko), "--sig-enforce", "--fuzz", "0", "--cycles", "0",
                      "--timeout", "300", "--log-dir", str(tmp_path / "lab"), "--json")
     assert result.returncode != 0, result.stdout
-    report = json.loads(result.stdout)
+    [report] = json_items(result, "verify")
     [check] = [check for check in report["checks"] if check["name"] == "module-signature"]
     assert not check["passed"]
     assert check["detail"].startswith(f"{lab.KEY_REJECTED} (Loading of module with unavailable key is rejected)")

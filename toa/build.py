@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import os
 import platform
 import re
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 
 import toa
-from toa import debian, preflight, targets
+from toa import artifacts, debian, preflight, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -166,21 +165,7 @@ def _docker_build(client, path: Path, tag: str, buildargs: dict[str, str], label
     return client.images.get(image_id)
 
 
-# ---------------------------------------------------------------- artifacts
-
-
-def artifact_dir(out_dir: Path, target_id: str, release: str) -> Path:
-    """Where one kernel's toa.ko, manifest.json and build.log go: <out>/<target>/<release>/."""
-    return Path(out_dir) / target_id / validate_release(release)
-
-
-def find_artifact(out_dir: Path, release: str, prefer_target: str | None = None) -> Path | None:
-    """The artifact directory built for exactly RELEASE under OUT_DIR, if any: PREFER_TARGET's build
-    where several targets built the same release, else the newest."""
-    validate_release(release)  # also keeps glob characters out of the pattern
-    found = [m.parent for m in Path(out_dir).glob(f"*/{release}/manifest.json") if (m.parent / "toa.ko").is_file()]
-    return max(found, key=lambda d: (d.parent.name == prefer_target, (d / "manifest.json").stat().st_mtime),
-               default=None)
+# ---------------------------------------------------------------- sources
 
 
 def source_hash(module_source: Path = MODULE_SOURCE) -> str:
@@ -191,18 +176,6 @@ def source_hash(module_source: Path = MODULE_SOURCE) -> str:
                 and path.name != "probes.h":
             digest.update(str(path.relative_to(module_source)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
-
-
-def _up_to_date(target: Path, release: str, digest: str, build_id: str) -> bool:
-    """True when TARGET already holds toa.ko built from these sources for RELEASE by this build image."""
-    try:
-        manifest = json.loads((target / "manifest.json").read_text())
-        data = (target / "toa.ko").read_bytes()
-    except (OSError, ValueError):
-        return False
-    return (manifest.get("kernel_release") == release and manifest.get("source_hash") == digest
-            and (manifest.get("build_image") or {}).get("id") == build_id
-            and manifest.get("sha256") == hashlib.sha256(data).hexdigest())
 
 
 # ---------------------------------------------------------------- the module
@@ -266,7 +239,7 @@ def build_module(
     return _compile(
         _container_runner(client, image, {str(mount): {"bind": str(mount), "mode": "ro"}}),
         image.id, f"toa-build:debian-{container_suite}", release,
-        artifact_dir(out_dir, debian_target(release, suite).id, release),
+        artifacts.directory(out_dir, debian_target(release, suite).id, release),
         make=["make", f"KDIR={headers_dir}"], compiler=compiler,
         manifest_extra={"suite": suite, "target": debian_target(release, suite).id},
         progress=progress, module_source=module_source, force=force, tree_dir=headers_dir,
@@ -326,23 +299,23 @@ def _compile(
         raise ToaError(f"{module_source} has no Makefile: the module sources are missing")
     digest = source_hash(module_source)
     target = Path(target).resolve()
-    if not force and _up_to_date(target, release, digest, build_id):
+    if not force and artifacts.up_to_date(target, release, digest, build_id):
         _say(progress, f"up to date: {target}/toa.ko (same sources, kernel and build image)")
-        return BuildResult(ko=target / "toa.ko", manifest=target / "manifest.json", skipped=True)
+        return BuildResult(ko=target / artifacts.KO_NAME, manifest=target / artifacts.MANIFEST_NAME, skipped=True)
     target.mkdir(parents=True, exist_ok=True)
-    log_path = target / "build.log"
+    log_path = target / artifacts.LOG_NAME
     with tempfile.TemporaryDirectory(prefix="toa-build-") as scratch:
         source = Path(scratch) / "src"
         shutil.copytree(module_source, source, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
         _say(progress, f"compiling toa.ko for {release} in {build_name}")
         status, log = run(make, source)
         log_path.write_text(log)
-        built = source / "toa.ko"
-        if status != 0 or not built.is_file():
+        compiled = source / "toa.ko"
+        if status != 0 or not compiled.is_file():
             raise ToaError(
                 f"compiling toa.ko for {release} failed (exit {status}); full log in {log_path}:\n{_error_lines(log)}"
             )
-        data = built.read_bytes()
+        data = compiled.read_bytes()
         module = preflight.read_module(data)
         linker = _first_line(run(["ld", "--version"], None))
         checks = preflight.run(module, _target_tree(run, source, tree_dir, release, build_name), linker)
@@ -353,29 +326,21 @@ def _compile(
         compiler_version = _first_line(run([compiler, "--version"], None))
         if not compiler_version:
             raise ToaError(f"{compiler} --version failed in {build_name}: remove the image to rebuild it")
-        # Written beside, then renamed: dist never holds a half-written toa.ko under its final name.
-        partial = target / ".toa.ko.partial"
-        partial.write_bytes(data)
-        partial.replace(target / "toa.ko")
-    manifest = {
+    built = artifacts.write(target, data, {
         "toa_version": toa.__version__,
         "module_version": info.get("version"),
         "kernel_release": release,
         **manifest_extra,
         "vermagic": vermagic,
         "srcversion": info.get("srcversion"),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
         "source_hash": digest,
         "build_image": {"id": build_id, "tag": build_name},
         "compiler": compiler_version,
         "linker": linker,
         "preflight": preflight.as_manifest(checks),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    manifest_path = target / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return BuildResult(ko=target / "toa.ko", manifest=manifest_path)
+    })  # sha256 and size: toa.ko's, filled in by artifacts.write
+    return BuildResult(ko=built.ko, manifest=built.manifest_path)
 
 
 def build_local(
@@ -399,7 +364,7 @@ def build_local(
     build_id = "local:" + hashlib.sha256(f"{headers_dir}\0{version}".encode()).hexdigest()[:16]
     return _compile(
         _local_runner, build_id, f"this machine ({headers_dir})", release,
-        artifact_dir(out_dir, target_id, release), make=["make", f"KDIR={headers_dir}"], compiler=compiler,
+        artifacts.directory(out_dir, target_id, release), make=["make", f"KDIR={headers_dir}"], compiler=compiler,
         manifest_extra={"target": target_id, "headers": str(headers_dir)}, progress=progress,
         module_source=module_source, force=force, tree_dir=headers_dir,
     )
@@ -453,12 +418,26 @@ def recipe_build_args(target: Target, release: str) -> dict[str, str]:
     vaults = _CENTOS_VAULT.get(target.build, {})
     if target.distro == "centos" and build_number and int(build_number.group(1)) in vaults:
         args["CENTOS_VAULT"] = vaults[int(build_number.group(1))]
+    compiler = recipe_compiler(target, release)
+    if compiler:
+        args["COMPILER"] = compiler
     major, minor = el_minor(release)
     if target.distro == "rocky" and minor is not None and int(minor) >= _ROCKY_FIRST_MINOR.get(major, 0):
         # older minor releases' kernels live on Rocky's vault
         args["REPO_URL"] = f"https://dl.rockylinux.org/vault/rocky/{major}.{minor}/AppStream/x86_64/os/"
         args["REPO_GPGKEY"] = "file:///etc/pki/rpm-gpg/" + ("RPM-GPG-KEY-rockyofficial" if major == "8" else f"RPM-GPG-KEY-Rocky-{major}")
     return args
+
+
+def recipe_compiler(target: Target, release: str) -> str | None:
+    """The gcc package a recipe installs and builds with, where its distro packages several (Ubuntu): the
+    one targets.toml names for the release's own kernels ("gcc 11/12": 11), or for its HWE kernels (12)."""
+    if target.container != "ubuntu":
+        return None  # the other recipes' images carry the one gcc their kernels were built with
+    majors = [version.split(".")[0] for version in re.findall(r"\d+(?:\.\d+)*", target.compiler)]
+    known = kernels.classify(release)
+    hwe = known is not None and known.key in target.hwe_kernels
+    return f"gcc-{majors[-1] if hwe else majors[0]}" if majors else None
 
 
 def el_minor(release: str) -> tuple[str | None, str | None]:
@@ -492,8 +471,8 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
     base = args["BASE"]
     given = ",".join(sorted(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in packages))
     existing = _image(client, tag)
-    if existing is not None and existing.labels.get("org.toa.base") == base \
-            and existing.labels.get("org.toa.packages", "") == given:
+    labels = {"org.toa.base": base, "org.toa.packages": given, "org.toa.compiler": args.get("COMPILER", "")}
+    if existing is not None and all(existing.labels.get(name, "") == value for name, value in labels.items()):
         return existing
     if _image(client, base) is None:
         _say(progress, f"pulling {base}")
@@ -513,8 +492,7 @@ def _recipe_image(client, recipe: Path, tag: str, args: dict[str, str], progress
         for package in packages:
             shutil.copyfile(package, Path(context) / "packages" / package.name)
         try:
-            return _docker_build(client, Path(context), tag, args,
-                                 labels={"org.toa.base": base, "org.toa.packages": given}, progress=progress)
+            return _docker_build(client, Path(context), tag, args, labels=labels, progress=progress)
         except ToaError as exc:
             log = getattr(exc, "build_log", "")
             if HEADERS_NOT_FOUND_MARK not in log:
@@ -559,9 +537,11 @@ def build_for_target(
     packages = [_headers_package_file(path) for path in headers_pkgs]
     client = docker_client()
     image = _recipe_image(client, CONTAINERS_DIR / plan.recipe, plan.image, plan.build_args, progress, packages)
+    compiler = plan.build_args.get("COMPILER", "gcc")
     return _compile(
-        _container_runner(client, image, {}), image.id, plan.image, release, plan.output, make=["make"],
-        compiler="gcc", manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
+        _container_runner(client, image, {}), image.id, plan.image, release, plan.output,
+        make=["make"] + ([f"CC={compiler}"] if compiler != "gcc" else []),
+        compiler=compiler, manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
         progress=progress, module_source=module_source, force=force,
     )
 
@@ -622,7 +602,7 @@ def plan_recipe(target: Target, release: str, out_dir: Path, *, base: str | None
     args["BASE"] = base or mirrored
     tag = "toa-build:" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.id}-{release}")[:120]
     return BuildPlan(release, target.id, "recipe", tag, target.headers_for(release)[0],
-                     artifact_dir(out_dir, target.id, release), recipe=target.container, build_args=args)
+                     artifacts.directory(out_dir, target.id, release), recipe=target.container, build_args=args)
 
 
 def plan_debian(kernel: str | None, suite: str | None, out_dir: Path) -> tuple[BuildPlan, debian.KernelPackages]:
@@ -632,7 +612,7 @@ def plan_debian(kernel: str | None, suite: str | None, out_dir: Path) -> tuple[B
     target = debian_target(pkgs.release, pkgs.suite)
     container = debian.check_suite(pkgs.suite).container
     return BuildPlan(pkgs.release, target.id, "debian", f"toa-build:debian-{container}", pkgs.headers_pkgs[0],
-                     artifact_dir(out_dir, target.id, pkgs.release), suite=pkgs.suite), pkgs
+                     artifacts.directory(out_dir, target.id, pkgs.release), suite=pkgs.suite), pkgs
 
 
 def plan_local(release: str, headers: Path | None, out_dir: Path) -> BuildPlan:
@@ -640,7 +620,7 @@ def plan_local(release: str, headers: Path | None, out_dir: Path) -> BuildPlan:
     known = kernels.classify(release)
     target_id = known.default_targets[0].id if known and known.default_targets else "local"
     headers_dir = Path(headers) if headers else Path("/lib/modules") / release / "build"
-    return BuildPlan(release, target_id, "local", None, str(headers_dir), artifact_dir(out_dir, target_id, release),
+    return BuildPlan(release, target_id, "local", None, str(headers_dir), artifacts.directory(out_dir, target_id, release),
                      headers_dir=headers_dir)
 
 

@@ -532,7 +532,7 @@ def find_release(release: str) -> KernelPackages:
     validate_release(release)
     if not is_debian_release(release):
         raise ToaError(f"{release} is not a Debian amd64 kernel release (like 6.1.0-56-amd64)")
-    available = {}
+    available, listed = {}, set()
     for name in SUITES:
         try:
             kernels = kernels_of_suite(name)
@@ -542,7 +542,10 @@ def find_release(release: str) -> KernelPackages:
         for kernel in kernels:
             if kernel.release == release:
                 return kernel
-        generic = dict.fromkeys(k.release for k in reversed(kernels) if is_generic_flavour(k.release))
+        # each release once: under the first suite that has it (bookworm-security repeats bookworm's)
+        generic = [r for r in dict.fromkeys(k.release for k in reversed(kernels) if is_generic_flavour(k.release))
+                   if r not in listed]
+        listed.update(generic)
         available[name] = ", ".join(generic) or "none"
     listing = "; ".join(f"{suite}: {releases}" for suite, releases in available.items())
     raise ToaError(f"kernel {release} is in no suite's index (Debian drops a kernel's packages when a newer ABI "

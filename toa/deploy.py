@@ -42,7 +42,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import json
 import posixpath
 import re
 import secrets
@@ -56,7 +55,8 @@ from typing import Callable
 
 import paramiko
 
-from toa import build, detect, preflight, remote, render
+from toa import artifacts, build, detect, preflight, remote, render
+from toa.artifacts import Artifact
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -79,43 +79,10 @@ STAGING_PREFIX = "/tmp/toa-deploy."
 COMMAND_TIMEOUT_SECONDS = 120.0
 RECONNECT_SECONDS = 15.0
 PATH_SETTING = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_SRCVERSION = re.compile(r"[0-9A-F]{1,64}")
+_SHA256, _SRCVERSION = artifacts.SHA256_RE, artifacts.SRCVERSION_RE
 _MODE = re.compile(r"[0-7]{1,4}")
 
 Progress = Callable[[str, str], None]  # (host, step)
-
-
-# ---------------------------------------------------------------- artifacts
-
-
-@dataclass(frozen=True)
-class Artifact:
-    ko: Path
-    release: str
-    target: str | None
-    sha256: str
-    srcversion: str
-
-
-def find_artifact(dist: Path, release: str, target_id: str | None = None) -> Artifact | None:
-    """The toa.ko built for exactly RELEASE under DIST (<dist>/<target>/<release>/), preferring
-    TARGET_ID's build where several targets built the same release; None if there is none."""
-    directory = build.find_artifact(dist, release, prefer_target=target_id)
-    if directory is None:
-        return None
-    ko, manifest_path = directory / "toa.ko", directory / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ToaError(f"{manifest_path} is unreadable ({exc}): rebuild with `invoke build --kernel {release}`") from None
-    sha256, srcversion = manifest.get("sha256", ""), manifest.get("srcversion") or ""
-    if manifest.get("kernel_release") != release or not _SHA256.fullmatch(sha256) or not _SRCVERSION.fullmatch(srcversion):
-        raise ToaError(f"{ko.parent}/manifest.json does not describe a toa.ko for {release}: "
-                       f"rebuild with `invoke build --kernel {release}`")
-    if hashlib.sha256(ko.read_bytes()).hexdigest() != sha256:
-        raise ToaError(f"{ko} does not match the sha256 in its manifest: rebuild with `invoke build --kernel {release}`")
-    return Artifact(ko, release, manifest.get("target"), sha256, srcversion)
 
 
 # ---------------------------------------------------------------- facts: the module state of a host
@@ -571,7 +538,7 @@ _build_lock = threading.Lock()
 
 
 def _artifact_for(release: str, target_id: str | None, options: DeployOptions, say) -> Artifact | None:
-    artifact = find_artifact(options.dist, release, target_id)
+    artifact = artifacts.find(options.dist, release, target_id)
     if artifact is not None or (options.dry_run and options.build_missing):
         return artifact  # a dry run builds nothing: None says a build would come first
     if not options.build_missing:
@@ -579,14 +546,14 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
                        f"`invoke build --kernel {release} --out {options.dist}` (or deploy with --build-missing)")
 
     with _build_lock:  # one build at a time; hosts with the same kernel wait for it and reuse it
-        artifact = find_artifact(options.dist, release, target_id)
+        artifact = artifacts.find(options.dist, release, target_id)
         if artifact is None:
             say("build")
             # for the host's own target where it runs this kernel (an HWE kernel's host release), else the kernel's
             known = kernels.classify(release)
             runs_here = target_id if known and any(t.id == target_id for t in known.targets) else None
             build.build_kernel(kernel=release, out_dir=options.dist, distro=runs_here)
-            artifact = find_artifact(options.dist, release, target_id)
+            artifact = artifacts.find(options.dist, release, target_id)
     if artifact is None:
         raise ToaError(f"building toa.ko for {release} left no artifact in {options.dist}: check its build.log")
     return artifact
@@ -803,7 +770,7 @@ def _deploy_other_kernels(host: Host, platform: detect.Platform, state: ModuleSt
     for other, why in other_kernels(platform, options.kernels).items():
         own_sha, found = state.others.get(other, (None, None))
         artifact = (_artifact_for(other, platform.target.id, options, say) if options.build_missing
-                    else find_artifact(options.dist, other, platform.target.id))
+                    else artifacts.find(options.dist, other, platform.target.id))
         if artifact is None:
             if found is None:
                 notes.append(f"{other} ({why}) has no toa.ko: " + (
@@ -1045,7 +1012,7 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
         status.kernel = release
         status.loaded, status.loaded_srcversion = state.loaded, state.loaded_srcversion
         status.installed_srcversion = state.installed_srcversion
-        artifact = find_artifact(options.dist, release, platform.target.id)
+        artifact = artifacts.find(options.dist, release, platform.target.id)
         if artifact is None:
             status.artifact = "none"
         else:

@@ -25,8 +25,8 @@ from typing import Callable
 import yaml
 
 from toa import build, render
+from toa.artifacts import Artifact, find_all
 from toa.errors import ToaError
-from toa.package import Artifact, find_artifacts
 
 KMM_API_VERSION = "kmm.sigs.x-k8s.io/v1beta1"
 KMOD_IMAGE_NAME = "toa-kmod"
@@ -189,7 +189,7 @@ def kmm(dist: Path, out_dir: Path, registry: str, *, kernels: list[str] | None =
     """Kmod images of the modules under DIST and OUT_DIR/module.yaml mapping kernels to them."""
     kmod_reference(registry, "0")  # a bad registry fails before anything is built
     module_manifest([], name=name, namespace=namespace, options=options)  # so do bad names and options
-    images = kmod_images(find_artifacts(Path(dist), kernels), registry, progress)
+    images = kmod_images(find_all(Path(dist), kernels), registry, progress)
     manifest = module_manifest(images, name=name, namespace=namespace, options=options, selector=selector,
                                sign_secrets=sign_secrets)
     out_dir = Path(out_dir)
@@ -257,7 +257,7 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
     from toa import deploy, targets
 
     parameters = render.module_parameters(options)
-    artifacts = find_artifacts(Path(dist), kernels)
+    artifacts = find_all(Path(dist), kernels)
     out_dir = Path(out_dir)
     role = out_dir / "roles" / "toa"
     builds: dict[str, list[dict]] = {}

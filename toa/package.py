@@ -11,7 +11,6 @@ kmod: toa-kmod-<release> packages install dist's toa.ko for one kernel under
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -19,14 +18,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import jinja2
 
 import toa
-from toa import build, render, targets
+from toa import artifacts, render, targets
+from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.render import AutoloadFile
@@ -45,42 +44,6 @@ MAINTAINER = "toa project <toa@packages.invalid>"
 BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
                  "probes.h", "probes.h.tmp", ".tmp_versions")
 MODULE_VERSION_RE = re.compile(r'^MODULE_VERSION\("([^"]+)"\);', re.M)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A toa.ko in dist/ with the manifest the build wrote beside it."""
-
-    ko: Path
-    manifest_path: Path
-    manifest: dict
-
-    @property
-    def release(self) -> str:
-        return self.manifest["kernel_release"]
-
-
-def find_artifacts(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
-    """The built modules under DIST (<dist>/<target>/<release>/), one per kernel release: those for
-    KERNELS, or all of them; one ToaError naming what is missing and how to build it."""
-    dist = Path(dist)
-    releases = ([validate_release(kernel) for kernel in kernels] if kernels
-                else sorted({path.parent.name for path in dist.glob("*/*/manifest.json")}))
-    if not releases:
-        raise ToaError(f"no built toa.ko under {dist}/: run `invoke build --kernel RELEASE` first")
-    artifacts = []
-    for release in releases:
-        folder = build.find_artifact(dist, release)
-        if folder is None:
-            raise ToaError(f"no toa.ko for {release} under {dist}/: run `invoke build --kernel {release}` first")
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except ValueError:
-            manifest = {}
-        if manifest.get("kernel_release") != release:
-            raise ToaError(f"{folder}/manifest.json does not describe a build for {release}: run `invoke build --kernel {release} --force`")
-        artifacts.append(Artifact(folder / "toa.ko", folder / "manifest.json", manifest))
-    return artifacts
 
 
 def module_version(source: Path = MODULE_SOURCE) -> str:
@@ -310,7 +273,7 @@ def build_packages(
                            "give options with `invoke render` or `invoke deploy`")
         return dkms_packages(out_dir, progress)
     render.module_options(options)  # bad options fail before anything else
-    artifacts = find_artifacts(Path(dist), kernels)
-    files = common_files(artifacts, options)  # so do modules of targets that load toa differently
+    built = artifacts.find_all(Path(dist), kernels)
+    files = common_files(built, options)  # so do modules of targets that load toa differently
     common, kmod = (common_deb, kmod_deb) if package_format == "deb" else (common_rpm, kmod_rpm)
-    return [common(files, out_dir, progress), *(kmod(artifact, out_dir, progress) for artifact in artifacts)]
+    return [common(files, out_dir, progress), *(kmod(artifact, out_dir, progress) for artifact in built)]

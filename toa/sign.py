@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import re
 import struct
@@ -24,11 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from toa import artifacts, debian
 from toa import build as builder
-from toa import debian
+from toa.artifacts import Artifact
 from toa.errors import ToaError
-from toa.ko import SIGNATURE_MAGIC, modinfo
-from toa.package import Artifact, find_artifacts
+from toa.ko import SIGNATURE_MAGIC
 
 # struct module_signature: algo, hash, id_type, signer_len, key_id_len, 3 pad bytes, sig_len (big endian).
 SIGNATURE_INFO = struct.Struct(">BBBBB3xI")
@@ -159,13 +158,6 @@ def signature_hash(headers_dir: Path) -> str:
     return match.group(1) if match else "sha256"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as temporary:
-        temporary.write(data)
-    os.chmod(temporary.name, 0o644)
-    os.replace(temporary.name, path)
-
-
 def _sign_file_in_container(client, image, sign_file: Path, mount_root: Path, hash_name: str,
                             identity: SigningIdentity, module: bytes) -> bytes:
     """Run the kernel's sign-file on MODULE in IMAGE (offline, as the invoking user); the signed bytes."""
@@ -217,13 +209,9 @@ def sign_artifact(artifact: Artifact, identity: SigningIdentity,
     signature = appended_signature(signed)
     if signature is None or signature.id_type != PKEY_ID_PKCS7 or signed[: len(signed) - signature.total] != unsigned:
         raise ToaError(f"sign-file of {release} left no PKCS#7 signature on toa.ko: check the key and certificate")
-    if modinfo(signed).get("vermagic") != artifact.manifest.get("vermagic"):
-        raise ToaError(f"signing changed the module's vermagic for {release}: rebuild it and sign again")
-    _write_atomically(artifact.ko, signed)
+    artifact.verify_module(signed)  # signing appends a signature; vermagic and srcversion stay the manifest's
     manifest = {
         **artifact.manifest,
-        "sha256": hashlib.sha256(signed).hexdigest(),
-        "size": len(signed),
         "unsigned_sha256": hashlib.sha256(unsigned).hexdigest(),
         "signature": {
             "signer": identity.signer,
@@ -234,8 +222,7 @@ def sign_artifact(artifact: Artifact, identity: SigningIdentity,
             "signed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    _write_atomically(artifact.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return manifest
+    return artifacts.write(artifact.ko.parent, signed, manifest).manifest  # sha256 and size: the signed file's
 
 
 def sign_modules(key: Path, cert: Path, dist: Path = Path("dist"), kernels: list[str] | None = None,
@@ -244,4 +231,4 @@ def sign_modules(key: Path, cert: Path, dist: Path = Path("dist"), kernels: list
     """Sign the modules built under DIST for KERNELS (default: all of them) with KEY (opened with
     PASSPHRASE when encrypted) and CERT."""
     identity = load_identity(key, cert, passphrase)
-    return [(artifact, sign_artifact(artifact, identity, progress)) for artifact in find_artifacts(dist, kernels)]
+    return [(artifact, sign_artifact(artifact, identity, progress)) for artifact in artifacts.find_all(dist, kernels)]

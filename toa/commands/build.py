@@ -66,7 +66,7 @@ def build(c, kernel=None, kernels_file=None, suite=None, distro=None, base_image
             for release in wanted:
                 plans.append(builder.plan(release, suite, progress=step, **options).as_dict())
         if json:
-            print_json(plans if len(plans) > 1 else plans[0])
+            print_json("build", plans, dry_run=True)
         else:
             for one in plans:
                 print_fields(f"toa build --dry-run: {one['kernel_release']}", one)
@@ -93,7 +93,7 @@ def build(c, kernel=None, kernels_file=None, suite=None, distro=None, base_image
                      "manifest": str(result.manifest), "sha256": manifest["sha256"],
                      "vermagic": manifest["vermagic"], "srcversion": manifest["srcversion"]})
     if json:
-        print_json(rows if len(rows) > 1 else rows[0])
+        print_json("build", rows, dry_run=False)
     else:
         _print_builds(rows)
     if failed:
@@ -135,7 +135,7 @@ def images(c, suite=None, json=False):
                for image in client.images.list() for tag in image.tags
                if tag.startswith(("toa-base:", "toa-build:"))]
     if json:
-        print_json(sorted(listing, key=lambda row: row["tag"]))
+        print_json("images", sorted(listing, key=lambda row: row["tag"]))
         return
     from rich.table import Table
 
@@ -165,7 +165,8 @@ def preflight(c, ko, kernel=None, headers=None, json=False):
     release, results = checks.check_file(Path(ko), kernel, Path(headers) if headers else None)
     refused = checks.refusal(results, release)
     if json:
-        print_json({"ko": ko, "kernel": release, "ok": refused is None, "checks": checks.as_manifest(results)})
+        print_json("preflight", [{"ko": ko, "kernel": release, "ok": refused is None,
+                                  "checks": checks.as_manifest(results)}])
     else:
         table = Table(title=f"toa preflight: {ko} for {release}", title_justify="left")
         for column in ("check", "result", "detail"):

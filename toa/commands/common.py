@@ -35,8 +35,15 @@ def user_errors(fn):
     return wrapper
 
 
-def print_json(data):
-    print(jsonlib.dumps(data, indent=2, sort_keys=True))
+# The shape of every task's --json; raised when a field changes meaning or goes away (new fields keep it).
+JSON_VERSION = 1
+
+
+def print_json(task: str, items, **fields):
+    """Every task's --json, one shape whatever the count: {"version": JSON_VERSION, "task": TASK, "items":
+    [one object per kernel, host, package, ...]} plus the task's own summary FIELDS (deploy's "failed")."""
+    print(jsonlib.dumps({"version": JSON_VERSION, "task": task, "items": list(items), **fields}, indent=2,
+                        sort_keys=True))
 
 
 SSH_HELP = {
@@ -62,9 +69,19 @@ def print_fields(title, fields):
     table.add_column(style="bold")
     table.add_column()
     for key, value in fields.items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        table.add_row(key, "-" if shown in (None, "", []) else str(shown))
+        table.add_row(key, _shown(value))
     Console().print(table)
+
+
+def _shown(value) -> str:
+    """A field's value as a person reads it: lists comma-separated, mappings one NAME=VALUE per line."""
+    if value in (None, "", [], {}):
+        return "-"
+    if isinstance(value, dict):
+        return "\n".join(f"{key}={item}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value)
+    return str(value)
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
                                     progress=progress)
     failed = sum(result.action == "failed" for result in results)
     if json:
-        print_json({"hosts": [result.as_dict() for result in results], "failed": failed, "dry_run": dry_run})
+        print_json("deploy", [result.as_dict() for result in results], failed=failed, dry_run=dry_run)
     else:
         rows = [(result.host, result.kernel, Text(result.action, style=ACTION_STYLE.get(result.action, "")),
                  result.detail) for result in results]
@@ -160,7 +160,7 @@ def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_h
     with _live_steps(node_list) as progress:
         states = deployment.status(node_list, options, parallel=_number(parallel, "--parallel", 1), progress=progress)
     if json:
-        print_json({"hosts": [state.as_dict() for state in states]})
+        print_json("status", [state.as_dict() for state in states])
     else:
         # loaded and installed show srcversions: equal to the artifact's when all is well
         _results_table("toa status", ("host", "kernel", "loaded", "installed", "artifact", "autoload", "next boot",

@@ -25,7 +25,7 @@ def detect(c, root=None, host=None, json=False, key=None, known_hosts=None, no_h
         facts, where = detection.read_local(), "this machine"
     info = detection.identify(facts).as_dict()
     if json:
-        print_json(info)
+        print_json("detect", [info])
     else:
         print_fields(f"toa detect: {where}", info)
 

@@ -53,16 +53,17 @@ def export(c, engine=None, out=None, dist="dist", kernel=None, option=None, regi
                                              namespace=namespace, selector=exporting.parse_selector(selector),
                                              sign_secrets=secrets, progress=step)
         if json:
-            print_json({"engine": "kmm", "manifest": str(manifest),
-                        "images": [{"kernel": i.release, "image": i.reference, "sha256": i.sha256} for i in images]})
+            print_json("export", [{"engine": "kmm", "manifest": str(manifest),
+                                   "images": [{"kernel": i.release, "image": i.reference, "sha256": i.sha256}
+                                              for i in images]}])
         else:
             print_fields(f"toa export kmm: {manifest}", {image.release: image.reference for image in images})
         return
     with progress(Console(stderr=True)) as step:
         role = exporting.ansible(Path(dist), Path(out), kernels=kernel or None, options=options, progress=step)
     if json:
-        print_json({"engine": "ansible", "role": str(role.role), "playbook": str(role.playbook),
-                    "kernels": role.kernels})
+        print_json("export", [{"engine": "ansible", "role": str(role.role), "playbook": str(role.playbook),
+                               "kernels": role.kernels}])
     else:
         print_fields(f"toa export ansible: {role.role}", {"playbook": str(role.playbook),
                                                          "kernels": role.kernels})

@@ -99,7 +99,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
             engine=engine, bpf=bpf,
         )
     if json:
-        print_json(report.to_dict())
+        print_json("verify", [report.to_dict()])
     else:
         _print_report(report, console)
     if not report.ok:

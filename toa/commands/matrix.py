@@ -47,7 +47,7 @@ def matrix(c, suite=None, fuzz=200, cycles=10, timeout=900, seed=None, out="docs
     if plan:
         rows = matrices.plan(suites)
         if json:
-            print_json(rows)
+            print_json("matrix", rows["local"], github=rows["github"])
         else:
             _print_plan(rows)
         return

@@ -30,7 +30,7 @@ def package(c, format=None, kernel=None, dist="dist", out=None, option=None, jso
         paths = packaging.build_packages(format, Path(dist), kernel or None, Path(out) if out else None, progress=step,
                                          options=module_options(option) or None)
     if json:
-        print_json({"format": format, "packages": [str(path) for path in paths]})
+        print_json("package", [{"format": format, "package": str(path)} for path in paths])
     else:
         print_fields(f"toa package: {format}", {path.name: str(path.parent) for path in paths})
 
@@ -57,7 +57,7 @@ def sign(c, key=None, cert=None, kernel=None, dist="dist", key_passphrase_file=N
         signed = signing.sign_modules(Path(key), Path(cert), Path(dist), kernel or None, progress=step,
                                       passphrase=passphrase)
     if json:
-        print_json([{**manifest, "ko": str(artifact.ko)} for artifact, manifest in signed])
+        print_json("sign", [{**manifest, "ko": str(artifact.ko)} for artifact, manifest in signed])
         return
     for artifact, manifest in signed:
         signature = manifest["signature"]

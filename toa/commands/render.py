@@ -36,11 +36,11 @@ def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, j
     files = rendering.autoload_files(target, release, init=init, options=options)
     written = rendering.write_tree(files, Path(out))
     if json:
-        print_json({
+        print_json("render", [{
             "target": target.id, "kernel": release, "init": init,
             "module": rendering.module_path(target, release),
             "files": [{**entry.as_dict(), "written": str(path)} for entry, path in zip(files, written)],
-        })
+        }])
         return
     _print_table(target.id, release, rendering.module_path(target, release), files, out)
 
