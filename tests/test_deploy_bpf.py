@@ -199,6 +199,23 @@ def test_bad_engine_flag_is_a_one_line_error(tmp_path):
     assert_one_line_error(toa("deploy", "--hosts", str(nodes), "--engine", "ebpf"), "invalid --engine", "auto, bpf, module")
 
 
+
+def test_a_symlink_the_state_command_reads_is_its_target_exactly(tmp_path):
+    """The wants link as the real state command reads it (readlink's newline is not part of it), so
+    a second deploy finds it in place."""
+    import subprocess
+
+    link = render.AutoloadFile(str(tmp_path / "sysinit.target.wants" / "toa-bpf.service"), "../toa-bpf.service",
+                               0o777, "symlink")
+    (tmp_path / "sysinit.target.wants").mkdir()
+    (tmp_path / "sysinit.target.wants" / "toa-bpf.service").symlink_to("../toa-bpf.service")
+    command = deploy.state_command(str(tmp_path / "toa.ko"), RELEASE, [link])
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout
+    state = deploy.parse_state(output, [link])
+    assert state.files[link.path] == deploy.Current("symlink", "../toa-bpf.service")
+    assert deploy._file_changes(state, [link]) == []
+
+
 # ---------------------------------------------------------------- real guests
 
 CASE_PREFIX = "CASE "

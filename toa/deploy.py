@@ -201,7 +201,7 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
         if entry_file.kind == "symlink":
             lines.append(
                 f"f={q(entry_file.path)}; "
-                f'if [ -L "$f" ]; then echo "@@symlink {index} $(readlink "$f" | base64 -w0)"; '
+                f'if [ -L "$f" ]; then echo "@@symlink {index} $(printf %s "$(readlink "$f")" | base64 -w0)"; '
                 f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
                 f'else echo "@@absent {index}"; fi')
         else:  # read through a symlink: the file it points to is the one deploy edits
