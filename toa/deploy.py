@@ -1,4 +1,4 @@
-"""Roll toa.ko out to hosts over SSH and keep it loaded across reboots.
+"""Roll toa.ko (or the eBPF engine) out to hosts over SSH and keep it running across reboots.
 
 Shaped like pyinfra: a *fact* is one shell command whose output a pure function parses (tested
 offline on recorded output); the *plan* compares what a host has with what it should have and lists
@@ -27,6 +27,13 @@ ignores (they do not end in .ko) and the next run deletes; the staging directory
 under /tmp. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
 again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
 insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
+
+The eBPF engine (--engine bpf, or auto where the host can run it: choose_engine) goes the same way
+with its own plan (make_bpf_plan): the static loader installed like toa.ko, toa-bpf.service and its
+wants link written like the autoload files, the module's autoload files removed and toa.ko unloaded,
+then the unit started and `toa-bpf status` checked. Its facts come in the state command's round trip.
+One engine at a time: each plan takes the other engine away before its own starts, and a rollback
+stops the engine this run started before it brings back the one the host had.
 
 Every remote command and transfer has a time limit (DeployOptions.command_timeout); connecting has
 SshOptions.timeout. A host that stops answering fails with the step it was at, and the rollback
