@@ -288,7 +288,7 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
             console.print(f"bpf ratio {rows[metric].bpf_ratio:.3f}  {what}", markup=False, highlight=False,
                           soft_wrap=True)
     notes = [
-        f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline and toa alternating in one boot; "
+        f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline, toa and bpf in turn in one boot; "
         f"median rate per side; {args.handshakes} handshakes and {args.calls} getpeername() calls per measurement",
         f"module: {args.ko if args.ko else 'toa/module, built for this kernel'}; eBPF engine: toa/bpf, attached "
         "to the root cgroup by toa-bpf",
@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = results.machine()
     console, err_console = Console(), Console(stderr=True)
+    if not console.is_terminal:  # a log or a pipe: the whole table, not cells cut to 80 columns
+        console = Console(width=160)
     try:
         with err_console.status("starting") as status:
             def progress(message: str) -> None:
