@@ -144,6 +144,14 @@ def test_bpf_plan_when_attached_as_wanted_is_empty_and_new_options_are_set():
     assert deploy.make_bpf_plan(by_hand, LOADER_SHA, BPF_FILES, MODULE_FILES, None).attach == "reattach"
 
 
+def test_bpf_plan_deletes_only_temp_names_it_makes():
+    ours = ["/usr/local/sbin/.toa-bpf.toa-new-0123abcd", "/etc/systemd/system/.toa-bpf.service.toa-new-deadbeef"]
+    theirs = ["/usr/local/sbin/.toa-bpf.toa-new-../../x", "/usr/local/sbin/other", "/etc/passwd"]
+    state = _state(bpf_lines="".join(f"@@stale {path}\n" for path in ours + theirs) + ATTACHED, files=BPF_FILES)
+    plan = deploy.make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
+    assert plan.stale == tuple(ours) and plan.describe(None) == ["remove 2 temp file(s) of an interrupted run"]
+
+
 def test_module_plan_on_a_bpf_host_detaches_it_and_removes_its_unit():
     state = _state(bpf_lines=ATTACHED, files=BPF_FILES)
     artifact = deploy.Artifact(Path("x/toa.ko"), RELEASE, "debian-12", "5" * 64, "0123456789ABCDEF0123456")

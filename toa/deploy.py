@@ -566,13 +566,19 @@ def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile],
     else:
         load = None
     changes = _file_changes(state, files) + _removals(state, list(bpf_files))
-    # only names this module makes: the host's answer never decides what gets deleted (a resolved
-    # path only says in which directory such a name is looked for)
     prefixes = [_temp_prefix(path, MODULE_TEMP_MARK) for path in (module_file, state.module_resolved) if path]
-    prefixes += [_temp_prefix(path) for entry in files for path in (entry.path, state.resolved.get(entry.path)) if path]
+    return Plan(_own_stale(state, prefixes, files), install, depmod, load, tuple(changes),
+                detach_bpf=state.bpf.active)
+
+
+def _own_stale(state: ModuleState, prefixes: list[str], files: list[AutoloadFile]) -> tuple[str, ...]:
+    """The temp names in STATE that this code makes: PREFIXES, or beside FILES (or where they point)."""
+    # only names toa makes: the host's answer never decides what gets deleted (a resolved path only
+    # says in which directory such a name is looked for)
+    prefixes = prefixes + [_temp_prefix(path) for entry in files
+                           for path in (entry.path, state.resolved.get(entry.path)) if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
-    stale = tuple(path for path in state.stale if made_here.fullmatch(path))
-    return Plan(stale, install, depmod, load, tuple(changes), detach_bpf=state.bpf.active)
+    return tuple(path for path in state.stale if made_here.fullmatch(path))
 
 
 @dataclass(frozen=True)
@@ -626,11 +632,7 @@ def make_bpf_plan(state: ModuleState, loader_sha256: str, bpf_files: list[Autolo
         attach = "set"
     else:
         attach = None
-    prefix = _temp_prefix(render.BPF_LOADER)
-    prefixes = [prefix] + [_temp_prefix(path) for entry in bpf_files
-                           for path in (entry.path, state.resolved.get(entry.path)) if path]
-    made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
-    stale = tuple(path for path in state.stale if made_here.fullmatch(path))
+    stale = _own_stale(state, [_temp_prefix(render.BPF_LOADER)], bpf_files)
     return BpfPlan(stale, install, tuple(files), state.loaded, attach)
 
 
