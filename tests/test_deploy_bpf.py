@@ -336,7 +336,8 @@ def test_auto_picks_bpf_and_a_reboot_attaches_it_again_before_sshd(bpf_fleet, bp
     again, row = _deploy(tmp_path, guest, "--engine", "bpf", "--dist", str(bpf_dist))
     assert again.returncode == 0 and row["action"] == "unchanged" and row["changes"] == [], row
     shown = _status(tmp_path, guest, bpf_dist)
-    assert (shown["engine"], shown["counters"]) == ("bpf", f"{render.BPF_LOADER} stats"), shown
+    assert (shown["engine"], shown["counters"], shown["autoload"]) == ("bpf", f"{render.BPF_LOADER} stats",
+                                                                       "complete"), shown
 
     guest.reboot()
     facts = _engine_facts(guest)

@@ -1520,9 +1520,14 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
         else:
             matches = state.installed_sha256 == artifact.sha256 and state.loaded_srcversion == artifact.srcversion
             status.artifact = "match" if matches else "differs"
-        status.autoload = autoload_summary(state, files)
-        status.next_kernel, status.next_boot = platform.next_kernel, next_boot(platform, state)
         status.engine, status.counters = engine_summary(state)
+        # the boot files of the engine that runs: the eBPF engine's unit and link, else the module's
+        status.autoload = autoload_summary(state, render.bpf_files(options.options) if status.engine == "bpf" else files)
+        status.next_kernel, status.next_boot = platform.next_kernel, next_boot(platform, state)
+        if status.engine == "bpf" and platform.next_kernel:  # one object for every kernel: no per-kernel build
+            version = kernel_version(platform.next_kernel)
+            status.next_boot = ("the eBPF engine" if version and version >= BPF_MIN_KERNEL
+                                else f"NO engine: {platform.next_kernel} is older than 5.10")
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure is that host's row alone
         status.error = _describe_failure(exc)
