@@ -396,7 +396,7 @@ def test_switching_engines_leaves_exactly_one_and_a_refused_engine_is_rolled_bac
     result, row = _deploy(tmp_path, guest, "--engine", "bpf", "--dist", str(refused_dist))
     assert result.returncode == 1 and row["action"] == "failed", row
     assert "did not attach" in row["detail"] and "rolled back" in row["detail"], row
-    assert "toa-bpf: the kernel refused the BPF object" in row["detail"], row  # the unit's journal, this start's
+    assert "toa-bpf: error: the kernel refused the BPF object" in row["detail"], row  # from the unit's journal
     assert _engine_facts(guest) == bpf_facts
     assert guest.run(f"sha256sum < {render.BPF_LOADER}").split()[0] == engine_bpf.sha256(dist / "bpf" / "toa-bpf")
 
