@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""What toa.ko costs the traffic it sits in: a benchmark in a real booted Debian kernel.
+"""What toa costs the traffic it sits in, module and eBPF engine: a benchmark in a real booted Debian kernel.
 
-One QEMU boot of the kernel runs several rounds; each round measures once without the module
-(baseline) and once with it loaded (toa), so drift of the emulated CPU hits both sides alike:
+One QEMU boot of the kernel runs several rounds; each round measures once without toa (baseline),
+once with toa.ko loaded (toa) and once with the eBPF engine attached by its loader (bpf), so drift
+of the emulated CPU hits every side alike:
 
   handshake-plain     handshakes/s without a TOA option (the syn_recv kretprobe on ordinary traffic)
   handshake-toa       handshakes/s with a valid TOA option (parsing and remembering the address)
@@ -18,8 +19,8 @@ measurements comes one more figure, what a server behind a balancer pays per con
   connection          connections/s of accept() plus one getpeername(): one handshake-toa and
                       one getpeername-toa call, seconds per operation added up within the round
 
-The median rate per side and the median of the per-round ratios (with-toa / baseline: both sides
-of a round run back to back) are printed, and written as JSON for benchmarks/report.py. Three of
+The median rate per side and the median of the per-round ratios (with-toa / baseline and
+with-bpf / baseline: the sides of a round run back to back) are printed, and written as JSON for benchmarks/report.py. Three of
 them are the headline: the connection rate (handshake-toa), the accept()+getpeername() rate
 (accept-getpeername) and the getpeername() rate (getpeername-toa). The exit status is non-zero only
 when the guest did not boot and finish or a measurement is missing, never because of a ratio.
@@ -45,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
-from toa import build, debian, lab  # noqa: E402
+from toa import build, debian, engine_bpf, lab  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 INIT_TEMPLATE = "init.sh.j2"
-SIDES = ("baseline", "toa")
+SIDES = ("baseline", "toa", "bpf")  # no engine, toa.ko loaded, the eBPF engine attached
 # Metric -> the unit of its rate.
 METRICS = {
     "handshake-plain": "handshakes/s",
@@ -104,11 +105,17 @@ class Row:
     baseline: float  # median rate without the module
     with_toa: float  # median rate with it loaded
     round_ratios: tuple[float, ...]  # with-toa / baseline of each round
+    with_bpf: float | None = None  # median rate with the eBPF engine attached
+    bpf_round_ratios: tuple[float, ...] = ()  # with-bpf / baseline of each round
 
     @property
     def ratio(self) -> float:
         """The median of the per-round ratios (TCG is noisy; each round's sides ran back to back)."""
         return statistics.median(self.round_ratios)
+
+    @property
+    def bpf_ratio(self) -> float | None:
+        return statistics.median(self.bpf_round_ratios) if self.bpf_round_ratios else None
 
 
 @dataclass
@@ -163,10 +170,13 @@ def summarize(samples: list[Sample]) -> list[Row]:
     rows = []
     for metric, by_side in round_rates(samples).items():
         paired = sorted(set(by_side["baseline"]) & set(by_side["toa"]))
+        with_bpf = sorted(set(by_side["baseline"]) & set(by_side["bpf"]))
         if paired:
             rows.append(Row(metric, statistics.median(by_side["baseline"].values()),
                             statistics.median(by_side["toa"].values()),
-                            tuple(by_side["toa"][r] / by_side["baseline"][r] for r in paired)))
+                            tuple(by_side["toa"][r] / by_side["baseline"][r] for r in paired),
+                            statistics.median(by_side["bpf"].values()) if with_bpf else None,
+                            tuple(by_side["bpf"][r] / by_side["baseline"][r] for r in with_bpf)))
     return rows
 
 
@@ -203,10 +213,11 @@ def render_init(*, tun_modules: list[str], rounds: int, handshakes: int, calls: 
 
 
 def run_guest(
-    tree: debian.KernelTree, ko: Path, *, rounds: int, handshakes: int, calls: int, timeout: float,
+    tree: debian.KernelTree, ko: Path, loader: Path, *, rounds: int, handshakes: int, calls: int, timeout: float,
     log_dir: Path, progress: Callable[[str], None],
 ) -> Outcome:
-    """Boot the kernel with toa.ko and the peer in bench mode; read the measurements back."""
+    """Boot the kernel with toa.ko, the eBPF engine's LOADER and the peer in bench mode; read the
+    measurements back."""
 
     def on_line(line: str) -> None:
         match = BENCH_RE.search(line.strip())
@@ -217,6 +228,7 @@ def run_guest(
         tree.vmlinuz, ko.read_bytes(), tree.modules_dir,
         lambda tun_modules: render_init(tun_modules=tun_modules, rounds=rounds, handshakes=handshakes, calls=calls),
         log_dir=log_dir, timeout=timeout, on_line=on_line, say=progress,
+        files=[("bin/toa-bpf", Path(loader).read_bytes(), 0o755)],
     )
     return evaluate(result.lines, rounds, timed_out=result.timed_out, returncode=result.returncode)
 
@@ -225,10 +237,11 @@ def run_guest(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Measure toa.ko's overhead in a real Debian kernel under QEMU.")
+    parser = argparse.ArgumentParser(description="Measure the overhead of toa.ko and of the eBPF engine in a real "
+                                                 "Debian kernel under QEMU.")
     results.add_kernel_choice(parser, "bookworm")
     parser.add_argument("--rounds", type=results.positive, default=DEFAULT_ROUNDS,
-                        help=f"baseline/toa rounds in the boot (default: {DEFAULT_ROUNDS})")
+                        help=f"baseline/toa/bpf rounds in the boot (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--handshakes", type=results.positive, default=DEFAULT_HANDSHAKES,
                         help=f"timed handshakes per metric, side and round (default: {DEFAULT_HANDSHAKES})")
     parser.add_argument("--calls", type=results.positive, default=DEFAULT_CALLS,
@@ -238,7 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ko", type=Path,
                         help="measure this toa.ko (built for the same kernel) instead of building toa/module")
     parser.add_argument("--out", type=Path, default=Path("dist"),
-                        help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/ (default: dist)")
+                        help="where toa.ko is built and the serial log kept: <out>/<target>/<release>/, and the "
+                             "eBPF engine: <out>/bpf/ (default: dist)")
     parser.add_argument("--json", type=Path,
                         help="where to write the results (default: benchmarks/results/module_overhead.json)")
     return parser.parse_args(argv)
@@ -247,27 +261,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"toa.ko overhead on {outcome.release or 'an unknown kernel'}", title_justify="left")
+    table = Table(title=f"toa overhead on {outcome.release or 'an unknown kernel'}: module and eBPF engine",
+                  title_justify="left")
     table.add_column("metric", no_wrap=True)
     table.add_column("baseline", justify="right")
     table.add_column("with-toa", justify="right")
     table.add_column("ratio", justify="right")
     table.add_column("ratio range", justify="right")
+    table.add_column("with-bpf", justify="right")
+    table.add_column("bpf ratio", justify="right")
+    table.add_column("bpf range", justify="right")
     table.add_column("unit")
     for row in outcome.rows:
+        bpf = ((f"{row.with_bpf:,.0f}", f"{row.bpf_ratio:.3f}",
+                f"{min(row.bpf_round_ratios):.3f}-{max(row.bpf_round_ratios):.3f}")
+               if row.bpf_ratio is not None else ("-", "-", "-"))
         table.add_row(row.metric, f"{row.baseline:,.0f}", f"{row.with_toa:,.0f}", f"{row.ratio:.3f}",
-                      f"{min(row.round_ratios):.3f}-{max(row.round_ratios):.3f}", UNITS[row.metric])
+                      f"{min(row.round_ratios):.3f}-{max(row.round_ratios):.3f}", *bpf, UNITS[row.metric])
     console.print(table)
     rows = {row.metric: row for row in outcome.rows}
     for metric, what in HEADLINE:
         if metric in rows:
             console.print(f"ratio {rows[metric].ratio:.3f}  {what}", markup=False, highlight=False, soft_wrap=True)
+    for metric, what in HEADLINE:
+        if metric in rows and rows[metric].bpf_ratio is not None:
+            console.print(f"bpf ratio {rows[metric].bpf_ratio:.3f}  {what}", markup=False, highlight=False,
+                          soft_wrap=True)
     notes = [
-        f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline and toa alternating in one boot; "
+        f"kernel {outcome.release or 'unknown'}; {args.rounds} rounds, baseline, toa and bpf in turn in one boot; "
         f"median rate per side; {args.handshakes} handshakes and {args.calls} getpeername() calls per measurement",
-        f"module: {args.ko if args.ko else 'toa/module, built for this kernel'}",
+        f"module: {args.ko if args.ko else 'toa/module, built for this kernel'}; eBPF engine: toa/bpf, attached "
+        "to the root cgroup by toa-bpf",
         "ratio = median over rounds of with-toa / baseline (range: the rounds' lowest and highest): "
-        "below 1 means slower with the module loaded",
+        "below 1 means slower with the module loaded; bpf ratio: the same for the eBPF engine",
         "connection = accept() plus one getpeername() per connection: one handshake-toa and one getpeername-toa "
         "call, their seconds per operation added within each round",
         "QEMU emulates the CPU (TCG), which inflates absolute costs: the rates are not those of real "
@@ -290,8 +316,11 @@ def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: li
         "kernel": outcome.release,
         "module": str(args.ko) if args.ko else "toa/module",
         "rounds": args.rounds, "handshakes": args.handshakes, "calls": args.calls,
+        "engines": {"toa": "toa.ko", "bpf": "the eBPF engine (toa/bpf, attached by toa-bpf)"},
         "rows": [{"metric": row.metric, "unit": UNITS[row.metric], "baseline": row.baseline,
-                  "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios)}
+                  "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios),
+                  "with_bpf": row.with_bpf, "bpf_ratio": row.bpf_ratio,
+                  "bpf_round_ratios": list(row.bpf_round_ratios)}
                  for row in outcome.rows],
         "goals": {"connection ratio": {"goal": f">= {GOAL_CONNECTION_RATIO}", "measured": connection.ratio,
                                        "met": connection.ratio >= GOAL_CONNECTION_RATIO}} if connection else {},
@@ -323,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = results.machine()
     console, err_console = Console(), Console(stderr=True)
+    if not console.is_terminal:  # a log or a pipe: the whole table, not cells cut to 80 columns
+        console = Console(width=160)
     try:
         with err_console.status("starting") as status:
             def progress(message: str) -> None:
@@ -336,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
                                         progress=lambda message: progress(f"build: {message}")).ko
                 log_dir = ko.parent / "bench"
-            outcome = run_guest(tree, ko, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
+            bpf = engine_bpf.build(args.out / "bpf", progress=lambda message: progress(f"build: {message}"))
+            outcome = run_guest(tree, ko, bpf.loader, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
                                 timeout=float(args.timeout), log_dir=log_dir, progress=progress)
     except ToaError as error:
         print(f"error: {error}", file=sys.stderr)

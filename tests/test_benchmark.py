@@ -44,8 +44,10 @@ def full_console(rounds: int, seconds: dict[tuple[str, str], list[float]]) -> li
     return lines + ["TOA-BENCH END", "[   15.46] reboot: Power down"]
 
 
-def uniform(baseline: list[float], toa: list[float]) -> dict[tuple[str, str], list[float]]:
-    return {(metric, side): times for metric in bench.METRICS for side, times in (("baseline", baseline), ("toa", toa))}
+def uniform(baseline: list[float], toa: list[float], bpf: list[float] | None = None) -> dict[tuple[str, str], list[float]]:
+    """Seconds per metric and side; the eBPF engine's side takes the module's unless given."""
+    sides = (("baseline", baseline), ("toa", toa), ("bpf", toa if bpf is None else bpf))
+    return {(metric, side): times for metric in bench.METRICS for side, times in sides}
 
 
 def test_medians_per_side_and_ratio():
@@ -61,6 +63,20 @@ def test_medians_per_side_and_ratio():
         # per-round ratios 0.8, 0.2 and 400: the median, not the ratio of the median rates
         assert row.round_ratios == pytest.approx((0.8, 0.2, 400.0))
         assert row.ratio == pytest.approx(0.8)
+
+
+def test_the_bpf_engine_is_its_own_column_from_the_same_rounds():
+    # bpf: rates 1000/s over 2.0, 4.0, 4.0 s = 500, 250, 250 (median 250); per-round ratios 1, 0.25, 1
+    lines = full_console(3, uniform([2.0, 1.0, 4.0], [2.5, 5.0, 0.01], [2.0, 4.0, 4.0]))
+    outcome = bench.evaluate(lines, 3, timed_out=False, returncode=0)
+    assert outcome.problems == []
+    for row in outcome.rows[:-1]:
+        assert row.with_bpf == pytest.approx(250.0)
+        assert row.bpf_round_ratios == pytest.approx((1.0, 0.25, 1.0)) and row.bpf_ratio == pytest.approx(1.0)
+        assert row.ratio == pytest.approx(0.8)  # the module's column is untouched
+    without_bpf = [line for line in lines if "side=bpf" not in line]
+    missing = bench.evaluate(without_bpf, 3, timed_out=False, returncode=0)
+    assert "measurements missing" in " ".join(missing.problems) and "bpf" in " ".join(missing.problems)
 
 
 def test_rate_comes_from_ops_and_seconds_not_the_printed_rate():
@@ -371,7 +387,9 @@ def test_module_overhead_end_to_end_one_round(tmp_path):
     assert set(rows) == {*bench.METRICS, "connection"}
     for row in rows.values():
         assert row["ratio"] == pytest.approx(row["with_toa"] / row["baseline"])  # one round: one ratio
-        assert re.search(rf"{row['metric']}\s.*\s{row['ratio']:.3f}\s", result.stdout)
+        assert row["bpf_ratio"] == pytest.approx(row["with_bpf"] / row["baseline"])
+        assert re.search(rf"{row['metric']}\s.*\s{row['ratio']:.3f}\s.*\s{row['bpf_ratio']:.3f}\s", result.stdout)
+    assert re.search(r"^bpf ratio [0-9.]+  connection rate", result.stdout, re.M)
 
 
 def test_goal_verdicts_say_how_far_off():

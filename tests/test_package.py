@@ -264,6 +264,10 @@ def test_kmod_rpms_of_two_kernels_have_no_file_in_common(dist, tmp_path, first_k
     (["--format", "rpm", "--kernel", "6.1;reboot"], "6.1;reboot"),
     (["--format", "dkms", "--option", "trusted=10.0.0.0/8"], "--option is for deb and rpm"),
     (["--format", "deb", "--option", "trusted=10.0.0.1/8"], "did you mean 10.0.0.0/8"),
+    (["--format", "dkms", "--engine", "bpf"], "give --format deb or rpm"),
+    (["--format", "deb", "--engine", "bpf", "--kernel", "6.1.0-56-amd64"], "and no --kernel"),
+    (["--format", "deb", "--engine", "bpf"], "no BPF engine build in"),
+    (["--format", "deb", "--engine", "ebpf"], "unknown engine 'ebpf'"),
 ])
 def test_package_task_refuses_with_one_line(args, fragment, tmp_path):
     assert_one_line_error(run_toa("package", "--dist", str(tmp_path), *args), fragment)
@@ -316,3 +320,52 @@ def test_modules_of_targets_that_load_toa_differently_are_packaged_separately(tm
         package.common_files(found, None)
     [files] = {tuple(f.path for f in package.common_files([a], None)) for a in found[:1]}
     assert "/etc/modules-load.d/toa.conf" in files or "/etc/sysconfig/modules/toa.modules" in files
+
+
+# ---------------------------------------------------------------- the eBPF engine's package
+
+
+@pytest.fixture(scope="module")
+def bpf_dist(tmp_path_factory) -> Path:
+    from toa import engine_bpf
+
+    dist = tmp_path_factory.mktemp("dist")
+    engine_bpf.build(dist / "bpf")
+    return dist
+
+
+def test_bpf_deb_carries_the_loader_and_an_enabled_unit_and_conflicts_with_the_module(bpf_dist, tmp_path):
+    from toa import engine_bpf, render
+
+    result = run_toa("package", "--format", "deb", "--engine", "bpf", "--dist", str(bpf_dist), "--out", str(tmp_path),
+                     "--option", "kinds=254,200", "--json")
+    assert result.returncode == 0, result.stderr
+    deb = Path(json_items(result, "package")[0]["package"])
+    assert deb.name == f"toa-bpf_{toa.__version__}_amd64.deb"
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(root)], check=True)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["DEBIAN/control", "DEBIAN/postinst", "DEBIAN/postrm", "DEBIAN/prerm",
+                     "lib/systemd/system/toa-bpf.service", "usr/sbin/toa-bpf"]
+    loader = root / "usr/sbin/toa-bpf"
+    assert engine_bpf.sha256(loader) == engine_bpf.sha256(bpf_dist / "bpf" / "toa-bpf") and loader.stat().st_mode & 0o111
+    unit = (root / "lib/systemd/system/toa-bpf.service").read_text()
+    assert "ExecStart=/usr/sbin/toa-bpf attach kinds=254,200\n" in unit and "ExecStop=/usr/sbin/toa-bpf detach" in unit
+    control = (root / "DEBIAN/control").read_text()
+    assert "Conflicts: toa-common" in control and engine_bpf.BpfBuild.from_dir(bpf_dist / "bpf").object_sha256 in control
+    postinst = (root / "DEBIAN/postinst").read_text()
+    assert "systemctl enable toa-bpf.service" in postinst and "systemctl restart toa-bpf.service" in postinst
+    for script in ("postinst", "prerm", "postrm"):
+        subprocess.run(["sh", "-n", str(root / "DEBIAN" / script)], check=True)
+    assert render.PACKAGED_BPF_LOADER == "/usr/sbin/toa-bpf"
+
+
+@pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="rpmbuild is not installed (apt: rpm)")
+def test_bpf_rpm_lists_the_loader_and_the_unit(bpf_dist, tmp_path):
+    rpm = package.build_packages("rpm", bpf_dist, out_dir=tmp_path, engine="bpf")[0]
+    assert rpm.name == f"toa-bpf-{toa.__version__}-1.x86_64.rpm"
+    listed = subprocess.run(["rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]", str(rpm)],
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "-rwxr-xr-x /usr/sbin/toa-bpf" in listed and "-rw-r--r-- /usr/lib/systemd/system/toa-bpf.service" in listed
+    conflicts = subprocess.run(["rpm", "-qp", "--conflicts", str(rpm)], capture_output=True, text=True, check=True)
+    assert conflicts.stdout.split() == ["toa-common"]

@@ -598,3 +598,48 @@ def test_the_coreos_unit_fails_visibly_without_a_module_and_loads_toa_with_one(s
     out = guest.run("systemctl reset-failed toa.service; systemctl start toa.service; systemctl is-active toa.service; "
                     "cat /sys/module/toa/parameters/kinds")
     assert out.split() == ["active", "254,200"], out
+
+
+# ---------------------------------------------------------------- the eBPF engine's unit
+
+
+def test_bpf_unit_attaches_before_the_network_and_detaches_on_stop():
+    files = by_path(render.bpf_files({"kinds": "254,200", "trusted": "10.0.0.0/8"}))
+    assert list(files) == [render.BPF_UNIT, render.BPF_WANTS_LINK]
+    assert files[render.BPF_WANTS_LINK].kind == "symlink" and files[render.BPF_WANTS_LINK].content == "../toa-bpf.service"
+    lines = body(files[render.BPF_UNIT].content)
+    assert files[render.BPF_UNIT].content.startswith(HEADER_START)
+    for wanted in ("DefaultDependencies=no", "Before=network-pre.target sysinit.target shutdown.target",
+                   "Wants=network-pre.target", "After=systemd-modules-load.service", "Conflicts=shutdown.target",
+                   "Type=oneshot", "RemainAfterExit=yes", "WantedBy=sysinit.target",
+                   f"ExecStart={render.BPF_LOADER} attach kinds=254,200 trusted=10.0.0.0/8",
+                   f"ExecStop={render.BPF_LOADER} detach"):
+        assert wanted in lines, wanted
+    # no options: the engine's defaults, nothing after attach
+    assert f"ExecStart={render.BPF_LOADER} attach" in body(render.bpf_files()[0].content)
+
+
+def test_bpf_unit_refuses_to_attach_beside_a_loaded_module(tmp_path):
+    """The ExecStartPre check, run by a real shell against a fake /sys/module."""
+    unit = render.bpf_unit("/x.service", "/usr/sbin/toa-bpf").content
+    check = next(line for line in unit.splitlines() if line.startswith("ExecStartPre=/bin/sh -c "))
+    script = check.removeprefix("ExecStartPre=/bin/sh -c ").strip("'").replace("/sys/module/toa", str(tmp_path / "toa"))
+    assert subprocess.run(["sh", "-c", script]).returncode == 0
+    (tmp_path / "toa").mkdir()
+    refused = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert refused.returncode == 1 and "toa kernel module is loaded" in refused.stderr
+
+
+def test_bpf_options_are_checked_like_the_modules():
+    with pytest.raises(ToaError, match="kinds"):
+        render.bpf_files({"kinds": "254;reboot"})
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt: systemd)")
+def test_systemd_analyze_verifies_the_bpf_unit(tmp_path):
+    # the loader's path must exist for verify: the unit as a package would render it for a loader at `true`
+    unit = render.bpf_unit(str(tmp_path / "toa-bpf.service"), shutil.which("true"), {"kinds": "254"})
+    render.write_tree([unit], tmp_path / "root")
+    path = tmp_path / "root" / unit.path.lstrip("/")
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr

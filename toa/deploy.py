@@ -1,4 +1,4 @@
-"""Roll toa.ko out to hosts over SSH and keep it loaded across reboots.
+"""Roll toa.ko (or the eBPF engine) out to hosts over SSH and keep it running across reboots.
 
 Shaped like pyinfra: a *fact* is one shell command whose output a pure function parses (tested
 offline on recorded output); the *plan* compares what a host has with what it should have and lists
@@ -28,6 +28,13 @@ under /tmp. Any failure rolls back: the previous toa.ko and autoload files are p
 again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
 insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
 
+The eBPF engine (--engine bpf, or auto where the host can run it: choose_engine) goes the same way
+with its own plan (make_bpf_plan): the static loader installed like toa.ko, toa-bpf.service and its
+wants link written like the autoload files, the module's autoload files removed and toa.ko unloaded,
+then the unit started and `toa-bpf status` checked. Its facts come in the state command's round trip.
+One engine at a time: each plan takes the other engine away before its own starts, and a rollback
+stops the engine this run started before it brings back the one the host had.
+
 Every remote command and transfer has a time limit (DeployOptions.command_timeout); connecting has
 SshOptions.timeout. A host that stops answering fails with the step it was at, and the rollback
 then reconnects once (with the connect timeout) rather than running apply and rollback as one
@@ -42,6 +49,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import ipaddress
 import posixpath
 import re
 import secrets
@@ -55,7 +63,7 @@ from typing import Callable
 
 import paramiko
 
-from toa import artifacts, build, detect, preflight, remote, render
+from toa import artifacts, build, detect, engine_bpf, preflight, remote, render
 from toa.artifacts import Artifact
 from toa import kernel as kernels
 from toa.errors import ToaError
@@ -112,6 +120,7 @@ class ModuleState:
     resolved: dict[str, str] = field(default_factory=dict)
     # other installed kernels: release -> (sha256 of toa's own file there, or None; a toa.ko found, or None)
     others: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    bpf: BpfState = field(default_factory=lambda: BpfState())  # the eBPF engine's facts (bpf_state_command)
 
 
 def modules_dep_entry(module_file: str, release: str) -> str | None:
@@ -166,7 +175,7 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
         if entry_file.kind == "symlink":
             lines.append(
                 f"f={q(entry_file.path)}; "
-                f'if [ -L "$f" ]; then echo "@@symlink {index} $(readlink "$f" | base64 -w0)"; '
+                f'if [ -L "$f" ]; then echo "@@symlink {index} $(printf %s "$(readlink "$f")" | base64 -w0)"; '
                 f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
                 f'else echo "@@absent {index}"; fi')
         else:  # read through a symlink: the file it points to is the one deploy edits
@@ -215,7 +224,9 @@ def parse_state(output: str, files: list[AutoloadFile]) -> ModuleState:
 
 
 def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str], entry) -> None:
-    if tag == "@@loaded":
+    if tag.startswith("@@bpf"):
+        _parse_bpf_line(state.bpf, tag, rest, words)
+    elif tag == "@@loaded":
         srcversion = rest.strip()
         if srcversion and not _SRCVERSION.fullmatch(srcversion):
             raise ToaError("not a srcversion")
@@ -256,14 +267,173 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         raise ToaError("not a line the state command prints")
 
 
+# ---------------------------------------------------------------- facts: the eBPF engine of a host
+
+ENGINES = ("auto", "bpf", "module")
+BPF_MIN_KERNEL = (5, 10)
+BPF_CONFIG = ("CONFIG_BPF_SYSCALL", "CONFIG_CGROUP_BPF")
+BPF_PIN_DIR = "/sys/fs/bpf/toa"
+BPF_PROGRAMS = 3  # links toa-bpf status lists: the sock_ops program and the two getpeername ones
+_CONFIG_LINE = re.compile(r"(CONFIG_[A-Z0-9_]+)=(y|m|n)")
+_KINDS = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+
+
+@dataclass
+class BpfState:
+    """The eBPF engine on a host, as bpf_state_command prints it."""
+
+    loader_sha256: str | None = None  # toa's loader at render.BPF_LOADER
+    pinned: bool = False  # /sys/fs/bpf/toa exists: an engine is attached, whichever loader did it
+    attached: bool = False  # the loader's status says so
+    object_sha256: str | None = None  # the object the installed loader embeds
+    links: int = 0  # attached links with a program
+    parameters: dict[str, str] = field(default_factory=dict)  # kinds, trusted as the engine shows them
+    unit_active: bool = False
+    config: dict[str, str] = field(default_factory=dict)  # CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF, if told
+    bpf_syscall: bool = False  # /proc/sys/kernel/unprivileged_bpf_disabled exists only with CONFIG_BPF_SYSCALL
+    cgroup2: bool = False  # the kernel knows cgroup2 (/proc/filesystems)
+
+    @property
+    def active(self) -> bool:
+        return self.pinned or self.attached
+
+
+def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
+    """Lines for the state command that print the eBPF engine's facts as @@bpf... lines (and the
+    loader's temp names as @@stale); see _parse_bpf_line."""
+    q = shlex.quote
+    configs = "|".join(BPF_CONFIG)
+    return "\n".join([
+        f"l={q(loader)}",
+        'if [ -f "$l" ]; then echo "@@bpfloader $(sha256sum < "$l" | cut -d" " -f1)"; '
+        '[ -x "$l" ] && "$l" status 2>/dev/null | sed "s/^/@@bpfstatus /"; fi',
+        f'for t in {q(_temp_prefix(loader))}*; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done',
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then echo @@bpfpinned; fi",
+        f"if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet {q(render.BPF_UNIT_NAME)}; "
+        "then echo @@bpfunit active; fi",
+        # the kernel's config where the distro keeps it; the runtime signs below where it does not
+        'c=/boot/config-$(uname -r); { if [ -r "$c" ]; then cat "$c"; elif [ -r /proc/config.gz ]; then '
+        f"zcat /proc/config.gz; fi; }} 2>/dev/null | grep -E '^({configs})=' | sed 's/^/@@bpfconfig /'",
+        "if [ -e /proc/sys/kernel/unprivileged_bpf_disabled ]; then echo @@bpfsyscall; fi",
+        "if grep -qw cgroup2 /proc/filesystems; then echo @@bpfcgroup2; fi",
+    ])
+
+
+def _parse_bpf_line(bpf: BpfState, tag: str, rest: str, words: list[str]) -> None:
+    if tag == "@@bpfloader" and len(words) == 1 and _SHA256.fullmatch(words[0]):
+        bpf.loader_sha256 = words[0]
+    elif tag == "@@bpfpinned" and not words:
+        bpf.pinned = True
+    elif tag == "@@bpfunit" and words == ["active"]:
+        bpf.unit_active = True
+    elif tag == "@@bpfconfig" and len(words) == 1 and _CONFIG_LINE.fullmatch(words[0]):
+        name, _, value = words[0].partition("=")
+        bpf.config[name] = value
+    elif tag == "@@bpfsyscall" and not words:
+        bpf.bpf_syscall = True
+    elif tag == "@@bpfcgroup2" and not words:
+        bpf.cgroup2 = True
+    elif tag == "@@bpfstatus":
+        _parse_bpf_status_line(bpf, rest)
+    else:
+        raise ToaError("not a line the state command prints")
+
+
+def _parse_bpf_status_line(bpf: BpfState, line: str) -> None:
+    """One line of `toa-bpf status` (toa/bpf/loader.c's cmd_status)."""
+    name, _, value = line.strip().partition(" ")
+    value = value.strip()
+    if name == "object_sha256" and _SHA256.fullmatch(value):
+        bpf.object_sha256 = value
+    elif name == "attached" and value in ("yes", "no"):
+        bpf.attached = value == "yes"
+    elif name == "link":
+        if re.search(r"\bprog_id=[1-9][0-9]*\b", value):
+            bpf.links += 1
+    elif name == "kinds" and (not value or _KINDS.fullmatch(value)):
+        bpf.parameters["kinds"] = value
+    elif name == "trusted" and re.fullmatch(r"[0-9A-Fa-f:.,/]*", value):
+        bpf.parameters["trusted"] = value
+    elif name in ("loaded_programs", "loaded_maps") and value.isdigit():
+        pass
+    else:
+        raise ToaError("not a line toa-bpf status prints")
+
+
+def parse_bpf_state(output: str) -> BpfState:
+    """Parse the @@bpf lines of OUTPUT alone (bpf_state_command's, or a check after an attach). Pure."""
+    bpf = BpfState()
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag.startswith("@@bpf"):
+            try:
+                _parse_bpf_line(bpf, tag, rest, rest.split())
+            except ToaError as exc:
+                raise ToaError(f"unexpected line {line[:100]!r} from the eBPF engine: {exc}") from None
+    return bpf
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    match = re.match(r"([0-9]+)\.([0-9]+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def bpf_refusal(platform: detect.Platform, bpf: BpfState) -> str | None:
+    """Why this host cannot run the eBPF engine, or None if it can. Pure."""
+    version = kernel_version(platform.kernel or "")
+    if version is None or version < BPF_MIN_KERNEL:
+        return f"kernel {platform.kernel} is older than 5.10"
+    if platform.init != "systemd":
+        return f"the host boots {platform.init}, not systemd (the engine is attached at boot by {render.BPF_UNIT_NAME})"
+    for name in BPF_CONFIG:
+        if bpf.config.get(name, "y") != "y":
+            return f"the kernel is built without {name}"
+    if not bpf.config and not bpf.bpf_syscall:
+        return "the kernel has no bpf() system call (CONFIG_BPF_SYSCALL)"
+    if not bpf.cgroup2:
+        return "the kernel has no cgroup2"
+    return None
+
+
+def choose_engine(platform: detect.Platform, bpf: BpfState, wanted: str) -> tuple[str, str]:
+    """(engine, why) for WANTED (auto, bpf or module). Pure; an explicit bpf the host cannot run is a ToaError."""
+    if wanted not in ENGINES:
+        raise ToaError(f"--engine must be one of {', '.join(ENGINES)}, not {wanted!r}")
+    if wanted == "module":
+        return "module", "asked for"
+    refused = bpf_refusal(platform, bpf)
+    if wanted == "bpf":
+        if refused:
+            raise ToaError(f"the eBPF engine needs {engine_bpf.KERNEL_NEEDS} and systemd: {refused}; "
+                           "deploy the module to this host (--engine module or auto)")
+        return "bpf", "asked for"
+    if refused:
+        return "module", f"auto: {refused}"
+    return "bpf", "auto: kernel 5.10+ with BPF, cgroup-bpf and cgroup2"
+
+
+def same_parameters(shown: dict[str, str], wanted: dict[str, str]) -> bool:
+    """Whether the engine SHOWS the WANTED kinds and trusted list; networks compared as networks. Pure."""
+    def networks(text: str) -> list:
+        try:
+            return [ipaddress.ip_network(word, strict=False) for word in text.split(",") if word]
+        except ValueError:
+            return [text]
+    return (shown.get("kinds", "") == wanted.get("kinds", "")
+            and networks(shown.get("trusted", "")) == networks(wanted.get("trusted", "")))
+
+
 # ---------------------------------------------------------------- the plan: wanted against actual
 
 
 @dataclass(frozen=True)
 class FileChange:
     entry: AutoloadFile
-    text: str  # the wanted text (for a symlink, its target)
+    text: str | None  # the wanted text (for a symlink, its target); None: remove the file
     previous: Current | None  # what to put back on rollback (None: remove)
+
+    def describe(self) -> str:
+        return f"{'remove' if self.text is None else 'write'} {self.entry.path}"
 
 
 @dataclass(frozen=True)
@@ -273,10 +443,11 @@ class Plan:
     depmod: bool = False
     load: str | None = None  # "load" or "reload"
     files: tuple[FileChange, ...] = ()
+    detach_bpf: bool = False  # the eBPF engine is attached: detached before toa.ko loads (one engine at a time)
 
     @property
     def empty(self) -> bool:
-        return not (self.stale or self.install or self.depmod or self.load or self.files)
+        return not (self.stale or self.install or self.depmod or self.load or self.files or self.detach_bpf)
 
     def describe(self, artifact: Artifact) -> list[str]:
         steps = []
@@ -286,9 +457,11 @@ class Plan:
             steps.append(f"install {artifact.ko} (srcversion {artifact.srcversion})")
         if self.depmod:
             steps.append("depmod")
+        if self.detach_bpf:
+            steps.append("detach the eBPF engine")
         if self.load:
             steps.append(f"{self.load} toa")
-        steps += [f"write {change.entry.path}" for change in self.files]
+        steps += [change.describe() for change in self.files]
         return steps
 
 
@@ -308,9 +481,45 @@ def wanted_text(entry: AutoloadFile, current: Current | None) -> str:
     return entry.content
 
 
+def _file_changes(state: ModuleState, files: list[AutoloadFile]) -> list[FileChange]:
+    """What to write so that FILES are in place on a host in STATE. Pure."""
+    changes = []
+    for entry in files:
+        current = state.files.get(entry.path)
+        text = wanted_text(entry, current)
+        kind = "symlink" if entry.kind == "symlink" else "file"
+        mode_differs = entry.kind == "file" and current is not None and current.mode != entry.mode
+        if current is None or current.kind != kind or current.text != text or mode_differs:
+            changes.append(FileChange(entry, text, current))
+    return changes
+
+
+def _removals(state: ModuleState, files: list[AutoloadFile]) -> list[FileChange]:
+    """What to remove (toa's lines: take out of a shared file) so that none of FILES starts an engine. Pure."""
+    changes = []
+    for entry in files:
+        current = state.files.get(entry.path)
+        if current is None:
+            continue
+        if entry.kind == "lines":
+            text = entry.unmerge(current.text) if current.kind == "file" else current.text
+            if text != current.text:
+                changes.append(FileChange(entry, text, current))
+        else:
+            changes.append(FileChange(entry, None, current))
+    return changes
+
+
+def _module_boot_files(files: list[AutoloadFile]) -> list[AutoloadFile]:
+    """The module's autoload files a switch to the eBPF engine takes away: all but SUSE's
+    allow_unsupported_modules file (a system setting that loads nothing)."""
+    return [entry for entry in files if "unsupported-modules" not in entry.path]
+
+
 def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile], module_file: str,
-              options: dict[str, str] | None) -> Plan:
-    """The steps that take a host from STATE to ARTIFACT loaded with OPTIONS and FILES in place. Pure."""
+              options: dict[str, str] | None, bpf_files: list[AutoloadFile] = ()) -> Plan:
+    """The steps that take a host from STATE to ARTIFACT loaded with OPTIONS and FILES in place,
+    and the eBPF engine (BPF_FILES start it at boot) detached and disabled. Pure."""
     install = state.installed_sha256 != artifact.sha256
     depmod = modules_dep_entry(module_file, artifact.release) is not None and (install or not state.indexed)
     if not state.loaded:
@@ -323,21 +532,75 @@ def make_plan(state: ModuleState, artifact: Artifact, files: list[AutoloadFile],
         load = "reload"
     else:
         load = None
-    changes = []
-    for entry in files:
-        current = state.files.get(entry.path)
-        text = wanted_text(entry, current)
-        kind = "symlink" if entry.kind == "symlink" else "file"
-        mode_differs = entry.kind == "file" and current is not None and current.mode != entry.mode
-        if current is None or current.kind != kind or current.text != text or mode_differs:
-            changes.append(FileChange(entry, text, current))
-    # only names this module makes: the host's answer never decides what gets deleted (a resolved
-    # path only says in which directory such a name is looked for)
+    changes = _file_changes(state, files) + _removals(state, list(bpf_files))
     prefixes = [_temp_prefix(path, MODULE_TEMP_MARK) for path in (module_file, state.module_resolved) if path]
-    prefixes += [_temp_prefix(path) for entry in files for path in (entry.path, state.resolved.get(entry.path)) if path]
+    return Plan(_own_stale(state, prefixes, files), install, depmod, load, tuple(changes),
+                detach_bpf=state.bpf.active)
+
+
+def _own_stale(state: ModuleState, prefixes: list[str], files: list[AutoloadFile]) -> tuple[str, ...]:
+    """The temp names in STATE that this code makes: PREFIXES, or beside FILES (or where they point)."""
+    # only names toa makes: the host's answer never decides what gets deleted (a resolved path only
+    # says in which directory such a name is looked for)
+    prefixes = prefixes + [_temp_prefix(path) for entry in files
+                           for path in (entry.path, state.resolved.get(entry.path)) if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
-    stale = tuple(path for path in state.stale if made_here.fullmatch(path))
-    return Plan(stale, install, depmod, load, tuple(changes))
+    return tuple(path for path in state.stale if made_here.fullmatch(path))
+
+
+@dataclass(frozen=True)
+class BpfPlan:
+    """The eBPF engine's steps: its loader and unit in place, the module unloaded and its autoload
+    files taken away, the engine attached (or its options set) as wanted."""
+
+    stale: tuple[str, ...] = ()
+    install: bool = False  # the loader
+    files: tuple[FileChange, ...] = ()  # the unit and its link written, the module's files removed
+    unload_module: bool = False
+    attach: str | None = None  # "attach", "reattach" (another object, or attached outside the unit) or "set"
+
+    @property
+    def empty(self) -> bool:
+        return not (self.stale or self.install or self.files or self.unload_module or self.attach)
+
+    @property
+    def units_changed(self) -> bool:
+        return any(change.entry.path.startswith("/etc/systemd/") for change in self.files)
+
+    def describe(self, built: engine_bpf.BpfBuild) -> list[str]:
+        steps = []
+        if self.stale:
+            steps.append(f"remove {len(self.stale)} temp file(s) of an interrupted run")
+        if self.install:
+            steps.append(f"install {render.BPF_LOADER} (object sha256 {built.object_sha256[:16]})")
+        steps += [change.describe() for change in self.files]
+        if self.unload_module:
+            steps.append("unload toa.ko")
+        if self.attach:
+            steps.append({"attach": "attach the eBPF engine", "reattach": "attach the eBPF engine again",
+                          "set": "set the eBPF engine's options"}[self.attach])
+        return steps
+
+
+def make_bpf_plan(state: ModuleState, loader_sha256: str, bpf_files: list[AutoloadFile],
+                  module_files: list[AutoloadFile], options: dict[str, str] | None) -> BpfPlan:
+    """The steps that take a host from STATE to the eBPF engine (whose loader has LOADER_SHA256)
+    attached with OPTIONS at every boot, and no toa.ko loaded or loaded at boot. Pure."""
+    bpf = state.bpf
+    install = bpf.loader_sha256 != loader_sha256
+    files = _file_changes(state, bpf_files) + _removals(state, _module_boot_files(module_files))
+    if not bpf.active:
+        attach = "attach"
+    # a new loader carries a new object; an engine attached by hand is handed to the unit, so that
+    # systemd's view (and its ExecStop) is the engine's
+    elif install or not bpf.attached or not bpf.unit_active:
+        attach = "reattach"
+    elif not same_parameters(bpf.parameters, wanted_parameters(options)):
+        attach = "set"
+    else:
+        attach = None
+    stale = _own_stale(state, [_temp_prefix(render.BPF_LOADER)], bpf_files)
+    return BpfPlan(stale, install, tuple(files), state.loaded, attach)
 
 
 # ---------------------------------------------------------------- loading and verifying
@@ -438,10 +701,11 @@ class HostResult:
     action: str = "failed"  # installed, updated, unchanged, failed, skipped; would-install, would-update
     detail: str = ""
     changes: list[str] = field(default_factory=list)
+    engine: str | None = None  # module or bpf, once chosen
 
     def as_dict(self) -> dict:
         return {"host": self.host, "kernel": self.kernel, "action": self.action, "detail": self.detail,
-                "changes": self.changes}
+                "changes": self.changes, "engine": self.engine}
 
 
 @dataclass(frozen=True)
@@ -454,6 +718,7 @@ class DeployOptions:
     command_timeout: float = COMMAND_TIMEOUT_SECONDS  # seconds each command or transfer on a host may take
     # which kernels get toa.ko: the running one (loaded), the one the next boot runs, every installed one
     kernels: tuple[str, ...] = ("running", "next")
+    engine: str = "module"  # module, bpf, or auto (bpf where the host can run it, see choose_engine)
 
 
 CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
@@ -656,6 +921,8 @@ class _Done:
     files: list[FileChange] = field(default_factory=list)
     # toa.ko installed for other kernels: (module file, release, sha256 of the file it replaced or None)
     others: list[tuple[str, str, str | None]] = field(default_factory=list)
+    loader_installed: bool = False  # the eBPF engine's loader
+    bpf_changed: bool = False  # the eBPF engine was (or may have been) detached, attached or set
 
 
 def _parse_staging(output: str) -> str:
@@ -673,22 +940,28 @@ def _parse_sha256sum(output: str) -> str:
 
 
 def _install_module(host: Host, artifact: Artifact, module_file: str, say) -> None:
+    _install_file(host, artifact.ko, artifact.sha256, module_file, 0o644, MODULE_TEMP_MARK, say)
+
+
+def _install_file(host: Host, local: Path, sha: str, path: str, mode: int, mark: str, say) -> None:
+    """Upload LOCAL (whose sha256 is SHA) and put it at PATH with MODE, the file it replaces kept
+    as PATH.prev for a rollback (_restore_module_script)."""
     q = shlex.quote
+    name = posixpath.basename(path)
     staging = host.parse("mktemp", _parse_staging, host.run_as_user(f"mktemp -d {q(STAGING_PREFIX)}XXXXXXXX", "mktemp"))
-    staged = f"{staging}/toa.ko"
+    staged = f"{staging}/{name}"
     try:
         say("upload")
-        host.put(artifact.ko, staged)
+        host.put(local, staged)
         uploaded = host.parse("sha256sum of the upload", _parse_sha256sum,
                               host.run_as_user(f"sha256sum {q(staged)}", "sha256sum of the upload"))
-        if uploaded != artifact.sha256:
-            raise ToaError("the uploaded toa.ko has another sha256 than the artifact: the transfer was damaged, run again")
-        sha = artifact.sha256
+        if uploaded != sha:
+            raise ToaError(f"the uploaded {name} has another sha256 than the artifact: the transfer was damaged, run again")
         host.run_as_root(_replace_script(
-            module_file, create=f'cat -- {q(staged)} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {sha} ]',
-            same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]', mode=0o644, mark=MODULE_TEMP_MARK,
+            path, create=f'cat -- {q(staged)} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {sha} ]',
+            same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]', mode=mode, mark=mark,
             before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi'),
-            "installing toa.ko")
+            f"installing {name}")
     finally:
         try:
             host.run_as_user(f"rm -rf {q(staging)}", "removing the upload")
@@ -713,6 +986,10 @@ def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, paramet
     if plan.depmod:
         say("depmod")
         _depmod(host, release)
+    if plan.detach_bpf:
+        say("detach bpf")
+        done.bpf_changed = True
+        host.run_as_root(_detach_bpf_script(), "detaching the eBPF engine")
     if plan.load:
         say(plan.load)
         done.load_attempted = True
@@ -722,12 +999,172 @@ def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, paramet
         output = host.run_as_root(load_command(module_file, release, render.module_options(parameters), marker,
                                                reload=plan.load == "reload"), f"{plan.load} toa")
         check_load(host.parse(f"{plan.load} toa", parse_load, output), artifact, parameters)
-    for change in plan.files:
+    _change_files(host, plan.files, done, say)
+    if plan.detach_bpf:
+        _daemon_reload(host)
+
+
+def _change_files(host: Host, changes, done: _Done, say) -> None:
+    for change in changes:
         say("autoload")
         done.files.append(change)
-        kind = "symlink" if change.entry.kind == "symlink" else "file"
-        script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
-        host.run_as_root(script, f"writing {change.entry.path}")
+        if change.text is None:
+            script = _remove_file_script(change.entry.path, resolve=_writes(change.entry)["resolve"])
+        else:
+            kind = "symlink" if change.entry.kind == "symlink" else "file"
+            script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
+        host.run_as_root(script, f"{'removing' if change.text is None else 'writing'} {change.entry.path}")
+
+
+# ---------------------------------------------------------------- the eBPF engine: attach, verify, detach
+
+BPF_ATTACH_FAILED = "the eBPF engine did not attach"
+
+
+def _unit_command(verb: str) -> str:
+    return f"systemctl {verb} {shlex.quote(render.BPF_UNIT_NAME)}"
+
+
+def _daemon_reload(host: Host) -> None:
+    host.run_as_root(f"{PATH_SETTING}\nsystemctl daemon-reload\n", "systemctl daemon-reload")
+
+
+def _detach_bpf_script(loader: str = render.BPF_LOADER) -> str:
+    """Stop the unit (its ExecStop detaches) and detach whatever is still pinned, with any toa-bpf
+    the host has (ours, or a package's); checked: nothing stays pinned."""
+    q = shlex.quote
+    return "\n".join([
+        PATH_SETTING,
+        f"if command -v systemctl >/dev/null 2>&1; then {_unit_command('stop')} 2>/dev/null; "
+        f"{_unit_command('reset-failed')} 2>/dev/null; fi",
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then",
+        f"  for l in {q(loader)} {q(render.PACKAGED_BPF_LOADER)}; do [ -x \"$l\" ] && \"$l\" detach && break; done",
+        "fi",
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then echo \"{BPF_PIN_DIR} is still there after the detach\" >&2; exit 1; fi",
+        ""])
+
+
+def _attach_bpf_script(how: str, parameters: dict[str, str], loader: str = render.BPF_LOADER) -> str:
+    """Attach (HOW: attach, reattach) through the unit, or set the options of the engine attached."""
+    q = shlex.quote
+    if how == "set":
+        return f"{PATH_SETTING}\n{q(loader)} set {render.module_options(parameters)}\n"
+    return "\n".join([
+        _detach_bpf_script(loader) if how == "reattach" else PATH_SETTING,
+        f"if ! {_unit_command('start')} 2>/dev/null; then",
+        # this start's journal says why: the loader's last line (the kernel's refusal)
+        f"  id=$(systemctl show -p InvocationID --value {q(render.BPF_UNIT_NAME)})",
+        '  why=$(journalctl "_SYSTEMD_INVOCATION_ID=$id" -o cat --no-pager 2>/dev/null | grep "^toa-bpf: " | tail -n 1)',
+        f'  echo "{BPF_ATTACH_FAILED} ({render.BPF_UNIT_NAME} failed): ${{why:-see journalctl -u {render.BPF_UNIT_NAME}}}" >&2',
+        "  exit 1",
+        "fi", ""])
+
+
+def bpf_check_command(loader: str = render.BPF_LOADER) -> str:
+    """After an attach: the loader's status, the unit's state and whether toa.ko is loaded."""
+    q = shlex.quote
+    return "\n".join([
+        PATH_SETTING,
+        f'{q(loader)} status | sed "s/^/@@bpfstatus /"',
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then echo @@bpfpinned; fi",
+        f"if {_unit_command('is-active')} --quiet; then echo @@bpfunit active; fi",
+        'if [ -d /sys/module/toa ]; then echo "@@loaded"; fi',
+        "true", ""])
+
+
+def check_bpf(output: str, object_sha256: str, parameters: dict[str, str]) -> None:
+    """Raise a one-line ToaError unless the engine runs the build's object, attached through the unit
+    with PARAMETERS, and no toa.ko is loaded beside it. Pure."""
+    bpf = parse_bpf_state(output)
+    module_loaded = any(line.strip() == "@@loaded" for line in output.splitlines())
+    if not bpf.attached or bpf.links != BPF_PROGRAMS:
+        raise ToaError(f"{BPF_ATTACH_FAILED}: toa-bpf status shows attached={'yes' if bpf.attached else 'no'} "
+                       f"with {bpf.links} of {BPF_PROGRAMS} programs linked")
+    if bpf.object_sha256 != object_sha256:
+        raise ToaError(f"the host's toa-bpf carries object {bpf.object_sha256}, the build {object_sha256}: "
+                       f"check {render.BPF_LOADER} on the host")
+    if not same_parameters(bpf.parameters, parameters):
+        raise ToaError(f"the eBPF engine runs with {bpf.parameters}, wanted {parameters}")
+    if not bpf.unit_active:
+        raise ToaError(f"the eBPF engine is attached but {render.BPF_UNIT_NAME} is not active: "
+                       f"check `systemctl status {render.BPF_UNIT_NAME}` on the host")
+    if module_loaded:
+        raise ToaError("toa.ko is loaded beside the eBPF engine: check what loads it on the host")
+
+
+def _bpf_build_for(options: DeployOptions, say) -> engine_bpf.BpfBuild | None:
+    """The eBPF engine's build in <dist>/bpf; built there with --build-missing (None: a dry run would)."""
+    directory = options.dist / "bpf"
+    try:
+        return engine_bpf.BpfBuild.from_dir(directory)
+    except ToaError:
+        if not options.build_missing:
+            raise ToaError(f"no eBPF engine built in {directory}: deploy with --build-missing (it builds there with "
+                           f"clang and libbpf-dev), or run `invoke verify --engine bpf` (builds into dist/bpf)") from None
+        if options.dry_run:
+            return None
+    with _build_lock:
+        say("build")
+        return engine_bpf.build(directory)
+
+
+def _deploy_bpf(host: Host, state: ModuleState, module_files: list[AutoloadFile], options: DeployOptions,
+                result: HostResult, done: _Done, say) -> None:
+    """The eBPF engine on one host, the module taken away (see make_bpf_plan); RESULT filled in."""
+    built = _bpf_build_for(options, say)
+    fresh = state.bpf.loader_sha256 is None and not state.bpf.active and not state.loaded
+    if built is None:
+        result.action = "would-install" if fresh else "would-update"
+        result.detail = "build the eBPF engine (--build-missing), then install and attach it"
+        return
+    parameters = wanted_parameters(options.options)
+    plan = make_bpf_plan(state, engine_bpf.sha256(built.loader), render.bpf_files(options.options), module_files,
+                         options.options)
+    result.changes = plan.describe(built)
+    if plan.empty:
+        result.action = "unchanged"
+        result.detail = f"eBPF engine {built.object_sha256[:16]} attached, nothing to do"
+        return
+    if options.dry_run:
+        result.action = "would-install" if fresh else "would-update"
+        result.detail = "; ".join(result.changes)
+        return
+    if plan.stale:
+        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
+                         "removing temp files of an interrupted run")
+    if plan.install:
+        done.loader_installed = True
+        _install_file(host, built.loader, engine_bpf.sha256(built.loader), render.BPF_LOADER, 0o755, FILE_TEMP_MARK, say)
+    # the unit and its link first, the module's boot files taken away: a power cut from here boots
+    # one engine (the unit refuses to attach beside a loaded toa.ko)
+    _change_files(host, plan.files, done, say)
+    if plan.units_changed:
+        _daemon_reload(host)
+    if plan.unload_module:
+        say("unload toa.ko")
+        done.load_attempted = True  # the rollback loads the previous toa again
+        host.run_as_root(f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa || exit 1; fi\n", "unloading toa.ko")
+    if plan.attach:
+        say(plan.attach)
+        done.bpf_changed = True
+        host.run_as_root(_attach_bpf_script(plan.attach, parameters), f"{plan.attach} the eBPF engine")
+    say("verify")
+    check_bpf(host.run_as_root(bpf_check_command(), "reading toa-bpf status"), built.object_sha256, parameters)
+    result.action = "installed" if fresh else "updated"
+    result.detail = f"eBPF engine {built.object_sha256[:16]} attached; " + "; ".join(result.changes)
+
+
+def _reattach_previous_bpf_script(state: ModuleState) -> str:
+    """Attach the eBPF engine again as STATE had it: through the unit if the host (after the
+    rollback's restores) has one, else with the loader and the options it had."""
+    q = shlex.quote
+    arguments = render.module_options({k: v for k, v in state.bpf.parameters.items() if k in DEFAULT_PARAMETERS})
+    return "\n".join([
+        PATH_SETTING,
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then exit 0; fi",
+        f"if [ -f {q(render.BPF_UNIT)} ]; then systemctl daemon-reload; {_unit_command('start')}; "
+        f"else {q(render.BPF_LOADER)} attach {arguments}; fi",
+        ""])
 
 
 def _restore_module_script(module_file: str, release: str, old: str | None) -> str:
@@ -800,6 +1237,8 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
     left are not attempted."""
     problems: list[str] = []
     steps: list[tuple[str, Callable[[], str]]] = []
+    if done.bpf_changed:  # first: never two engines, not even while rolling back
+        steps.append(("detaching the eBPF engine", _detach_bpf_script))
     for other_file, other, old in reversed(done.others):
         steps.append((f"restoring toa.ko of {other}", partial(_restore_module_script, other_file, other, old)))
     for change in reversed(done.files):
@@ -812,11 +1251,18 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
     if done.installed:
         steps.append(("restoring the previous toa.ko",
                       partial(_restore_module_script, module_file, release, state.installed_sha256)))
+    if done.loader_installed:
+        steps.append(("restoring the previous toa-bpf",
+                      partial(_restore_module_script, render.BPF_LOADER, release, state.bpf.loader_sha256)))
+    if any(change.entry.path.startswith("/etc/systemd/") for change in done.files):
+        steps.append(("systemctl daemon-reload", lambda: f"{PATH_SETTING}\nsystemctl daemon-reload\n"))
     if done.load_attempted:
         if state.loaded and state.loaded_srcversion:
             steps.append(("loading the previous toa again", partial(_reload_previous_script, module_file, release, state)))
         elif not state.loaded:
             steps.append(("unloading toa", lambda: f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n"))
+    if done.bpf_changed and state.bpf.active:
+        steps.append(("attaching the previous eBPF engine again", partial(_reattach_previous_bpf_script, state)))
     for what, script in steps:
         if host.lost:
             problems.append(f"{what}: not attempted")
@@ -861,8 +1307,11 @@ def _read(host: Host, options: DeployOptions, say):
     files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
     others = tuple((other, render.module_path(platform.target, other))
                    for other in other_kernels(platform, ("next", *options.kernels)))
-    output = host.run_as_root(state_command(module_file, release, files, others), "reading the module state")
-    state = host.parse("reading the module state", lambda text: parse_state(text, files), output)
+    # the eBPF engine's files and facts in the same round trip: the engine choice needs them
+    read = files + render.bpf_files(options.options)
+    output = host.run_as_root(state_command(module_file, release, read, others) + bpf_state_command(),
+                              "reading the module state")
+    state = host.parse("reading the module state", lambda text: parse_state(text, read), output)
     return platform, release, module_file, files, state
 
 
@@ -881,6 +1330,12 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         host = Host(node, options.ssh, options.command_timeout)
         platform, release, module_file, files, state = _read(host, options, say)
         result.kernel = release
+        result.engine, why = choose_engine(platform, state.bpf, options.engine)
+        if result.engine == "bpf":
+            _deploy_bpf(host, state, files, options, result, done, say)
+            result.detail = f"{result.detail} ({why})" if options.engine == "auto" else result.detail
+            say("done")
+            return result
         artifact = _artifact_for(release, platform.target.id, options, say)
         if artifact is None:
             result.action = "would-install"
@@ -888,7 +1343,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
             say("done")
             return result
         parameters = wanted_parameters(options.options)
-        plan = make_plan(state, artifact, files, module_file, options.options)
+        plan = make_plan(state, artifact, files, module_file, options.options, render.bpf_files(options.options))
         if plan.install:
             say("preflight")
             _preflight(host, artifact, release)
@@ -907,7 +1362,8 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure, whatever it is, is that host's result alone
         result.action, result.detail = "failed", _describe_failure(exc)
-        if host is not None and state is not None and (done.installed or done.load_attempted or done.files):
+        if host is not None and state is not None and (done.installed or done.load_attempted or done.files
+                                                       or done.loader_installed or done.bpf_changed):
             say("rollback")
             if host.lost:
                 try:
@@ -971,6 +1427,8 @@ class HostStatus:
     autoload: str = "-"  # complete, partial, absent
     next_kernel: str | None = None
     next_boot: str = "-"  # toa.ko in place, NO toa.ko, the running kernel, or "-" (not told)
+    engine: str | None = None  # module, bpf, none, or "module+bpf" (both: redeploy one)
+    counters: str | None = None  # where the engine's counters are read
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -985,6 +1443,17 @@ def autoload_summary(state: ModuleState, files: list[AutoloadFile]) -> str:
         if current is not None and current.text == wanted_text(entry, current):
             present += 1
     return "complete" if present == len(files) else "absent" if present == 0 else "partial"
+
+
+COUNTERS = {"module": "/proc/net/toa_stats", "bpf": f"{render.BPF_LOADER} stats"}
+
+
+def engine_summary(state: ModuleState) -> tuple[str, str | None]:
+    """(engine, where its counters are read): module, bpf, none, or module+bpf. Pure."""
+    engines = [name for name, on in (("module", state.loaded), ("bpf", state.bpf.active)) if on]
+    if not engines:
+        return "none", None
+    return "+".join(engines), ", ".join(COUNTERS[name] for name in engines)
 
 
 def next_boot(platform: detect.Platform, state: ModuleState) -> str:
@@ -1018,8 +1487,14 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
         else:
             matches = state.installed_sha256 == artifact.sha256 and state.loaded_srcversion == artifact.srcversion
             status.artifact = "match" if matches else "differs"
-        status.autoload = autoload_summary(state, files)
+        status.engine, status.counters = engine_summary(state)
+        # the boot files of the engine that runs: the eBPF engine's unit and link, else the module's
+        status.autoload = autoload_summary(state, render.bpf_files(options.options) if status.engine == "bpf" else files)
         status.next_kernel, status.next_boot = platform.next_kernel, next_boot(platform, state)
+        if status.engine == "bpf" and platform.next_kernel:  # one object for every kernel: no per-kernel build
+            version = kernel_version(platform.next_kernel)
+            status.next_boot = ("the eBPF engine" if version and version >= BPF_MIN_KERNEL
+                                else f"NO engine: {platform.next_kernel} is older than 5.10")
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure is that host's row alone
         status.error = _describe_failure(exc)

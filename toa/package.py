@@ -7,6 +7,9 @@ tree as `dkms_source_tree/` (the layout `dkms ldtarball` loads; unpacked by hand
 /usr/src/toa-<ver>/ and run `dkms install toa/<ver>`).
 kmod: toa-kmod-<release> packages install dist's toa.ko for one kernel under
 /lib/modules/<release>/extra/, run depmod and carry the files that load it at boot.
+bpf: one toa-bpf package (.deb or .rpm) for every kernel from 5.10: the eBPF engine's static loader in
+/usr/sbin and toa-bpf.service in the distro's unit directory, enabled and started on install; it
+conflicts with toa-common, so a host runs one engine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import artifacts, render, targets
+from toa import artifacts, engine_bpf, render, targets
 from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -39,6 +42,7 @@ TEMPLATES_DIR = next(
     Path(toa.__file__).parent.parent / "templates" / "package",
 )
 FORMATS = ("dkms", "deb", "rpm")
+ENGINES = ("module", "bpf")
 MAINTAINER = "toa project <toa@packages.invalid>"
 # Module sources only: what a build in the source folder leaves behind stays out of packages.
 BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
@@ -254,17 +258,63 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         return _rpmbuild(spec, scratch, out_dir, f"{name}-{version}-1.x86_64.rpm", progress)
 
 
+BPF_PACKAGE = "toa-bpf"
+# Where packages put systemd units: Debian's /lib (merged-/usr or not), the RPM distros' /usr/lib.
+UNIT_DIRS = {"deb": "/lib/systemd/system", "rpm": "/usr/lib/systemd/system"}
+
+
+def bpf_package(package_format: str, built: engine_bpf.BpfBuild, out_dir: Path,
+                options: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-bpf_<ver>_amd64.deb or toa-bpf-<ver>-1.x86_64.rpm: BUILT's loader as /usr/sbin/toa-bpf and
+    toa-bpf.service (attaching with OPTIONS), for every kernel from 5.10."""
+    version = toa.__version__
+    unit = f"{UNIT_DIRS[package_format]}/{render.BPF_UNIT_NAME}"
+    values = {"package": BPF_PACKAGE, "version": version, "maintainer": MAINTAINER, "common": COMMON_NAME,
+              "loader": render.PACKAGED_BPF_LOADER, "unit_name": render.BPF_UNIT_NAME, "unit": unit,
+              "object_sha256": built.object_sha256}
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-bpf-package-") as scratch_name:
+        scratch = Path(scratch_name)
+        root = scratch / "root"
+        loader = root / render.PACKAGED_BPF_LOADER.lstrip("/")
+        loader.parent.mkdir(parents=True)
+        shutil.copyfile(built.loader, loader)
+        loader.chmod(0o755)
+        _write(root / unit.lstrip("/"), render.bpf_unit(unit, render.PACKAGED_BPF_LOADER, options).content)
+        if package_format == "rpm":
+            _tool("rpmbuild", "rpm")
+            return _rpmbuild(render_package_template("bpf.spec.j2", staged=root, **values), scratch, out_dir,
+                             f"{BPF_PACKAGE}-{version}-1.x86_64.rpm", progress)
+        _write(root / "DEBIAN/control", render_package_template("bpf-control.j2", **values))
+        for script in ("postinst", "prerm", "postrm"):
+            _write(root / "DEBIAN" / script, render_package_template(f"bpf-{script}.j2", **values), 0o755)
+        if progress:
+            progress(f"building {BPF_PACKAGE}_{version}_amd64.deb")
+        return _dpkg_deb(root, out_dir / f"{BPF_PACKAGE}_{version}_amd64.deb")
+
+
 def build_packages(
     package_format: str, dist: Path = Path("dist"), kernels: list[str] | None = None,
     out_dir: Path | None = None, progress: Callable[[str], None] | None = None,
-    options: dict[str, str] | None = None,
+    options: dict[str, str] | None = None, engine: str = "module",
 ) -> list[Path]:
     """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
     rpm: toa-common (the boot files, loading with module OPTIONS) and one toa-kmod package per module
-    built under DIST for KERNELS (default: every one there)."""
+    built under DIST for KERNELS (default: every one there). ENGINE bpf: the toa-bpf package of the
+    eBPF engine built in <dist>/bpf instead."""
     if package_format not in FORMATS:
         raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
+    if engine not in ENGINES:
+        raise ToaError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     out_dir = Path(out_dir) if out_dir else Path(dist) / "packages"
+    if engine == "bpf":
+        if package_format == "dkms" or kernels:
+            raise ToaError("the eBPF engine is one package for every kernel from 5.10: give --format deb or rpm, "
+                           "and no --kernel")
+        render.module_options(options)
+        return [bpf_package(package_format, engine_bpf.BpfBuild.from_dir(Path(dist) / "bpf"), out_dir, options,
+                            progress)]
     if package_format == "dkms":
         if kernels:
             raise ToaError("--kernel is for deb and rpm: the DKMS package builds on each machine for its kernels")

@@ -64,6 +64,13 @@ MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every famil
 COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
 COREOS_UNIT = "/etc/systemd/system/toa.service"
 COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
+# The eBPF engine: its loader and unit as a deploy puts them (/usr/local: the admin's tree, writable on
+# CoreOS too; /etc/systemd/system and a wants link, as `systemctl enable` would) and as a package does.
+BPF_UNIT_NAME = "toa-bpf.service"
+BPF_LOADER = "/usr/local/sbin/toa-bpf"
+BPF_UNIT = f"/etc/systemd/system/{BPF_UNIT_NAME}"
+BPF_WANTS_LINK = f"/etc/systemd/system/sysinit.target.wants/{BPF_UNIT_NAME}"
+PACKAGED_BPF_LOADER = "/usr/sbin/toa-bpf"
 
 # Module parameters, from toa/module/toa.c: kinds is an int array of at most TOA_MAX_KINDS option
 # kinds that carry data (2..255). Decimal only: the kernel reads a leading 0 as octal. trusted is a
@@ -230,6 +237,20 @@ def autoload_files(
         unsupported = "unsupported-modules" if target.version == "11" else "10-unsupported-modules.conf"
         out.append(_render(f"/etc/modprobe.d/{unsupported}", "suse-unsupported-modules.conf.j2"))
     return out
+
+
+def bpf_files(options: dict[str, str] | None = None) -> list[AutoloadFile]:
+    """What makes a host attach the eBPF engine at every boot, as a deploy writes it: the unit (its
+    loader BPF_LOADER, attached with OPTIONS, the module's option syntax) and its wants link."""
+    return [
+        bpf_unit(BPF_UNIT, BPF_LOADER, options, owned=True),
+        AutoloadFile(BPF_WANTS_LINK, posixpath.relpath(BPF_UNIT, posixpath.dirname(BPF_WANTS_LINK)), 0o777, "symlink"),
+    ]
+
+
+def bpf_unit(path: str, loader: str, options: dict[str, str] | None = None, *, owned: bool = False) -> AutoloadFile:
+    """toa-bpf.service at PATH running LOADER; OWNED: a file toa wrote (not a package's)."""
+    return _render(path, "toa-bpf.service.j2", loader=loader, options=module_options(options), owned=owned)
 
 
 def kernel_hook(target: Target) -> AutoloadFile | None:

@@ -32,7 +32,7 @@ FLEET_HELP = {
 
 
 def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing=False,
-                   dry_run=False, kernels="running,next"):
+                   dry_run=False, kernels="running,next", engine="module"):
     from toa import deploy, remote
 
     options = module_options(option)
@@ -43,9 +43,11 @@ def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command
     if not chosen or any(word not in deploy.KERNEL_CHOICES for word in chosen) or "running" not in chosen:
         raise ToaError(f"invalid --kernels {str(kernels)[:40]!r}: give running plus any of next, installed, "
                        "comma-separated (e.g. running,next)")
+    if engine not in deploy.ENGINES:
+        raise ToaError(f"invalid --engine {str(engine)[:40]!r}: give one of {', '.join(deploy.ENGINES)}")
     return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
                                 dry_run=dry_run, command_timeout=_number(command_timeout, "--command-timeout", 1),
-                                kernels=chosen)
+                                kernels=chosen, engine=engine)
 
 
 def _number(value, flag, minimum):
@@ -108,13 +110,17 @@ ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green",
             "build_missing": "build toa.ko for a kernel that has none in --dist instead of failing that host",
             "kernels": "which kernels get toa.ko: running (loaded now), next (the one the next boot runs), installed "
                        "(every installed kernel); comma-separated, running always (default: running,next)",
-            "dry_run": "connect and detect, then print each host's plan without changing anything"},
+            "dry_run": "connect and detect, then print each host's plan without changing anything",
+            "engine": "module (toa.ko, default), bpf (the eBPF engine: toa-bpf and toa-bpf.service, kernels 5.10+ "
+                      "with systemd; built into <dist>/bpf), or auto (bpf where the host's kernel can run it, "
+                      "the module elsewhere); a host switched from one engine to the other keeps only the new one"},
       iterable=["option"], auto_shortflags=False)
 @user_errors
 def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
            json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None,
-           command_timeout=COMMAND_TIMEOUT, kernels="running,next"):
-    """Install, load and verify toa.ko on the hosts of a nodes file, and load it at every boot.
+           command_timeout=COMMAND_TIMEOUT, kernels="running,next", engine="module"):
+    """Install, load and verify toa.ko (or attach the eBPF engine) on the hosts of a nodes file, and
+    start it at every boot.
 
     A host that fails is rolled back to what it had; a second run changes nothing."""
     from rich.text import Text
@@ -124,7 +130,7 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 
     node_list = inventory.load(hosts)  # every line checked before any connection
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing,
-                             dry_run, kernels)
+                             dry_run, kernels, engine)
     parallel, batch = _number(parallel, "--parallel", 1), _number(batch, "--batch", 0)
     max_fail = _number(max_fail, "--max-fail", 0)
     with _live_steps(node_list) as progress:
@@ -134,10 +140,10 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
     if json:
         print_json("deploy", [result.as_dict() for result in results], failed=failed, dry_run=dry_run)
     else:
-        rows = [(result.host, result.kernel, Text(result.action, style=ACTION_STYLE.get(result.action, "")),
-                 result.detail) for result in results]
+        rows = [(result.host, result.kernel, result.engine,
+                 Text(result.action, style=ACTION_STYLE.get(result.action, "")), result.detail) for result in results]
         _results_table("toa deploy --dry-run: the plan" if dry_run else "toa deploy",
-                       ("host", "kernel", "action", "detail"), rows)
+                       ("host", "kernel", "engine", "action", "detail"), rows)
         if all(result.action == "unchanged" for result in results):
             print("every host already runs the right toa: nothing changed")
     if failed:
@@ -148,8 +154,9 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 @user_errors
 def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
            option=None, command_timeout=COMMAND_TIMEOUT):
-    """Show each host's toa state: kernel, loaded build, installed file, artifact match, autoload files, and
-    whether the kernel the next boot runs has toa."""
+    """Show each host's toa state: the engine running (module, bpf or none) and where its counters are read,
+    kernel, loaded build, installed file, artifact match, autoload files, and whether the kernel the next boot
+    runs has toa."""
     from rich.text import Text
 
     from toa import deploy as deployment
@@ -163,9 +170,10 @@ def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_h
         print_json("status", [state.as_dict() for state in states])
     else:
         # loaded and installed show srcversions: equal to the artifact's when all is well
-        _results_table("toa status", ("host", "kernel", "loaded", "installed", "artifact", "autoload", "next boot",
-                                      "error"),
-                       [(s.host, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
+        _results_table("toa status", ("host", "engine", "counters", "kernel", "loaded", "installed", "artifact",
+                                      "autoload", "next boot", "error"),
+                       [(s.host, Text(s.engine, style="bold red") if s.engine and "+" in s.engine else s.engine,
+                         s.counters, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
                          s.installed_srcversion, s.artifact, s.autoload,
                          Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
                          else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)

@@ -16,10 +16,13 @@ from toa.errors import ToaError
             "out": "where the packages go (default: <dist>/packages)",
             "option": "with deb/rpm: a module option NAME=VALUE the package's /etc/modprobe.d/toa.conf sets, "
                       "e.g. trusted=100.64.0.0/10 (repeatable)",
+            "engine": "module (default) or bpf: with deb/rpm, one toa-bpf package of the eBPF engine built in "
+                      "<dist>/bpf (its loader and toa-bpf.service), for every kernel from 5.10",
             "json": "print the package paths as JSON"}, auto_shortflags=False)
 @user_errors
-def package(c, format=None, kernel=None, dist="dist", out=None, option=None, json=False):
-    """Package toa for package managers: a DKMS package, or kmod .deb/.rpm packages of built modules."""
+def package(c, format=None, kernel=None, dist="dist", out=None, option=None, json=False, engine="module"):
+    """Package toa for package managers: a DKMS package, kmod .deb/.rpm packages of built modules, or the
+    eBPF engine's toa-bpf .deb/.rpm."""
     from rich.console import Console
 
     from toa import package as packaging
@@ -28,7 +31,7 @@ def package(c, format=None, kernel=None, dist="dist", out=None, option=None, jso
         raise ToaError(f"give --format: one of {', '.join(packaging.FORMATS)}")
     with progress(Console(stderr=True)) as step:
         paths = packaging.build_packages(format, Path(dist), kernel or None, Path(out) if out else None, progress=step,
-                                         options=module_options(option) or None)
+                                         options=module_options(option) or None, engine=engine)
     if json:
         print_json("package", [{"format": format, "package": str(path)} for path in paths])
     else:

@@ -22,7 +22,8 @@
  *                                     print the cases fuzz would drive (no network)
  *     toa_peer bench SIDE ROUND HANDSHAKES CALLS
  *                                     time handshakes and getpeername() calls for the
- *                                     benchmark (SIDE: baseline = module not loaded, toa)
+ *                                     benchmark (SIDE: baseline = no engine, toa = the
+ *                                     module loaded, bpf = the eBPF engine attached)
  *     toa_peer crowd COUNT [LABEL]    COUNT threads in accept(), then all in getpeername()
  *                                     on one TOA connection at once (its lock held)
  *
@@ -2534,7 +2535,8 @@ static int mode_crowd(int count, const char *label);
 
 static int mode_bench(const char *side, int round, int handshakes, int calls)
 {
-	struct bench_run run = { side, !strcmp(side, "toa"), round };
+	/* toa: the module loaded; bpf: the eBPF engine attached. Both must rewrite alike. */
+	struct bench_run run = { side, !strcmp(side, "toa") || !strcmp(side, "bpf"), round };
 	struct lab_net n;
 	int failed = 0;
 
