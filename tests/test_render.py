@@ -451,6 +451,16 @@ def test_hosts_with_a_kernel_hook_get_the_module_sources_it_builds(target_id):
     assert not any(path.endswith((".o", ".ko", "probes.h")) for path in sources)
 
 
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt: shellcheck)")
+@pytest.mark.parametrize("target_id", ["debian-12", "centos-7", "rocky-9"])
+def test_kernel_hooks_pass_shellcheck_as_posix_sh(target_id, tmp_path):
+    for hook in render.kernel_hooks(targets.get(target_id)):
+        script = tmp_path / hook.path.replace("/", "_")
+        script.write_text(hook.content)
+        checked = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout
+
+
 @pytest.mark.parametrize("target_id", ["sles-15", "flatcar", "fedora-coreos"])
 def test_hosts_without_a_kernel_hook_get_no_sources(target_id):
     assert render.kernel_hooks(targets.get(target_id)) == [] and render.hook_sources(targets.get(target_id)) == []

@@ -93,11 +93,12 @@ def _upload(guest, files):
 
 
 def _apt_install(guest, files, *flags):
-    """apt-get install of package files, as an administrator does (the guest has no mirror: every
-    dependency is in its userland or among FILES); the output of the packages' scripts included."""
-    names = " ".join("./" + path.rsplit("/", 1)[1] for path in files)
-    return guest.run(f"cd {UPLOADS} && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-                     f"--no-download {' '.join(flags)} {names} 2>&1")
+    """apt-get install of package files, as an administrator does (the guest's apt has no package
+    lists: every dependency is in its userland or among FILES); the output of the packages' scripts
+    included. (No --no-download: with package files, apt 2.6 fails on it, "Pathname to install is
+    not absolute".)"""
+    return guest.run("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+                     f"{' '.join(flags)} {' '.join(files)} 2>&1")
 
 
 def _lean_initramfs(guest):

@@ -59,7 +59,6 @@ BUILD_HOST_PACKAGES = ("gcc", "make", "dwarves", "libelf1", "linux-base", "initr
 # An account for deploys that go through sudo (it may run anything without a password).
 SUDO_USER = "deployer"
 HOSTNAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
-PACKAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]{1,60}")
 DISK_SIZE = "2G"
 DEFAULT_MEMORY_MB = 384
 # QEMU's user-mode network always hands the guest this address, gateway and DNS.
@@ -238,7 +237,7 @@ def userland(suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None 
     (e.g. a compiler, for hosts that build modules) are installed too."""
     if suite not in USERLAND_SUITES:
         raise ToaError(f"unknown guest userland suite {suite!r}: use one of {', '.join(USERLAND_SUITES)}")
-    bad = [name for name in extra_packages if not PACKAGE_NAME_RE.fullmatch(name)]
+    bad = [name for name in extra_packages if not debian.DEB_NAME_RE.fullmatch(name)]
     if bad:
         raise ToaError(f"invalid package name {bad[0][:60]!r} for the guest userland")
     directory = _userland_dir(suite, extra_packages)
