@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.docker, pytest.mark.ssh, pytest.mark.
 
 @pytest.fixture(scope="module")
 def upgrade():
-    """(running, newer): the newest bookworm kernel, and the newer series bookworm-security carries."""
+    """(running, newer, newer's packages): the newest bookworm kernel, and the newer series
+    bookworm-security carries."""
     _, running = debian.prepare(None, "bookworm")
     newer_packages, newer = debian.prepare(None, "bookworm-security")
     assert kernels.version_key(running.release) < kernels.version_key(newer.release), (running, newer)
