@@ -311,3 +311,10 @@ def test_debootstrap_checks_what_it_downloads_against_the_archive_keyring(tmp_pa
     with pytest.raises(ToaError, match="debootstrap of bullseye failed"):
         debian.debootstrap("bullseye", tmp_path / "refused")
     assert not (tmp_path / "refused" / "etc/debian_version").exists()
+
+
+@pytest.mark.parametrize("package", ["dkms;reboot", "-odir=/", "dkms=1.0 x", "Dkms", "dkms=$(id)"])
+def test_downloads_refuse_what_is_not_a_package_before_reaching_the_mirror(package, tmp_path):
+    with pytest.raises(ToaError, match="invalid package"):
+        debian.download("bookworm", ["make", package], tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -157,3 +157,12 @@ def test_a_guest_whose_kernel_panics_fails_fast_with_the_panic(guest_kernels, tm
         assert time.monotonic() - started < 90
     finally:
         guest.kill()
+
+
+def test_a_userland_with_extra_packages_is_its_own_recipe_and_names_are_checked():
+    plain = guests._userland_dir("bookworm")
+    assert plain == guests._userland_dir("bookworm", ())
+    assert guests._userland_dir("bookworm", guests.BUILD_HOST_PACKAGES) not in (plain, guests._userland_dir("bullseye"))
+    for bad in ("gcc;reboot", "-o", "GCC", ""):
+        with pytest.raises(ToaError, match="invalid package name"):
+            guests.userland("bookworm", extra_packages=("make", bad))

@@ -132,6 +132,42 @@ def test_dkms_package_builds_for_the_headers_and_again_after_a_headers_upgrade(
 
 @pytest.mark.docker
 @pytest.mark.network
+def test_the_kernel_hook_builds_toa_for_a_kernel_whose_headers_come_later(dist, tmp_path, container_of, first_kernel,
+                                                                          second_kernel):
+    """toa-common's hooks, run by Debian's own linux-headers postinst (header_postinst.d): a kernel
+    without toa.ko gets one built from the sources toa-common carries, indexed for that kernel;
+    DKMS is installed here but does not manage toa, so the hook builds."""
+    out = tmp_path / "packages"
+    common, *kmods = package.build_packages("deb", dist, [first_kernel], out)
+    container = container_of(out)
+    container.ok("dpkg", "-i", f"/pkgs/{common.name}", *(f"/pkgs/{deb.name}" for deb in kmods))
+    source_dir = f"/usr/src/toa-kmod-{toa.__version__}"
+    assert container.ok("dpkg", "-S", f"{source_dir}/toa.c").startswith("toa-common:")
+    assert "/etc/kernel/header_postinst.d/zz-toa" in container.ok("dpkg", "-L", "toa-common")
+    assert f"{source_dir}/toa.c" not in container.ok("cat", "/var/lib/dpkg/info/toa-common.conffiles")
+
+    installed = container.ok("apt-get", "install", "-y", "--no-install-recommends", "--no-download",
+                             f"linux-headers-{second_kernel}")
+    assert f"toa: built toa.ko for kernel {second_kernel} from {source_dir}" in installed
+    assert f"/lib/modules/{second_kernel}/extra/toa.ko" in container.ok("modinfo", "-k", second_kernel, "-n", "toa")
+    assert f"vermagic:       {second_kernel} " in container.ok("modinfo", "-k", second_kernel, "toa")
+    assert container.ok("sh", "-c", "ls -a /tmp; ls -a /lib/modules/*/extra").count("toa-build.") == 0
+    # run again (a reinstall of the headers): toa.ko is there, nothing to say
+    assert "toa:" not in container.ok("run-parts", "--report", f"--arg={second_kernel}", "/etc/kernel/header_postinst.d")
+
+    # a build that fails says why, keeps the log, and never fails the kernel's installation
+    container.ok("rm", f"/lib/modules/{second_kernel}/extra/toa.ko")
+    container.ok("sh", "-c", f"echo '#error broken on purpose' >> {source_dir}/toa_compat.h")
+    failed = container.ok("run-parts", "--report", f"--arg={second_kernel}", "/etc/kernel/postinst.d")
+    assert f"toa: kernel {second_kernel} has no toa.ko" in failed and "broken on purpose" in failed
+    assert "broken on purpose" in container.ok("cat", f"/var/log/toa-build-{second_kernel}.log")
+    # where DKMS manages toa, the hook leaves the building to DKMS and only checks
+    container.ok("mkdir", "-p", "/var/lib/dkms/toa")
+    assert "DKMS did not build it" in container.ok("/etc/kernel/postinst.d/zz-toa", second_kernel)
+
+
+@pytest.mark.docker
+@pytest.mark.network
 def test_kmod_debs_of_two_kernels_install_side_by_side_where_modprobe_finds_them(
         dist, tmp_path, container_of, first_kernel, second_kernel):
     out = tmp_path / "packages"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, json_items, toa
+from toa import __version__ as version
 from toa import render, targets
 from toa.errors import ToaError
 from toa.lab import find_busybox
@@ -34,7 +35,9 @@ ETC_MODULES = [("debian-11", "5.10.0-40-amd64", "sysv"), ("ubuntu-20.04", "5.4.0
 def hook_path(target_id):
     """Where the kernel-install hook goes for a target: the package manager's own place."""
     family = targets.get(target_id).family
-    if family == "debian" or target_id in ("centos-6", "centos-7", "rhel-7"):
+    if family == "debian":
+        return ["/etc/kernel/postinst.d/zz-toa", "/etc/kernel/header_postinst.d/zz-toa"]
+    if target_id in ("centos-6", "centos-7", "rhel-7"):
         return ["/etc/kernel/postinst.d/zz-toa"]
     return ["/etc/kernel/install.d/90-toa.install"] if family == "rhel" else []
 
@@ -426,8 +429,40 @@ def test_whole_files_replace_and_unmerge_to_deletion():
 def test_write_tree_keeps_shared_files_apart(tmp_path):
     written = render.write_tree(render.autoload_files(targets.get("debian-11"), "5.10.0-40-amd64", init="sysv"), tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in written) == [
-        "etc/kernel/postinst.d/zz-toa", "etc/modprobe.d/toa.conf", "etc/modules.toa-lines"]
+        "etc/kernel/header_postinst.d/zz-toa", "etc/kernel/postinst.d/zz-toa", "etc/modprobe.d/toa.conf",
+        "etc/modules.toa-lines"]
     assert not (tmp_path / "etc/modules").exists()
+
+
+@pytest.mark.parametrize("target_id", ["debian-12", "ubuntu-22.04", "centos-7", "rocky-9"])
+def test_hosts_with_a_kernel_hook_get_the_module_sources_it_builds(target_id):
+    """The hooks build from toa's own sources, which go beside them (versioned, apart from DKMS's
+    /usr/src/toa-<version>): every source file, no build output."""
+    target = targets.get(target_id)
+    hooks = [entry for entry in render.autoload_files(target, "6.1.0-56-amd64") if "/etc/kernel/" in entry.path]
+    sources = by_path(render.hook_sources(target))
+    where = f"/usr/src/toa-kmod-{version}"
+    assert hooks and all(f'src={where}\n' in hook.content for hook in hooks)
+    assert sorted(sources) == sorted(f"{where}/{path.as_posix()}" for path in render.module_source_files())
+    assert {f"{where}/toa.c", f"{where}/Kbuild", f"{where}/Makefile", f"{where}/probes/has_kvcalloc.c"} <= set(sources)
+    assert sources[f"{where}/toa.c"].content == (render.MODULE_SOURCE / "toa.c").read_text()
+    assert all(entry.mode == 0o644 and entry.kind == "file" for entry in sources.values())
+    assert not any(path.endswith((".o", ".ko", "probes.h")) for path in sources)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt: shellcheck)")
+@pytest.mark.parametrize("target_id", ["debian-12", "centos-7", "rocky-9"])
+def test_kernel_hooks_pass_shellcheck_as_posix_sh(target_id, tmp_path):
+    for hook in render.kernel_hooks(targets.get(target_id)):
+        script = tmp_path / hook.path.replace("/", "_")
+        script.write_text(hook.content)
+        checked = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("target_id", ["sles-15", "flatcar", "fedora-coreos"])
+def test_hosts_without_a_kernel_hook_get_no_sources(target_id):
+    assert render.kernel_hooks(targets.get(target_id)) == [] and render.hook_sources(targets.get(target_id)) == []
 
 
 def test_write_tree_refuses_a_file_as_out(tmp_path):
@@ -539,7 +574,9 @@ def test_toa_render_checks_every_destination_before_writing(tmp_path):
 
 def test_toa_render_unwritable_out_is_one_line(tmp_path):
     result = toa("render", "--distro", "debian-12", "--kernel", "6.1.0-56-amd64", "--out", "/proc/self/toa-out")
-    assert_one_line_error(result, "cannot write", "0 of 3 files were written")
+    target = targets.get("debian-12")
+    written = len(render.autoload_files(target, "6.1.0-56-amd64")) + len(render.hook_sources(target))
+    assert_one_line_error(result, "cannot write", f"0 of {written} files were written")
 
 
 def test_toa_render_again_into_the_same_out_replaces_its_own_files(tmp_path):

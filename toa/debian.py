@@ -78,6 +78,7 @@ SUITES = {
 SUITE_RE = re.compile(r"[a-z][a-z0-9-]{1,40}")
 DEBIAN_RELEASE_RE = re.compile(r"[0-9]+\.[0-9]+[0-9A-Za-z.+~_-]*-amd64")
 PACKAGE_RE = re.compile(r"linux-[a-z0-9][a-z0-9.+~-]{1,100}")
+DEB_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.+-]{1,100}")  # any Debian package name
 VERSION_RE = re.compile(r"[0-9][0-9A-Za-z.+~:-]{0,100}")
 MIRROR_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~/-]*)?")
 
@@ -635,6 +636,42 @@ def fetch(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -
         _point_makefile_into_tree(tree.headers_dir, root)
         complete.write_text(json.dumps(dataclasses.asdict(pkgs)) + "\n")
     return tree
+
+
+def download(suite_name: str, packages: list[str], dest: Path,
+             progress: Callable[[str], None] | None = None) -> list[Path]:
+    """The .deb files of PACKAGES (a name, or name=version) from a suite's pockets, into DEST: what a
+    host installs from a file (apt-get install ./FILE.deb). Each is checked against the suite's
+    signed index by apt."""
+    suite = check_suite(suite_name)
+    for package in packages:
+        name, _, version = package.partition("=")
+        if not DEB_NAME_RE.fullmatch(name) or (version and not VERSION_RE.fullmatch(version)):
+            raise ToaError(f"invalid package {package[:80]!r}: give a Debian package name, or name=version")
+    _update_index(suite)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.glob("*.deb"))
+    if progress:
+        progress(f"downloading {', '.join(packages)} from {suite.name}")
+    _run(["apt-get", *apt_options(suite.name), "download", *packages], f"apt-get download of {', '.join(packages)}",
+         cwd=dest)
+    return sorted(set(dest.glob("*.deb")) - before)
+
+
+def kernel_debs(pkgs: KernelPackages, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """The .deb files of a kernel (image, modules, headers, -common, kbuild), downloaded once into the
+    cache beside its unpacked tree: what a host installs to upgrade to that kernel."""
+    folder = kernel_dir(pkgs.release) / "debs"
+    complete = folder / ".complete"
+    with _exclusive(kernel_dir(pkgs.release).with_name(f"{pkgs.release}.debs.lock")):
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            if not all(PACKAGE_RE.fullmatch(p) for p in pkgs.all_pkgs) or not VERSION_RE.fullmatch(pkgs.version):
+                raise ToaError(f"refusing unexpected package names or version in {pkgs}")
+            download(pkgs.suite, [f"{p}={pkgs.version}" for p in pkgs.all_pkgs], folder, progress)
+            complete.write_text(json.dumps(dataclasses.asdict(pkgs)) + "\n")
+    return sorted(folder.glob("*.deb"))
 
 
 def prepare(

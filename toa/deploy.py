@@ -1304,7 +1304,9 @@ def _read(host: Host, options: DeployOptions, say):
     if platform.target is None:
         raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, release)
-    files = render.autoload_files(platform.target, release, init=platform.init, options=options.options)
+    # the kernel hooks' module sources too: a kernel installed later gets toa.ko built from them
+    files = (render.autoload_files(platform.target, release, init=platform.init, options=options.options)
+             + render.hook_sources(platform.target))
     others = tuple((other, render.module_path(platform.target, other))
                    for other in other_kernels(platform, ("next", *options.kernels)))
     # the eBPF engine's files and facts in the same round trip: the engine choice needs them

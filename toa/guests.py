@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import fcntl
 import gzip
 import hashlib
@@ -51,6 +52,10 @@ USERLAND_PACKAGES = (
     "systemd-sysv", "udev", "openssh-server", "kmod", "iproute2", "procps", "e2fsprogs", "sudo",
     "python3",  # Ansible's modules need the full standard library, not only python3-minimal
 )
+# What a host that builds kernel modules has beyond USERLAND_PACKAGES: a compiler and make, and what
+# a Debian kernel's image and headers packages (and dkms) depend on, so that they install from files.
+BUILD_HOST_PACKAGES = ("gcc", "make", "dwarves", "libelf1", "linux-base", "initramfs-tools", "dpkg-dev", "patch",
+                       "lsb-release")
 # An account for deploys that go through sudo (it may run anything without a password).
 SUDO_USER = "deployer"
 HOSTNAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
@@ -180,9 +185,10 @@ class Userland:
     host_key: str  # the guests' sshd host key: "ssh-ed25519 AAAA..."
 
 
-def _userland_dir(suite: str) -> Path:
-    recipe = _recipe_id(suite, USERLAND_PACKAGES, SUDO_USER, GUEST_NETWORK, MASKED_UNITS, FSTAB, NETWORK_UNIT,
-                        SSHD_CONFIG, SUDOERS)
+def _userland_dir(suite: str, extra_packages: tuple[str, ...] = ()) -> Path:
+    parts = (suite, USERLAND_PACKAGES, SUDO_USER, GUEST_NETWORK, MASKED_UNITS, FSTAB, NETWORK_UNIT, SSHD_CONFIG, SUDOERS)
+    # a userland with extra packages is another recipe; the plain one keeps its cache entry
+    recipe = _recipe_id(*parts, *((tuple(sorted(extra_packages)),) if extra_packages else ()))
     return debian.cache_dir() / "guests" / f"{suite}-{recipe}"
 
 
@@ -225,29 +231,36 @@ def _configure(root: Path, client_public_key: str) -> None:
     _run(["chroot", str(root), "apt-get", "clean"], "apt-get clean")
 
 
-def userland(suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None = None) -> Userland:
-    """The configured userland of `suite`, debootstrap'd into the cache on first use."""
+def userland(suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None = None,
+             extra_packages: tuple[str, ...] = ()) -> Userland:
+    """The configured userland of `suite`, debootstrap'd into the cache on first use; EXTRA_PACKAGES
+    (e.g. a compiler, for hosts that build modules) are installed too."""
     if suite not in USERLAND_SUITES:
         raise ToaError(f"unknown guest userland suite {suite!r}: use one of {', '.join(USERLAND_SUITES)}")
-    directory = _userland_dir(suite)
+    bad = [name for name in extra_packages if not debian.DEB_NAME_RE.fullmatch(name)]
+    if bad:
+        raise ToaError(f"invalid package name {bad[0][:60]!r} for the guest userland")
+    directory = _userland_dir(suite, extra_packages)
     root, client_key = directory / "root", directory / "client_ed25519"
     with _locked(directory.with_name(directory.name + ".lock")):
         if not (directory / ".complete").exists():
-            _build_userland(suite, directory, progress)
+            _build_userland(suite, directory, progress, extra_packages)
     host_key = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
     return Userland(root, client_key, " ".join(host_key[:2]))
 
 
-def _build_userland(suite: str, directory: Path, progress: Callable[[str], None] | None) -> None:
+def _build_userland(suite: str, directory: Path, progress: Callable[[str], None] | None,
+                    extra_packages: tuple[str, ...] = ()) -> None:
     if os.geteuid() != 0:
         raise ToaError("building the guest userland needs root (debootstrap and chroot): run as root")
     shutil.rmtree(directory, ignore_errors=True)  # an interrupted build starts over
     directory.mkdir(parents=True)
     root = directory / "root"
-    debian.debootstrap(suite, root, include=USERLAND_PACKAGES, what=f"the {suite} guest userland", progress=progress)
+    debian.debootstrap(suite, root, include=USERLAND_PACKAGES + tuple(extra_packages),
+                       what=f"the {suite} guest userland", progress=progress)
     _say(progress, "configuring the guest userland")
     _configure(root, _write_client_key(directory / "client_ed25519"))
-    (directory / ".complete").write_text(f"{suite} {' '.join(USERLAND_PACKAGES)}\n")
+    (directory / ".complete").write_text(f"{suite} {' '.join(USERLAND_PACKAGES + tuple(extra_packages))}\n")
 
 
 # ---------------------------------------------------------------- per-kernel images
@@ -309,13 +322,14 @@ def _install_modules(staging: Path, tree: KernelTree) -> None:
     _run(["depmod", "-b", str(staging), tree.release], f"depmod for {tree.release}")
 
 
-def guest_image(tree: KernelTree, *, suite: str = DEFAULT_SUITE,
-                progress: Callable[[str], None] | None = None) -> GuestImage:
-    """The bootable image of a kernel (from toa.debian.prepare) on the suite's userland, cached."""
+def guest_image(tree: KernelTree, *, suite: str = DEFAULT_SUITE, progress: Callable[[str], None] | None = None,
+                extra_packages: tuple[str, ...] = ()) -> GuestImage:
+    """The bootable image of a kernel (from toa.debian.prepare) on the suite's userland (with
+    EXTRA_PACKAGES), cached."""
     release = validate_release(tree.release)
     if tree.modules_dir is None or not (tree.modules_dir / "kernel").is_dir():
         raise ToaError(f"kernel {release} has no modules directory in the cache: fetch it again with toa.debian")
-    base = userland(suite, progress)
+    base = userland(suite, progress, extra_packages)
     recipe = _recipe_id(BOOT_MODULES, SYSTEM_MODULES, MODULE_INDEX_FILES, INIT_TEMPLATE, DISK_SIZE)
     directory = base.root.parent / f"{release}-{recipe}"
     image = GuestImage(release, tree.vmlinuz, directory / "initrd.gz", directory / "disk.raw",
@@ -573,6 +587,33 @@ class Guest:
             raise self._failure("answers SSH with the boot id it had before the reboot")
         return time.monotonic() - started
 
+    def power_off(self, timeout: float = BOOT_SECONDS) -> None:
+        """`systemctl poweroff` in the guest, then wait until QEMU exits: a clean shutdown, disk synced."""
+        with self.connect() as conn:
+            remote.run(conn, "systemd-run --quiet --on-active=1 --timer-property=AccuracySec=100ms systemctl poweroff")
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self._failure(f"did not power off within {timeout:.0f}s of `systemctl poweroff`") from None
+        _running.discard(self)
+
+    def boot_kernel(self, tree: KernelTree, timeout: float = BOOT_SECONDS) -> float:
+        """Power off, then boot TREE's kernel (QEMU's -kernel, with an initramfs made from TREE's
+        modules) on the same disk, as a boot loader does after a kernel upgrade; returns the seconds
+        until SSH answers."""
+        release = validate_release(tree.release)
+        if tree.modules_dir is None:
+            raise ToaError(f"kernel {release} has no modules directory in the cache: fetch it again with toa.debian")
+        initrd = self.workdir / f"{self.name}.{release}.initrd.gz"
+        _build_initramfs(initrd, tree.modules_dir)
+        if self.is_running():
+            self.power_off()
+        self.image = dataclasses.replace(self.image, release=release, vmlinuz=tree.vmlinuz, initrd=initrd)
+        started = time.monotonic()
+        self.start()
+        self.wait_for_ssh(timeout)
+        return time.monotonic() - started
+
     def _console_since(self, offset: int) -> str:
         if not self.serial_log.is_file():  # QEMU creates it as it starts
             return ""
@@ -605,12 +646,12 @@ def new_guests(images: list[GuestImage], workdir: Path, *, count: int | None = N
 @contextlib.contextmanager
 def fleet(kernel_trees: list[KernelTree], workdir: Path, *, count: int | None = None, suite: str = DEFAULT_SUITE,
           memory_mb: int = DEFAULT_MEMORY_MB, boot_timeout: float | None = None,
-          progress: Callable[[str], None] | None = None) -> Iterator[list[Guest]]:
+          progress: Callable[[str], None] | None = None, extra_packages: tuple[str, ...] = ()) -> Iterator[list[Guest]]:
     """Boot `count` guests (default: one per kernel) at once and wait for their sshd; kill them all on exit.
 
     boot_timeout defaults to BOOT_SECONDS plus BOOT_SECONDS_PER_GUEST for each guest: they share the
     host's cores, so a larger fleet takes longer to come up."""
-    images = [guest_image(tree, suite=suite, progress=progress) for tree in kernel_trees]
+    images = [guest_image(tree, suite=suite, progress=progress, extra_packages=extra_packages) for tree in kernel_trees]
     guests = new_guests(images, Path(workdir), count=count, memory_mb=memory_mb)
     if boot_timeout is None:
         boot_timeout = BOOT_SECONDS + BOOT_SECONDS_PER_GUEST * len(guests)

@@ -33,7 +33,7 @@ from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.render import AutoloadFile
 
-MODULE_SOURCE = Path(toa.__file__).parent / "module"
+MODULE_SOURCE = render.MODULE_SOURCE
 # The templates: beside the package in a source tree (and editable installs), else where pip put them.
 TEMPLATES_DIR = next(
     (path for path in (Path(toa.__file__).parent.parent / "templates" / "package",
@@ -45,8 +45,7 @@ FORMATS = ("dkms", "deb", "rpm")
 ENGINES = ("module", "bpf")
 MAINTAINER = "toa project <toa@packages.invalid>"
 # Module sources only: what a build in the source folder leaves behind stays out of packages.
-BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
-                 "probes.h", "probes.h.tmp", ".tmp_versions")
+BUILD_OUTPUTS = render.BUILD_OUTPUTS
 MODULE_VERSION_RE = re.compile(r'^MODULE_VERSION\("([^"]+)"\);', re.M)
 
 
@@ -65,9 +64,10 @@ def autoload_files(artifact: Artifact, options: dict[str, str] | None = None) ->
     target_id = artifact.manifest.get("target")
     if not target_id:
         raise ToaError(f"{artifact.manifest_path} names no target: rebuild with `invoke build --kernel {artifact.release}`")
-    files = render.autoload_files(targets.get(target_id), artifact.release, init="systemd", options=options)
+    target = targets.get(target_id)
+    files = render.autoload_files(target, artifact.release, init="systemd", options=options) + render.hook_sources(target)
     shared = [file.path for file in files if file.kind != "file"]
-    if shared or render.module_path(targets.get(target_id), artifact.release) != f"/lib/modules/{artifact.release}/extra/toa.ko":
+    if shared or render.module_path(target, artifact.release) != f"/lib/modules/{artifact.release}/extra/toa.ko":
         raise ToaError(f"{target_id} hosts do not take toa from a package ({', '.join(shared) or 'read-only /lib/modules'}): "
                        "use `invoke deploy` for them")
     return files
@@ -172,6 +172,11 @@ def common_files(artifacts: list[Artifact], options: dict[str, str] | None) -> l
     return next(iter(sets.values()))[1]
 
 
+def _is_config(file: AutoloadFile) -> bool:
+    """A file the administrator may edit (a conffile, %config): what toa writes in /etc, not its sources."""
+    return file.path.startswith("/etc/")
+
+
 def common_deb(files: list[AutoloadFile], out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
     """toa-common_<ver>_all.deb: the files that load toa at boot, as configuration files."""
     version = module_version()
@@ -181,7 +186,7 @@ def common_deb(files: list[AutoloadFile], out_dir: Path, progress: Callable[[str
             _write(root / file.path.lstrip("/"), file.content, file.mode)
         _write(root / "DEBIAN/control", render_package_template("common-control.j2", version=version,
                                                                  maintainer=MAINTAINER))
-        _write(root / "DEBIAN/conffiles", "".join(f"{file.path}\n" for file in files))
+        _write(root / "DEBIAN/conffiles", "".join(f"{file.path}\n" for file in files if _is_config(file)))
         if progress:
             progress(f"building {COMMON_NAME}_{version}_all.deb")
         return _dpkg_deb(root, Path(out_dir) / f"{COMMON_NAME}_{version}_all.deb")
@@ -236,8 +241,11 @@ def common_rpm(files: list[AutoloadFile], out_dir: Path, progress: Callable[[str
         staged = scratch / "root"
         for file in files:
             _write(staged / file.path.lstrip("/"), file.content, file.mode)
-        spec = render_package_template("common.spec.j2", package=COMMON_NAME, version=version, staged=staged,
-                                       config_files=sorted(file.path.lstrip("/") for file in files))
+        spec = render_package_template(
+            "common.spec.j2", package=COMMON_NAME, version=version, staged=staged,
+            config_files=sorted(file.path.lstrip("/") for file in files if _is_config(file)),
+            # the hooks' sources: the folder and all in it (owned, so removing the package removes it)
+            source_dir=render.hook_source_dir() if any(not _is_config(file) for file in files) else "")
         return _rpmbuild(spec, scratch, out_dir, f"{COMMON_NAME}-{version}-1.noarch.rpm", progress)
 
 

@@ -81,6 +81,10 @@ OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
 KINDS_VALUE_RE = re.compile(r"[1-9][0-9]{0,2}(,[1-9][0-9]{0,2})*")
 TRUSTED_ENTRY_RE = re.compile(r"[0-9A-Fa-f:.]{2,39}(/[0-9]{1,3})?")
 OPTION_NAMES = ("kinds", "trusted")
+MODULE_SOURCE = Path(toa.__file__).parent / "module"
+# What a build in the module's folder leaves behind: never part of the sources toa ships.
+BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
+                 "probes.h", "probes.h.tmp", ".tmp_versions")
 
 @dataclass(frozen=True)
 class AutoloadFile:
@@ -230,9 +234,7 @@ def autoload_files(
     if style not in files:
         raise ToaError(f"target {target.id} has autoload style {target.autoload!r}, which toa cannot render: fix targets.toml")
     out = [files[style](), _render("/etc/modprobe.d/toa.conf", "modprobe.d.conf.j2", options=arguments)]
-    hook = kernel_hook(target)
-    if hook:
-        out.append(hook)
+    out += kernel_hooks(target)
     if target.distro == "sles":
         unsupported = "unsupported-modules" if target.version == "11" else "10-unsupported-modules.conf"
         out.append(_render(f"/etc/modprobe.d/{unsupported}", "suse-unsupported-modules.conf.j2"))
@@ -253,15 +255,44 @@ def bpf_unit(path: str, loader: str, options: dict[str, str] | None = None, *, o
     return _render(path, "toa-bpf.service.j2", loader=loader, options=module_options(options), owned=owned)
 
 
-def kernel_hook(target: Target) -> AutoloadFile | None:
-    """The script the package manager runs when a kernel is installed, which says loudly when that
-    kernel has no toa.ko: Debian-likes and RHEL 6/7 run /etc/kernel/postinst.d, RHEL 8+ and Fedora
-    kernel-install's plugins. None where toa knows no such hook (SUSE) or needs none (CoreOS)."""
-    if target.family == "debian" or (target.family == "rhel" and target.autoload == "sysconfig-modules"):
-        return _render("/etc/kernel/postinst.d/zz-toa", "kernel-hook.sh.j2", mode=0o755, hook="postinst.d")
+def kernel_hooks(target: Target) -> list[AutoloadFile]:
+    """The scripts the package manager runs when a kernel or its headers are installed, which give
+    that kernel toa.ko (DKMS's, or built from hook_sources) or say loudly that it has none:
+    Debian-likes run /etc/kernel/postinst.d (the kernel) and header_postinst.d (its headers, which
+    may come later), RHEL 6/7 postinst.d, RHEL 8+ and Fedora kernel-install's plugins. None where
+    toa knows no such hook (SUSE) or needs none (CoreOS)."""
+    values = {"source_dir": hook_source_dir(), "module_subdir": MODULE_SUBDIR}
+    if target.family == "debian":
+        return [_render(f"/etc/kernel/{hook}/zz-toa", "kernel-hook.sh.j2", mode=0o755, hook=hook, **values)
+                for hook in ("postinst.d", "header_postinst.d")]
+    if target.family == "rhel" and target.autoload == "sysconfig-modules":
+        return [_render("/etc/kernel/postinst.d/zz-toa", "kernel-hook.sh.j2", mode=0o755, hook="postinst.d", **values)]
     if target.family == "rhel":
-        return _render("/etc/kernel/install.d/90-toa.install", "kernel-hook.sh.j2", mode=0o755, hook="install.d")
-    return None
+        return [_render("/etc/kernel/install.d/90-toa.install", "kernel-hook.sh.j2", mode=0o755, hook="install.d",
+                        **values)]
+    return []
+
+
+def hook_source_dir() -> str:
+    """Where the kernel hooks find toa's module sources: versioned like DKMS's /usr/src/toa-<version>,
+    and beside it rather than in it, so that a toa-dkms package and a deploy never own the same files."""
+    return f"/usr/src/toa-kmod-{toa.__version__}"
+
+
+def module_source_files(source: Path = MODULE_SOURCE) -> list[Path]:
+    """The module's sources (relative to SOURCE), without what a build in that folder leaves behind."""
+    return sorted(path.relative_to(source) for path in source.rglob("*")
+                  if path.is_file() and not any(path.match(pattern) for pattern in BUILD_OUTPUTS)
+                  and not any(part.startswith(".") for part in path.relative_to(source).parts))
+
+
+def hook_sources(target: Target) -> list[AutoloadFile]:
+    """toa's module sources in hook_source_dir(), for hosts whose kernel hooks build toa.ko: deploy and
+    toa-common install them beside the hooks."""
+    if not kernel_hooks(target):
+        return []
+    return [AutoloadFile(f"{hook_source_dir()}/{relative.as_posix()}", (MODULE_SOURCE / relative).read_text(), 0o644)
+            for relative in module_source_files()]
 
 
 def _render(path: str, template: str, *, mode: int = 0o644, kind: str = "file", **values) -> AutoloadFile:

@@ -33,7 +33,7 @@ def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, j
     options = module_options(option)
     resolution = kernels.resolve(kernel, distro)
     release, target = resolution.kernel.release, resolution.target
-    files = rendering.autoload_files(target, release, init=init, options=options)
+    files = rendering.autoload_files(target, release, init=init, options=options) + rendering.hook_sources(target)
     written = rendering.write_tree(files, Path(out))
     if json:
         print_json("render", [{
