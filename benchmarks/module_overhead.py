@@ -51,6 +51,8 @@ from toa.errors import ToaError  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 INIT_TEMPLATE = "init.sh.j2"
 SIDES = ("baseline", "toa")
+# --icount: the guest's clock advances 2^0 ns per emulated instruction, and never while it is idle.
+ICOUNT_QEMU = ("-icount", "shift=0,sleep=off")
 # Metric -> the unit of its rate.
 METRICS = {
     "handshake-plain": "handshakes/s",
@@ -204,7 +206,7 @@ def render_init(*, tun_modules: list[str], rounds: int, handshakes: int, calls: 
 
 def run_guest(
     tree: debian.KernelTree, ko: Path, *, rounds: int, handshakes: int, calls: int, timeout: float,
-    log_dir: Path, progress: Callable[[str], None],
+    log_dir: Path, progress: Callable[[str], None], icount: bool = False,
 ) -> Outcome:
     """Boot the kernel with toa.ko and the peer in bench mode; read the measurements back."""
 
@@ -217,6 +219,7 @@ def run_guest(
         tree.vmlinuz, ko.read_bytes(), tree.modules_dir,
         lambda tun_modules: render_init(tun_modules=tun_modules, rounds=rounds, handshakes=handshakes, calls=calls),
         log_dir=log_dir, timeout=timeout, on_line=on_line, say=progress,
+        extra_qemu=ICOUNT_QEMU if icount else (),
     )
     return evaluate(result.lines, rounds, timed_out=result.timed_out, returncode=result.returncode)
 
@@ -235,6 +238,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"timed getpeername() calls per metric, side and round (default: {DEFAULT_CALLS})")
     parser.add_argument("--timeout", type=results.positive, default=DEFAULT_TIMEOUT,
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
+    parser.add_argument("--icount", action="store_true",
+                        help="time by instructions, not the host's clock: QEMU's -icount makes one guest "
+                             "nanosecond one emulated instruction, so other work on the host moves no ratio "
+                             "(a cost model that counts instructions: memory and caches are not modelled)")
     parser.add_argument("--ko", type=Path,
                         help="measure this toa.ko (built for the same kernel) instead of building toa/module")
     parser.add_argument("--out", type=Path, default=Path("dist"),
@@ -337,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                                         progress=lambda message: progress(f"build: {message}")).ko
                 log_dir = ko.parent / "bench"
             outcome = run_guest(tree, ko, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
-                                timeout=float(args.timeout), log_dir=log_dir, progress=progress)
+                                timeout=float(args.timeout), log_dir=log_dir, progress=progress,
+                                icount=args.icount)
     except ToaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@
 #include <linux/spinlock.h>
 #include <linux/string.h>
 #include <linux/vmalloc.h>
+#include <net/inet_common.h>
 #include <net/ipv6.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
@@ -1055,6 +1056,10 @@ struct toa_ftrace_hook {
 	unsigned long wrapper;	/* 0: a plain callback */
 	unsigned long fentry;	/* the hooked call site, taken by the first call */
 	unsigned long original;	/* where the wrapper calls the hooked function (toa_ftrace_call_target) */
+	unsigned long function;	/* getname: its address, for a direct call (0: none) */
+	unsigned long stub;	/* getname: the stub its fentry call is sent to */
+	struct ftrace_ops direct_ops;	/* 6.5 and later: the ops a direct call is registered with */
+	bool direct;		/* registered as a direct call (else through ops) */
 };
 
 static bool call_via_entry;
@@ -1082,6 +1087,51 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 
+#ifdef TOA_HAVE_DIRECT_GETNAME
+/*
+ * Direct getname. Where the kernel has ftrace direct calls, inet_getname's
+ * fentry call goes straight to a stub of ours: no ftrace_ops callback, no
+ * saved registers. The stub drops the return address into inet_getname (its
+ * body is not run from there) and jumps to a wrapper with inet_getname's own
+ * type, which now stands where inet_getname was called; the wrapper calls the
+ * original past its fentry call through a static call (a direct call the
+ * kernel patches at load: no retpoline, and no ENDBR needed under IBT), then
+ * rewrites the peer of a socket with an address. Every call into a wrapper is
+ * counted until its last act, as with the ops hooks; a task between the stub
+ * and the count has passed no voluntary context switch, so unload waits for
+ * tasks-RCU before reading the count as well as after.
+ */
+#define TOA_DIRECT_STUB(stub, wrapper)							\
+	void stub(void);								\
+	asm(".pushsection .text, \"ax\", @progbits\n"					\
+	    ".type " #stub ", @function\n"						\
+	    #stub ":\n\t"								\
+	    TOA_ASM_ENDBR								\
+	    "addq $8, %rsp\n\t"								\
+	    TOA_ASM_UNWIND_HINT_FUNC "\n\t"						\
+	    "jmp " #wrapper "\n\t"							\
+	    ".size " #stub ", . - " #stub "\n\t"					\
+	    ".popsection\n")
+
+int toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
+DEFINE_STATIC_CALL(toa_getname_original4, inet_getname);
+TOA_DIRECT_STUB(toa_getname_stub4, toa_inet_getname_direct);
+#define TOA_GETNAME4_DIRECT .function = (unsigned long)inet_getname, .stub = (unsigned long)toa_getname_stub4,
+/* IPv6 built as a module: referring to inet6_getname would make toa need it; the ops hook instead. */
+#if IS_BUILTIN(CONFIG_IPV6)
+int toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
+DEFINE_STATIC_CALL(toa_getname_original6, inet6_getname);
+TOA_DIRECT_STUB(toa_getname_stub6, toa_inet6_getname_direct);
+#define TOA_GETNAME6_DIRECT .function = (unsigned long)inet6_getname, .stub = (unsigned long)toa_getname_stub6,
+#endif
+#endif
+#ifndef TOA_GETNAME4_DIRECT
+#define TOA_GETNAME4_DIRECT
+#endif
+#ifndef TOA_GETNAME6_DIRECT
+#define TOA_GETNAME6_DIRECT
+#endif
+
 #define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
 			    TOA_FTRACE_UNGUARDED)
 #define TOA_CALLBACK_FLAGS (TOA_FTRACE_SAVE_FLAGS | TOA_FTRACE_PERMANENT)
@@ -1096,12 +1146,14 @@ static struct toa_ftrace_hook toa_ftrace_hooks[TOA_NR_FTRACE_HOOKS] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet_getname",
 		.wrapper = (unsigned long)toa_inet_getname,
+		TOA_GETNAME4_DIRECT
 	},
 	[TOA_FH_GETNAME6] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet6_getname",
 		.optional = true,
 		.wrapper = (unsigned long)toa_inet6_getname,
+		TOA_GETNAME6_DIRECT
 	},
 	[TOA_FH_SYN_RECV4] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
@@ -1251,6 +1303,68 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 	return ret;
 }
 
+#ifdef TOA_HAVE_DIRECT_GETNAME
+/* The direct wrappers: every getname call comes here, getsockname() and sockets without an address too. */
+static __always_inline bool toa_getname_wanted(const struct socket *sock, int peer)
+{
+	return peer && sock->sk && toa_may_have_entry(toa_slot_of(sock->sk));
+}
+
+int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	bool wanted = toa_getname_wanted(sock, peer);
+	int ret;
+
+	this_cpu_inc(toa_wrappers_running);
+	ret = static_call(toa_getname_original4)(sock, uaddr, peer);
+	if (wanted)
+		toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+
+#if IS_BUILTIN(CONFIG_IPV6)
+int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	bool wanted = toa_getname_wanted(sock, peer);
+	int ret;
+
+	this_cpu_inc(toa_wrappers_running);
+	ret = static_call(toa_getname_original6)(sock, uaddr, peer);
+	if (wanted)
+		toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+#endif
+
+/* Point the wrapper's static call past the fentry call, before any call can reach the wrapper. */
+static void toa_direct_set_original(struct toa_ftrace_hook *hook, unsigned long original)
+{
+	if (hook == &toa_ftrace_hooks[TOA_FH_GETNAME])
+		static_call_update(toa_getname_original4, (toa_getname_fn)original);
+#if IS_BUILTIN(CONFIG_IPV6)
+	else
+		static_call_update(toa_getname_original6, (toa_getname_fn)original);
+#endif
+}
+
+static int toa_direct_hook(struct toa_ftrace_hook *hook)
+{
+	unsigned long ip = toa_fentry_of(hook->function);
+	int err;
+
+	toa_direct_set_original(hook, ip + MCOUNT_INSN_SIZE);
+	err = toa_direct_register(&hook->direct_ops, ip, hook->stub);
+	if (err)
+		return err;
+	hook->fentry = ip;
+	hook->direct = true;
+	hook->registered = true;
+	return 0;
+}
+#endif
+
 static __always_inline toa_syn_recv_fn toa_syn_recv_original(enum toa_ftrace_hook_id id)
 {
 	return (toa_syn_recv_fn)READ_ONCE(toa_ftrace_hooks[id].original);
@@ -1284,6 +1398,13 @@ static void toa_ftrace_unhook(struct toa_ftrace_hook *hook)
 {
 	if (!hook->registered)
 		return;
+#ifdef TOA_HAVE_DIRECT_GETNAME
+	if (hook->direct) {
+		toa_direct_unregister(&hook->direct_ops, hook->fentry, hook->stub);
+		hook->registered = false;
+		return;
+	}
+#endif
 	/* Returns once no callback of this ops runs, on any CPU, and none will. */
 	unregister_ftrace_function(&hook->ops);
 	/* Frees the filter (ftrace_free_filter() is not exported before 6.1). */
@@ -1296,6 +1417,10 @@ static void toa_ftrace_wait_wrappers(void)
 {
 	unsigned int waited = 0;
 
+#ifdef TOA_HAVE_DIRECT_GETNAME
+	/* A task between a stub and its wrapper's count (see "Direct getname") passes no voluntary switch. */
+	synchronize_rcu_tasks();
+#endif
 	for (;;) {
 		long running = 0;
 		int cpu;
@@ -1330,9 +1455,13 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 	char name[64];
 	int err;
 
-	strscpy(name, hook->symbol, sizeof(name));
 	hook->fentry = 0;
 	hook->original = 0;
+#ifdef TOA_HAVE_DIRECT_GETNAME
+	if (hook->function && !toa_direct_hook(hook))
+		return 0;
+#endif
+	strscpy(name, hook->symbol, sizeof(name));
 	err = ftrace_set_filter(&hook->ops, (unsigned char *)name, strlen(name), 1);
 	if (!err) {
 		err = register_ftrace_function(&hook->ops);
@@ -1352,6 +1481,9 @@ static int toa_ftrace_register(void)
 	BUILD_BUG_ON(!__same_type(&toa_inet6_getname, toa_getname_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
+#ifdef TOA_HAVE_DIRECT_GETNAME
+	BUILD_BUG_ON(!__same_type(&toa_inet_getname_direct, toa_getname_fn));
+#endif
 
 	toa_via_entry = call_via_entry || toa_ibt_enforced();
 	call_via_entry = toa_via_entry;
@@ -1370,8 +1502,9 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
-	pr_info("hooks: ftrace (%s, calls %s)\n", TOA_FTRACE_MODE,
-		toa_via_entry ? "through the entry" : "past the fentry call");
+	pr_info("hooks: ftrace (%s, calls %s%s)\n", TOA_FTRACE_MODE,
+		toa_via_entry ? "through the entry" : "past the fentry call",
+		toa_ftrace_hooks[TOA_FH_GETNAME].direct ? "; getname direct" : "");
 	return 0;
 }
 

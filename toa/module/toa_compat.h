@@ -376,6 +376,76 @@ static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_
 #endif
 	return fentry_ip;
 }
+
+/*
+ * Direct getname (toa.c, "direct getname"): the fentry call of inet{,6}_getname
+ * calls a stub of ours straight, with no ftrace_ops callback and no register
+ * save, and the wrapper reaches the original through a static call, a direct
+ * call the kernel patches (no retpoline, nothing for IBT to check). Needs
+ * ftrace direct calls (what BPF trampolines use: every Debian x86_64 kernel)
+ * and static calls (5.10 and later). register_ftrace_direct() took the call
+ * site until 6.4; since 6.5 it takes an ftrace_ops filtered to it (probe).
+ */
+#if defined(CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS) && defined(CONFIG_HAVE_STATIC_CALL)
+#define TOA_HAVE_DIRECT_GETNAME 1
+#include <linux/objtool.h>
+#include <linux/static_call.h>
+#include <asm/orc_types.h>
+#include <asm/unwind_hints.h>
+
+static inline int toa_direct_register(struct ftrace_ops *ops, unsigned long ip, unsigned long stub)
+{
+#ifdef TOA_PROBE_FTRACE_DIRECT_OPS
+	int err = ftrace_set_filter_ip(ops, ip, 0, 1);
+
+	if (err)
+		return err;
+	err = register_ftrace_direct(ops, stub);
+	if (err)
+		ftrace_set_filter_ip(ops, ip, 1, 0);
+	return err;
+#else
+	return register_ftrace_direct(ip, stub);
+#endif
+}
+
+static inline void toa_direct_unregister(struct ftrace_ops *ops, unsigned long ip, unsigned long stub)
+{
+#ifdef TOA_PROBE_FTRACE_DIRECT_OPS
+	unregister_ftrace_direct(ops, stub, true);
+#else
+	unregister_ftrace_direct(ip, stub);
+#endif
+}
+
+/* The stub's annotations: ENDBR where IBT is built in (its address is taken), and for objtool's ORC. */
+#ifdef CONFIG_X86_KERNEL_IBT
+#define TOA_ASM_ENDBR "endbr64\n\t"
+#else
+#define TOA_ASM_ENDBR ""
+#endif
+#ifdef UNWIND_HINT_FUNC
+#define TOA_ASM_UNWIND_HINT_FUNC UNWIND_HINT_FUNC
+#else
+/* 5.10: the hint exists for C only through UNWIND_HINT() itself. */
+#define TOA_ASM_UNWIND_HINT_FUNC UNWIND_HINT(ORC_REG_SP, 8, UNWIND_HINT_TYPE_FUNC, 0)
+#endif
+
+/*
+ * The fentry call site of a function from its address: past the ENDBR that
+ * starts it where IBT is built in (see toa_ftrace_func_start).
+ */
+static __always_inline unsigned long toa_fentry_of(unsigned long func)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	u32 insn;
+
+	if (!get_kernel_nofault(insn, (const u32 *)func) && insn == 0xfa1e0ff3)
+		return func + 4;
+#endif
+	return func;
+}
+#endif
 #endif /* TOA_HAVE_FTRACE_HOOKS */
 
 /*
