@@ -698,27 +698,6 @@ static void toa_forget(const struct sock *sk)
 	rcu_read_unlock();
 }
 
-/* Every getpeername() of a rewritten socket comes here: inline, and no call to enter RCU. */
-static __always_inline bool toa_lookup(const struct sock *sk, struct toa_addr *addr,
-				       struct toa_counters __percpu **counters)
-{
-	struct toa_slot slot = toa_slot_of(sk);
-	struct toa_entry *entry;
-	bool found = false;
-
-	if (!toa_may_have_entry(slot))
-		return false;
-	toa_rcu_read_lock();
-	entry = toa_find(slot, sk);
-	if (entry && entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair) {
-		*addr = entry->addr;
-		*counters = entry->counters;
-		found = true;
-	}
-	toa_rcu_read_unlock();
-	return found;
-}
-
 /* ---------- what the hooks do, whichever mechanism calls them ---------- */
 
 /*
@@ -753,25 +732,43 @@ static __always_inline void toa_write_sockaddr(struct sockaddr *uaddr, const str
 }
 
 /*
- * After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret.
- * addresses_returned is counted through the entry's own pointer: the
- * namespace's counters are there as long as it is alive (see toa_counters_of).
+ * getname (peer) of @sk has filled @uaddr; @slot is @sk's and its signature
+ * bit is set. The entry's address is written straight from the table, under
+ * the inline RCU reader, if it is still @sk's connection (the four-tuple
+ * recorded at the handshake) and fits @uaddr's family. addresses_returned is
+ * counted through the entry's own pointer: the namespace's counters are there
+ * as long as it is alive (see toa_counters_of).
  */
+static __always_inline void toa_rewrite_peer(const struct sock *sk, struct sockaddr *uaddr, struct toa_slot slot)
+{
+	const struct toa_entry *entry;
+
+	toa_rcu_read_lock();
+	hlist_for_each_entry_rcu(entry, &slot.bucket->head, node) {
+		if (entry->sk != sk)
+			continue;
+		if (entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair &&
+		    (uaddr->sa_family != AF_INET || entry->addr.family == AF_INET)) {
+			toa_write_sockaddr(uaddr, &entry->addr);
+			if (entry->counters && check_net(sock_net(sk)))
+				this_cpu_inc(entry->counters->value[TOA_ADDRESSES_RETURNED]);
+		}
+		break;
+	}
+	toa_rcu_read_unlock();
+}
+
+/* After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret. */
 static __always_inline void toa_getname_done(struct socket *sock, struct sockaddr *uaddr, int ret)
 {
-	struct toa_counters __percpu *counters = NULL;
 	const struct sock *sk = sock->sk;
-	struct toa_addr addr;
+	struct toa_slot slot;
 
-	if (ret < 0 || !sk || !toa_lookup(sk, &addr, &counters))
+	if (ret < 0 || !sk)
 		return;
-	if (uaddr->sa_family == AF_INET && addr.family != AF_INET)
-		return;
-	toa_write_sockaddr(uaddr, &addr);
-	toa_rcu_read_lock();
-	if (counters && check_net(sock_net(sk)))
-		this_cpu_inc(counters->value[TOA_ADDRESSES_RETURNED]);
-	toa_rcu_read_unlock();
+	slot = toa_slot_of(sk);
+	if (toa_may_have_entry(slot))
+		toa_rewrite_peer(sk, uaddr, slot);
 }
 
 /* inet_sock_destruct(sk), the last destructor of every inet socket: one compare for UDP. */
@@ -1304,20 +1301,17 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 }
 
 #ifdef TOA_HAVE_DIRECT_GETNAME
-/* The direct wrappers: every getname call comes here, getsockname() and sockets without an address too. */
-static __always_inline bool toa_getname_wanted(const struct socket *sock, int peer)
-{
-	return peer && sock->sk && toa_may_have_entry(toa_slot_of(sock->sk));
-}
-
+/*
+ * The direct wrappers: every getname call comes here, getsockname() and
+ * sockets without an address too, and is counted (the return comes back here).
+ */
 int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
 {
-	bool wanted = toa_getname_wanted(sock, peer);
 	int ret;
 
 	this_cpu_inc(toa_wrappers_running);
 	ret = static_call(toa_getname_original4)(sock, uaddr, peer);
-	if (wanted)
+	if (peer)
 		toa_getname_done(sock, uaddr, ret);
 	toa_wrapper_done();
 	return ret;
@@ -1326,12 +1320,11 @@ int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr,
 #if IS_BUILTIN(CONFIG_IPV6)
 int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
 {
-	bool wanted = toa_getname_wanted(sock, peer);
 	int ret;
 
 	this_cpu_inc(toa_wrappers_running);
 	ret = static_call(toa_getname_original6)(sock, uaddr, peer);
-	if (wanted)
+	if (peer)
 		toa_getname_done(sock, uaddr, ret);
 	toa_wrapper_done();
 	return ret;
