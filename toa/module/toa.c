@@ -1063,6 +1063,10 @@ static bool call_via_entry;
 module_param(call_via_entry, bool, 0444);
 MODULE_PARM_DESC(call_via_entry, "ftrace hooks: wrappers call the original through its entry, passing ftrace again (always where the CPU enforces IBT; default elsewhere: just past its fentry call); reads back the way in use");
 
+static bool direct_getname = true;
+module_param(direct_getname, bool, 0444);
+MODULE_PARM_DESC(direct_getname, "ftrace hooks: getname through an ftrace direct call where the kernel has them (default), else through an ftrace_ops callback like the other hooks; reads back the way in use");
+
 /* Set at registration, before any callback runs: call_via_entry, or forced by IBT. */
 static bool toa_via_entry;
 
@@ -1451,8 +1455,13 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 	hook->fentry = 0;
 	hook->original = 0;
 #ifdef TOA_HAVE_DIRECT_GETNAME
-	if (hook->function && !toa_direct_hook(hook))
-		return 0;
+	if (hook->function && direct_getname) {
+		err = toa_direct_hook(hook);
+		if (!err)
+			return 0;
+		/* For example a BPF trampoline already on it: one direct call per function. */
+		pr_info("%s: no direct call (%d): through ftrace_ops\n", hook->symbol, err);
+	}
 #endif
 	strscpy(name, hook->symbol, sizeof(name));
 	err = ftrace_set_filter(&hook->ops, (unsigned char *)name, strlen(name), 1);
@@ -1495,6 +1504,7 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
+	direct_getname = toa_ftrace_hooks[TOA_FH_GETNAME].direct;
 	pr_info("hooks: ftrace (%s, calls %s%s)\n", TOA_FTRACE_MODE,
 		toa_via_entry ? "through the entry" : "past the fentry call",
 		toa_ftrace_hooks[TOA_FH_GETNAME].direct ? "; getname direct" : "");
@@ -1534,6 +1544,9 @@ static int toa_register_hooks(void)
 		pr_err("hooks=ftrace: this kernel cannot redirect a call through ftrace (see toa_compat.h); use hooks=auto or hooks=kretprobe\n");
 		return -EOPNOTSUPP;
 	}
+#endif
+#ifdef TOA_HAVE_FTRACE_HOOKS
+	direct_getname = false;
 #endif
 	err = toa_kretprobe_register();
 	if (!err)
