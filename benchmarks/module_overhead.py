@@ -53,6 +53,10 @@ INIT_TEMPLATE = "init.sh.j2"
 SIDES = ("baseline", "toa")
 # --icount: the guest's clock advances 2^0 ns per emulated instruction, and never while it is idle.
 ICOUNT_QEMU = ("-icount", "shift=0,sleep=off")
+CLOCKS = {
+    False: "clock: the host's (other work on this machine moves the rates; --icount counts instructions instead)",
+    True: "clock: emulated instructions (QEMU -icount, 1 ns each): rates are per 10^9 instructions, whatever else runs",
+}
 # Metric -> the unit of its rate.
 METRICS = {
     "handshake-plain": "handshakes/s",
@@ -279,6 +283,7 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
         "call, their seconds per operation added within each round",
         "QEMU emulates the CPU (TCG), which inflates absolute costs: the rates are not those of real "
         "hardware; the ratios, measured within one boot, are what compare",
+        CLOCKS[args.icount],
     ]
     connection = next((row for row in outcome.rows if row.metric == "connection"), None)
     if connection is not None:
@@ -297,6 +302,7 @@ def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: li
         "kernel": outcome.release,
         "module": str(args.ko) if args.ko else "toa/module",
         "rounds": args.rounds, "handshakes": args.handshakes, "calls": args.calls,
+        "clock": "instructions" if args.icount else "host",
         "rows": [{"metric": row.metric, "unit": UNITS[row.metric], "baseline": row.baseline,
                   "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios)}
                  for row in outcome.rows],

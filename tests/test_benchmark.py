@@ -345,6 +345,19 @@ def test_build_cost_end_to_end(tmp_path):
 @pytest.mark.lab
 @pytest.mark.network
 @pytest.mark.docker
+def test_module_overhead_end_to_end_counting_instructions(tmp_path):
+    result = _run("module_overhead.py", "--icount", "--rounds", "1", "--handshakes", "300", "--calls", "20000",
+                  "--out", str(tmp_path / "dist"), "--json", str(tmp_path / "overhead.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    assert doc["clock"] == "instructions" and "clock: emulated instructions" in result.stdout
+    assert {row["metric"] for row in doc["rows"]} == set(bench.METRICS) | {"connection"}
+    assert all(row["baseline"] > 0 and row["with_toa"] > 0 for row in doc["rows"])
+
+
+@pytest.mark.lab
+@pytest.mark.network
+@pytest.mark.docker
 @pytest.mark.ssh
 def test_deploy_vs_ansible_end_to_end_on_one_guest(tmp_path):
     result = _run("deploy_vs_ansible.py", "--hosts", "1", "--tools", "floor,toa,ansible", "--json",

@@ -46,7 +46,7 @@ KEY_CHECKS = ["tun-available", "kernel-refusal", "insmod", "load-message", "sysf
               "table-bits-auto", "table-bits-param", "table-many-open", "insmod-bad-table-bits",
               # 2000 callers inside getname at once: each gets its TOA address, probe_missed stays 0,
               # with the default (ftrace) hooks and with the kretprobe fallback.
-              "hooks-default", "getname-direct", "crowd", "hooks-kretprobe", "kretprobe-basic", "kretprobe-crowd",
+              "hooks-default", "direct-calls", "crowd", "hooks-kretprobe", "kretprobe-basic", "kretprobe-crowd",
               # the wrappers' call through the function's entry (the way where the CPU enforces IBT)
               "call-via-entry", "via-entry-basic", "via-entry-crowd-unload",
               # rmmod with 2000 callers asleep inside getname waits for them (direct and ftrace_ops getname)
@@ -111,8 +111,8 @@ def test_every_check_passes_on_a_real_kernel(suite, out_dir, tmp_path):
     assert checks["load-messages-total"].detail == "expected=109 got=109"
     # Debian's x86_64 kernels all have what the ftrace hooks need.
     assert checks["hooks-default"].detail == "got=ftrace"
-    # ... and ftrace direct calls: getname goes straight to toa's stub.
-    assert checks["getname-direct"].detail == "got=Y"
+    # ... and ftrace direct calls: exported functions go straight to toa's stubs.
+    assert checks["direct-calls"].detail == "got=Y"
     for crowd in ("crowd", "kretprobe-crowd"):
         assert "threads=2000 " in checks[crowd].detail and " probe_missed=0->0 " in checks[crowd].detail
     for crowd in ("crowd-unload", "via-entry-crowd-unload"):

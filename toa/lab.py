@@ -405,7 +405,7 @@ def required_cases(fuzz: int, cycles: int) -> list[str]:
     names += TRUST_CASES + TABLE_CASES + ["tfo-v4", "tfo-v6", "netns-stats-fresh", "netns-stats-own",
                                           "netns-init-untouched"]
     # Thousands of callers inside getname at once, with the default hooks and with the kretprobe fallback.
-    names += ["hooks-default", "getname-direct", "crowd", "insmod-kretprobe", "hooks-kretprobe",
+    names += ["hooks-default", "direct-calls", "crowd", "insmod-kretprobe", "hooks-kretprobe",
               "kretprobe-basic", "kretprobe-crowd", "rmmod-kretprobe", "insmod-via-entry", "call-via-entry",
               "via-entry-basic", "via-entry-crowd-unload", "rmmod-via-entry", "insmod-crowd-unload",
               "crowd-unload", "rmmod-crowd-unload"]

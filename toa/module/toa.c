@@ -1063,9 +1063,9 @@ static bool call_via_entry;
 module_param(call_via_entry, bool, 0444);
 MODULE_PARM_DESC(call_via_entry, "ftrace hooks: wrappers call the original through its entry, passing ftrace again (always where the CPU enforces IBT; default elsewhere: just past its fentry call); reads back the way in use");
 
-static bool direct_getname = true;
-module_param(direct_getname, bool, 0444);
-MODULE_PARM_DESC(direct_getname, "ftrace hooks: getname through an ftrace direct call where the kernel has them (default), else through an ftrace_ops callback like the other hooks; reads back the way in use");
+static bool direct_calls = true;
+module_param(direct_calls, bool, 0444);
+MODULE_PARM_DESC(direct_calls, "ftrace hooks: exported functions through ftrace direct calls where the kernel has them (default), else through ftrace_ops callbacks like tcp_v6_syn_recv_sock; reads back the way in use");
 
 /* Set at registration, before any callback runs: call_via_entry, or forced by IBT. */
 static bool toa_via_entry;
@@ -1076,6 +1076,7 @@ static DEFINE_PER_CPU(unsigned long, toa_ftrace_missed);
 /* The types the kernel calls them through, which the wrappers must have (checked in toa_ftrace_register). */
 typedef typeof(((struct proto_ops *)NULL)->getname) toa_getname_fn;
 typedef typeof(((struct inet_connection_sock_af_ops *)NULL)->syn_recv_sock) toa_syn_recv_fn;
+typedef typeof(((struct sock *)NULL)->sk_destruct) toa_destruct_fn;
 
 static void toa_destruct_call(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
 			      toa_fregs_t *fregs);
@@ -1088,19 +1089,22 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 
-#ifdef TOA_HAVE_DIRECT_GETNAME
+#ifdef TOA_HAVE_DIRECT_CALLS
 /*
- * Direct getname. Where the kernel has ftrace direct calls, inet_getname's
- * fentry call goes straight to a stub of ours: no ftrace_ops callback, no
- * saved registers. The stub drops the return address into inet_getname (its
- * body is not run from there) and jumps to a wrapper with inet_getname's own
- * type, which now stands where inet_getname was called; the wrapper calls the
- * original past its fentry call through a static call (a direct call the
- * kernel patches at load: no retpoline, and no ENDBR needed under IBT), then
- * rewrites the peer of a socket with an address. Every call into a wrapper is
- * counted until its last act, as with the ops hooks; a task between the stub
- * and the count has passed no voluntary context switch, so unload waits for
- * tasks-RCU before reading the count as well as after.
+ * Direct calls. Where the kernel has ftrace direct calls, the fentry call of
+ * a hooked function that the kernel exports (inet_getname, inet6_getname,
+ * tcp_v4_syn_recv_sock, inet_sock_destruct) goes straight to a stub of ours:
+ * no ftrace_ops callback, no saved registers. The stub drops the return
+ * address into the function (its body is not run from there) and jumps to a
+ * wrapper with the function's own type, which now stands where the function
+ * was called; the wrapper does toa's work and calls the original past its
+ * fentry call through a static call (a direct call the kernel patches at
+ * load: no retpoline, and no ENDBR needed under IBT). An exported function's
+ * address comes from the linker, no symbol lookup. tcp_v6_syn_recv_sock is
+ * static: an ftrace_ops hook always. Every call into a wrapper is counted
+ * until its last act, as with the ops hooks; a task between the stub and the
+ * count has passed no voluntary context switch, so unload waits for tasks-RCU
+ * before reading the count as well as after.
  */
 #define TOA_DIRECT_STUB(stub, wrapper)							\
 	void stub(void);								\
@@ -1114,23 +1118,29 @@ static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 	    ".size " #stub ", . - " #stub "\n\t"					\
 	    ".popsection\n")
 
+/* One hooked function reached by a direct call: its static call, wrapper and stub. */
+#define TOA_DIRECT_HOOK(fn, wrapper, stub)						\
+	DEFINE_STATIC_CALL(fn##_original, fn);						\
+	TOA_DIRECT_STUB(stub, wrapper)
+
 int toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
-DEFINE_STATIC_CALL(toa_getname_original4, inet_getname);
-TOA_DIRECT_STUB(toa_getname_stub4, toa_inet_getname_direct);
-#define TOA_GETNAME4_DIRECT .function = (unsigned long)inet_getname, .stub = (unsigned long)toa_getname_stub4,
+struct sock *toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS);
+void toa_inet_sock_destruct_direct(struct sock *sk);
+TOA_DIRECT_HOOK(inet_getname, toa_inet_getname_direct, toa_inet_getname_stub);
+TOA_DIRECT_HOOK(tcp_v4_syn_recv_sock, toa_tcp_v4_syn_recv_sock_direct, toa_tcp_v4_syn_recv_sock_stub);
+TOA_DIRECT_HOOK(inet_sock_destruct, toa_inet_sock_destruct_direct, toa_inet_sock_destruct_stub);
+#define TOA_DIRECT(fn) .function = (unsigned long)fn, .stub = (unsigned long)toa_##fn##_stub,
 /* IPv6 built as a module: referring to inet6_getname would make toa need it; the ops hook instead. */
 #if IS_BUILTIN(CONFIG_IPV6)
 int toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
-DEFINE_STATIC_CALL(toa_getname_original6, inet6_getname);
-TOA_DIRECT_STUB(toa_getname_stub6, toa_inet6_getname_direct);
-#define TOA_GETNAME6_DIRECT .function = (unsigned long)inet6_getname, .stub = (unsigned long)toa_getname_stub6,
+TOA_DIRECT_HOOK(inet6_getname, toa_inet6_getname_direct, toa_inet6_getname_stub);
+#define TOA_DIRECT_V6(fn) TOA_DIRECT(fn)
+#else
+#define TOA_DIRECT_V6(fn)
 #endif
-#endif
-#ifndef TOA_GETNAME4_DIRECT
-#define TOA_GETNAME4_DIRECT
-#endif
-#ifndef TOA_GETNAME6_DIRECT
-#define TOA_GETNAME6_DIRECT
+#else
+#define TOA_DIRECT(fn)
+#define TOA_DIRECT_V6(fn)
 #endif
 
 #define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
@@ -1142,24 +1152,26 @@ static struct toa_ftrace_hook toa_ftrace_hooks[TOA_NR_FTRACE_HOOKS] = {
 	[TOA_FH_DESTRUCT] = {
 		.ops = { .func = toa_destruct_call, .flags = TOA_CALLBACK_FLAGS },
 		.symbol = "inet_sock_destruct",
+		TOA_DIRECT(inet_sock_destruct)
 	},
 	[TOA_FH_GETNAME] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet_getname",
 		.wrapper = (unsigned long)toa_inet_getname,
-		TOA_GETNAME4_DIRECT
+		TOA_DIRECT(inet_getname)
 	},
 	[TOA_FH_GETNAME6] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet6_getname",
 		.optional = true,
 		.wrapper = (unsigned long)toa_inet6_getname,
-		TOA_GETNAME6_DIRECT
+		TOA_DIRECT_V6(inet6_getname)
 	},
 	[TOA_FH_SYN_RECV4] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "tcp_v4_syn_recv_sock",
 		.wrapper = (unsigned long)toa_tcp_v4_syn_recv_sock,
+		TOA_DIRECT(tcp_v4_syn_recv_sock)
 	},
 	[TOA_FH_SYN_RECV6] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
@@ -1304,17 +1316,18 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 	return ret;
 }
 
-#ifdef TOA_HAVE_DIRECT_GETNAME
+#ifdef TOA_HAVE_DIRECT_CALLS
 /*
- * The direct wrappers: every getname call comes here, getsockname() and
- * sockets without an address too, and is counted (the return comes back here).
+ * The direct wrappers: every call of the function comes here (getsockname(),
+ * sockets without an address, handshakes without an option too), counted,
+ * since the original returns here.
  */
 int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
 {
 	int ret;
 
 	this_cpu_inc(toa_wrappers_running);
-	ret = static_call(toa_getname_original4)(sock, uaddr, peer);
+	ret = static_call(inet_getname_original)(sock, uaddr, peer);
 	if (peer)
 		toa_getname_done(sock, uaddr, ret);
 	toa_wrapper_done();
@@ -1327,7 +1340,7 @@ int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr
 	int ret;
 
 	this_cpu_inc(toa_wrappers_running);
-	ret = static_call(toa_getname_original6)(sock, uaddr, peer);
+	ret = static_call(inet6_getname_original)(sock, uaddr, peer);
 	if (peer)
 		toa_getname_done(sock, uaddr, ret);
 	toa_wrapper_done();
@@ -1335,15 +1348,49 @@ int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr
 }
 #endif
 
-/* Point the wrapper's static call past the fentry call, before any call can reach the wrapper. */
+struct sock * notrace toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS)
+{
+	struct toa_addr addr;
+	bool found;
+	struct sock *child;
+
+	this_cpu_inc(toa_wrappers_running);
+	found = toa_read_ack(sk, skb, &addr);
+	child = static_call(tcp_v4_syn_recv_sock_original)(TOA_SYN_RECV_ARGS);
+	if (found)
+		toa_syn_recv_done(child, &addr);
+	toa_wrapper_done();
+	return child;
+}
+
+void notrace toa_inet_sock_destruct_direct(struct sock *sk)
+{
+	this_cpu_inc(toa_wrappers_running);
+	if (toa_destruct_wanted(sk))
+		toa_forget(sk);
+	static_call(inet_sock_destruct_original)(sk);
+	toa_wrapper_done();
+}
+
+/* Point a wrapper's static call past the fentry call, before any call can reach the wrapper. */
 static void toa_direct_set_original(struct toa_ftrace_hook *hook, unsigned long original)
 {
-	if (hook == &toa_ftrace_hooks[TOA_FH_GETNAME])
-		static_call_update(toa_getname_original4, (toa_getname_fn)original);
+	switch (hook - toa_ftrace_hooks) {
+	case TOA_FH_GETNAME:
+		static_call_update(inet_getname_original, (toa_getname_fn)original);
+		break;
 #if IS_BUILTIN(CONFIG_IPV6)
-	else
-		static_call_update(toa_getname_original6, (toa_getname_fn)original);
+	case TOA_FH_GETNAME6:
+		static_call_update(inet6_getname_original, (toa_getname_fn)original);
+		break;
 #endif
+	case TOA_FH_SYN_RECV4:
+		static_call_update(tcp_v4_syn_recv_sock_original, (toa_syn_recv_fn)original);
+		break;
+	case TOA_FH_DESTRUCT:
+		static_call_update(inet_sock_destruct_original, (toa_destruct_fn)original);
+		break;
+	}
 }
 
 static int toa_direct_hook(struct toa_ftrace_hook *hook)
@@ -1395,7 +1442,7 @@ static void toa_ftrace_unhook(struct toa_ftrace_hook *hook)
 {
 	if (!hook->registered)
 		return;
-#ifdef TOA_HAVE_DIRECT_GETNAME
+#ifdef TOA_HAVE_DIRECT_CALLS
 	if (hook->direct) {
 		toa_direct_unregister(&hook->direct_ops, hook->fentry, hook->stub);
 		hook->registered = false;
@@ -1414,7 +1461,7 @@ static void toa_ftrace_wait_wrappers(void)
 {
 	unsigned int waited = 0;
 
-#ifdef TOA_HAVE_DIRECT_GETNAME
+#ifdef TOA_HAVE_DIRECT_CALLS
 	/* A task between a stub and its wrapper's count (see "Direct getname") passes no voluntary switch. */
 	synchronize_rcu_tasks();
 #endif
@@ -1454,8 +1501,8 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 
 	hook->fentry = 0;
 	hook->original = 0;
-#ifdef TOA_HAVE_DIRECT_GETNAME
-	if (hook->function && direct_getname) {
+#ifdef TOA_HAVE_DIRECT_CALLS
+	if (hook->function && direct_calls) {
 		err = toa_direct_hook(hook);
 		if (!err)
 			return 0;
@@ -1483,8 +1530,10 @@ static int toa_ftrace_register(void)
 	BUILD_BUG_ON(!__same_type(&toa_inet6_getname, toa_getname_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
-#ifdef TOA_HAVE_DIRECT_GETNAME
+#ifdef TOA_HAVE_DIRECT_CALLS
 	BUILD_BUG_ON(!__same_type(&toa_inet_getname_direct, toa_getname_fn));
+	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock_direct, toa_syn_recv_fn));
+	BUILD_BUG_ON(!__same_type(&toa_inet_sock_destruct_direct, toa_destruct_fn));
 #endif
 
 	toa_via_entry = call_via_entry || toa_ibt_enforced();
@@ -1504,10 +1553,10 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
-	direct_getname = toa_ftrace_hooks[TOA_FH_GETNAME].direct;
+	direct_calls = toa_ftrace_hooks[TOA_FH_GETNAME].direct;
 	pr_info("hooks: ftrace (%s, calls %s%s)\n", TOA_FTRACE_MODE,
 		toa_via_entry ? "through the entry" : "past the fentry call",
-		toa_ftrace_hooks[TOA_FH_GETNAME].direct ? "; getname direct" : "");
+		direct_calls ? "; exported functions through direct calls" : "");
 	return 0;
 }
 
@@ -1546,7 +1595,7 @@ static int toa_register_hooks(void)
 	}
 #endif
 #ifdef TOA_HAVE_FTRACE_HOOKS
-	direct_getname = false;
+	direct_calls = false;
 #endif
 	err = toa_kretprobe_register();
 	if (!err)

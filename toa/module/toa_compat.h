@@ -378,16 +378,16 @@ static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_
 }
 
 /*
- * Direct getname (toa.c, "direct getname"): the fentry call of inet{,6}_getname
- * calls a stub of ours straight, with no ftrace_ops callback and no register
- * save, and the wrapper reaches the original through a static call, a direct
- * call the kernel patches (no retpoline, nothing for IBT to check). Needs
+ * Direct calls (toa.c, "Direct calls"): the fentry call of an exported hooked
+ * function calls a stub of ours straight, with no ftrace_ops callback and no
+ * register save, and the wrapper reaches the original through a static call, a
+ * direct call the kernel patches (no retpoline, nothing for IBT to check). Needs
  * ftrace direct calls (what BPF trampolines use: every Debian x86_64 kernel)
  * and static calls (5.10 and later). register_ftrace_direct() took the call
  * site until 6.4; since 6.5 it takes an ftrace_ops filtered to it (probe).
  */
 #if defined(CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS) && defined(CONFIG_HAVE_STATIC_CALL)
-#define TOA_HAVE_DIRECT_GETNAME 1
+#define TOA_HAVE_DIRECT_CALLS 1
 #include <linux/objtool.h>
 #include <linux/static_call.h>
 #include <asm/orc_types.h>
