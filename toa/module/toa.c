@@ -1123,24 +1123,41 @@ static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 	DEFINE_STATIC_CALL(fn##_original, fn);						\
 	TOA_DIRECT_STUB(stub, wrapper)
 
-int toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
-struct sock *toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS);
-void toa_inet_sock_destruct_direct(struct sock *sk);
-TOA_DIRECT_HOOK(inet_getname, toa_inet_getname_direct, toa_inet_getname_stub);
-TOA_DIRECT_HOOK(tcp_v4_syn_recv_sock, toa_tcp_v4_syn_recv_sock_direct, toa_tcp_v4_syn_recv_sock_stub);
-TOA_DIRECT_HOOK(inet_sock_destruct, toa_inet_sock_destruct_direct, toa_inet_sock_destruct_stub);
+/* The hook table's fields for a function reached by a direct call. */
 #define TOA_DIRECT(fn) .function = (unsigned long)fn, .stub = (unsigned long)toa_##fn##_stub,
-/* IPv6 built as a module: referring to inet6_getname would make toa need it; the ops hook instead. */
-#if IS_BUILTIN(CONFIG_IPV6)
+
+#ifdef TOA_DIRECT_INET_GETNAME
+int toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
+TOA_DIRECT_HOOK(inet_getname, toa_inet_getname_direct, toa_inet_getname_stub);
+#define TOA_DIRECT_FIELDS_GETNAME TOA_DIRECT(inet_getname)
+#endif
+#ifdef TOA_DIRECT_INET6_GETNAME
 int toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
 TOA_DIRECT_HOOK(inet6_getname, toa_inet6_getname_direct, toa_inet6_getname_stub);
-#define TOA_DIRECT_V6(fn) TOA_DIRECT(fn)
-#else
-#define TOA_DIRECT_V6(fn)
+#define TOA_DIRECT_FIELDS_GETNAME6 TOA_DIRECT(inet6_getname)
 #endif
-#else
-#define TOA_DIRECT(fn)
-#define TOA_DIRECT_V6(fn)
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
+struct sock *toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS);
+TOA_DIRECT_HOOK(tcp_v4_syn_recv_sock, toa_tcp_v4_syn_recv_sock_direct, toa_tcp_v4_syn_recv_sock_stub);
+#define TOA_DIRECT_FIELDS_SYN_RECV4 TOA_DIRECT(tcp_v4_syn_recv_sock)
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
+void toa_inet_sock_destruct_direct(struct sock *sk);
+TOA_DIRECT_HOOK(inet_sock_destruct, toa_inet_sock_destruct_direct, toa_inet_sock_destruct_stub);
+#define TOA_DIRECT_FIELDS_DESTRUCT TOA_DIRECT(inet_sock_destruct)
+#endif
+#endif /* TOA_HAVE_DIRECT_CALLS */
+#ifndef TOA_DIRECT_FIELDS_GETNAME
+#define TOA_DIRECT_FIELDS_GETNAME
+#endif
+#ifndef TOA_DIRECT_FIELDS_GETNAME6
+#define TOA_DIRECT_FIELDS_GETNAME6
+#endif
+#ifndef TOA_DIRECT_FIELDS_SYN_RECV4
+#define TOA_DIRECT_FIELDS_SYN_RECV4
+#endif
+#ifndef TOA_DIRECT_FIELDS_DESTRUCT
+#define TOA_DIRECT_FIELDS_DESTRUCT
 #endif
 
 #define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
@@ -1152,26 +1169,26 @@ static struct toa_ftrace_hook toa_ftrace_hooks[TOA_NR_FTRACE_HOOKS] = {
 	[TOA_FH_DESTRUCT] = {
 		.ops = { .func = toa_destruct_call, .flags = TOA_CALLBACK_FLAGS },
 		.symbol = "inet_sock_destruct",
-		TOA_DIRECT(inet_sock_destruct)
+		TOA_DIRECT_FIELDS_DESTRUCT
 	},
 	[TOA_FH_GETNAME] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet_getname",
 		.wrapper = (unsigned long)toa_inet_getname,
-		TOA_DIRECT(inet_getname)
+		TOA_DIRECT_FIELDS_GETNAME
 	},
 	[TOA_FH_GETNAME6] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet6_getname",
 		.optional = true,
 		.wrapper = (unsigned long)toa_inet6_getname,
-		TOA_DIRECT_V6(inet6_getname)
+		TOA_DIRECT_FIELDS_GETNAME6
 	},
 	[TOA_FH_SYN_RECV4] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "tcp_v4_syn_recv_sock",
 		.wrapper = (unsigned long)toa_tcp_v4_syn_recv_sock,
-		TOA_DIRECT(tcp_v4_syn_recv_sock)
+		TOA_DIRECT_FIELDS_SYN_RECV4
 	},
 	[TOA_FH_SYN_RECV6] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
@@ -1322,6 +1339,7 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
  * sockets without an address, handshakes without an option too), counted,
  * since the original returns here.
  */
+#ifdef TOA_DIRECT_INET_GETNAME
 int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
 {
 	int ret;
@@ -1333,8 +1351,9 @@ int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr,
 	toa_wrapper_done();
 	return ret;
 }
+#endif
 
-#if IS_BUILTIN(CONFIG_IPV6)
+#ifdef TOA_DIRECT_INET6_GETNAME
 int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
 {
 	int ret;
@@ -1348,6 +1367,7 @@ int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr
 }
 #endif
 
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
 struct sock * notrace toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS)
 {
 	struct toa_addr addr;
@@ -1362,7 +1382,9 @@ struct sock * notrace toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS)
 	toa_wrapper_done();
 	return child;
 }
+#endif
 
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
 void notrace toa_inet_sock_destruct_direct(struct sock *sk)
 {
 	this_cpu_inc(toa_wrappers_running);
@@ -1371,25 +1393,32 @@ void notrace toa_inet_sock_destruct_direct(struct sock *sk)
 	static_call(inet_sock_destruct_original)(sk);
 	toa_wrapper_done();
 }
+#endif
 
 /* Point a wrapper's static call past the fentry call, before any call can reach the wrapper. */
 static void toa_direct_set_original(struct toa_ftrace_hook *hook, unsigned long original)
 {
 	switch (hook - toa_ftrace_hooks) {
+#ifdef TOA_DIRECT_INET_GETNAME
 	case TOA_FH_GETNAME:
 		static_call_update(inet_getname_original, (toa_getname_fn)original);
 		break;
-#if IS_BUILTIN(CONFIG_IPV6)
+#endif
+#ifdef TOA_DIRECT_INET6_GETNAME
 	case TOA_FH_GETNAME6:
 		static_call_update(inet6_getname_original, (toa_getname_fn)original);
 		break;
 #endif
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
 	case TOA_FH_SYN_RECV4:
 		static_call_update(tcp_v4_syn_recv_sock_original, (toa_syn_recv_fn)original);
 		break;
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
 	case TOA_FH_DESTRUCT:
 		static_call_update(inet_sock_destruct_original, (toa_destruct_fn)original);
 		break;
+#endif
 	}
 }
 
@@ -1523,6 +1552,7 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 
 static int toa_ftrace_register(void)
 {
+	char direct_names[128];
 	int i, err;
 
 	/* The wrappers stand in for the kernel's functions: their types must be the same. */
@@ -1531,9 +1561,15 @@ static int toa_ftrace_register(void)
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
 #ifdef TOA_HAVE_DIRECT_CALLS
+#ifdef TOA_DIRECT_INET_GETNAME
 	BUILD_BUG_ON(!__same_type(&toa_inet_getname_direct, toa_getname_fn));
+#endif
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock_direct, toa_syn_recv_fn));
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
 	BUILD_BUG_ON(!__same_type(&toa_inet_sock_destruct_direct, toa_destruct_fn));
+#endif
 #endif
 
 	toa_via_entry = call_via_entry || toa_ibt_enforced();
@@ -1553,10 +1589,18 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
-	direct_calls = toa_ftrace_hooks[TOA_FH_GETNAME].direct;
-	pr_info("hooks: ftrace (%s, calls %s%s)\n", TOA_FTRACE_MODE,
+	direct_calls = false;
+	direct_names[0] = '\0';
+	for (i = 0; i < TOA_NR_FTRACE_HOOKS; i++) {
+		if (!toa_ftrace_hooks[i].direct)
+			continue;
+		direct_calls = true;
+		strlcat(direct_names, " ", sizeof(direct_names));
+		strlcat(direct_names, toa_ftrace_hooks[i].symbol, sizeof(direct_names));
+	}
+	pr_info("hooks: ftrace (%s, calls %s; direct calls:%s)\n", TOA_FTRACE_MODE,
 		toa_via_entry ? "through the entry" : "past the fentry call",
-		direct_calls ? "; exported functions through direct calls" : "");
+		direct_calls ? direct_names : " none");
 	return 0;
 }
 

@@ -418,6 +418,25 @@ static inline void toa_direct_unregister(struct ftrace_ops *ops, unsigned long i
 #endif
 }
 
+/*
+ * Which hooked functions take a direct call: those the kernel exports (their
+ * address is linked; Kbuild reads Module.symvers). tcp_v4_syn_recv_sock was
+ * exported until 6.x; tcp_v6_syn_recv_sock never is. inet6_getname only where
+ * IPv6 is built in: a module referring to it would make toa need ipv6.ko.
+ */
+#ifdef TOA_EXPORTED_INET_GETNAME
+#define TOA_DIRECT_INET_GETNAME 1
+#endif
+#if defined(TOA_EXPORTED_INET6_GETNAME) && IS_BUILTIN(CONFIG_IPV6)
+#define TOA_DIRECT_INET6_GETNAME 1
+#endif
+#ifdef TOA_EXPORTED_TCP_V4_SYN_RECV_SOCK
+#define TOA_DIRECT_TCP_V4_SYN_RECV_SOCK 1
+#endif
+#ifdef TOA_EXPORTED_INET_SOCK_DESTRUCT
+#define TOA_DIRECT_INET_SOCK_DESTRUCT 1
+#endif
+
 /* The stub's annotations: ENDBR where IBT is built in (its address is taken), and for objtool's ORC. */
 #ifdef CONFIG_X86_KERNEL_IBT
 #define TOA_ASM_ENDBR "endbr64\n\t"
