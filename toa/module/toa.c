@@ -1109,6 +1109,8 @@ static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 #define TOA_DIRECT_STUB(stub, wrapper)							\
 	void stub(void);								\
 	asm(".pushsection .text, \"ax\", @progbits\n"					\
+	    /* aligned: from 6.19 an odd direct-call address means "jmp" to ftrace */	\
+	    ".p2align 4\n"								\
 	    ".type " #stub ", @function\n"						\
 	    #stub ":\n\t"								\
 	    TOA_ASM_ENDBR								\
