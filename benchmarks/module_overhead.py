@@ -52,6 +52,12 @@ from toa.errors import ToaError  # noqa: E402
 BENCH_DIR = Path(__file__).resolve().parent
 INIT_TEMPLATE = "init.sh.j2"
 SIDES = ("baseline", "toa", "bpf")  # no engine, toa.ko loaded, the eBPF engine attached
+# --icount: the guest's clock advances 2^0 ns per emulated instruction, and never while it is idle.
+ICOUNT_QEMU = ("-icount", "shift=0,sleep=off")
+CLOCKS = {
+    False: "clock: the host's (other work on this machine moves the rates; --icount counts instructions instead)",
+    True: "clock: emulated instructions (QEMU -icount, 1 ns each): rates are per 10^9 instructions, whatever else runs",
+}
 # Metric -> the unit of its rate.
 METRICS = {
     "handshake-plain": "handshakes/s",
@@ -214,7 +220,7 @@ def render_init(*, tun_modules: list[str], rounds: int, handshakes: int, calls: 
 
 def run_guest(
     tree: debian.KernelTree, ko: Path, loader: Path, *, rounds: int, handshakes: int, calls: int, timeout: float,
-    log_dir: Path, progress: Callable[[str], None],
+    log_dir: Path, progress: Callable[[str], None], icount: bool = False,
 ) -> Outcome:
     """Boot the kernel with toa.ko, the eBPF engine's LOADER and the peer in bench mode; read the
     measurements back."""
@@ -229,6 +235,7 @@ def run_guest(
         lambda tun_modules: render_init(tun_modules=tun_modules, rounds=rounds, handshakes=handshakes, calls=calls),
         log_dir=log_dir, timeout=timeout, on_line=on_line, say=progress,
         files=[("bin/toa-bpf", Path(loader).read_bytes(), 0o755)],
+        extra_qemu=ICOUNT_QEMU if icount else (),
     )
     return evaluate(result.lines, rounds, timed_out=result.timed_out, returncode=result.returncode)
 
@@ -248,6 +255,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"timed getpeername() calls per metric, side and round (default: {DEFAULT_CALLS})")
     parser.add_argument("--timeout", type=results.positive, default=DEFAULT_TIMEOUT,
                         help=f"seconds before a guest that has not powered off is killed (default: {DEFAULT_TIMEOUT})")
+    parser.add_argument("--icount", action="store_true",
+                        help="time by instructions, not the host's clock: QEMU's -icount makes one guest "
+                             "nanosecond one emulated instruction, so other work on the host moves no ratio "
+                             "(a cost model that counts instructions: memory and caches are not modelled)")
     parser.add_argument("--ko", type=Path,
                         help="measure this toa.ko (built for the same kernel) instead of building toa/module")
     parser.add_argument("--out", type=Path, default=Path("dist"),
@@ -298,6 +309,7 @@ def print_outcome(outcome: Outcome, args: argparse.Namespace, console, err_conso
         "call, their seconds per operation added within each round",
         "QEMU emulates the CPU (TCG), which inflates absolute costs: the rates are not those of real "
         "hardware; the ratios, measured within one boot, are what compare",
+        CLOCKS[args.icount],
     ]
     connection = next((row for row in outcome.rows if row.metric == "connection"), None)
     if connection is not None:
@@ -317,6 +329,7 @@ def document(outcome: Outcome, args: argparse.Namespace, machine: dict, argv: li
         "module": str(args.ko) if args.ko else "toa/module",
         "rounds": args.rounds, "handshakes": args.handshakes, "calls": args.calls,
         "engines": {"toa": "toa.ko", "bpf": "the eBPF engine (toa/bpf, attached by toa-bpf)"},
+        "clock": "instructions" if args.icount else "host",
         "rows": [{"metric": row.metric, "unit": UNITS[row.metric], "baseline": row.baseline,
                   "with_toa": row.with_toa, "ratio": row.ratio, "round_ratios": list(row.round_ratios),
                   "with_bpf": row.with_bpf, "bpf_ratio": row.bpf_ratio,
@@ -369,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 log_dir = ko.parent / "bench"
             bpf = engine_bpf.build(args.out / "bpf", progress=lambda message: progress(f"build: {message}"))
             outcome = run_guest(tree, ko, bpf.loader, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,
-                                timeout=float(args.timeout), log_dir=log_dir, progress=progress)
+                                timeout=float(args.timeout), log_dir=log_dir, progress=progress,
+                                icount=args.icount)
     except ToaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

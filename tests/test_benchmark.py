@@ -380,9 +380,11 @@ def test_deploy_vs_ansible_end_to_end_on_one_guest(tmp_path):
 @pytest.mark.network
 def test_module_overhead_end_to_end_one_round(tmp_path):
     result = _run("module_overhead.py", "--suite", "bookworm", "--rounds", "1", "--handshakes", "200",
-                  "--calls", "2000", "--out", str(tmp_path / "dist"), "--json", str(tmp_path / "overhead.json"))
+                  "--calls", "2000", "--icount", "--out", str(tmp_path / "dist"), "--json", str(tmp_path / "overhead.json"))
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "overhead.json").read_text())
+    # --icount: the guest's clock counts emulated instructions, said in the output and the results
+    assert doc["clock"] == "instructions" and "clock: emulated instructions" in result.stdout
     rows = {row["metric"]: row for row in doc["rows"]}
     assert set(rows) == {*bench.METRICS, "connection"}
     for row in rows.values():

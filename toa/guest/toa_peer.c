@@ -25,6 +25,7 @@
  *                                     benchmark (SIDE: baseline = no engine, toa = the
  *                                     module loaded, bpf = the eBPF engine attached)
  *     toa_peer crowd COUNT [LABEL]    COUNT threads in accept(), then all in getpeername()
+ *     toa_peer crowd-unload COUNT [LABEL]  the same, and rmmod while they are all inside getname
  *                                     on one TOA connection at once (its lock held)
  *
  * The engine under test is toa.ko unless TOA_ENGINE_CTL names the control
@@ -2531,7 +2532,7 @@ static int bench_getpeername(struct lab_net *n, const struct bench_run *run, con
 
 static int bench_accept_getpeername(struct lab_net *n, const struct bench_run *run, const char *name,
 				    int count);
-static int mode_crowd(int count, const char *label);
+static int mode_crowd(int count, const char *label, int unload);
 
 static int mode_bench(const char *side, int round, int handshakes, int calls)
 {
@@ -2561,7 +2562,7 @@ static int usage(void)
 			" fuzz SEED COUNT KINDS REFUSED_FROM | hold READY GO | cycles COUNT KO [PARAMS] |"
 			" cases SEED COUNT KINDS REFUSED_FROM | bench SIDE ROUND HANDSHAKES CALLS |"
 			" tfo | netns | trust-flip PEER_RANGE OTHER_RANGE | trust-bad |"
-			" trust-race COUNT PEER_RANGE OTHER_RANGE | many COUNT | crowd COUNT [LABEL]\n");
+			" trust-race COUNT PEER_RANGE OTHER_RANGE | many COUNT | crowd[-unload] COUNT [LABEL]\n");
 	return 2;
 }
 
@@ -2604,7 +2605,9 @@ int main(int argc, char **argv)
 	if (argc == 3 && !strcmp(argv[1], "many"))
 		return mode_many(atoi(argv[2]));
 	if ((argc == 3 || argc == 4) && !strcmp(argv[1], "crowd"))
-		return mode_crowd(atoi(argv[2]), argc == 4 ? argv[3] : NULL);
+		return mode_crowd(atoi(argv[2]), argc == 4 ? argv[3] : NULL, 0);
+	if ((argc == 3 || argc == 4) && !strcmp(argv[1], "crowd-unload"))
+		return mode_crowd(atoi(argv[2]), argc == 4 ? argv[3] : NULL, 1);
 	return usage();
 }
 
@@ -2876,7 +2879,26 @@ static const char *crowd_connect(struct lab_net *n, int i)
 	return NULL;
 }
 
-static int mode_crowd(int count, const char *label)
+/*
+ * crowd-unload: rmmod runs while every caller is asleep inside getname. It
+ * must wait for them (they come back to toa's code) and finish once they have
+ * returned, each with its TOA address; a module freed under them would crash
+ * the guest.
+ */
+static struct {
+	int rc, error, done;
+} crowd_unloading;
+
+static void *crowd_unload_main(void *arg)
+{
+	(void)arg;
+	crowd_unloading.rc = (int)syscall(SYS_delete_module, "toa", O_NONBLOCK);
+	crowd_unloading.error = crowd_unloading.rc < 0 ? errno : 0;
+	__atomic_store_n(&crowd_unloading.done, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static int mode_crowd(int count, const char *label, int unload)
 {
 	struct uffdio_api api = { .api = UFFD_API };
 	struct uffdio_register reg;
@@ -2888,17 +2910,17 @@ static int mode_crowd(int count, const char *label)
 	struct pollfd pfd;
 	struct uffd_msg msg;
 	pthread_attr_t attr;
-	pthread_t sender_thread;
+	pthread_t sender_thread, unloader;
 	struct rlimit nofile;
 	char detail[512], addr_s[80], first_wrong[96] = "none";
 	const char *why = NULL;
 	int *seen, i, uffd = -1, stalled = 0, created = 0, asleep_max = 0, wrong_accept = 0;
-	int wrong_own = 0, wrong_held = 0, cgroup_prog = 0, ok;
+	int wrong_own = 0, wrong_held = 0, cgroup_prog = 0, ok, unload_waited = 0;
 	long started = now_ms(), deadline;
 	long long missed_before = -1, missed = -1, drained;
 	char name[64];
 
-	snprintf(name, sizeof(name), "%s%scrowd", label ? label : "", label ? "-" : "");
+	snprintf(name, sizeof(name), "%s%scrowd%s", label ? label : "", label ? "-" : "", unload ? "-unload" : "");
 
 	if (count < 1 || count > CROWD_MAX || net_up(&n, 0) < 0)
 		return count < 1 || count > CROWD_MAX ? usage() : 1;
@@ -2998,6 +3020,12 @@ static int mode_crowd(int count, const char *label)
 			break;
 		sleep_ms(entering == count ? 50 : 10);
 	}
+	if (unload) {
+		pthread_create(&unloader, NULL, crowd_unload_main, NULL);
+		sleep_ms(1000);
+		/* Still inside rmmod: it waits for the callers asleep in the original. */
+		unload_waited = !__atomic_load_n(&crowd_unloading.done, __ATOMIC_SEQ_CST);
+	}
 	/* Let the sender go: the lock passes to the sleepers one by one. */
 	zero.range.start = (uintptr_t)sender.page;
 	zero.range.len = 4096;
@@ -3008,6 +3036,8 @@ static int mode_crowd(int count, const char *label)
 	for (i = 0; i < count; i++)
 		pthread_join(crowd.threads[i].thread, NULL);
 	crowd_unlock_getname(cgroup_prog);
+	if (unload)
+		pthread_join(unloader, NULL);
 
 	for (i = 0; i < count; i++) {
 		struct crowd_thread *t = &crowd.threads[i];
@@ -3030,19 +3060,22 @@ static int mode_crowd(int count, const char *label)
 		if (what && !strcmp(first_wrong, "none"))
 			snprintf(first_wrong, sizeof(first_wrong), "%s:%s", what, addr_s);
 	}
-	if (read_stats(&after) == 0)
+	/* Unloaded: no counters to read, and the table went with the module. */
+	if (!unload && read_stats(&after) == 0)
 		missed = stat_value(&after, "probe_missed");
 	for (i = 0; i < count; i++)
 		if (crowd.threads[i].fd >= 0)
 			close_abort(crowd.threads[i].fd);
 	close_abort(crowd.held_fd);
-	drained = wait_entries_drained();
+	drained = unload ? 0 : wait_entries_drained();
 	ok = stalled && sender.sent == 4096 && !wrong_accept && !wrong_own && !wrong_held &&
-	     missed_before == 0 && missed == 0 && drained == 0;
+	     missed_before == 0 && (unload || missed == 0) && drained == 0 &&
+	     (!unload || (unload_waited && crowd_unloading.rc == 0));
 	report(name, ok,
-	       "threads=%d asleep_in_getname_at_once=%d wrong_accept=%d wrong_own=%d wrong_held=%d first_wrong=%s probe_missed=%lld->%lld lock_held=%s cgroup_getpeername_prog=%s sent=%zd/%d drained_to=%lld seconds=%.1f",
+	       "threads=%d asleep_in_getname_at_once=%d wrong_accept=%d wrong_own=%d wrong_held=%d first_wrong=%s probe_missed=%lld->%lld lock_held=%s cgroup_getpeername_prog=%s sent=%zd/%d drained_to=%lld unload=%s seconds=%.1f",
 	       count, asleep_max, wrong_accept, wrong_own, wrong_held, first_wrong, missed_before, missed,
 	       stalled ? "yes" : "no", cgroup_prog > 0 ? "attached" : "none", sender.sent, sender.error, drained,
+	       !unload ? "no" : !unload_waited ? "did-not-wait" : crowd_unloading.rc ? strerror(crowd_unloading.error) : "waited,ok",
 	       (double)(now_ms() - started) / 1000.0);
 	return !ok;
 }

@@ -46,6 +46,7 @@
 #include <linux/spinlock.h>
 #include <linux/string.h>
 #include <linux/vmalloc.h>
+#include <net/inet_common.h>
 #include <net/ipv6.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
@@ -697,27 +698,6 @@ static void toa_forget(const struct sock *sk)
 	rcu_read_unlock();
 }
 
-/* Every getpeername() of a rewritten socket comes here: inline, and no call to enter RCU. */
-static __always_inline bool toa_lookup(const struct sock *sk, struct toa_addr *addr,
-				       struct toa_counters __percpu **counters)
-{
-	struct toa_slot slot = toa_slot_of(sk);
-	struct toa_entry *entry;
-	bool found = false;
-
-	if (!toa_may_have_entry(slot))
-		return false;
-	toa_rcu_read_lock();
-	entry = toa_find(slot, sk);
-	if (entry && entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair) {
-		*addr = entry->addr;
-		*counters = entry->counters;
-		found = true;
-	}
-	toa_rcu_read_unlock();
-	return found;
-}
-
 /* ---------- what the hooks do, whichever mechanism calls them ---------- */
 
 /*
@@ -752,25 +732,43 @@ static __always_inline void toa_write_sockaddr(struct sockaddr *uaddr, const str
 }
 
 /*
- * After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret.
- * addresses_returned is counted through the entry's own pointer: the
- * namespace's counters are there as long as it is alive (see toa_counters_of).
+ * getname (peer) of @sk has filled @uaddr; @slot is @sk's and its signature
+ * bit is set. The entry's address is written straight from the table, under
+ * the inline RCU reader, if it is still @sk's connection (the four-tuple
+ * recorded at the handshake) and fits @uaddr's family. addresses_returned is
+ * counted through the entry's own pointer: the namespace's counters are there
+ * as long as it is alive (see toa_counters_of).
  */
+static __always_inline void toa_rewrite_peer(const struct sock *sk, struct sockaddr *uaddr, struct toa_slot slot)
+{
+	const struct toa_entry *entry;
+
+	toa_rcu_read_lock();
+	hlist_for_each_entry_rcu(entry, &slot.bucket->head, node) {
+		if (entry->sk != sk)
+			continue;
+		if (entry->addrpair == sk->sk_addrpair && entry->portpair == sk->sk_portpair &&
+		    (uaddr->sa_family != AF_INET || entry->addr.family == AF_INET)) {
+			toa_write_sockaddr(uaddr, &entry->addr);
+			if (entry->counters && check_net(sock_net(sk)))
+				this_cpu_inc(entry->counters->value[TOA_ADDRESSES_RETURNED]);
+		}
+		break;
+	}
+	toa_rcu_read_unlock();
+}
+
+/* After inet_getname / inet6_getname(sock, uaddr, peer != 0) returned @ret. */
 static __always_inline void toa_getname_done(struct socket *sock, struct sockaddr *uaddr, int ret)
 {
-	struct toa_counters __percpu *counters = NULL;
 	const struct sock *sk = sock->sk;
-	struct toa_addr addr;
+	struct toa_slot slot;
 
-	if (ret < 0 || !sk || !toa_lookup(sk, &addr, &counters))
+	if (ret < 0 || !sk)
 		return;
-	if (uaddr->sa_family == AF_INET && addr.family != AF_INET)
-		return;
-	toa_write_sockaddr(uaddr, &addr);
-	toa_rcu_read_lock();
-	if (counters && check_net(sock_net(sk)))
-		this_cpu_inc(counters->value[TOA_ADDRESSES_RETURNED]);
-	toa_rcu_read_unlock();
+	slot = toa_slot_of(sk);
+	if (toa_may_have_entry(slot))
+		toa_rewrite_peer(sk, uaddr, slot);
 }
 
 /* inet_sock_destruct(sk), the last destructor of every inet socket: one compare for UDP. */
@@ -1055,11 +1053,19 @@ struct toa_ftrace_hook {
 	unsigned long wrapper;	/* 0: a plain callback */
 	unsigned long fentry;	/* the hooked call site, taken by the first call */
 	unsigned long original;	/* where the wrapper calls the hooked function (toa_ftrace_call_target) */
+	unsigned long function;	/* getname: its address, for a direct call (0: none) */
+	unsigned long stub;	/* getname: the stub its fentry call is sent to */
+	struct ftrace_ops direct_ops;	/* 6.5 and later: the ops a direct call is registered with */
+	bool direct;		/* registered as a direct call (else through ops) */
 };
 
 static bool call_via_entry;
 module_param(call_via_entry, bool, 0444);
 MODULE_PARM_DESC(call_via_entry, "ftrace hooks: wrappers call the original through its entry, passing ftrace again (always where the CPU enforces IBT; default elsewhere: just past its fentry call); reads back the way in use");
+
+static bool direct_calls = true;
+module_param(direct_calls, bool, 0444);
+MODULE_PARM_DESC(direct_calls, "ftrace hooks: exported functions through ftrace direct calls where the kernel has them (default), else through ftrace_ops callbacks like tcp_v6_syn_recv_sock; reads back the way in use");
 
 /* Set at registration, before any callback runs: call_via_entry, or forced by IBT. */
 static bool toa_via_entry;
@@ -1070,6 +1076,7 @@ static DEFINE_PER_CPU(unsigned long, toa_ftrace_missed);
 /* The types the kernel calls them through, which the wrappers must have (checked in toa_ftrace_register). */
 typedef typeof(((struct proto_ops *)NULL)->getname) toa_getname_fn;
 typedef typeof(((struct inet_connection_sock_af_ops *)NULL)->syn_recv_sock) toa_syn_recv_fn;
+typedef typeof(((struct sock *)NULL)->sk_destruct) toa_destruct_fn;
 
 static void toa_destruct_call(unsigned long ip, unsigned long parent_ip, struct ftrace_ops *op,
 			      toa_fregs_t *fregs);
@@ -1082,6 +1089,79 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 static struct sock *toa_tcp_v4_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 static struct sock *toa_tcp_v6_syn_recv_sock(TOA_SYN_RECV_PARAMS);
 
+#ifdef TOA_HAVE_DIRECT_CALLS
+/*
+ * Direct calls. Where the kernel has ftrace direct calls, the fentry call of
+ * a hooked function that the kernel exports (inet_getname, inet6_getname,
+ * tcp_v4_syn_recv_sock, inet_sock_destruct) goes straight to a stub of ours:
+ * no ftrace_ops callback, no saved registers. The stub drops the return
+ * address into the function (its body is not run from there) and jumps to a
+ * wrapper with the function's own type, which now stands where the function
+ * was called; the wrapper does toa's work and calls the original past its
+ * fentry call through a static call (a direct call the kernel patches at
+ * load: no retpoline, and no ENDBR needed under IBT). An exported function's
+ * address comes from the linker, no symbol lookup. tcp_v6_syn_recv_sock is
+ * static: an ftrace_ops hook always. Every call into a wrapper is counted
+ * until its last act, as with the ops hooks; a task between the stub and the
+ * count has passed no voluntary context switch, so unload waits for tasks-RCU
+ * before reading the count as well as after.
+ */
+#define TOA_DIRECT_STUB(stub, wrapper)							\
+	void stub(void);								\
+	asm(".pushsection .text, \"ax\", @progbits\n"					\
+	    /* aligned: from 6.19 an odd direct-call address means "jmp" to ftrace */	\
+	    ".p2align 4\n"								\
+	    ".type " #stub ", @function\n"						\
+	    #stub ":\n\t"								\
+	    TOA_ASM_ENDBR								\
+	    "addq $8, %rsp\n\t"								\
+	    TOA_ASM_UNWIND_HINT_FUNC "\n\t"						\
+	    "jmp " #wrapper "\n\t"							\
+	    ".size " #stub ", . - " #stub "\n\t"					\
+	    ".popsection\n")
+
+/* One hooked function reached by a direct call: its static call, wrapper and stub. */
+#define TOA_DIRECT_HOOK(fn, wrapper, stub)						\
+	DEFINE_STATIC_CALL(fn##_original, fn);						\
+	TOA_DIRECT_STUB(stub, wrapper)
+
+/* The hook table's fields for a function reached by a direct call. */
+#define TOA_DIRECT(fn) .function = (unsigned long)fn, .stub = (unsigned long)toa_##fn##_stub,
+
+#ifdef TOA_DIRECT_INET_GETNAME
+int toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
+TOA_DIRECT_HOOK(inet_getname, toa_inet_getname_direct, toa_inet_getname_stub);
+#define TOA_DIRECT_FIELDS_GETNAME TOA_DIRECT(inet_getname)
+#endif
+#ifdef TOA_DIRECT_INET6_GETNAME
+int toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer);
+TOA_DIRECT_HOOK(inet6_getname, toa_inet6_getname_direct, toa_inet6_getname_stub);
+#define TOA_DIRECT_FIELDS_GETNAME6 TOA_DIRECT(inet6_getname)
+#endif
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
+struct sock *toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS);
+TOA_DIRECT_HOOK(tcp_v4_syn_recv_sock, toa_tcp_v4_syn_recv_sock_direct, toa_tcp_v4_syn_recv_sock_stub);
+#define TOA_DIRECT_FIELDS_SYN_RECV4 TOA_DIRECT(tcp_v4_syn_recv_sock)
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
+void toa_inet_sock_destruct_direct(struct sock *sk);
+TOA_DIRECT_HOOK(inet_sock_destruct, toa_inet_sock_destruct_direct, toa_inet_sock_destruct_stub);
+#define TOA_DIRECT_FIELDS_DESTRUCT TOA_DIRECT(inet_sock_destruct)
+#endif
+#endif /* TOA_HAVE_DIRECT_CALLS */
+#ifndef TOA_DIRECT_FIELDS_GETNAME
+#define TOA_DIRECT_FIELDS_GETNAME
+#endif
+#ifndef TOA_DIRECT_FIELDS_GETNAME6
+#define TOA_DIRECT_FIELDS_GETNAME6
+#endif
+#ifndef TOA_DIRECT_FIELDS_SYN_RECV4
+#define TOA_DIRECT_FIELDS_SYN_RECV4
+#endif
+#ifndef TOA_DIRECT_FIELDS_DESTRUCT
+#define TOA_DIRECT_FIELDS_DESTRUCT
+#endif
+
 #define TOA_REDIRECT_FLAGS (TOA_FTRACE_SAVE_FLAGS | FTRACE_OPS_FL_IPMODIFY | TOA_FTRACE_PERMANENT | \
 			    TOA_FTRACE_UNGUARDED)
 #define TOA_CALLBACK_FLAGS (TOA_FTRACE_SAVE_FLAGS | TOA_FTRACE_PERMANENT)
@@ -1091,22 +1171,26 @@ static struct toa_ftrace_hook toa_ftrace_hooks[TOA_NR_FTRACE_HOOKS] = {
 	[TOA_FH_DESTRUCT] = {
 		.ops = { .func = toa_destruct_call, .flags = TOA_CALLBACK_FLAGS },
 		.symbol = "inet_sock_destruct",
+		TOA_DIRECT_FIELDS_DESTRUCT
 	},
 	[TOA_FH_GETNAME] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet_getname",
 		.wrapper = (unsigned long)toa_inet_getname,
+		TOA_DIRECT_FIELDS_GETNAME
 	},
 	[TOA_FH_GETNAME6] = {
 		.ops = { .func = toa_getname_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "inet6_getname",
 		.optional = true,
 		.wrapper = (unsigned long)toa_inet6_getname,
+		TOA_DIRECT_FIELDS_GETNAME6
 	},
 	[TOA_FH_SYN_RECV4] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
 		.symbol = "tcp_v4_syn_recv_sock",
 		.wrapper = (unsigned long)toa_tcp_v4_syn_recv_sock,
+		TOA_DIRECT_FIELDS_SYN_RECV4
 	},
 	[TOA_FH_SYN_RECV6] = {
 		.ops = { .func = toa_syn_recv_redirect, .flags = TOA_REDIRECT_FLAGS },
@@ -1251,6 +1335,111 @@ static int toa_inet6_getname(struct socket *sock, struct sockaddr *uaddr, int pe
 	return ret;
 }
 
+#ifdef TOA_HAVE_DIRECT_CALLS
+/*
+ * The direct wrappers: every call of the function comes here (getsockname(),
+ * sockets without an address, handshakes without an option too), counted,
+ * since the original returns here.
+ */
+#ifdef TOA_DIRECT_INET_GETNAME
+int notrace toa_inet_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	int ret;
+
+	this_cpu_inc(toa_wrappers_running);
+	ret = static_call(inet_getname_original)(sock, uaddr, peer);
+	if (peer)
+		toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+#endif
+
+#ifdef TOA_DIRECT_INET6_GETNAME
+int notrace toa_inet6_getname_direct(struct socket *sock, struct sockaddr *uaddr, int peer)
+{
+	int ret;
+
+	this_cpu_inc(toa_wrappers_running);
+	ret = static_call(inet6_getname_original)(sock, uaddr, peer);
+	if (peer)
+		toa_getname_done(sock, uaddr, ret);
+	toa_wrapper_done();
+	return ret;
+}
+#endif
+
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
+struct sock * notrace toa_tcp_v4_syn_recv_sock_direct(TOA_SYN_RECV_PARAMS)
+{
+	struct toa_addr addr;
+	bool found;
+	struct sock *child;
+
+	this_cpu_inc(toa_wrappers_running);
+	found = toa_read_ack(sk, skb, &addr);
+	child = static_call(tcp_v4_syn_recv_sock_original)(TOA_SYN_RECV_ARGS);
+	if (found)
+		toa_syn_recv_done(child, &addr);
+	toa_wrapper_done();
+	return child;
+}
+#endif
+
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
+void notrace toa_inet_sock_destruct_direct(struct sock *sk)
+{
+	this_cpu_inc(toa_wrappers_running);
+	if (toa_destruct_wanted(sk))
+		toa_forget(sk);
+	static_call(inet_sock_destruct_original)(sk);
+	toa_wrapper_done();
+}
+#endif
+
+/* Point a wrapper's static call past the fentry call, before any call can reach the wrapper. */
+static void toa_direct_set_original(struct toa_ftrace_hook *hook, unsigned long original)
+{
+	switch (hook - toa_ftrace_hooks) {
+#ifdef TOA_DIRECT_INET_GETNAME
+	case TOA_FH_GETNAME:
+		static_call_update(inet_getname_original, (toa_getname_fn)original);
+		break;
+#endif
+#ifdef TOA_DIRECT_INET6_GETNAME
+	case TOA_FH_GETNAME6:
+		static_call_update(inet6_getname_original, (toa_getname_fn)original);
+		break;
+#endif
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
+	case TOA_FH_SYN_RECV4:
+		static_call_update(tcp_v4_syn_recv_sock_original, (toa_syn_recv_fn)original);
+		break;
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
+	case TOA_FH_DESTRUCT:
+		static_call_update(inet_sock_destruct_original, (toa_destruct_fn)original);
+		break;
+#endif
+	}
+}
+
+static int toa_direct_hook(struct toa_ftrace_hook *hook)
+{
+	unsigned long ip = toa_fentry_of(hook->function);
+	int err;
+
+	toa_direct_set_original(hook, ip + MCOUNT_INSN_SIZE);
+	err = toa_direct_register(&hook->direct_ops, ip, hook->stub);
+	if (err)
+		return err;
+	hook->fentry = ip;
+	hook->direct = true;
+	hook->registered = true;
+	return 0;
+}
+#endif
+
 static __always_inline toa_syn_recv_fn toa_syn_recv_original(enum toa_ftrace_hook_id id)
 {
 	return (toa_syn_recv_fn)READ_ONCE(toa_ftrace_hooks[id].original);
@@ -1284,6 +1473,13 @@ static void toa_ftrace_unhook(struct toa_ftrace_hook *hook)
 {
 	if (!hook->registered)
 		return;
+#ifdef TOA_HAVE_DIRECT_CALLS
+	if (hook->direct) {
+		toa_direct_unregister(&hook->direct_ops, hook->fentry, hook->stub);
+		hook->registered = false;
+		return;
+	}
+#endif
 	/* Returns once no callback of this ops runs, on any CPU, and none will. */
 	unregister_ftrace_function(&hook->ops);
 	/* Frees the filter (ftrace_free_filter() is not exported before 6.1). */
@@ -1296,6 +1492,10 @@ static void toa_ftrace_wait_wrappers(void)
 {
 	unsigned int waited = 0;
 
+#ifdef TOA_HAVE_DIRECT_CALLS
+	/* A task between a stub and its wrapper's count (see "Direct getname") passes no voluntary switch. */
+	synchronize_rcu_tasks();
+#endif
 	for (;;) {
 		long running = 0;
 		int cpu;
@@ -1330,9 +1530,18 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 	char name[64];
 	int err;
 
-	strscpy(name, hook->symbol, sizeof(name));
 	hook->fentry = 0;
 	hook->original = 0;
+#ifdef TOA_HAVE_DIRECT_CALLS
+	if (hook->function && direct_calls) {
+		err = toa_direct_hook(hook);
+		if (!err)
+			return 0;
+		/* For example a BPF trampoline already on it: one direct call per function. */
+		pr_info("%s: no direct call (%d): through ftrace_ops\n", hook->symbol, err);
+	}
+#endif
+	strscpy(name, hook->symbol, sizeof(name));
 	err = ftrace_set_filter(&hook->ops, (unsigned char *)name, strlen(name), 1);
 	if (!err) {
 		err = register_ftrace_function(&hook->ops);
@@ -1345,6 +1554,7 @@ static int toa_ftrace_hook(struct toa_ftrace_hook *hook)
 
 static int toa_ftrace_register(void)
 {
+	char direct_names[128];
 	int i, err;
 
 	/* The wrappers stand in for the kernel's functions: their types must be the same. */
@@ -1352,6 +1562,17 @@ static int toa_ftrace_register(void)
 	BUILD_BUG_ON(!__same_type(&toa_inet6_getname, toa_getname_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock, toa_syn_recv_fn));
 	BUILD_BUG_ON(!__same_type(&toa_tcp_v6_syn_recv_sock, toa_syn_recv_fn));
+#ifdef TOA_HAVE_DIRECT_CALLS
+#ifdef TOA_DIRECT_INET_GETNAME
+	BUILD_BUG_ON(!__same_type(&toa_inet_getname_direct, toa_getname_fn));
+#endif
+#ifdef TOA_DIRECT_TCP_V4_SYN_RECV_SOCK
+	BUILD_BUG_ON(!__same_type(&toa_tcp_v4_syn_recv_sock_direct, toa_syn_recv_fn));
+#endif
+#ifdef TOA_DIRECT_INET_SOCK_DESTRUCT
+	BUILD_BUG_ON(!__same_type(&toa_inet_sock_destruct_direct, toa_destruct_fn));
+#endif
+#endif
 
 	toa_via_entry = call_via_entry || toa_ibt_enforced();
 	call_via_entry = toa_via_entry;
@@ -1370,8 +1591,18 @@ static int toa_ftrace_register(void)
 		toa_ftrace_unregister();
 		return err;
 	}
-	pr_info("hooks: ftrace (%s, calls %s)\n", TOA_FTRACE_MODE,
-		toa_via_entry ? "through the entry" : "past the fentry call");
+	direct_calls = false;
+	direct_names[0] = '\0';
+	for (i = 0; i < TOA_NR_FTRACE_HOOKS; i++) {
+		if (!toa_ftrace_hooks[i].direct)
+			continue;
+		direct_calls = true;
+		strlcat(direct_names, " ", sizeof(direct_names));
+		strlcat(direct_names, toa_ftrace_hooks[i].symbol, sizeof(direct_names));
+	}
+	pr_info("hooks: ftrace (%s, calls %s; direct calls:%s)\n", TOA_FTRACE_MODE,
+		toa_via_entry ? "through the entry" : "past the fentry call",
+		direct_calls ? direct_names : " none");
 	return 0;
 }
 
@@ -1408,6 +1639,9 @@ static int toa_register_hooks(void)
 		pr_err("hooks=ftrace: this kernel cannot redirect a call through ftrace (see toa_compat.h); use hooks=auto or hooks=kretprobe\n");
 		return -EOPNOTSUPP;
 	}
+#endif
+#ifdef TOA_HAVE_FTRACE_HOOKS
+	direct_calls = false;
 #endif
 	err = toa_kretprobe_register();
 	if (!err)

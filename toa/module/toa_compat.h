@@ -376,6 +376,95 @@ static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_
 #endif
 	return fentry_ip;
 }
+
+/*
+ * Direct calls (toa.c, "Direct calls"): the fentry call of an exported hooked
+ * function calls a stub of ours straight, with no ftrace_ops callback and no
+ * register save, and the wrapper reaches the original through a static call, a
+ * direct call the kernel patches (no retpoline, nothing for IBT to check). Needs
+ * ftrace direct calls (what BPF trampolines use: every Debian x86_64 kernel)
+ * and static calls (5.10 and later). register_ftrace_direct() took the call
+ * site until 6.4; since 6.5 it takes an ftrace_ops filtered to it (probe).
+ */
+#if defined(CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS) && defined(CONFIG_HAVE_STATIC_CALL)
+#define TOA_HAVE_DIRECT_CALLS 1
+#include <linux/objtool.h>
+#include <linux/static_call.h>
+#include <asm/orc_types.h>
+#include <asm/unwind_hints.h>
+
+static inline int toa_direct_register(struct ftrace_ops *ops, unsigned long ip, unsigned long stub)
+{
+#ifdef TOA_PROBE_FTRACE_DIRECT_OPS
+	int err = ftrace_set_filter_ip(ops, ip, 0, 1);
+
+	if (err)
+		return err;
+	err = register_ftrace_direct(ops, stub);
+	if (err)
+		ftrace_set_filter_ip(ops, ip, 1, 0);
+	return err;
+#else
+	return register_ftrace_direct(ip, stub);
+#endif
+}
+
+static inline void toa_direct_unregister(struct ftrace_ops *ops, unsigned long ip, unsigned long stub)
+{
+#ifdef TOA_PROBE_FTRACE_DIRECT_OPS
+	unregister_ftrace_direct(ops, stub, true);
+#else
+	unregister_ftrace_direct(ip, stub);
+#endif
+}
+
+/*
+ * Which hooked functions take a direct call: those the kernel exports (their
+ * address is linked; Kbuild reads Module.symvers). tcp_v4_syn_recv_sock was
+ * exported until 6.x; tcp_v6_syn_recv_sock never is. inet6_getname only where
+ * IPv6 is built in: a module referring to it would make toa need ipv6.ko.
+ */
+#ifdef TOA_EXPORTED_INET_GETNAME
+#define TOA_DIRECT_INET_GETNAME 1
+#endif
+#if defined(TOA_EXPORTED_INET6_GETNAME) && IS_BUILTIN(CONFIG_IPV6)
+#define TOA_DIRECT_INET6_GETNAME 1
+#endif
+#ifdef TOA_EXPORTED_TCP_V4_SYN_RECV_SOCK
+#define TOA_DIRECT_TCP_V4_SYN_RECV_SOCK 1
+#endif
+#ifdef TOA_EXPORTED_INET_SOCK_DESTRUCT
+#define TOA_DIRECT_INET_SOCK_DESTRUCT 1
+#endif
+
+/* The stub's annotations: ENDBR where IBT is built in (its address is taken), and for objtool's ORC. */
+#ifdef CONFIG_X86_KERNEL_IBT
+#define TOA_ASM_ENDBR "endbr64\n\t"
+#else
+#define TOA_ASM_ENDBR ""
+#endif
+#ifdef UNWIND_HINT_FUNC
+#define TOA_ASM_UNWIND_HINT_FUNC UNWIND_HINT_FUNC
+#else
+/* 5.10: the hint exists for C only through UNWIND_HINT() itself. */
+#define TOA_ASM_UNWIND_HINT_FUNC UNWIND_HINT(ORC_REG_SP, 8, UNWIND_HINT_TYPE_FUNC, 0)
+#endif
+
+/*
+ * The fentry call site of a function from its address: past the ENDBR that
+ * starts it where IBT is built in (see toa_ftrace_func_start).
+ */
+static __always_inline unsigned long toa_fentry_of(unsigned long func)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	u32 insn;
+
+	if (!get_kernel_nofault(insn, (const u32 *)func) && insn == 0xfa1e0ff3)
+		return func + 4;
+#endif
+	return func;
+}
+#endif
 #endif /* TOA_HAVE_FTRACE_HOOKS */
 
 /*
