@@ -339,7 +339,7 @@ def run_verify(*args: str) -> subprocess.CompletedProcess:
     (["--suite", "bookworm", "--kernel", "6.1.0-56-amd64"], "give one of"),
     (["--vmlinuz", "/nonexistent/vmlinuz"], "give --ko PATH"),
     (["--vmlinuz", "/nonexistent/vmlinuz", "--ko", "x.ko"], "kernel image /nonexistent/vmlinuz not found"),
-    (["--suite", "bookworm", "--seed", "12; rm -rf /"], "--seed must be a non-negative integer"),
+    (["--suite", "bookworm", "--seed", "12; rm -rf /"], "--seed must be a whole number"),
 ])
 def test_verify_task_argument_errors(args, expected):
     result = run_verify(*args)

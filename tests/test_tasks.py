@@ -1,5 +1,8 @@
 """The task layer as a whole: one flag convention for every task."""
 
+import pytest
+
+from tests.cli import assert_one_line_error, toa
 from toa.tasks import ns
 
 
@@ -12,3 +15,16 @@ def test_flags_are_long_only_except_the_test_runners_pytest_style():
             assert shorts == ["f", "k", "m"], shorts
         else:
             assert shorts == [], f"{name} has short flags {shorts}"
+
+
+@pytest.mark.parametrize("task,flag,value", [
+    ("verify", "--cycles", "x"), ("verify", "--fuzz", "-1"), ("verify", "--timeout", "0"), ("verify", "--seed", "1.5"),
+    ("deploy", "--parallel", "0"), ("deploy", "--batch", "many"), ("matrix", "--fuzz", "ten"),
+])
+def test_a_bad_number_is_one_line_naming_the_flag_before_any_work(tmp_path, task, flag, value):
+    """Every task reads its counts with one parser: `verify --cycles x` was a stack trace."""
+    extra = {"verify": ["--suite", "bookworm"], "deploy": ["--hosts", str(tmp_path / "nodes.txt")],
+             "matrix": ["--suite", "bookworm", "--no-readme", "--out", str(tmp_path)]}[task]
+    if task == "deploy":
+        (tmp_path / "nodes.txt").write_text("host1\n")
+    assert_one_line_error(toa(task, *extra, flag, value), flag, "whole number")

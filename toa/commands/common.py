@@ -100,3 +100,18 @@ def module_options(words) -> dict[str, str]:
             raise ToaError(f"invalid --option {word[:40]!r}: give NAME=VALUE, e.g. kinds=254,253")
         options[name] = value
     return options
+
+
+def whole_number(value, flag: str, minimum: int, default: int | None = None) -> int | None:
+    """VALUE of FLAG (e.g. --parallel) as an int of at least MINIMUM (DEFAULT when not given); one line naming
+    the flag otherwise. Tasks declare such flags with a None default, so that invoke hands over the text
+    (an int default makes invoke convert it itself, with a stack trace for `--parallel many`)."""
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise ToaError(f"{flag} must be a whole number of at least {minimum}, not {value!r}")
+    return number

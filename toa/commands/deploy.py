@@ -8,7 +8,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import module_options, print_json, user_errors
+from toa.commands.common import module_options, print_json, user_errors, whole_number
 from toa.errors import ToaError
 
 # deploy.COMMAND_TIMEOUT_SECONDS and SshOptions' timeout, here without importing paramiko (a test ties them)
@@ -46,18 +46,9 @@ def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command
     if engine not in deploy.ENGINES:
         raise ToaError(f"invalid --engine {str(engine)[:40]!r}: give one of {', '.join(deploy.ENGINES)}")
     return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
-                                dry_run=dry_run, command_timeout=_number(command_timeout, "--command-timeout", 1),
+                                dry_run=dry_run, command_timeout=whole_number(command_timeout, "--command-timeout", 1),
                                 kernels=chosen, engine=engine)
 
-
-def _number(value, flag, minimum):
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum:
-        raise ToaError(f"{flag} must be a whole number of at least {minimum}, not {value!r}")
-    return number
 
 
 @contextlib.contextmanager
@@ -116,7 +107,7 @@ ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green",
                       "the module elsewhere); a host switched from one engine to the other keeps only the new one"},
       iterable=["option"], auto_shortflags=False)
 @user_errors
-def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_missing=False, dry_run=False,
+def deploy(c, hosts=None, dist="dist", parallel=None, batch=None, max_fail=None, build_missing=False, dry_run=False,
            json=False, key=None, known_hosts=None, accept_new_host_keys=False, option=None,
            command_timeout=COMMAND_TIMEOUT, kernels="running,next", engine="module"):
     """Install, load and verify toa.ko (or attach the eBPF engine) on the hosts of a nodes file, and
@@ -131,8 +122,8 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
     node_list = inventory.load(hosts)  # every line checked before any connection
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing,
                              dry_run, kernels, engine)
-    parallel, batch = _number(parallel, "--parallel", 1), _number(batch, "--batch", 0)
-    max_fail = _number(max_fail, "--max-fail", 0)
+    parallel, batch = whole_number(parallel, "--parallel", 1, 5), whole_number(batch, "--batch", 0, 0)
+    max_fail = whole_number(max_fail, "--max-fail", 0, 0)
     with _live_steps(node_list) as progress:
         results = deployment.deploy(node_list, options, parallel=parallel, batch=batch, max_fail=max_fail,
                                     progress=progress)
@@ -152,7 +143,7 @@ def deploy(c, hosts=None, dist="dist", parallel=5, batch=0, max_fail=0, build_mi
 
 @task(help=FLEET_HELP, iterable=["option"], auto_shortflags=False)
 @user_errors
-def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
+def status(c, hosts=None, dist="dist", parallel=None, json=False, key=None, known_hosts=None, accept_new_host_keys=False,
            option=None, command_timeout=COMMAND_TIMEOUT):
     """Show each host's toa state: the engine running (module, bpf or none) and where its counters are read,
     kernel, loaded build, installed file, artifact match, autoload files, and whether the kernel the next boot
@@ -165,7 +156,8 @@ def status(c, hosts=None, dist="dist", parallel=5, json=False, key=None, known_h
     node_list = inventory.load(hosts)
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout)
     with _live_steps(node_list) as progress:
-        states = deployment.status(node_list, options, parallel=_number(parallel, "--parallel", 1), progress=progress)
+        states = deployment.status(node_list, options, parallel=whole_number(parallel, "--parallel", 1, 5),
+                                   progress=progress)
     if json:
         print_json("status", [state.as_dict() for state in states])
     else:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, progress, user_errors
+from toa.commands.common import print_json, progress, user_errors, whole_number
 from toa.errors import ToaError
 
 
@@ -30,7 +30,7 @@ from toa.errors import ToaError
       auto_shortflags=False)
 @user_errors
 def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, headers=None, json=False,
-           log_dir=None, timeout=900, cycles=100, fuzz=1000, seed=None, sig_enforce=False, engine="module"):
+           log_dir=None, timeout=None, cycles=None, fuzz=None, seed=None, sig_enforce=False, engine="module"):
     """Boot a real kernel under QEMU, load toa.ko (or attach the eBPF engine) in it and prove every TOA rule
     with real handshakes."""
     from rich.console import Console
@@ -40,6 +40,9 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
 
     if engine not in lab.ENGINES:
         raise ToaError(f"--engine must be one of {', '.join(lab.ENGINES)}, not {engine!r}")
+    timeout, cycles, fuzz = (whole_number(timeout, "--timeout", 1, 900), whole_number(cycles, "--cycles", 0, 100),
+                             whole_number(fuzz, "--fuzz", 0, 1000))
+    seed = whole_number(seed, "--seed", 0)
     # The eBPF engine needs toa.ko only to show that a kernel enforcing signatures refuses it.
     needs_ko = engine == "module" or sig_enforce
     if sum(bool(x) for x in (kernel, vmlinuz)) + (bool(suite) and not vmlinuz) != 1:
@@ -94,8 +97,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
         report = lab.verify(
             vmlinuz_path, ko_path, release, modules_dir,
             log_dir=Path(log_dir) if log_dir else default_log_dir,
-            timeout=float(timeout), cycles=int(cycles), fuzz=int(fuzz),
-            seed=int(seed) if seed is not None else None, progress=lab_step, sig_enforce=sig_enforce,
+            timeout=float(timeout), cycles=cycles, fuzz=fuzz, seed=seed, progress=lab_step, sig_enforce=sig_enforce,
             engine=engine, bpf=bpf,
         )
     if json:

@@ -5,19 +5,10 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, user_errors
+from toa.commands.common import print_json, user_errors, whole_number
 from toa.debian import SUITES as DEBIAN_SUITES
 from toa.errors import ToaError
 
-
-def _count(value, flag, minimum):
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum:
-        raise ToaError(f"--{flag} must be an integer >= {minimum}, not {value!r}")
-    return number
 
 
 # Lighter lab settings than `invoke verify`'s (fuzz 1000, cycles 100): the matrix boots every kernel.
@@ -36,7 +27,7 @@ def _count(value, flag, minimum):
             "plan": "print every row and the command it runs (here and on GitHub) instead of running",
             "json": "with --plan: print JSON (the workflow reads its job matrices from it)"})
 @user_errors
-def matrix(c, suite=None, fuzz=200, cycles=10, timeout=900, seed=None, out="docs", dist="dist",
+def matrix(c, suite=None, fuzz=None, cycles=None, timeout=None, seed=None, out="docs", dist="dist",
            readme="README.md", no_readme=False, plan=False, json=False):
     """Build and prove (QEMU lab) each Debian suite's newest kernel; write docs/matrix.md and .json."""
     from rich.console import Console
@@ -54,8 +45,8 @@ def matrix(c, suite=None, fuzz=200, cycles=10, timeout=900, seed=None, out="docs
     if json:
         raise ToaError("--json goes with --plan; a run writes its JSON to --out")
     settings = matrices.LabSettings(
-        fuzz=_count(fuzz, "fuzz", 0), cycles=_count(cycles, "cycles", 0), timeout=_count(timeout, "timeout", 1),
-        seed=_count(seed, "seed", 0) if seed is not None else None,
+        fuzz=whole_number(fuzz, "--fuzz", 0, 200), cycles=whole_number(cycles, "--cycles", 0, 10),
+        timeout=whole_number(timeout, "--timeout", 1, 900), seed=whole_number(seed, "--seed", 0),
     )
     readme_path = None if no_readme else Path(readme)
     if readme_path is not None:
