@@ -92,7 +92,7 @@ def test_the_state_command_reads_the_engine_in_the_same_round_trip():
 
 @pytest.mark.parametrize("kernel,init,facts,wanted,expected", [
     (RELEASE, "systemd", KERNEL_OK, "auto", "bpf"),
-    ("5.10.0-46-amd64", "systemd", KERNEL_OK, "auto", "bpf"),
+    ("5.10.0-40-amd64", "systemd", KERNEL_OK, "auto", "bpf"),
     ("5.4.0-150-generic", "systemd", KERNEL_OK, "auto", "module"),  # older than 5.10
     ("3.10.0-1160.el7.x86_64", "systemd", "", "auto", "module"),  # CentOS 7
     (RELEASE, "sysv", KERNEL_OK, "auto", "module"),  # no systemd to attach it at boot

@@ -13,11 +13,10 @@ disk), where toa must be loaded at boot with its option and `TOA: toa loaded` in
 from __future__ import annotations
 
 import contextlib
-import json
 
 import pytest
 
-from tests.cli import toa
+from tests.cli import json_items, toa
 from toa import build, debian, deploy, guests
 from toa import kernel as kernels
 
@@ -74,7 +73,7 @@ def _fleet_args(guest, tmp_path, dist):
 def _deploy(guest, tmp_path, dist):
     result = toa("deploy", *_fleet_args(guest, tmp_path, dist), "--option", OPTION, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
-    row = json.loads(result.stdout)["hosts"][0]
+    row = json_items(result, "deploy")[0]
     assert row["action"] == "installed", row
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
 
@@ -82,7 +81,7 @@ def _deploy(guest, tmp_path, dist):
 def _status(guest, tmp_path, dist):
     result = toa("status", *_fleet_args(guest, tmp_path, dist), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)["hosts"][0]
+    return json_items(result, "status")[0]
 
 
 def _upload(guest, files):
