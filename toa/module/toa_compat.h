@@ -366,15 +366,20 @@ static __always_inline bool toa_ibt_enforced(void)
  * through is_endbr(), which is not exported to modules.) Without IBT the call
  * site is the start.
  */
-static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip)
+static __always_inline bool toa_is_endbr(unsigned long addr)
 {
 #ifdef CONFIG_X86_KERNEL_IBT
 	u32 insn;
 
-	if (!get_kernel_nofault(insn, (const u32 *)(fentry_ip - 4)) && insn == 0xfa1e0ff3)
-		return fentry_ip - 4;
+	return !get_kernel_nofault(insn, (const u32 *)addr) && insn == 0xfa1e0ff3;
+#else
+	return false;
 #endif
-	return fentry_ip;
+}
+
+static __always_inline unsigned long toa_ftrace_func_start(unsigned long fentry_ip)
+{
+	return toa_is_endbr(fentry_ip - 4) ? fentry_ip - 4 : fentry_ip;
 }
 
 /*
@@ -456,13 +461,7 @@ static inline void toa_direct_unregister(struct ftrace_ops *ops, unsigned long i
  */
 static __always_inline unsigned long toa_fentry_of(unsigned long func)
 {
-#ifdef CONFIG_X86_KERNEL_IBT
-	u32 insn;
-
-	if (!get_kernel_nofault(insn, (const u32 *)func) && insn == 0xfa1e0ff3)
-		return func + 4;
-#endif
-	return func;
+	return toa_is_endbr(func) ? func + 4 : func;
 }
 #endif
 #endif /* TOA_HAVE_FTRACE_HOOKS */
