@@ -48,6 +48,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import posixpath
@@ -63,7 +64,7 @@ from typing import Callable
 
 import paramiko
 
-from toa import artifacts, build, detect, engine_bpf, preflight, remote, render
+from toa import artifacts, build, detect, engine_bpf, preflight, remote, render, targets
 from toa.artifacts import Artifact
 from toa import kernel as kernels
 from toa.errors import ToaError
@@ -140,37 +141,42 @@ def _temp_prefix(path: str, mark: str = FILE_TEMP_MARK) -> str:
     return f"{directory}/.{name}{mark}"
 
 
-def state_command(module_file: str, release: str, files: list[AutoloadFile],
-                  others: tuple[tuple[str, str], ...] = ()) -> str:
-    """One command that prints a host's module state as @@-tagged lines (see parse_state); OTHERS:
-    (release, module file) of the other kernels whose toa.ko is wanted too."""
+def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry: str | None) -> list[str]:
+    """The state lines of one module path. Shell words: MODULE and TEMP_PREFIX expand to the path and
+    its temp names' prefix, MODULES_DEP to the modules.dep that indexes ENTRY (None: not indexed)."""
     q = shlex.quote
-    entry = modules_dep_entry(module_file, release)
     lines = [
-        PATH_SETTING,
-        f"m={q(module_file)}",
-        'if [ -d /sys/module/toa ]; then echo "@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
-        'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+        f"m={module}",
         'if [ -f "$m" ]; then echo "@@installed $(sha256sum < "$m" | cut -d" " -f1) '
         '$(modinfo -F srcversion "$m" 2>/dev/null)"; fi',
     ]
     if entry is not None:
-        lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {q(f'/lib/modules/{release}/modules.dep')} "
-                     "&& echo @@indexed")
+        lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {modules_dep} && echo @@indexed")
+    # temp names beside the path and, for a symlink written where it points, beside its target
+    lines.append(
+        'f=$m; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+        'if [ "$r" != "$f" ]; then echo "@@resolved m $(printf %s "$r" | base64 -w0)"; fi; '
+        f'for t in {temp_prefix}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(MODULE_TEMP_MARK)}*; do '
+        'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    return lines
+
+
+def _file_lines(files: list[AutoloadFile]) -> list[str]:
+    """The state lines of FILES (numbered in their order): content, mode, link target, temp names."""
+    q = shlex.quote
+    lines = []
     # temp names beside each path and, for a symlink written where it points, beside its target
     # (globs: the quoted fixed part, then an unquoted *)
-    written = [("m", module_file, MODULE_TEMP_MARK)] + [
-        (str(index), f.path, FILE_TEMP_MARK) for index, f in enumerate(files) if f.kind != "symlink"]
-    for key, path, mark in written:
-        lines.append(
-            f'f={q(path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
-            f'if [ "$r" != "$f" ]; then echo "@@resolved {key} $(printf %s "$r" | base64 -w0)"; fi; '
-            f'for t in {q(_temp_prefix(path, mark))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(mark)}*; do '
-            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-    for f in files:
+    for index, f in enumerate(files):
         if f.kind == "symlink":
             lines.append(f"for t in {q(_temp_prefix(f.path))}*; do "
                          'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+        else:
+            lines.append(
+                f'f={q(f.path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+                f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
+                f'for t in {q(_temp_prefix(f.path))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(FILE_TEMP_MARK)}*; do '
+                'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
     for index, entry_file in enumerate(files):
         if entry_file.kind == "symlink":
             lines.append(
@@ -183,6 +189,25 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
                 f"f={q(entry_file.path)}; "
                 f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
                 f'else echo "@@absent {index}"; fi')
+    return lines
+
+
+_LOADED_LINES = [
+    'if [ -d /sys/module/toa ]; then echo "@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
+    'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+]
+
+
+def state_command(module_file: str, release: str, files: list[AutoloadFile],
+                  others: tuple[tuple[str, str], ...] = ()) -> str:
+    """One command that prints a host's module state as @@-tagged lines (see parse_state); OTHERS:
+    (release, module file) of the other kernels whose toa.ko is wanted too."""
+    q = shlex.quote
+    entry = modules_dep_entry(module_file, release)
+    lines = [PATH_SETTING, *_LOADED_LINES,
+             *_module_lines(q(module_file), q(_temp_prefix(module_file, MODULE_TEMP_MARK)),
+                            q(f"/lib/modules/{release}/modules.dep"), entry),
+             *_file_lines(files)]
     for other, other_file in others:
         # toa's own file, else any toa.ko that kernel has (a DKMS or kmod package's)
         lines.append(
@@ -192,6 +217,128 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
     return "\n".join(lines) + "\ntrue\n"
 
 
+# ---------------------------------------------------------------- facts: everything in one round trip
+
+# A release that stands for the host's own in the paths the facts command reads before it knows which
+# target the host is: replaced by the shell's $r (its `uname -r`, checked) or $o (another kernel's).
+RELEASE_SLOT = "0.0.0-toa-release-slot"
+STATE_BEGINS = "@@toa-state-begins"
+_SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
+
+
+def _release_path(path: str, variable: str) -> str:
+    """PATH (rendered for RELEASE_SLOT) as a double-quoted shell word in which $VARIABLE is the release."""
+    if not _SHELL_SAFE_PATH.fullmatch(path):
+        raise ToaError(f"toa renders an unexpected module path {path!r}: please report it")
+    return '"' + path.replace(RELEASE_SLOT, "${" + variable + "}") + '"'
+
+
+@functools.lru_cache(maxsize=1)
+def module_layouts() -> tuple[str, ...]:
+    """Where toa.ko lives on a host of any target, rendered for RELEASE_SLOT."""
+    return tuple(sorted({render.module_path(t, RELEASE_SLOT) for t in targets.all_targets().values()}))
+
+
+@functools.lru_cache(maxsize=1)
+def readable_files() -> tuple[AutoloadFile, ...]:
+    """Every file a deploy or status may look at on a host of any target and init: the autoload files,
+    the kernel hooks' module sources and the eBPF engine's boot files (one entry per path)."""
+    found: dict[str, AutoloadFile] = {}
+    for target in targets.all_targets().values():
+        for init in render.INITS:
+            try:
+                entries = render.autoload_files(target, RELEASE_SLOT, init=init)
+            except ToaError:  # a target that loads modules only through systemd, without it
+                continue
+            for entry in entries + render.hook_sources(target):
+                found.setdefault(entry.path, entry)
+    for entry in render.bpf_files():
+        found.setdefault(entry.path, entry)
+    return tuple(found.values())
+
+
+def facts_command(sudo: bool) -> str:
+    """One command for everything a deploy or status reads on a host (see parse_facts): whether it
+    runs as root (else through `sudo -n`, where SUDO allows it), the platform
+    (detect.REMOTE_FACTS_COMMAND) and, as root, the module and engine state. Which target the host is
+    cannot be known before the platform is parsed, so the state covers every target's module path
+    (each under an @@module line) for the running kernel, every other installed kernel's toa.ko, and
+    every file any target's deploy writes."""
+    q = shlex.quote
+    modules = []
+    for layout in module_layouts():
+        entry = modules_dep_entry(layout, RELEASE_SLOT)
+        modules += [f'echo "@@module "{_release_path(layout, "r")}',
+                    *_module_lines(_release_path(layout, "r"),
+                                   _release_path(_temp_prefix(layout, MODULE_TEMP_MARK), "r"),
+                                   '"/lib/modules/$r/modules.dep"', entry)]
+    own = " ".join(_release_path(layout, "o") for layout in module_layouts())
+    state = "\n".join([
+        PATH_SETTING,
+        # a release that is not one (detect refuses it too) reads nothing
+        'r=$(uname -r); case "$r" in ""|*[!A-Za-z0-9._+~-]*|*..*) r=not-a-release;; esac',
+        *_LOADED_LINES, *modules, "echo '@@module -'",
+        *_file_lines(list(readable_files())),
+        # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
+        # (a DKMS or kmod package's)
+        'seen=" $r "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
+        'case "$o" in ""|*[!A-Za-z0-9._+~-]*|*..*) continue;; esac; '
+        'case "$seen" in *" $o "*) continue;; esac; seen="$seen$o "; [ -d "$d" ] || continue; p=; '
+        f'for f in {own}; do if [ -f "$f" ]; then p=$f; break; fi; done; '
+        'if [ -n "$p" ]; then echo "@@other $o $(sha256sum < "$p" | cut -d" " -f1) $p"; '
+        "else p=$(find \"$d\" -name 'toa.ko*' 2>/dev/null | head -n 1); echo \"@@other $o - ${p:--}\"; fi; done",
+        bpf_state_command(),
+        "true", ""])
+    become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s"; '
+              'else echo @@toa-nosudo; fi' if sudo else "else echo @@toa-notroot; fi")
+    return "\n".join([
+        'echo "@@toa-uid $(id -u)"',
+        detect.REMOTE_FACTS_COMMAND,
+        f"s={q(state)}",
+        f'if [ "$(id -u)" = 0 ]; then echo {STATE_BEGINS}; sh -c "$s"',
+        become, ""])
+
+
+class HostRefused(ToaError):
+    """The host is what toa cannot deploy to (not root without sudo, an unsupported platform): said as it is."""
+
+
+@dataclass
+class Facts:
+    """What one facts_command told: the platform, whether toa runs commands as root through sudo,
+    and the state for the host's own target (module path, other kernels)."""
+
+    platform: detect.Platform
+    sudo: bool
+    state: ModuleState
+
+
+def parse_facts(output: str, user: str) -> Facts:
+    """Parse facts_command's output from a host reached as USER. Pure; a host where toa cannot
+    become root is a one-line ToaError."""
+    head, begins, state_text = output.partition(f"\n{STATE_BEGINS}\n")
+    if not begins and output.startswith(STATE_BEGINS + "\n"):
+        head, begins, state_text = "", True, output[len(STATE_BEGINS) + 1:]
+    uid = next((line.split()[1] for line in head.splitlines()
+                if line.startswith("@@toa-uid ") and len(line.split()) == 2), None)
+    if "\n@@toa-notroot" in "\n" + head:
+        raise HostRefused(f"{user} is not root and sudo=no for this host: connect as root or set sudo=yes in the nodes file")
+    if "\n@@toa-nosudo" in "\n" + head:
+        raise HostRefused(f"{user} cannot run `sudo -n` without a password: allow it in sudoers or connect as root")
+    if uid is None or not begins:
+        raise ToaError("the facts command printed no state: is the login shell a POSIX shell?")
+    platform = detect.identify(detect.parse_remote_facts(head))
+    validate_release(platform.kernel or "")
+    if platform.target is None:
+        raise HostRefused(f"{platform.support}; toa cannot tell how it loads modules at boot")
+    module_file = render.module_path(platform.target, platform.kernel)
+    state = parse_state(state_text, list(readable_files()), module_file)
+    for release, (sha, path) in list(state.others.items()):
+        if sha is not None and path != render.module_path(platform.target, release):
+            state.others[release] = (None, path)  # another target's place: a toa.ko, not toa's own here
+    return Facts(platform, uid != "0", state)
+
+
 def _unbase64(text: str, what: str) -> str:
     try:
         return base64.b64decode(text, validate=True).decode()
@@ -199,10 +346,13 @@ def _unbase64(text: str, what: str) -> str:
         raise ToaError(f"{what} is not base64 of text") from None
 
 
-def parse_state(output: str, files: list[AutoloadFile]) -> ModuleState:
-    """Parse state_command's output. Pure. Lines without a tag (a login banner, ...) are ignored; a
-    tagged line that is not what state_command prints is a ToaError."""
+def parse_state(output: str, files: list[AutoloadFile], module_file: str | None = None) -> ModuleState:
+    """Parse state_command's output (or the state part of facts_command's). Pure. Lines without a tag
+    (a login banner, ...) are ignored; a tagged line that is not what state_command prints is a
+    ToaError. Lines about a module path come after an `@@module PATH` line where the command read
+    several: only MODULE_FILE's count."""
     state = ModuleState(files={f.path: None for f in files})
+    section = None  # the module path the lines read are about; "-": past them all
 
     def entry(word: str) -> AutoloadFile:
         if not word.isdigit() or int(word) >= len(files):
@@ -214,6 +364,12 @@ def parse_state(output: str, files: list[AutoloadFile]) -> ModuleState:
         if not tag.startswith("@@"):
             continue
         words = rest.split()
+        if tag == "@@module" and rest:
+            section = rest
+            continue
+        if section not in (None, "-", module_file) and (
+                tag in ("@@installed", "@@indexed", "@@stale") or (tag == "@@resolved" and words[:1] == ["m"])):
+            continue  # another target's module path
         try:
             _parse_state_line(state, tag, rest, words, entry)
         except (ToaError, IndexError) as exc:
@@ -702,10 +858,11 @@ class HostResult:
     detail: str = ""
     changes: list[str] = field(default_factory=list)
     engine: str | None = None  # module or bpf, once chosen
+    script: str | None = None  # a dry run's: the apply script a run would send (apply_script)
 
     def as_dict(self) -> dict:
         return {"host": self.host, "kernel": self.kernel, "action": self.action, "detail": self.detail,
-                "changes": self.changes, "engine": self.engine}
+                "changes": self.changes, "engine": self.engine, "script": self.script}
 
 
 @dataclass(frozen=True)
@@ -729,14 +886,14 @@ class Host:
     COMMAND_TIMEOUT seconds; once one was cut short or the connection broke, the connection is lost:
     nothing more runs over it (see reconnect)."""
 
-    def __init__(self, node: Node, ssh: remote.SshOptions, command_timeout: float):
+    def __init__(self, node: Node, ssh: remote.SshOptions, command_timeout: float, sudo: str = ""):
         self.node, self.ssh, self.command_timeout = node, ssh, command_timeout
         self.lost = False
+        self.sudo = sudo  # "sudo -n " once the facts said the login is not root (read_facts)
         key = str(node.key) if node.key else ssh.key_filename
         self.conn = remote.connect(node.spec, dataclasses.replace(ssh, key_filename=key))
         try:
             remote.limit(self.conn, command_timeout)
-            self.sudo = self._sudo_prefix()
         except BaseException:
             self.conn.close()
             raise
@@ -746,17 +903,15 @@ class Host:
         timeout of at most RECONNECT_SECONDS."""
         self.close()
         ssh = dataclasses.replace(self.ssh, timeout=min(self.ssh.timeout, RECONNECT_SECONDS))
-        return Host(self.node, ssh, self.command_timeout)
+        return Host(self.node, ssh, self.command_timeout, self.sudo)
 
-    def _sudo_prefix(self) -> str:
-        if self.run_as_user("id -u", "id -u").strip() == "0":
-            return ""
+    def read_facts(self) -> Facts:
+        """The platform and state in one round trip (facts_command); root or sudo settled by it."""
         user = self.node.spec.user or self.conn.user
-        if not self.node.sudo:
-            raise ToaError(f"{user} is not root and sudo=no for this host: connect as root or set sudo=yes in the nodes file")
-        if self._call("sudo -n true", lambda: remote.execute(self.conn, "sudo -n true", "sudo -n true")).failed:
-            raise ToaError(f"{user} cannot run `sudo -n` without a password: allow it in sudoers or connect as root")
-        return "sudo -n "
+        output = self.run_as_user(facts_command(self.node.sudo), "reading the facts")
+        facts = self.parse("reading the facts", lambda text: parse_facts(text, user), output)
+        self.sudo = "sudo -n " if facts.sudo else ""
+        return facts
 
     def _call(self, what: str, operation: Callable):
         if self.lost:
@@ -773,22 +928,18 @@ class Host:
     def run_as_root(self, script: str, what: str) -> str:
         return self._call(what, lambda: remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}", what))
 
+    def stream(self, command: str, stdin: bytes, what: str, on_line) -> remote.Streamed:
+        return self._call(what, lambda: remote.run_streaming(self.conn, command, stdin, what, on_line))
+
     def put(self, local: Path, path: str) -> None:
         self._call("upload", lambda: remote.put(self.conn, str(local), path))
-
-    def detect(self) -> detect.Platform:
-        """The host's platform; its kernel release checked."""
-        def identify(output: str) -> detect.Platform:
-            platform = detect.identify(detect.parse_remote_facts(output))
-            validate_release(platform.kernel or "")
-            return platform
-
-        return self.parse("detect", identify, self.run_as_user(detect.REMOTE_FACTS_COMMAND, "detect"))
 
     def parse(self, what: str, parser: Callable, output: str):
         """PARSER(OUTPUT); output it cannot make sense of is a ToaError naming the host and WHAT."""
         try:
             return parser(output)
+        except HostRefused:
+            raise
         except (ToaError, ValueError, IndexError) as exc:
             raise ToaError(f"unexpected output from {self.node.name} ({what}): {exc}") from None
 
@@ -973,35 +1124,262 @@ def _depmod(host: Host, release: str) -> None:
     host.run_as_root(f"{PATH_SETTING}\ndepmod -a {shlex.quote(release)}\n", "depmod")
 
 
-def _apply(host: Host, plan: Plan, artifact: Artifact, module_file: str, parameters: dict[str, str],
-           done: _Done, say) -> None:
-    release = artifact.release
+# ---------------------------------------------------------------- the apply: one script per host
+
+RUN_PREFIX = "/tmp/toa-deploy."  # + a random token: the apply's directory (upload, script, log)
+_TOKEN = re.compile(r"[0-9a-f]{16}")
+# Seconds a reconnect waits for the log of an apply the lost connection left running.
+COLLECT_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A file the apply carries on its stdin, before the script: bytes OFFSET.. of the upload."""
+
+    local: Path
+    sha256: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ApplyScript:
+    """The script that applies a plan on one host, and the files it carries."""
+
+    text: str
+    payloads: tuple[Payload, ...]
+
+    def upload(self) -> bytes:
+        """What the apply command reads on its stdin: the payloads, then the script."""
+        return b"".join(payload.local.read_bytes() for payload in self.payloads) + self.text.encode()
+
+
+# The apply command: runs as root with the upload on stdin (see run_apply). It checks the upload
+# whole, then starts the script in its own session with its output in a log, SIGHUP and SIGPIPE
+# ignored: a connection dropped from here on stops neither the script nor its rollback, and the log
+# is where a reconnect reads the outcome. The log streams back while the connection lives.
+_APPLY_COMMAND = "\n".join([
+    PATH_SETTING, "umask 077",
+    'd=/tmp/toa-deploy.$1; mkdir -m 700 -- "$d" || { echo "cannot create $d" >&2; exit 1; }',
+    'cat > "$d/in"',
+    'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
+    '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
+    "fi",
+    'tail -c +"$(($4 + 1))" "$d/in" > "$d/apply.sh"',
+    "trap '' HUP PIPE",
+    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
+    'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
+    'pid=$!',
+    'tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"',
+    'wait "$pid"',
+    # the log stays for a reconnect unless this end can still say it was read to its end
+    'rm -f -- "$d/in" "$d/apply.sh"; if echo @@toa-collected; then rm -rf -- "$d"; fi',
+    ""])
+
+
+def _collect_command(token: str) -> str:
+    """After a lost connection: wait for the apply's log to end, print it, then remove its directory."""
+    return "\n".join([
+        f"d={RUN_PREFIX}{token}; i=0",
+        f'while [ $i -lt {COLLECT_SECONDS} ] && ! grep -qs "^@@end" "$d/log"; do sleep 1; i=$((i + 1)); done',
+        'cat -- "$d/log" 2>/dev/null; if grep -qs "^@@end" "$d/log"; then rm -rf -- "$d"; fi; true', ""])
+
+
+def _load_check_script(artifact: Artifact, parameters: dict[str, str]) -> str:
+    """The script's own check of a load (check_load's, in the shell: the rollback is decided there);
+    $d/load holds load_command's output."""
+    q = shlex.quote
+    lines = [
+        'if grep -q "^@@rmmod" "$d/load"; then exit 1; fi',
+        'grep -qx "@@exit 0" "$d/load" || exit 1',
+        f'grep "^@@log " "$d/load" | grep -qF {q(LOADED_MESSAGE)} || exit 1',
+        f'[ "$(cat /sys/module/toa/srcversion 2>/dev/null)" = {q(artifact.srcversion)} ] || exit 1',
+    ]
+    lines += [f'[ "$(cat /sys/module/toa/parameters/{name} 2>/dev/null)" = {q(value)} ] || exit 1'
+              for name, value in parameters.items()]
+    return "\n".join(lines)
+
+
+def _install_script(payload: Payload, name: str, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
+    """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script)."""
+    staged = f'"$d/{name}"'
+    return "\n".join([
+        f"tail -c +{payload.offset + 1} \"$d/in\" | head -c {payload.size} > {staged}",
+        f'[ {_sha_of(staged[1:-1])} = {payload.sha256} ] || '
+        f'{{ echo "the uploaded {name} has another sha256 than the artifact: run again" >&2; exit 1; }}',
+        _replace_script(path, create=f'cat -- {staged} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {payload.sha256} ]',
+                        same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {payload.sha256} ]', mode=mode, mark=mark,
+                        before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi'),
+    ])
+
+
+def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: dict[str, str],
+                 state: ModuleState, others: list[OtherKernel] = ()) -> ApplyScript:
+    """The one script that applies PLAN (and toa.ko for OTHERS) on a host in STATE, with the rollback
+    of the steps it started in the same script. Each step runs in a subshell (set -e holds there);
+    the first that fails stops the rest, and the undo of every step started runs in reverse. Its
+    output: `@@step NAME` as each step starts, load_command's lines, `@@failed WHAT` and the error
+    lines, `@@undo-failed WHAT: WHY`, then `@@result ok|rolled-back|rollback-incomplete` and `@@end`."""
+    q = shlex.quote
+    payloads, offset = [], 0
+    for local, sha in [(artifact.ko, artifact.sha256)] * plan.install + [(o.artifact.ko, o.artifact.sha256) for o in others]:
+        size = local.stat().st_size
+        payloads.append(Payload(local, sha, offset, size))
+        offset += size
+    done = _Done(installed=plan.install, load_attempted=bool(plan.load), files=list(plan.files),
+                 others=[(o.module_file, o.release, o.replaces) for o in others], bpf_changed=plan.detach_bpf)
+    flags: dict[str, str] = {}  # a step's key (see _done_keys) -> its shell flag
+
+    def flag(key: str) -> str:
+        return flags.setdefault(key, f"s{len(flags)}")
+
+    lines = [f"# toa {artifact.srcversion} for {artifact.release}: applied by `invoke deploy` as one script",
+             PATH_SETTING, 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
+
+    def step(name: str, what: str, script: str, key: str | None = None, output: str = "") -> None:
+        lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', f"echo {q('@@step ' + name)}"])
+        if key:
+            lines.append(f"{flag(key)}=1")
+        lines.extend(["(", script.rstrip("\n"), f"){output}",
+                      f'[ $? -eq 0 ] || {{ failed=1; echo {q("@@failed " + what)}; }}', "fi", ""])
+
     if plan.stale:
-        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
-                         "removing temp files of an interrupted run")
+        step("stale", "removing temp files of an interrupted run",
+             f"rm -f {' '.join(q(path) for path in plan.stale)}\nsync")
     if plan.install:
-        done.installed = True  # from here on the rollback restores the previous file
-        _install_module(host, artifact, module_file, say)
-        say("installed")
+        step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], "toa.ko", module_file),
+             "install")
+        lines.extend(['[ -n "$failed" ] || echo "@@step installed"', ""])
     if plan.depmod:
-        say("depmod")
-        _depmod(host, release)
+        step("depmod", "depmod", f"depmod -a {q(artifact.release)}")
     if plan.detach_bpf:
-        say("detach bpf")
-        done.bpf_changed = True
-        host.run_as_root(_detach_bpf_script(), "detaching the eBPF engine")
+        step("detach bpf", "detaching the eBPF engine", _detach_bpf_script(), "bpf")
     if plan.load:
-        say(plan.load)
-        done.load_attempted = True
         marker = f"toa-deploy: load {secrets.token_hex(8)}"
         # every wanted parameter on the command line: they come after, and win over, any options
         # an older /etc/modprobe.d/toa.conf still gives until the autoload files are rewritten
-        output = host.run_as_root(load_command(module_file, release, render.module_options(parameters), marker,
-                                               reload=plan.load == "reload"), f"{plan.load} toa")
-        check_load(host.parse(f"{plan.load} toa", parse_load, output), artifact, parameters)
-    _change_files(host, plan.files, done, say)
+        load = load_command(module_file, artifact.release, render.module_options(parameters), marker,
+                            reload=plan.load == "reload")
+        step(plan.load, f"{plan.load} toa", f"{load}) > \"$d/load\" 2>&1\ncat \"$d/load\"\n(\n"
+             f"{_load_check_script(artifact, parameters)}", "load")
+    for change in plan.files:
+        if change.text is None:
+            script = _remove_file_script(change.entry.path, resolve=_writes(change.entry)["resolve"])
+        else:
+            kind = "symlink" if change.entry.kind == "symlink" else "file"
+            script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
+        step("autoload", f"{'removing' if change.text is None else 'writing'} {change.entry.path}", script,
+             f"file:{change.entry.path}")
     if plan.detach_bpf:
-        _daemon_reload(host)
+        step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
+    for index, other in enumerate(others, start=int(plan.install)):
+        depmod = f"depmod -a {q(other.release)}" if modules_dep_entry(other.module_file, other.release) else ""
+        step("other kernel", f"installing toa.ko for {other.release}",
+             _install_script(payloads[index], f"toa-{index}.ko", other.module_file) + f"\n{depmod}",
+             f"other:{other.module_file}")
+
+    lines.extend(["rollback() {", "  r=rolled-back"])
+    for what, script, needs in _undo_steps(state, module_file, artifact.release, done):
+        started = " || ".join(f'[ -n "${flag(key)}" ]' for key in needs)
+        lines.extend([f"  # {what}", f"  if {started}; then", f"    echo {q('@@undo ' + what)}", "    (",
+                      script().rstrip("\n"), '    ) > "$d/undo" 2>&1',
+                      f'    [ $? -eq 0 ] || {{ r=rollback-incomplete; echo "@@undo-failed {what}: '
+                      '$(tail -n 1 "$d/undo" | tr -d "\\n")"; }', "  fi"])
+    lines.extend(["  echo \"@@result $r\"", "}", "",
+                  'if [ -n "$failed" ]; then rollback; else echo "@@result ok"; fi', "sync", "echo @@end", ""])
+    return ApplyScript("\n".join(lines), tuple(payloads))
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    result: str | None  # ok, rolled-back, rollback-incomplete; None: the log ended before a result
+    failed: str | None  # the step that failed
+    reason: str  # its last error line
+    load: str  # load_command's lines
+    undo_problems: tuple[str, ...]
+
+
+_LOAD_TAGS = ("@@rmmod", "@@exit", "@@modprobe", "@@srcversion", "@@parameter", "@@log")
+
+
+def parse_apply(log: str) -> ApplyOutcome:
+    """The outcome apply_script's log tells. Pure."""
+    result = failed = None
+    reason, last_error, load, problems = "", "", [], []
+    for line in log.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag in _LOAD_TAGS:
+            load.append(line)
+        elif tag == "@@failed" and failed is None:
+            failed, reason = rest, last_error
+        elif tag == "@@undo-failed":
+            problems.append(rest)
+        elif tag == "@@result" and rest in ("ok", "rolled-back", "rollback-incomplete"):
+            result = rest
+        elif not tag.startswith("@@") and line.strip():
+            last_error = line.strip()
+    return ApplyOutcome(result, failed, reason, "\n".join(load), tuple(problems))
+
+
+class ApplyFailed(ToaError):
+    """The apply script failed on the host; the message says what, and what its rollback did."""
+
+
+def outcome_error(outcome: ApplyOutcome, artifact: Artifact, parameters: dict[str, str]) -> str | None:
+    """One line for a failed apply (None: it worked): the failed step and why, then the rollback. Pure."""
+    if outcome.result == "ok":
+        return None
+    if outcome.result is None:
+        return "the apply script ended without a result: check the host, then run again"
+    why = f"{outcome.failed}: {outcome.reason}" if outcome.reason else f"{outcome.failed} failed"
+    if outcome.failed and outcome.failed.endswith(" toa"):  # the load: say it as check_load does
+        try:
+            check_load(parse_load(outcome.load), artifact, parameters)
+            why = f"{outcome.failed}: the load did not verify on the host"
+        except ToaError as exc:
+            why = str(exc)
+    if outcome.result == "rolled-back":
+        return f"{why}; rolled back"
+    return f"{why}; rollback incomplete: " + "; ".join(outcome.undo_problems)
+
+
+def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
+    """Run SCRIPT on HOST as one command, its files on stdin; (the host, maybe reconnected, and the
+    script's log). A connection lost under it is reconnected once and the log read there."""
+    token = secrets.token_hex(8)
+    upload = script.upload()
+    offset = sum(payload.size for payload in script.payloads)
+    command = (f"{host.sudo}sh -c {shlex.quote(_APPLY_COMMAND)} toa-apply {token} {len(upload)} "
+               f"{hashlib.sha256(upload).hexdigest()} {offset}")
+
+    def on_line(line: str) -> None:
+        if line.startswith("@@step "):
+            say(line[len("@@step "):])
+
+    try:
+        ran = host.stream(command, upload, "applying the plan", on_line)
+    except remote.ConnectionLost as lost:
+        say("reconnect")
+        try:
+            host = host.reconnect()
+        except Exception as again:  # noqa: BLE001 - the host is gone: the outcome is unknown here
+            raise ApplyFailed(f"{lost}; the apply goes on on the host to its end or its rollback, and reconnecting "
+                              f"to read its outcome failed ({_describe_failure(again)}): run deploy again") from None
+        try:
+            log = host.run_as_root(_collect_command(token), "reading the outcome of the apply")
+        except Exception as again:  # noqa: BLE001
+            host.close()
+            raise ApplyFailed(f"{lost}; reading the outcome of the apply after reconnecting failed "
+                              f"({_describe_failure(again)}): run deploy again") from None
+        if "@@end" not in log.splitlines():
+            host.close()
+            raise ApplyFailed(f"{lost}; no outcome of the apply within {COLLECT_SECONDS} s of reconnecting: "
+                              "run deploy again") from None
+        return host, log
+    if ran.exited != 0 and "@@end" not in ran.stdout.splitlines():
+        tail = (ran.stderr or ran.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ToaError(f"applying the plan failed on {host.node.name} (exit {ran.exited}): {tail[0]}")
+    return host, ran.stdout
 
 
 def _change_files(host: Host, changes, done: _Done, say) -> None:
@@ -1198,12 +1576,26 @@ def _reload_previous_script(module_file: str, release: str, state: ModuleState) 
         "fi", ""])
 
 
-def _deploy_other_kernels(host: Host, platform: detect.Platform, state: ModuleState, options: DeployOptions,
-                          result: HostResult, done: _Done, say) -> None:
-    """toa.ko for the other kernels options.kernels names (the next boot's, the installed ones):
-    installed and indexed, not loaded. A kernel that already has a toa.ko (toa's, or a DKMS or kmod
-    package's) is left as it is; one without a build is named in the result."""
-    added, notes = [], []
+@dataclass(frozen=True)
+class OtherKernel:
+    """toa.ko to install for a kernel that is not running (installed and indexed, not loaded)."""
+
+    release: str
+    why: str  # "next boot", "installed"
+    artifact: Artifact
+    module_file: str
+    replaces: str | None  # sha256 of the file it replaces, or None
+
+    def describe(self) -> str:
+        return f"install toa.ko for {self.release} ({self.why})"
+
+
+def _plan_other_kernels(platform: detect.Platform, state: ModuleState, options: DeployOptions,
+                        say) -> tuple[list[OtherKernel], list[str]]:
+    """toa.ko for the other kernels options.kernels names (the next boot's, the installed ones), and
+    notes on those without a build. A kernel that already has a toa.ko (toa's, or a DKMS or kmod
+    package's) is left as it is."""
+    installs, notes = [], []
     for other, why in other_kernels(platform, options.kernels).items():
         own_sha, found = state.others.get(other, (None, None))
         artifact = (_artifact_for(other, platform.target.id, options, say) if options.build_missing
@@ -1215,20 +1607,56 @@ def _deploy_other_kernels(host: Host, platform: detect.Platform, state: ModuleSt
             continue
         if own_sha == artifact.sha256 or (own_sha is None and found is not None):
             continue  # in place already, or covered by a package's module
-        step = f"install toa.ko for {other} ({why})"
-        result.changes.append(step)
-        added.append(step)
-        if options.dry_run:
-            continue
-        other_file = render.module_path(platform.target, other)
-        done.others.append((other_file, other, own_sha))
-        _install_module(host, artifact, other_file, say)
-        if modules_dep_entry(other_file, other) is not None:
-            _depmod(host, other)
-    if added and result.action == "unchanged":
-        result.action = "would-update" if options.dry_run else "updated"
-    if added or notes:
-        result.detail = "; ".join(part for part in (result.detail, *added, *notes) if part)
+        installs.append(OtherKernel(other, why, artifact, render.module_path(platform.target, other), own_sha))
+    return installs, notes
+
+
+def _done_keys(done: _Done) -> set[str]:
+    """The names of the steps DONE started, as _undo_steps names what each undo needs."""
+    keys = {f"file:{change.entry.path}" for change in done.files}
+    keys |= {f"other:{other_file}" for other_file, _other, _old in done.others}
+    keys |= {key for key, started in (("install", done.installed), ("load", done.load_attempted),
+                                      ("loader", done.loader_installed), ("bpf", done.bpf_changed)) if started}
+    return keys
+
+
+def _undo_steps(state: ModuleState, module_file: str, release: str,
+                done: _Done) -> list[tuple[str, Callable[[], str], tuple[str, ...]]]:
+    """What puts back what DONE changes, in the order it runs: (what, its script, the steps of which
+    any one started makes it needed; see _done_keys)."""
+    steps: list[tuple[str, Callable[[], str], tuple[str, ...]]] = []
+    if done.bpf_changed:  # first: never two engines, not even while rolling back
+        steps.append(("detaching the eBPF engine", _detach_bpf_script, ("bpf",)))
+    for other_file, other, old in reversed(done.others):
+        steps.append((f"restoring toa.ko of {other}", partial(_restore_module_script, other_file, other, old),
+                      (f"other:{other_file}",)))
+    for change in reversed(done.files):
+        previous, entry, key = change.previous, change.entry, (f"file:{change.entry.path}",)
+        if previous is None:
+            steps.append((f"removing {entry.path}",
+                          partial(_remove_file_script, entry.path, resolve=_writes(entry)["resolve"]), key))
+        else:
+            steps.append((f"restoring {entry.path}", partial(_write_file_script, entry.path, previous.kind,
+                                                             previous.text, previous.mode, **_writes(entry)), key))
+    if done.installed:
+        steps.append(("restoring the previous toa.ko",
+                      partial(_restore_module_script, module_file, release, state.installed_sha256), ("install",)))
+    if done.loader_installed:
+        steps.append(("restoring the previous toa-bpf",
+                      partial(_restore_module_script, render.BPF_LOADER, release, state.bpf.loader_sha256), ("loader",)))
+    units = tuple(f"file:{change.entry.path}" for change in done.files if change.entry.path.startswith("/etc/systemd/"))
+    if units:
+        steps.append(("systemctl daemon-reload", lambda: f"{PATH_SETTING}\nsystemctl daemon-reload\n", units))
+    if done.load_attempted:
+        if state.loaded and state.loaded_srcversion:
+            steps.append(("loading the previous toa again", partial(_reload_previous_script, module_file, release, state),
+                          ("load",)))
+        elif not state.loaded:
+            steps.append(("unloading toa", lambda: f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n",
+                          ("load",)))
+    if done.bpf_changed and state.bpf.active:
+        steps.append(("attaching the previous eBPF engine again", partial(_reattach_previous_bpf_script, state), ("bpf",)))
+    return steps
 
 
 def _rollback(host: Host, state: ModuleState, module_file: str, release: str, done: _Done) -> list[str]:
@@ -1236,34 +1664,7 @@ def _rollback(host: Host, state: ModuleState, module_file: str, release: str, do
     step's error, whatever it is, is that step's problem; once the connection is lost the steps
     left are not attempted."""
     problems: list[str] = []
-    steps: list[tuple[str, Callable[[], str]]] = []
-    if done.bpf_changed:  # first: never two engines, not even while rolling back
-        steps.append(("detaching the eBPF engine", _detach_bpf_script))
-    for other_file, other, old in reversed(done.others):
-        steps.append((f"restoring toa.ko of {other}", partial(_restore_module_script, other_file, other, old)))
-    for change in reversed(done.files):
-        previous, entry = change.previous, change.entry
-        if previous is None:
-            steps.append((f"removing {entry.path}", partial(_remove_file_script, entry.path, resolve=_writes(entry)["resolve"])))
-        else:
-            steps.append((f"restoring {entry.path}", partial(_write_file_script, entry.path, previous.kind,
-                                                             previous.text, previous.mode, **_writes(entry))))
-    if done.installed:
-        steps.append(("restoring the previous toa.ko",
-                      partial(_restore_module_script, module_file, release, state.installed_sha256)))
-    if done.loader_installed:
-        steps.append(("restoring the previous toa-bpf",
-                      partial(_restore_module_script, render.BPF_LOADER, release, state.bpf.loader_sha256)))
-    if any(change.entry.path.startswith("/etc/systemd/") for change in done.files):
-        steps.append(("systemctl daemon-reload", lambda: f"{PATH_SETTING}\nsystemctl daemon-reload\n"))
-    if done.load_attempted:
-        if state.loaded and state.loaded_srcversion:
-            steps.append(("loading the previous toa again", partial(_reload_previous_script, module_file, release, state)))
-        elif not state.loaded:
-            steps.append(("unloading toa", lambda: f"{PATH_SETTING}\nif [ -d /sys/module/toa ]; then rmmod toa; fi\n"))
-    if done.bpf_changed and state.bpf.active:
-        steps.append(("attaching the previous eBPF engine again", partial(_reattach_previous_bpf_script, state)))
-    for what, script in steps:
+    for what, script, _needs in _undo_steps(state, module_file, release, done):
         if host.lost:
             problems.append(f"{what}: not attempted")
             continue
@@ -1297,23 +1698,15 @@ def other_kernels(platform: detect.Platform, kernels: tuple[str, ...]) -> dict[s
 
 
 def _read(host: Host, options: DeployOptions, say):
-    """Detect the host and read its state: (platform, release, module file, autoload files, state)."""
-    say("detect")
-    platform = host.detect()
-    release = platform.kernel
-    if platform.target is None:
-        raise ToaError(f"{platform.support}; toa cannot tell how it loads modules at boot")
+    """Detect the host and read its state in one round trip: (platform, release, module file,
+    autoload files, state)."""
+    say("facts")
+    facts = host.read_facts()
+    platform, state, release = facts.platform, facts.state, facts.platform.kernel
     module_file = render.module_path(platform.target, release)
     # the kernel hooks' module sources too: a kernel installed later gets toa.ko built from them
     files = (render.autoload_files(platform.target, release, init=platform.init, options=options.options)
              + render.hook_sources(platform.target))
-    others = tuple((other, render.module_path(platform.target, other))
-                   for other in other_kernels(platform, ("next", *options.kernels)))
-    # the eBPF engine's files and facts in the same round trip: the engine choice needs them
-    read = files + render.bpf_files(options.options)
-    output = host.run_as_root(state_command(module_file, release, read, others) + bpf_state_command(),
-                              "reading the module state")
-    state = host.parse("reading the module state", lambda text: parse_state(text, read), output)
     return platform, release, module_file, files, state
 
 
@@ -1349,18 +1742,31 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         if plan.install:
             say("preflight")
             _preflight(host, artifact, release)
-        result.changes = plan.describe(artifact)
+        others, notes = _plan_other_kernels(platform, state, options, say)
+        result.changes = plan.describe(artifact) + [other.describe() for other in others]
         fresh = state.installed_sha256 is None and not state.loaded
         if plan.empty:
             result.action, result.detail = "unchanged", f"toa {artifact.srcversion} loaded, nothing to do"
+            if others:
+                result.action = "would-update" if options.dry_run else "updated"
         elif options.dry_run:
             result.action = "would-install" if fresh else "would-update"
-            result.detail = "; ".join(result.changes)
+            result.detail = "; ".join(plan.describe(artifact))
         else:
-            _apply(host, plan, artifact, module_file, parameters, done, say)
             result.action = "installed" if fresh else "updated"
-            result.detail = f"toa {artifact.srcversion} loaded; " + "; ".join(result.changes)
-        _deploy_other_kernels(host, platform, state, options, result, done, say)
+            result.detail = f"toa {artifact.srcversion} loaded; " + "; ".join(plan.describe(artifact))
+        if not plan.empty or others:
+            script = apply_script(plan, artifact, module_file, parameters, state, others)
+            if options.dry_run:
+                result.script = script.text
+            else:
+                host, log = run_apply(host, script, say)
+                failure = outcome_error(parse_apply(log), artifact, parameters)
+                if failure:
+                    raise ApplyFailed(failure)
+        added = [other.describe() for other in others]
+        if added or notes:
+            result.detail = "; ".join(part for part in (result.detail, *added, *notes) if part)
         say("done")
     except Exception as exc:  # noqa: BLE001 - one host's failure, whatever it is, is that host's result alone
         result.action, result.detail = "failed", _describe_failure(exc)

@@ -305,3 +305,49 @@ def run(conn: Connection, command: str, what: str = "a command") -> str:
 def put(conn: Connection, local: str, remote: str, what: str = "upload") -> None:
     """Copy a local file to the host over SFTP within the connection's limit."""
     _bounded(conn, what, lambda: conn.put(local, remote))
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a command fed by run_streaming printed, and its exit status."""
+
+    exited: int
+    stdout: str
+    stderr: str
+
+
+def run_streaming(conn: Connection, command: str, stdin: bytes, what: str,
+                  on_line: Callable[[str], None] | None = None) -> Streamed:
+    """Run COMMAND on the host with STDIN as its input (sent whole, then closed), calling ON_LINE
+    with each line of its stdout as it arrives; within the connection's limit (see _bounded).
+    One exec request: a file can travel with the script that uses it, binary as it is."""
+    seconds = conn.config.timeouts.command
+
+    def operation() -> Streamed:
+        channel = conn.transport.open_session(timeout=seconds)
+        try:
+            channel.settimeout(seconds)
+            channel.exec_command(command)
+            channel.sendall(stdin)
+            channel.shutdown_write()
+            out, err, pending = bytearray(), bytearray(), b""
+            while True:
+                chunk = channel.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if on_line:
+                        on_line(line.decode(errors="replace"))
+            while channel.recv_stderr_ready() or not channel.exit_status_ready():
+                chunk = channel.recv_stderr(65536)
+                if not chunk:
+                    break
+                err += chunk
+            return Streamed(channel.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace"))
+        finally:
+            channel.close()
+
+    return _bounded(conn, what, operation)
