@@ -895,8 +895,8 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
         os.kill(victim.process.pid, signal.SIGCONT)
     print(f"frozen guest reported after {waited:.1f} s (command timeout {timeout} s)")
     assert results[1].action == "failed", results
-    assert results[1].detail.startswith(f"no answer from 127.0.0.1 within {timeout} s (depmod)"), results[1]
-    assert "; not rolled back: reconnecting failed" in results[1].detail and "\n" not in results[1].detail
+    assert results[1].detail.startswith(f"no answer from 127.0.0.1 within {timeout} s (applying the plan)"), results[1]
+    assert "reconnecting to read its outcome failed" in results[1].detail and "\n" not in results[1].detail
     assert {results[0].action, results[2].action} <= {"installed", "updated", "unchanged"}, results
     assert waited < timeout * 4 + 60
 
@@ -908,6 +908,117 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     assert result.returncode == 0, result.stdout + result.stderr
     assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
                                     "autoload": _rendered(victim.release)}
+
+
+# ---------------------------------------------------------------- one round trip for the facts, one script for the apply
+
+OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n'
+OTHER = "6.1.0-41-amd64"
+
+
+def _facts_output(uid="1000", *, state=True, tree=""):
+    """What facts_command prints on a bookworm host: the platform, then the state (both targets'
+    module paths read), then the preflight's tree."""
+    lines = [f"@@toa-uid {uid}", "@@toa-file /etc/os-release", OS_RELEASE, f"@@toa-kernel {RELEASE}",
+             "@@toa-pid1 systemd", "@@toa-systemd", f"@@toa-installed {RELEASE}", f"@@toa-installed {OTHER}"]
+    if state:
+        lines += [deploy.STATE_BEGINS, f"@@loaded {SRCVERSION}",
+                  f"@@module {MODULE_FILE}", f"@@installed {SHA256} {SRCVERSION}", "@@indexed",
+                  f"@@module /var/lib/toa/{RELEASE}/toa.ko", f"@@installed {'6' * 64}",
+                  f"@@stale /var/lib/toa/{RELEASE}/.toa.ko.new-0123abcd", "@@resolved m L3Zhci9saWIvdG9hL3g=",
+                  "@@module -", f"@@other {OTHER} {'7' * 64} /var/lib/toa/{OTHER}/toa.ko"]
+        if tree is not None:
+            lines += [deploy.TREE_BEGINS, tree]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_facts_are_one_command_and_the_hosts_own_target_picks_its_lines():
+    command = deploy.facts_command(True, ("tcp_v4_syn_recv_sock",))
+    assert command.count("sudo -n") == 2 and "@@toa-nosudo" in command and detect.REMOTE_FACTS_COMMAND in command
+    assert "sudo" not in deploy.facts_command(False)
+    for layout in deploy.module_layouts():  # every target's place for toa.ko, for the host's own release
+        assert layout.replace(deploy.RELEASE_SLOT, "${kr}") in command
+    assert deploy.RELEASE_SLOT not in command and "tcp_v4_syn_recv_sock" in command
+    facts = deploy.parse_facts(_facts_output(tree="@@config /boot/config-x\n@@set CONFIG_MODVERSIONS=y"), "deployer",
+                               ("tcp_v4_syn_recv_sock",))
+    assert facts.sudo and facts.platform.target.id == "debian-12" and facts.platform.kernel == RELEASE
+    state = facts.state
+    assert (state.installed_sha256, state.indexed, state.loaded_srcversion) == (SHA256, True, SRCVERSION)
+    assert state.stale == [] and state.module_resolved is None  # the coreos place's lines are not this host's
+    assert state.others == {OTHER: (None, f"/var/lib/toa/{OTHER}/toa.ko")}  # not toa's own place on debian-12
+    assert facts.tree.startswith("@@config /boot/config-x") and facts.symbols == ("tcp_v4_syn_recv_sock",)
+    assert deploy.parse_facts(_facts_output("0", tree=None), "root").sudo is False
+
+
+@pytest.mark.parametrize("tag, words", [("@@toa-notroot", "is not root and sudo=no"),
+                                        ("@@toa-nosudo", "cannot run `sudo -n` without a password")])
+def test_a_login_that_cannot_become_root_is_one_line(tag, words):
+    with pytest.raises(deploy.HostRefused, match=words):
+        deploy.parse_facts(_facts_output(state=False) + tag + "\n", "deployer")
+
+
+def test_facts_without_their_state_are_an_error():
+    with pytest.raises(ToaError, match="printed no state"):
+        deploy.parse_facts(_facts_output(state=False), "root")
+
+
+def _fresh_plan(tmp_path, others=()):
+    ko = tmp_path / "toa.ko"
+    ko.write_bytes(b"\x7fELF not a real module")
+    artifact = Artifact(ko, {"kernel_release": RELEASE, "target": "debian-12",
+                             "sha256": hashlib.sha256(ko.read_bytes()).hexdigest(), "srcversion": SRCVERSION})
+    state = deploy.parse_state(RECORDED["fresh"], FILES)
+    plan = deploy.make_plan(state, artifact, FILES, MODULE_FILE, None)
+    return artifact, state, plan, deploy.apply_script(plan, artifact, MODULE_FILE, deploy.wanted_parameters(None),
+                                                      state, list(others))
+
+
+def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(tmp_path):
+    artifact, state, plan, script = _fresh_plan(tmp_path)
+    checked = subprocess.run(["sh", "-n"], input=script.text, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stderr
+    text = script.text
+    # each step of the plan, in order, and the undo of each in reverse, guarded by whether it started
+    order = [text.index(f"echo '@@step {name}'") for name in ("upload", "depmod", "load", "autoload")]
+    assert order == sorted(order)
+    assert text.count("echo '@@step autoload'") == len(plan.files)
+    assert text.index("@@undo removing /etc/modprobe.d/toa.conf") < text.index("@@undo restoring the previous toa.ko") \
+        < text.index("@@undo unloading toa")
+    assert f"[ \"$(cat /sys/module/toa/srcversion 2>/dev/null)\" = {SRCVERSION} ]" in text
+    assert script.payloads == (deploy.Payload(artifact.ko, artifact.sha256, 0, artifact.ko.stat().st_size),)
+    assert script.upload() == artifact.ko.read_bytes() + text.encode()
+    assert f"head -c {artifact.ko.stat().st_size}" in text and artifact.sha256 in text
+    other = deploy.OtherKernel(OTHER, "next boot", artifact, f"/lib/modules/{OTHER}/extra/toa.ko", None)
+    _, _, _, with_other = _fresh_plan(tmp_path, [other])
+    assert [p.offset for p in with_other.payloads] == [0, artifact.ko.stat().st_size]
+    assert f"depmod -a {OTHER}" in with_other.text and "@@undo restoring toa.ko of " + OTHER in with_other.text
+
+
+def test_the_apply_command_checks_its_upload_and_detaches_the_script():
+    checked = subprocess.run(["sh", "-n", "-c", deploy._APPLY_COMMAND], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert "trap '' HUP PIPE" in deploy._APPLY_COMMAND and "setsid" in deploy._APPLY_COMMAND
+    assert 'sha256sum < "$d/in"' in deploy._APPLY_COMMAND
+
+
+def test_the_outcome_of_an_apply(tmp_path):
+    artifact = _artifact()
+    parameters = deploy.wanted_parameters(None)
+    ok = deploy.parse_apply("@@step upload\n@@step installed\n@@result ok\n@@end\n")
+    assert deploy.outcome_error(ok, artifact, parameters) is None
+    full = deploy.parse_apply("@@step autoload\ncannot write /etc/modules-load.d/toa.conf: No space left on device\n"
+                              "@@failed writing /etc/modules-load.d/toa.conf\n@@undo unloading toa\n"
+                              "@@result rolled-back\n@@end\n")
+    assert deploy.outcome_error(full, artifact, parameters) == (
+        "writing /etc/modules-load.d/toa.conf: cannot write /etc/modules-load.d/toa.conf: No space left on device; "
+        "rolled back")
+    load = deploy.parse_apply("@@step load\n" + RECORDED["badload"] + "@@failed load toa\n"
+                              "@@undo-failed restoring the previous toa.ko: toa.ko.prev is not the module this run replaced\n"
+                              "@@result rollback-incomplete\n@@end\n")
+    error = deploy.outcome_error(load, artifact, parameters)
+    assert error.startswith("loading toa failed (exit 1)") and error.endswith(
+        "; rollback incomplete: restoring the previous toa.ko: toa.ko.prev is not the module this run replaced")
+    assert "ended without a result" in deploy.outcome_error(deploy.parse_apply("@@step upload\n"), artifact, parameters)
 
 
 # ---------------------------------------------------------------- the next boot's kernel

@@ -223,6 +223,7 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
 # target the host is: replaced by the shell's $r (its `uname -r`, checked) or $o (another kernel's).
 RELEASE_SLOT = "0.0.0-toa-release-slot"
 STATE_BEGINS = "@@toa-state-begins"
+TREE_BEGINS = "@@toa-tree-begins"
 _SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
 
 
@@ -257,37 +258,45 @@ def readable_files() -> tuple[AutoloadFile, ...]:
     return tuple(found.values())
 
 
-def facts_command(sudo: bool) -> str:
+def _release_path_text(text: str, variable: str) -> str:
+    """TEXT (a script written for RELEASE_SLOT, which it never quotes) with $VARIABLE for the release."""
+    return text.replace(RELEASE_SLOT, "${" + variable + "}")
+
+
+def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
     """One command for everything a deploy or status reads on a host (see parse_facts): whether it
     runs as root (else through `sudo -n`, where SUDO allows it), the platform
     (detect.REMOTE_FACTS_COMMAND) and, as root, the module and engine state. Which target the host is
     cannot be known before the platform is parsed, so the state covers every target's module path
     (each under an @@module line) for the running kernel, every other installed kernel's toa.ko, and
-    every file any target's deploy writes."""
+    every file any target's deploy writes; with SYMBOLS, the preflight's reading of the running
+    kernel's tree for those symbols (preflight.host_tree_command) after a TREE_BEGINS line."""
     q = shlex.quote
     modules = []
     for layout in module_layouts():
         entry = modules_dep_entry(layout, RELEASE_SLOT)
-        modules += [f'echo "@@module "{_release_path(layout, "r")}',
-                    *_module_lines(_release_path(layout, "r"),
-                                   _release_path(_temp_prefix(layout, MODULE_TEMP_MARK), "r"),
-                                   '"/lib/modules/$r/modules.dep"', entry)]
+        modules += [f'echo "@@module "{_release_path(layout, "kr")}',
+                    *_module_lines(_release_path(layout, "kr"),
+                                   _release_path(_temp_prefix(layout, MODULE_TEMP_MARK), "kr"),
+                                   '"/lib/modules/$kr/modules.dep"', entry)]
     own = " ".join(_release_path(layout, "o") for layout in module_layouts())
     state = "\n".join([
         PATH_SETTING,
         # a release that is not one (detect refuses it too) reads nothing
-        'r=$(uname -r); case "$r" in ""|*[!A-Za-z0-9._+~-]*|*..*) r=not-a-release;; esac',
+        'kr=$(uname -r); case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
         *_LOADED_LINES, *modules, "echo '@@module -'",
         *_file_lines(list(readable_files())),
         # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
         # (a DKMS or kmod package's)
-        'seen=" $r "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
+        'seen=" $kr "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
         'case "$o" in ""|*[!A-Za-z0-9._+~-]*|*..*) continue;; esac; '
         'case "$seen" in *" $o "*) continue;; esac; seen="$seen$o "; [ -d "$d" ] || continue; p=; '
         f'for f in {own}; do if [ -f "$f" ]; then p=$f; break; fi; done; '
         'if [ -n "$p" ]; then echo "@@other $o $(sha256sum < "$p" | cut -d" " -f1) $p"; '
         "else p=$(find \"$d\" -name 'toa.ko*' 2>/dev/null | head -n 1); echo \"@@other $o - ${p:--}\"; fi; done",
         bpf_state_command(),
+        *([f"echo {TREE_BEGINS}", "(", _release_path_text(preflight.host_tree_command(RELEASE_SLOT, list(symbols)), "kr"),
+           ")"] if symbols else []),
         "true", ""])
     become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s"; '
               'else echo @@toa-nosudo; fi' if sudo else "else echo @@toa-notroot; fi")
@@ -311,9 +320,11 @@ class Facts:
     platform: detect.Platform
     sudo: bool
     state: ModuleState
+    tree: str | None = None  # the preflight's reading of the kernel's tree, where asked (parse_host_tree's input)
+    symbols: tuple[str, ...] = ()  # the symbols it was read for
 
 
-def parse_facts(output: str, user: str) -> Facts:
+def parse_facts(output: str, user: str, symbols: tuple[str, ...] = ()) -> Facts:
     """Parse facts_command's output from a host reached as USER. Pure; a host where toa cannot
     become root is a one-line ToaError."""
     head, begins, state_text = output.partition(f"\n{STATE_BEGINS}\n")
@@ -332,11 +343,12 @@ def parse_facts(output: str, user: str) -> Facts:
     if platform.target is None:
         raise HostRefused(f"{platform.support}; toa cannot tell how it loads modules at boot")
     module_file = render.module_path(platform.target, platform.kernel)
+    state_text, tree_begins, tree = state_text.partition(f"{TREE_BEGINS}\n")
     state = parse_state(state_text, list(readable_files()), module_file)
     for release, (sha, path) in list(state.others.items()):
         if sha is not None and path != render.module_path(platform.target, release):
             state.others[release] = (None, path)  # another target's place: a toa.ko, not toa's own here
-    return Facts(platform, uid != "0", state)
+    return Facts(platform, uid != "0", state, tree if tree_begins else None, symbols if tree_begins else ())
 
 
 def _unbase64(text: str, what: str) -> str:
@@ -905,11 +917,12 @@ class Host:
         ssh = dataclasses.replace(self.ssh, timeout=min(self.ssh.timeout, RECONNECT_SECONDS))
         return Host(self.node, ssh, self.command_timeout, self.sudo)
 
-    def read_facts(self) -> Facts:
-        """The platform and state in one round trip (facts_command); root or sudo settled by it."""
+    def read_facts(self, symbols: tuple[str, ...] = ()) -> Facts:
+        """The platform and state in one round trip (facts_command, with the preflight's reading for
+        SYMBOLS); root or sudo settled by it."""
         user = self.node.spec.user or self.conn.user
-        output = self.run_as_user(facts_command(self.node.sudo), "reading the facts")
-        facts = self.parse("reading the facts", lambda text: parse_facts(text, user), output)
+        output = self.run_as_user(facts_command(self.node.sudo, symbols), "reading the facts")
+        facts = self.parse("reading the facts", lambda text: parse_facts(text, user, symbols), output)
         self.sudo = "sudo -n " if facts.sudo else ""
         return facts
 
@@ -975,12 +988,34 @@ def _artifact_for(release: str, target_id: str | None, options: DeployOptions, s
     return artifact
 
 
-def _preflight(host: Host, artifact: Artifact, release: str) -> None:
+def dist_symbols(dist: Path) -> tuple[str, ...]:
+    """The symbols any toa.ko in DIST imports: what the facts read the preflight's CRCs for, so that
+    a host's preflight needs no round trip of its own."""
+    modules = sorted((path, path.stat().st_mtime_ns) for path in Path(dist).glob(f"*/*/{artifacts.KO_NAME}"))
+    return _symbols_of(tuple(modules))
+
+
+@functools.lru_cache(maxsize=8)
+def _symbols_of(modules: tuple[tuple[Path, int], ...]) -> tuple[str, ...]:
+    names: set[str] = set()
+    for path, _mtime in modules:
+        try:
+            names |= set(preflight.read_module(path.read_bytes()).crcs)
+        except (OSError, ToaError, ValueError):
+            continue  # a damaged file: its own deploy says so (artifacts.find checks it)
+    return tuple(sorted(names))
+
+
+def _preflight(host: Host, artifact: Artifact, release: str, facts: Facts) -> None:
     """Refuse, before anything is uploaded, a module the host's kernel would not load: the build's
-    preflight checks against what the host has of its kernel's tree (build tree or /boot files)."""
+    preflight checks against what the host has of its kernel's tree (build tree or /boot files), as
+    the facts read it (else in a round trip of its own: a module importing symbols they did not ask)."""
     module = preflight.read_module(artifact.ko.read_bytes())
-    script = preflight.host_tree_command(release, list(module.crcs))
-    output = host.run_as_user(f"sh -c {shlex.quote(script)}", "preflight")
+    if facts.tree is not None and set(module.crcs) <= set(facts.symbols):
+        output = facts.tree
+    else:
+        script = preflight.host_tree_command(release, list(module.crcs))
+        output = host.run_as_user(f"sh -c {shlex.quote(script)}", "preflight")
     tree = host.parse("preflight", lambda text: preflight.parse_host_tree(text, release, host.node.name), output)
     refused = preflight.refusal(preflight.run(module, tree), release)
     if refused:
@@ -1697,17 +1732,17 @@ def other_kernels(platform: detect.Platform, kernels: tuple[str, ...]) -> dict[s
     return wanted
 
 
-def _read(host: Host, options: DeployOptions, say):
-    """Detect the host and read its state in one round trip: (platform, release, module file,
-    autoload files, state)."""
+def _read(host: Host, options: DeployOptions, say, symbols: tuple[str, ...] = ()):
+    """Detect the host and read its state in one round trip (and the preflight's reading for
+    SYMBOLS): (platform, release, module file, autoload files, state, facts)."""
     say("facts")
-    facts = host.read_facts()
+    facts = host.read_facts(symbols)
     platform, state, release = facts.platform, facts.state, facts.platform.kernel
     module_file = render.module_path(platform.target, release)
     # the kernel hooks' module sources too: a kernel installed later gets toa.ko built from them
     files = (render.autoload_files(platform.target, release, init=platform.init, options=options.options)
              + render.hook_sources(platform.target))
-    return platform, release, module_file, files, state
+    return platform, release, module_file, files, state, facts
 
 
 def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = None) -> HostResult:
@@ -1723,7 +1758,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
     try:
         say("connect")
         host = Host(node, options.ssh, options.command_timeout)
-        platform, release, module_file, files, state = _read(host, options, say)
+        platform, release, module_file, files, state, facts = _read(host, options, say, dist_symbols(options.dist))
         result.kernel = release
         result.engine, why = choose_engine(platform, state.bpf, options.engine)
         if result.engine == "bpf":
@@ -1741,7 +1776,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         plan = make_plan(state, artifact, files, module_file, options.options, render.bpf_files(options.options))
         if plan.install:
             say("preflight")
-            _preflight(host, artifact, release)
+            _preflight(host, artifact, release, facts)
         others, notes = _plan_other_kernels(platform, state, options, say)
         result.changes = plan.describe(artifact) + [other.describe() for other in others]
         fresh = state.installed_sha256 is None and not state.loaded
@@ -1885,7 +1920,7 @@ def status_host(node: Node, options: DeployOptions, progress: Progress | None = 
     try:
         say("connect")
         host = Host(node, options.ssh, options.command_timeout)
-        platform, release, _module_file, files, state = _read(host, options, say)
+        platform, release, _module_file, files, state, _facts = _read(host, options, say)
         status.kernel = release
         status.loaded, status.loaded_srcversion = state.loaded, state.loaded_srcversion
         status.installed_srcversion = state.installed_srcversion

@@ -326,8 +326,7 @@ def run_streaming(conn: Connection, command: str, stdin: bytes, what: str,
     def operation() -> Streamed:
         channel = conn.transport.open_session(timeout=seconds)
         try:
-            channel.settimeout(seconds)
-            channel.exec_command(command)
+            channel.exec_command(command)  # the watchdog of _bounded is the time limit
             channel.sendall(stdin)
             channel.shutdown_write()
             out, err, pending = bytearray(), bytearray(), b""
@@ -346,7 +345,10 @@ def run_streaming(conn: Connection, command: str, stdin: bytes, what: str,
                 if not chunk:
                     break
                 err += chunk
-            return Streamed(channel.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace"))
+            exited = channel.recv_exit_status()
+            if exited == -1 and not conn.transport.is_active():  # closed under the command, no status
+                raise EOFError("the connection closed")
+            return Streamed(exited, out.decode(errors="replace"), err.decode(errors="replace"))
         finally:
             channel.close()
 
