@@ -510,6 +510,10 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet, artifacts, tmp_path)
     assert result.returncode == 0, result.stderr
     assert [hosts[g.node_line()]["action"] for g in fleet] == ["unchanged", "would-install", "unchanged"]
     assert "load toa" in hosts[fleet[1].node_line()]["changes"]
+    # the script a run would send, and none where there is nothing to do
+    script = hosts[fleet[1].node_line()]["script"]
+    assert "modprobe toa" in script and "@@step upload" in script and "rollback() {" in script
+    assert hosts[fleet[0].node_line()]["script"] is None
     assert _guest_facts(fleet[1]) == {"srcversion": "none", "sha256": "none", "temp_names": 0,
                                       "autoload": ["none"] * len(_rendered(fleet[1].release))}
 
@@ -908,6 +912,92 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     assert result.returncode == 0, result.stdout + result.stderr
     assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
                                     "autoload": _rendered(victim.release)}
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_fresh_install_is_two_ssh_requests_and_a_second_run_one(fleet, artifacts, tmp_path, monkeypatch):
+    """Every exec (and SFTP) request the client sends to the guest's sshd is counted: the facts (with
+    the preflight's reading) and the apply script carrying toa.ko; then the facts alone."""
+    import paramiko
+
+    full, _ = artifacts
+    guest = fleet[1]
+    _without_toa(guest)
+    requests = []
+    real_exec, real_subsystem = paramiko.Channel.exec_command, paramiko.Channel.invoke_subsystem
+
+    def exec_command(channel, command):
+        requests.append(("exec", command.split()[0]))
+        return real_exec(channel, command)
+
+    def invoke_subsystem(channel, name):
+        requests.append(("subsystem", name))
+        return real_subsystem(channel, name)
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", exec_command)
+    monkeypatch.setattr(paramiko.Channel, "invoke_subsystem", invoke_subsystem)
+    nodes = [Node(HostSpec("127.0.0.1", "root", guest.port))]
+    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+        key_filename=str(guest.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
+    [result] = deploy.deploy(nodes, options)
+    assert result.action == "installed", result
+    assert len(requests) == 2, requests
+    artifact = find_artifact(full, guest.release)
+    assert _guest_facts(guest) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                                   "autoload": _rendered(guest.release)}
+    assert guest.run("ls -d /tmp/toa-deploy.* 2>/dev/null | wc -l").strip() == "0"
+    requests.clear()
+    [again] = deploy.deploy(nodes, options)
+    assert again.action == "unchanged" and len(requests) == 1, (again, requests)
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+@pytest.mark.ssh
+@pytest.mark.network
+def test_a_connection_dropped_in_the_apply_leaves_the_host_updated_or_rolled_back(fleet, artifacts, tmp_path,
+                                                                                   monkeypatch):
+    """The connection is cut (its socket shut down) once the script says toa.ko is in place: the
+    script goes on to its end on the host, and the one reconnect reads its outcome there."""
+    import socket
+
+    full, _ = artifacts
+    guest = fleet[1]
+    _without_toa(guest)
+    opened = []
+
+    class Tracked(deploy.Host):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(deploy, "Host", Tracked)
+    dropped = []
+
+    def drop(host, step):
+        if step == "installed" and not dropped:
+            opened[-1].conn.transport.sock.shutdown(socket.SHUT_RDWR)
+            dropped.append(step)
+
+    nodes = [Node(HostSpec("127.0.0.1", "root", guest.port))]
+    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+        key_filename=str(guest.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
+    [result] = deploy.deploy(nodes, options, progress=drop)
+    assert dropped and len(opened) == 2, (dropped, opened)  # the run's connection, and the one reconnect
+    print(f"after the drop: {result.action}: {result.detail}")
+    artifact = find_artifact(full, guest.release)
+    facts = _guest_facts(guest)
+    if result.action == "installed":
+        assert facts == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
+                         "autoload": _rendered(guest.release)}
+    else:
+        assert result.action == "failed" and result.detail.endswith("; rolled back"), result
+        assert facts == {"srcversion": "none", "sha256": "none", "temp_names": 0,
+                         "autoload": ["none"] * len(_rendered(guest.release))}
+    assert guest.run("ls -d /tmp/toa-deploy.* 2>/dev/null | wc -l").strip() == "0"
 
 
 # ---------------------------------------------------------------- one round trip for the facts, one script for the apply

@@ -4,16 +4,26 @@ Shaped like pyinfra: a *fact* is one shell command whose output a pure function 
 offline on recorded output); the *plan* compares what a host has with what it should have and lists
 only the steps that close the gap, so a second run finds nothing to do and says so.
 
-Per host: detect the platform and `uname -r`, pick the artifact built for that exact release, read
-the module state (one command), plan, then apply with rollback:
+Per host, over one SSH connection, one request per phase:
 
-1. upload toa.ko to a private staging directory (mktemp -d under /tmp) and check its sha256 there;
-2. put it in place as every file is (see below), the current toa.ko hard-linked to toa.ko.prev
-   just before the rename; depmod -a;
-3. load it (rmmod first when another build or other options are loaded) and verify: the kernel log
-   after a marker written to /dev/kmsg says `TOA: toa loaded`, /sys/module/toa exists and its
-   srcversion is the artifact's;
-4. write the autoload files from toa.render.
+- the facts (facts_command): whether the login is root (else `sudo -n`, where the nodes file allows
+  it), the platform, the module and engine state, the other kernels' toa.ko and the preflight's
+  reading of the kernel's tree, in one command. The host's target is not known before its platform
+  is parsed, so the command reads every target's module path for `uname -r` and every file any
+  target's deploy writes; parse_facts keeps the host's own.
+- the plan (make_plan: pure), then the apply (apply_script): one script per host, with toa.ko (and
+  the other kernels' builds) on the same command's stdin, that
+  1. checks the upload whole (size and sha256), then each file in it against the artifact's sha256;
+  2. puts toa.ko in place as every file is (see below), the current toa.ko hard-linked to
+     toa.ko.prev just before the rename; depmod -a;
+  3. loads it (rmmod first when another build or other options are loaded) and verifies: the kernel
+     log after a marker written to /dev/kmsg says `TOA: toa loaded`, /sys/module/toa exists, its
+     srcversion is the artifact's and its parameters are the wanted ones;
+  4. writes the autoload files from toa.render, and toa.ko for the other kernels;
+  and, when a step fails, runs the undo of every step it started, in reverse. The script runs in a
+  session of its own with SIGHUP and SIGPIPE ignored and its output in a log on the host: a
+  connection dropped under it stops neither the script nor its rollback, and the one reconnect
+  reads the outcome from that log. `--dry-run --json` shows the script a run would send.
 
 Every file deploy writes (toa.ko, autoload files, shared files like /etc/modules merged, and the
 rollback's restores) goes through one script (_replace_script): a symlinked path is written where it
@@ -23,7 +33,7 @@ computed here before anything else happens; the temp takes the target's owner an
 mode, for a shared file; a file toa owns gets its own mode); then sync, rename over the target, sync.
 Any failing step (a full disk included) fails the host, and the temp name is removed. A power cut
 leaves each file old or new and whole; the only leftovers it can leave are temp names, which depmod
-ignores (they do not end in .ko) and the next run deletes; the staging directory is a plain upload
+ignores (they do not end in .ko) and the next run deletes; the apply's directory is a plain upload
 under /tmp. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
 again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
 insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
@@ -31,16 +41,15 @@ insmod of its file where it lives outside /lib/modules) or none stays loaded if 
 The eBPF engine (--engine bpf, or auto where the host can run it: choose_engine) goes the same way
 with its own plan (make_bpf_plan): the static loader installed like toa.ko, toa-bpf.service and its
 wants link written like the autoload files, the module's autoload files removed and toa.ko unloaded,
-then the unit started and `toa-bpf status` checked. Its facts come in the state command's round trip.
+then the unit started and `toa-bpf status` checked, step by step from here (a command each), with
+the rollback run from here too. Its facts come in the same facts round trip.
 One engine at a time: each plan takes the other engine away before its own starts, and a rollback
 stops the engine this run started before it brings back the one the host had.
 
-Every remote command and transfer has a time limit (DeployOptions.command_timeout); connecting has
-SshOptions.timeout. A host that stops answering fails with the step it was at, and the rollback
-then reconnects once (with the connect timeout) rather than running apply and rollback as one
-detached script on the host: each step is checked from here (its output parsed, its file's sha256
-compared), which a script left running on a vanished host could not report, and a host that comes
-back without a rollback still holds only whole files that the next run completes.
+Every remote command has a time limit (DeployOptions.command_timeout; the apply script as a whole);
+connecting has SshOptions.timeout. A host that stops answering fails with the phase it was at; the
+apply's outcome is then read through one reconnect (with the connect timeout), and a host that does
+not come back holds only whole files, which the next run completes.
 """
 
 from __future__ import annotations
@@ -162,34 +171,46 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
 
 
 def _file_lines(files: list[AutoloadFile]) -> list[str]:
-    """The state lines of FILES (numbered in their order): content, mode, link target, temp names."""
+    """The state lines of FILES (numbered in their order): content, mode, link target, temp names.
+    The files of a directory the host lacks are absent at the cost of one test (a fresh host has
+    none of toa's source directory)."""
     q = shlex.quote
-    lines = []
-    # temp names beside each path and, for a symlink written where it points, beside its target
-    # (globs: the quoted fixed part, then an unquoted *)
+    by_directory: dict[str, list[tuple[int, AutoloadFile]]] = {}
     for index, f in enumerate(files):
-        if f.kind == "symlink":
-            lines.append(f"for t in {q(_temp_prefix(f.path))}*; do "
-                         'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-        else:
-            lines.append(
-                f'f={q(f.path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
-                f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
-                f'for t in {q(_temp_prefix(f.path))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(FILE_TEMP_MARK)}*; do '
+        by_directory.setdefault(posixpath.dirname(f.path), []).append((index, f))
+    lines = []
+    for directory, entries in by_directory.items():
+        lines.append(f"if [ -d {q(directory)} ]; then")
+        for index, f in entries:
+            lines += [_file_stale_line(index, f), _file_read_line(index, f)]
+        lines += ["else", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
+    return lines
+
+
+def _file_stale_line(index: int, f: AutoloadFile) -> str:
+    """Temp names beside the path and, for a symlink written where it points, beside its target
+    (globs: the quoted fixed part, then an unquoted *)."""
+    q = shlex.quote
+    if f.kind == "symlink":
+        return (f"for t in {q(_temp_prefix(f.path))}*; do "
                 'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-    for index, entry_file in enumerate(files):
-        if entry_file.kind == "symlink":
-            lines.append(
-                f"f={q(entry_file.path)}; "
+    return (f'f={q(f.path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+            f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
+            f'for t in {q(_temp_prefix(f.path))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(FILE_TEMP_MARK)}*; do '
+            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+
+
+def _file_read_line(index: int, f: AutoloadFile) -> str:
+    q = shlex.quote
+    if f.kind == "symlink":
+        return (f"f={q(f.path)}; "
                 f'if [ -L "$f" ]; then echo "@@symlink {index} $(printf %s "$(readlink "$f")" | base64 -w0)"; '
                 f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
                 f'else echo "@@absent {index}"; fi')
-        else:  # read through a symlink: the file it points to is the one deploy edits
-            lines.append(
-                f"f={q(entry_file.path)}; "
-                f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
-                f'else echo "@@absent {index}"; fi')
-    return lines
+    # read through a symlink: the file it points to is the one deploy edits
+    return (f"f={q(f.path)}; "
+            f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
+            f'else echo "@@absent {index}"; fi')
 
 
 _LOADED_LINES = [
