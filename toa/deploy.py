@@ -91,7 +91,7 @@ MODULE_TEMP_MARK = ".new-"
 MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
 FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
 TEMP_SUFFIX_CHARS = 8  # hex digits after a temp name's prefix
-STAGING_PREFIX = "/tmp/toa-deploy."
+STAGING_PREFIX = "/tmp/toa-deploy."  # + random: an upload's directory (the apply's: upload, script, log)
 # Seconds a command or transfer on a host may take (DeployOptions.command_timeout's default), and the
 # connect timeout of the one reconnect a rollback makes after the connection was lost.
 COMMAND_TIMEOUT_SECONDS = 120.0
@@ -241,7 +241,7 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
 # ---------------------------------------------------------------- facts: everything in one round trip
 
 # A release that stands for the host's own in the paths the facts command reads before it knows which
-# target the host is: replaced by the shell's $r (its `uname -r`, checked) or $o (another kernel's).
+# target the host is: replaced by the shell's $kr (its `uname -r`, checked) or $o (another kernel's).
 RELEASE_SLOT = "0.0.0-toa-release-slot"
 STATE_BEGINS = "@@toa-state-begins"
 TREE_BEGINS = "@@toa-tree-begins"
@@ -1146,10 +1146,6 @@ def _parse_sha256sum(output: str) -> str:
     return words[0]
 
 
-def _install_module(host: Host, artifact: Artifact, module_file: str, say) -> None:
-    _install_file(host, artifact.ko, artifact.sha256, module_file, 0o644, MODULE_TEMP_MARK, say)
-
-
 def _install_file(host: Host, local: Path, sha: str, path: str, mode: int, mark: str, say) -> None:
     """Upload LOCAL (whose sha256 is SHA) and put it at PATH with MODE, the file it replaces kept
     as PATH.prev for a rollback (_restore_module_script)."""
@@ -1176,14 +1172,8 @@ def _install_file(host: Host, local: Path, sha: str, path: str, mode: int, mark:
             pass  # the host is gone; the next boot or run finds a stale upload under /tmp only
 
 
-def _depmod(host: Host, release: str) -> None:
-    host.run_as_root(f"{PATH_SETTING}\ndepmod -a {shlex.quote(release)}\n", "depmod")
-
-
 # ---------------------------------------------------------------- the apply: one script per host
 
-RUN_PREFIX = "/tmp/toa-deploy."  # + a random token: the apply's directory (upload, script, log)
-_TOKEN = re.compile(r"[0-9a-f]{16}")
 # Seconds a reconnect waits for the log of an apply the lost connection left running.
 COLLECT_SECONDS = 60
 
@@ -1216,7 +1206,7 @@ class ApplyScript:
 # is where a reconnect reads the outcome. The log streams back while the connection lives.
 _APPLY_COMMAND = "\n".join([
     PATH_SETTING, "umask 077",
-    'd=/tmp/toa-deploy.$1; mkdir -m 700 -- "$d" || { echo "cannot create $d" >&2; exit 1; }',
+    f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
     'cat > "$d/in"',
     'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
@@ -1236,7 +1226,7 @@ _APPLY_COMMAND = "\n".join([
 def _collect_command(token: str) -> str:
     """After a lost connection: wait for the apply's log to end, print it, then remove its directory."""
     return "\n".join([
-        f"d={RUN_PREFIX}{token}; i=0",
+        f"d={STAGING_PREFIX}{token}; i=0",
         f'while [ $i -lt {COLLECT_SECONDS} ] && ! grep -qs "^@@end" "$d/log"; do sleep 1; i=$((i + 1)); done',
         'cat -- "$d/log" 2>/dev/null; if grep -qs "^@@end" "$d/log"; then rm -rf -- "$d"; fi; true', ""])
 
