@@ -1216,8 +1216,8 @@ _APPLY_COMMAND = "\n".join([
     'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
     'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
     'pid=$!',
-    'tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"',
-    'wait "$pid"',
+    # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
+    'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
     # the log stays for a reconnect unless this end can still say it was read to its end
     'rm -f -- "$d/in" "$d/apply.sh"; if echo @@toa-collected; then rm -rf -- "$d"; fi',
     ""])
