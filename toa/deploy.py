@@ -1282,12 +1282,16 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     lines = [f"# toa {artifact.srcversion} for {artifact.release}: applied by `invoke deploy` as one script",
              PATH_SETTING, 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
 
-    def step(name: str, what: str, script: str, key: str | None = None, output: str = "") -> None:
+    def step(name: str, what: str, script: str, key: str | None = None, check: str = "") -> None:
+        """SCRIPT as a step; with CHECK, its output is kept in $d/load for CHECK, which decides."""
         lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', f"echo {q('@@step ' + name)}"])
         if key:
             lines.append(f"{flag(key)}=1")
-        lines.extend(["(", script.rstrip("\n"), f"){output}",
-                      f'[ $? -eq 0 ] || {{ failed=1; echo {q("@@failed " + what)}; }}', "fi", ""])
+        lines.extend(["(", script.rstrip("\n"), ")"])
+        if check:
+            lines[-1] += ' > "$d/load" 2>&1'
+            lines.extend(['cat "$d/load"', "(", check, ")"])
+        lines.extend([f'[ $? -eq 0 ] || {{ failed=1; echo {q("@@failed " + what)}; }}', "fi", ""])
 
     if plan.stale:
         step("stale", "removing temp files of an interrupted run",
@@ -1306,8 +1310,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
         # an older /etc/modprobe.d/toa.conf still gives until the autoload files are rewritten
         load = load_command(module_file, artifact.release, render.module_options(parameters), marker,
                             reload=plan.load == "reload")
-        step(plan.load, f"{plan.load} toa", f"{load}) > \"$d/load\" 2>&1\ncat \"$d/load\"\n(\n"
-             f"{_load_check_script(artifact, parameters)}", "load")
+        step(plan.load, f"{plan.load} toa", load, "load", check=_load_check_script(artifact, parameters))
     for change in plan.files:
         if change.text is None:
             script = _remove_file_script(change.entry.path, resolve=_writes(change.entry)["resolve"])
