@@ -231,6 +231,10 @@ class AnsibleExport:
     kernels: list[str]
 
 
+# the role's copy of the module sources the kernel hooks build from (render.hook_sources)
+HOOK_SOURCES = "toa-kmod"
+
+
 def _autoload(target, release: str, init: str) -> list[dict]:
     """The boot files of `invoke deploy` for one build and init, as the role's data: each file's
     text without options, and split where the host's options go."""
@@ -280,10 +284,16 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
             "srcversion": artifact.manifest.get("srcversion", ""),
             "sha256": hashlib.sha256(artifact.ko.read_bytes()).hexdigest(),
             "depmod": depmod, "loader": "modprobe toa" if depmod else f"insmod {module_path}",
+            # where the kernel hooks (or the build at boot) find the module sources: a kernel installed
+            # later gets toa.ko built from them; empty where nothing builds on the host
+            "hook_sources": render.hook_source_dir(target) if render.hook_sources(target) else "",
             "autoload": {init: _autoload(target, release, init) for init in ("systemd", "sysv")},
         })
     for directory in ("tasks", "defaults", "vars"):
         (role / directory).mkdir(parents=True, exist_ok=True)
+    for relative in render.module_source_files():
+        (role / "files" / HOOK_SOURCES / relative).parent.mkdir(parents=True, exist_ok=True)
+        (role / "files" / HOOK_SOURCES / relative).write_bytes((render.MODULE_SOURCE / relative).read_bytes())
     (role / "tasks" / "main.yml").write_text((ANSIBLE_TEMPLATES / "tasks.yml").read_text())
     defaults = (ANSIBLE_TEMPLATES / "defaults.yml").read_text()
     for name, value in parameters.items():

@@ -64,6 +64,14 @@ MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every famil
 COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
 COREOS_UNIT = "/etc/systemd/system/toa.service"
 COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
+# Fedora CoreOS builds toa.ko at boot, in a container, for a kernel that came without one (after
+# an OS update): the unit, its wants link, the host's script, the script run in the container, and
+# the module sources (hook_sources), all on the host's writable trees.
+COREOS_BUILD_UNIT = "/etc/systemd/system/toa-build.service"
+COREOS_BUILD_WANTS_LINK = "/etc/systemd/system/multi-user.target.wants/toa-build.service"
+COREOS_BUILD_SCRIPT = "/etc/toa/build-at-boot.sh"
+COREOS_CONTAINER_SCRIPT = "/etc/toa/build-in-container.sh"
+COREOS_SOURCE_DIR = f"{COREOS_MODULE_ROOT}/src"
 # The eBPF engine: its loader and unit as a deploy puts them (/usr/local: the admin's tree, writable on
 # CoreOS too; /etc/systemd/system and a wants link, as `systemctl enable` would) and as a package does.
 BPF_UNIT_NAME = "toa-bpf.service"
@@ -220,9 +228,11 @@ def autoload_files(
     style = target.autoload_for(init)
     if style == "coreos-unit":
         return [
-            _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments),
+            _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments,
+                    builds=builds_at_boot(target)),
             AutoloadFile(COREOS_WANTS_LINK, posixpath.relpath(COREOS_UNIT, posixpath.dirname(COREOS_WANTS_LINK)),
                          0o777, "symlink"),
+            *build_at_boot_files(target),
         ]
     files = {
         "modules-load.d": lambda: _render("/etc/modules-load.d/toa.conf", "modules-load.d.conf.j2"),
@@ -273,10 +283,36 @@ def kernel_hooks(target: Target) -> list[AutoloadFile]:
     return []
 
 
-def hook_source_dir() -> str:
+def hook_source_dir(target: Target | None = None) -> str:
     """Where the kernel hooks find toa's module sources: versioned like DKMS's /usr/src/toa-<version>,
-    and beside it rather than in it, so that a toa-dkms package and a deploy never own the same files."""
+    and beside it rather than in it, so that a toa-dkms package and a deploy never own the same files.
+    A CoreOS target's build at boot finds them in its writable module root (/usr is read-only there)."""
+    if target is not None and builds_at_boot(target):
+        return COREOS_SOURCE_DIR
     return f"/usr/src/toa-kmod-{toa.__version__}"
+
+
+def builds_at_boot(target: Target) -> bool:
+    """Whether TARGET's hosts build toa.ko at boot, in a container, for a kernel that has none: Fedora
+    CoreOS, whose build image (Fedora of the host's release) is on a public registry. Flatcar's
+    developer container is not, so there the unit fails visibly until a deploy brings the build."""
+    return target.autoload == "coreos-unit" and target.distro == "fedora-coreos"
+
+
+def build_at_boot_files(target: Target) -> list[AutoloadFile]:
+    """The unit, its wants link and the scripts of the build at boot (see builds_at_boot)."""
+    if not builds_at_boot(target):
+        return []
+    image = target.image.replace("{fedora}", "${VERSION_ID}")  # the host's own Fedora release
+    values = {"module_root": COREOS_MODULE_ROOT, "source_dir": COREOS_SOURCE_DIR,
+              "container_script": COREOS_CONTAINER_SCRIPT, "default_image": image}
+    return [
+        _render(COREOS_BUILD_UNIT, "toa-build.service.j2", script=COREOS_BUILD_SCRIPT, module_root=COREOS_MODULE_ROOT),
+        AutoloadFile(COREOS_BUILD_WANTS_LINK,
+                     posixpath.relpath(COREOS_BUILD_UNIT, posixpath.dirname(COREOS_BUILD_WANTS_LINK)), 0o777, "symlink"),
+        _render(COREOS_BUILD_SCRIPT, "build-at-boot.sh.j2", mode=0o755, **values),
+        _render(COREOS_CONTAINER_SCRIPT, "build-in-container.sh.j2", mode=0o644),
+    ]
 
 
 def module_source_files(source: Path = MODULE_SOURCE) -> list[Path]:
@@ -287,11 +323,11 @@ def module_source_files(source: Path = MODULE_SOURCE) -> list[Path]:
 
 
 def hook_sources(target: Target) -> list[AutoloadFile]:
-    """toa's module sources in hook_source_dir(), for hosts whose kernel hooks build toa.ko: deploy and
-    toa-common install them beside the hooks."""
-    if not kernel_hooks(target):
+    """toa's module sources in hook_source_dir(TARGET), for hosts whose kernel hooks, or build at boot,
+    build toa.ko: deploy and toa-common install them beside the hooks."""
+    if not kernel_hooks(target) and not builds_at_boot(target):
         return []
-    return [AutoloadFile(f"{hook_source_dir()}/{relative.as_posix()}", (MODULE_SOURCE / relative).read_text(), 0o644)
+    return [AutoloadFile(f"{hook_source_dir(target)}/{relative.as_posix()}", (MODULE_SOURCE / relative).read_text(), 0o644)
             for relative in module_source_files()]
 
 
