@@ -17,7 +17,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -30,18 +29,12 @@ from toa import artifacts, debian, preflight, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
+from toa.resources import CONTAINERS_DIR, MODULE_SOURCE
 from toa.targets import Target
 
 if TYPE_CHECKING:
     import docker
 
-MODULE_SOURCE = Path(toa.__file__).parent / "module"
-# The recipes: beside the package in a source tree (and editable installs), else where pip put them.
-CONTAINERS_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "containers", Path(sys.prefix) / "share" / "toa" / "containers")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "containers",
-)
 DEBIAN_DOCKERFILE_DIR = CONTAINERS_DIR / "debian"
 LOG_TAIL_LINES = 30
 COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
@@ -128,7 +121,7 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
         return existing
     base = base_image(client, suite, progress)
     if not (DEBIAN_DOCKERFILE_DIR / "Dockerfile").is_file():
-        raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: run toa from its source tree")
+        raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: reinstall toa")
     _say(progress, f"building {tag} ({compiler_pkg})")
     return _docker_build(client, DEBIAN_DOCKERFILE_DIR, tag, {
         "BASE": base.tags[0],
@@ -592,7 +585,7 @@ def plan_recipe(target: Target, release: str, out_dir: Path, *, base: str | None
             + ("use --suite/--kernel with a Debian release" if target.container else "see containers/README.md")
         )
     if not (CONTAINERS_DIR / target.container / "Dockerfile").is_file():
-        raise ToaError(f"{CONTAINERS_DIR / target.container}/Dockerfile missing: run toa from its source tree")
+        raise ToaError(f"{CONTAINERS_DIR / target.container}/Dockerfile missing: reinstall toa")
     args = recipe_build_args(target, release)
     mirrored = with_registry(args["BASE"], registry)
     if "(user-provided)" in args["BASE"] and not base:

@@ -23,8 +23,9 @@ from typing import Callable
 
 import toa
 from toa.errors import ToaError
+from toa.resources import BPF_SOURCE
 
-SOURCE_DIR = Path(toa.__file__).parent / "bpf"
+SOURCE_DIR = BPF_SOURCE
 SOURCES = ("toa.bpf.c", "toa_maps.h", "loader.c")
 OBJECT_NAME = "toa.bpf.o"
 LOADER_NAME = "toa-bpf"

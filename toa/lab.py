@@ -31,8 +31,8 @@ from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.ko import SUFFIXES as MODULE_SUFFIXES
 from toa.ko import modinfo, read_module
+from toa.resources import GUEST_DIR
 
-GUEST_DIR = Path(__file__).parent / "guest"
 PEER_SOURCE = GUEST_DIR / "toa_peer.c"
 INIT_TEMPLATE = "init.sh.j2"
 BPF_INIT_TEMPLATE = "init_bpf.sh.j2"

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -32,15 +31,10 @@ from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.render import AutoloadFile
+from toa.resources import PACKAGE_TEMPLATES_DIR
 
 MODULE_SOURCE = render.MODULE_SOURCE
-# The templates: beside the package in a source tree (and editable installs), else where pip put them.
-TEMPLATES_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "templates" / "package",
-                       Path(sys.prefix) / "share" / "toa" / "templates" / "package")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "templates" / "package",
-)
+TEMPLATES_DIR = PACKAGE_TEMPLATES_DIR
 FORMATS = ("dkms", "deb", "rpm")
 ENGINES = ("module", "bpf")
 MAINTAINER = "toa project <toa@packages.invalid>"
@@ -87,7 +81,7 @@ def render_package_template(name: str, **values) -> str:
     try:
         return env.get_template(name).render(**values)
     except jinja2.TemplateNotFound:
-        raise ToaError(f"package template {name} not in {TEMPLATES_DIR}: run toa from its source tree") from None
+        raise ToaError(f"package template {name} not in {TEMPLATES_DIR}: reinstall toa") from None
 
 
 def _tool(name: str, package: str) -> str:
