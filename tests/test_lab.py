@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from toa import build, debian, engine_bpf, lab
+from toa import artifacts, build, debian, engine_bpf, lab
 from toa.errors import ToaError
 from tests.cli import json_items
 
@@ -263,7 +263,7 @@ VERIFIER_RE = re.compile(r"TOA-LAB VERIFIER (\S+) processed (\d+) insns")
 
 
 @pytest.fixture(scope="session")
-def bpf_build(tmp_path_factory) -> engine_bpf.BpfBuild:
+def bpf_build(tmp_path_factory) -> artifacts.BpfArtifact:
     """The eBPF engine, built once: every kernel of the session gets this one object."""
     return engine_bpf.build(tmp_path_factory.mktemp("bpf-dist"))
 

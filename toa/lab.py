@@ -540,7 +540,7 @@ def verify(
     """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made.
     SIG_ENFORCE boots with module.sig_enforce=1: only modules signed by a key the kernel trusts load.
 
-    ENGINE "bpf" proves the eBPF engine instead: BPF (a toa.engine_bpf.BpfBuild) puts its object and
+    ENGINE "bpf" proves the eBPF engine instead: BPF (a toa.artifacts.BpfArtifact) puts its object and
     loader in the guest, which attaches, checks and detaches them as the module's guest loads and
     unloads toa.ko. There KO is only for SIG_ENFORCE, which then also locks the kernel down: the
     guest checks that KO (unsigned) is refused and that the engine works all the same."""

@@ -26,7 +26,7 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import artifacts, engine_bpf, render, targets
+from toa import artifacts, render, targets
 from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -265,7 +265,7 @@ BPF_PACKAGE = "toa-bpf"
 UNIT_DIRS = {"deb": "/lib/systemd/system", "rpm": "/usr/lib/systemd/system"}
 
 
-def bpf_package(package_format: str, built: engine_bpf.BpfBuild, out_dir: Path,
+def bpf_package(package_format: str, built: artifacts.BpfArtifact, out_dir: Path,
                 options: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """toa-bpf_<ver>_amd64.deb or toa-bpf-<ver>-1.x86_64.rpm: BUILT's loader as /usr/sbin/toa-bpf and
     toa-bpf.service (attaching with OPTIONS), for every kernel from 5.10."""
@@ -315,7 +315,7 @@ def build_packages(
             raise ToaError("the eBPF engine is one package for every kernel from 5.10: give --format deb or rpm, "
                            "and no --kernel")
         render.module_options(options)
-        return [bpf_package(package_format, engine_bpf.BpfBuild.from_dir(Path(dist) / "bpf"), out_dir, options,
+        return [bpf_package(package_format, artifacts.BpfArtifact.from_dir(artifacts.bpf_directory(dist)), out_dir, options,
                             progress)]
     if package_format == "dkms":
         if kernels:
