@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, progress, user_errors, whole_number
+from toa.commands.common import print_json, print_table, progress, user_errors, verdict, whole_number
 from toa.errors import ToaError
 
 
@@ -109,18 +109,9 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
 
 
 def _print_report(report, console):
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     engine = f" ({report.engine} engine, object sha256 {report.object_sha256})" if report.engine == "bpf" else ""
-    table = Table(title=f"toa verify: {report.release}{engine}", title_justify="left")
-    for column in ("check", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    for check in report.checks:
-        result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(check.name), result, Text(check.detail[:160]))
-    Console().print(table)
+    print_table(f"toa verify: {report.release}{engine}", ("check", "result", "detail"),
+                [(check.name, verdict(check.passed), check.detail[:160]) for check in report.checks])
     if not report.ok:
         console.print("last lines of the serial console:")
         for line in report.serial_tail:
