@@ -14,7 +14,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from tests.cli import assert_one_line_error, toa as run_toa
-from toa import artifacts, engine_bpf, lab
+from toa import artifacts, engine_bpf, lab, qemu
 from toa.errors import ToaError
 
 EM_BPF = 247
@@ -83,7 +83,7 @@ def test_the_object_holds_the_three_programs_and_nothing_kernel_specific(built):
 
 
 def test_the_loader_is_static_and_carries_the_object(built):
-    assert lab.is_static_elf(built.loader)
+    assert qemu.is_static_elf(built.loader)
     result = subprocess.run([str(built.loader), "object"], capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout == built.object.read_bytes()
 
