@@ -120,7 +120,7 @@ def deploy(c, hosts=None, dist="dist", parallel=None, batch=None, max_fail=None,
         rows = [(result.host, result.kernel, result.engine,
                  Text(result.action, style=ACTION_STYLE.get(result.action, "")), result.detail) for result in results]
         print_table("toa deploy --dry-run: the plan" if dry_run else "toa deploy",
-                       ("host", "kernel", "engine", "action", "detail"), rows)
+                    ("host", "kernel", "engine", "action", "detail"), rows)
         if all(result.action == "unchanged" for result in results):
             print("every host already runs the right toa: nothing changed")
     if failed:
@@ -149,12 +149,12 @@ def status(c, hosts=None, dist="dist", parallel=None, json=False, key=None, know
     else:
         # loaded and installed show srcversions: equal to the artifact's when all is well
         print_table("toa status", ("host", "engine", "counters", "kernel", "loaded", "installed", "artifact",
-                                      "autoload", "next boot", "error"),
-                       [(s.host, Text(s.engine, style="bold red") if s.engine and "+" in s.engine else s.engine,
-                         s.counters, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
-                         s.installed_srcversion, s.artifact, s.autoload,
-                         Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
-                         else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)
-                        for s in states])
+                                   "autoload", "next boot", "error"),
+                    [(s.host, Text(s.engine, style="bold red") if s.engine and "+" in s.engine else s.engine,
+                      s.counters, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
+                      s.installed_srcversion, s.artifact, s.autoload,
+                      Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
+                      else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)
+                     for s in states])
     if any(state.error for state in states):
         raise Exit(code=1)
