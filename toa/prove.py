@@ -71,10 +71,7 @@ def fetch(kernel: str | None = None, suite: str | None = None, *, dist: Path = P
     """A Debian kernel by full release or by suite (its newest): planned (resolved on the mirror once)
     and fetched into the cache."""
     say = progress or (lambda message: None)
-    if bool(kernel) == bool(suite):
-        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
-    if kernel and not debian.is_debian_release(kernel):
-        raise ToaError(f"{kernel} is not a Debian kernel release (like 6.1.0-56-amd64): fix --kernel")
+    debian.check_request(kernel, suite)
     say(f"resolve: looking up {kernel or suite} in the package index")
     plan = build.plan_debian(kernel, suite, Path(dist))
     return Fetched(plan, debian.fetch(plan.packages, progress=lambda message: say(f"fetch: {message}")))
