@@ -15,7 +15,7 @@ from tests.cli import assert_one_line_error, json_items, toa
 from toa import __version__ as version
 from toa import render, targets
 from toa.errors import ToaError
-from toa.lab import find_busybox
+from toa.qemu import find_busybox
 
 HEADER_START = "# Written by toa: "
 LINES_HEADER = "# Added by toa: load the toa module at boot. To stop, delete this line and the next."

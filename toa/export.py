@@ -27,6 +27,7 @@ import yaml
 from toa import build, render
 from toa.artifacts import Artifact, find_all
 from toa.errors import ToaError
+from toa.resources import ANSIBLE_TEMPLATES_DIR
 
 KMM_API_VERSION = "kmm.sigs.x-k8s.io/v1beta1"
 KMOD_IMAGE_NAME = "toa-kmod"
@@ -203,7 +204,7 @@ def kmm(dist: Path, out_dir: Path, registry: str, *, kernels: list[str] | None =
 
 # ---------------------------------------------------------------- Ansible
 
-ANSIBLE_TEMPLATES = render.TEMPLATES_DIR / "ansible"
+ANSIBLE_TEMPLATES = ANSIBLE_TEMPLATES_DIR
 # Where the module options go in a boot file the role writes: the role puts the host's own there.
 OPTIONS_MARK = "@@toa-options@@"
 

@@ -43,7 +43,6 @@ import ipaddress
 import os
 import posixpath
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +50,9 @@ import toa
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.lab import render_template
+from toa.resources import MODULE_SOURCE, TEMPLATES_DIR
 from toa.targets import Target
 
-# The templates: beside the package in a source tree (and editable installs), else where pip put them.
-TEMPLATES_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "templates", Path(sys.prefix) / "share" / "toa" / "templates")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "templates",
-)
 INITS = ("systemd", "sysv", "other")
 MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every family
 COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
@@ -89,7 +83,6 @@ OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
 KINDS_VALUE_RE = re.compile(r"[1-9][0-9]{0,2}(,[1-9][0-9]{0,2})*")
 TRUSTED_ENTRY_RE = re.compile(r"[0-9A-Fa-f:.]{2,39}(/[0-9]{1,3})?")
 OPTION_NAMES = ("kinds", "trusted")
-MODULE_SOURCE = Path(toa.__file__).parent / "module"
 # What a build in the module's folder leaves behind: never part of the sources toa ships.
 BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
                  "probes.h", "probes.h.tmp", ".tmp_versions")
