@@ -223,8 +223,7 @@ def autoload_files(
         return [
             _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments,
                     builds=builds_at_boot(target)),
-            AutoloadFile(COREOS_WANTS_LINK, posixpath.relpath(COREOS_UNIT, posixpath.dirname(COREOS_WANTS_LINK)),
-                         0o777, "symlink"),
+            wants_link(COREOS_WANTS_LINK, COREOS_UNIT),
             *build_at_boot_files(target),
         ]
     files = {
@@ -249,7 +248,7 @@ def bpf_files(options: dict[str, str] | None = None) -> list[AutoloadFile]:
     loader BPF_LOADER, attached with OPTIONS, the module's option syntax) and its wants link."""
     return [
         bpf_unit(BPF_UNIT, BPF_LOADER, options, owned=True),
-        AutoloadFile(BPF_WANTS_LINK, posixpath.relpath(BPF_UNIT, posixpath.dirname(BPF_WANTS_LINK)), 0o777, "symlink"),
+        wants_link(BPF_WANTS_LINK, BPF_UNIT),
     ]
 
 
@@ -292,6 +291,11 @@ def builds_at_boot(target: Target) -> bool:
     return target.autoload == "coreos-unit" and target.distro == "fedora-coreos"
 
 
+def wants_link(link: str, unit: str) -> AutoloadFile:
+    """LINK to UNIT, relative, as `systemctl enable` wires a unit in (so a deploy needs no systemctl)."""
+    return AutoloadFile(link, posixpath.relpath(unit, posixpath.dirname(link)), 0o777, "symlink")
+
+
 def build_at_boot_files(target: Target) -> list[AutoloadFile]:
     """The unit, its wants link and the scripts of the build at boot (see builds_at_boot)."""
     if not builds_at_boot(target):
@@ -301,8 +305,7 @@ def build_at_boot_files(target: Target) -> list[AutoloadFile]:
               "container_script": COREOS_CONTAINER_SCRIPT, "default_image": image}
     return [
         _render(COREOS_BUILD_UNIT, "toa-build.service.j2", script=COREOS_BUILD_SCRIPT, module_root=COREOS_MODULE_ROOT),
-        AutoloadFile(COREOS_BUILD_WANTS_LINK,
-                     posixpath.relpath(COREOS_BUILD_UNIT, posixpath.dirname(COREOS_BUILD_WANTS_LINK)), 0o777, "symlink"),
+        wants_link(COREOS_BUILD_WANTS_LINK, COREOS_BUILD_UNIT),
         _render(COREOS_BUILD_SCRIPT, "build-at-boot.sh.j2", mode=0o755, **values),
         _render(COREOS_CONTAINER_SCRIPT, "build-in-container.sh.j2", mode=0o644),
     ]
