@@ -287,7 +287,7 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
             "depmod": depmod, "loader": "modprobe toa" if depmod else f"insmod {module_path}",
             # where the kernel hooks (or the build at boot) find the module sources: a kernel installed
             # later gets toa.ko built from them; empty where nothing builds on the host
-            "hook_sources": render.hook_source_dir(target) if render.hook_sources(target) else "",
+            "hook_sources": render.hook_source_dir(target) if render.builds_on_host(target) else "",
             "autoload": {init: _autoload(target, release, init) for init in ("systemd", "sysv")},
         })
     for directory in ("tasks", "defaults", "vars"):

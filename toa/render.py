@@ -284,6 +284,12 @@ def hook_source_dir(target: Target | None = None) -> str:
     return f"/usr/src/toa-kmod-{toa.__version__}"
 
 
+def builds_on_host(target: Target) -> bool:
+    """Whether TARGET's hosts build toa.ko themselves (kernel hooks, or the build at boot), and so get
+    the module sources (hook_sources)."""
+    return bool(kernel_hooks(target)) or builds_at_boot(target)
+
+
 def builds_at_boot(target: Target) -> bool:
     """Whether TARGET's hosts build toa.ko at boot, in a container, for a kernel that has none: Fedora
     CoreOS, whose build image (Fedora of the host's release) is on a public registry. Flatcar's
@@ -321,7 +327,7 @@ def module_source_files(source: Path = MODULE_SOURCE) -> list[Path]:
 def hook_sources(target: Target) -> list[AutoloadFile]:
     """toa's module sources in hook_source_dir(TARGET), for hosts whose kernel hooks, or build at boot,
     build toa.ko: deploy and toa-common install them beside the hooks."""
-    if not kernel_hooks(target) and not builds_at_boot(target):
+    if not builds_on_host(target):
         return []
     return [AutoloadFile(f"{hook_source_dir(target)}/{relative.as_posix()}", (MODULE_SOURCE / relative).read_text(), 0o644)
             for relative in module_source_files()]
