@@ -473,6 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="hosts deployed at the same time (default: toa deploy's own default)")
     parser.add_argument("--profile", action="store_true",
                         help="also run cProfile over the deploy to the smallest N and report the top functions")
+    parser.add_argument("--profile-dump", type=Path,
+                        help="with --profile: also keep cProfile's own dump (pstats) in this file")
     parser.add_argument("--dist", type=Path, default=Path("dist"),
                         help="where toa.ko for the kernel is, or is built: <dist>/<target>/<release>/ (default: dist)")
     parser.add_argument("--json", type=Path, help="where to write the results "
@@ -517,6 +519,8 @@ def measure(args: argparse.Namespace, say) -> dict:
                 verify_fleet(hosts, module_file, artifact.sha256, artifact.srcversion)
                 points.append({"hosts": count, **outcome["deploy"], "import": outcome["import"]})
                 if profile_path:
+                    if args.profile_dump:
+                        args.profile_dump.write_bytes(profile_path.read_bytes())
                     profile = {"hosts": count, "cpu_seconds": outcome["deploy"]["cpu_seconds"],
                                "top": top_functions(profile_path)}
     summary = summarize(points)
