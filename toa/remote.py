@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -322,10 +323,21 @@ KEEPALIVE_SECONDS = 5
 T = TypeVar("T")
 
 
+# Each connection's limit by its transport, as limit() set it: reading it back through invoke's
+# config proxy costs more than the rest of a short command's bookkeeping.
+_LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _limit_of(conn: Connection) -> float | None:
+    seconds = _LIMITS.get(conn.transport, _LIMITS) if conn.transport is not None else _LIMITS
+    return conn.config.timeouts.command if seconds is _LIMITS else seconds
+
+
 def limit(conn: Connection, seconds: float | None) -> None:
     """Give every later run() and put() on CONN at most SECONDS (None: no limit) and watch the
     connection for a host that vanished."""
     conn.config.timeouts.command = seconds
+    _LIMITS[conn.transport] = seconds
     conn.transport.set_keepalive(KEEPALIVE_SECONDS)
     sock = conn.transport.sock
     if seconds and isinstance(sock, socket.socket) and hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -336,7 +348,7 @@ def limit(conn: Connection, seconds: float | None) -> None:
 def _bounded(conn: Connection, what: str, operation: Callable[[], T]) -> T:
     """OPERATION (a command or a transfer on CONN) within the connection's limit; a host that does
     not answer in time, or a connection that breaks, is a ConnectionLost naming the host and WHAT."""
-    seconds = conn.config.timeouts.command
+    seconds = _limit_of(conn)
     expired = threading.Event()
 
     def expire() -> None:
@@ -398,7 +410,7 @@ def _exec(conn: Connection, command: str) -> Result:
     less than the channel's window, so a command cannot block on a full stderr meanwhile."""
     if not conn.is_connected:
         conn.open()
-    seconds = conn.config.timeouts.command
+    seconds = _limit_of(conn)
     deadline = time.monotonic() + seconds if seconds else None
     channel = conn.transport.open_session()  # a host that never answers: the watchdog (_bounded)
     try:
