@@ -221,6 +221,7 @@ def fleet_image(client, userland, tree, say) -> str:
 
 @dataclass(frozen=True)
 class Fleet:
+    run_id: str  # the value of LABEL on its containers
     ports: list[int]
     containers: list  # docker Container objects, in the order of ports
     key: Path
@@ -277,7 +278,7 @@ def fleet(client, image: str, count: int, userland, workdir: Path, say) -> Itera
         known_hosts.write_text("".join(f"[127.0.0.1]:{port} {userland.host_key}\n" for port in ports))
         nodes = workdir / f"nodes-{count}.txt"
         nodes.write_text("".join(f"root@127.0.0.1:{port}\n" for port in ports))
-        yield Fleet(ports, containers, userland.client_key, known_hosts, nodes)
+        yield Fleet(run_id, ports, containers, userland.client_key, known_hosts, nodes)
     finally:
         say(f"removing {count} fleet host(s)")
         remove_fleet(client, run_id)

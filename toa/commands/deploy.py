@@ -92,7 +92,10 @@ class FleetProgress:
         from rich.text import Text
 
         with self.lock:
-            counts = [(step, count) for step, count in self.counts.items() if count]
+            # waiting first, then the steps in the order hosts first reached them, then done, then failed
+            order = {"waiting": 0, "done": 2, "failed": 3}
+            counts = sorted(((step, count) for step, count in self.counts.items() if count),
+                            key=lambda item: order.get(item[0], 1))
             active = list(zip(self.active.items(), range(LIVE_ROWS)))
             more_active = len(self.active) - len(active)
             failed, more_failed = self.failed[-LIVE_ROWS:], max(0, len(self.failed) - LIVE_ROWS)
