@@ -187,8 +187,11 @@ def scale_notes(doc: dict) -> list[str]:
             f"{estimate['peak_rss_mib']:.0f} MiB on the control host, and take about "
             f"{estimate['wall_seconds'] / 3600:.1f} h at --parallel {doc['parallel']} against hosts that answer as "
             f"fast as these containers (real hosts and networks are slower; the CPU figure does not depend on it).")
-    note = load_note(doc)
-    return notes + ([note] if note else [])
+    if load_note(doc):
+        machine = doc["machine"]
+        notes.append(f"The load average was {machine['load_average_at_start'][0]:g} on {machine['cores']} cores when the "
+                     "run started: other work slowed the wall times; the CPU times are the deploy process's own.")
+    return notes
 
 
 def report(found: dict[str, dict]) -> str:
