@@ -150,11 +150,12 @@ CHECK_COMMAND = ("echo \"@@installed $(sha256sum < {module} 2>/dev/null | cut -d
 # ---------------------------------------------------------------- the fleet image
 
 
-def image_tag(release: str) -> str:
-    """toa-fleet:<release>-<digest of the fakes and the userland>: a changed recipe is another image."""
+def image_tag(release: str, userland_root: Path) -> str:
+    """toa-fleet:<release>-<digest of the fakes and the userland's cache entry (named by its recipe)>: a
+    changed recipe is another image."""
     import hashlib
 
-    recipe = hashlib.sha256((FAKE_KMOD + UNAME + INIT + release).encode()).hexdigest()[:12]
+    recipe = hashlib.sha256((FAKE_KMOD + UNAME + INIT + release + str(userland_root)).encode()).hexdigest()[:12]
     return f"{IMAGE_REPOSITORY}:{release.replace('+', '_')}-{recipe}"
 
 
@@ -180,7 +181,7 @@ def fleet_image(client, userland, tree, say) -> str:
     """The fleet host image for TREE's kernel, imported once from the cached guest USERLAND."""
     import docker.errors
 
-    tag = image_tag(tree.release)
+    tag = image_tag(tree.release, userland.root)
     with contextlib.suppress(docker.errors.ImageNotFound):
         client.images.get(tag)
         return tag
