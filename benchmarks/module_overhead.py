@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
-from toa import build, debian, engine_bpf, lab  # noqa: E402
+from toa import debian, engine_bpf, lab, prove  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -372,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             def progress(message: str) -> None:
                 status.update(message)
 
-            pkgs, tree = results.prepare_kernel(args, progress)
+            fetched = results.fetch_kernel(args, progress, dist=args.out)
+            tree = fetched.tree
             if args.ko:
                 ko = given_module(args.ko, tree.release)
                 log_dir = args.out / tree.release / "bench-ko"
             else:
-                ko = build.build_module(tree.headers_dir, tree.release, pkgs.suite, args.out,
-                                        progress=lambda message: progress(f"build: {message}")).ko
+                ko = prove.build_module(fetched, progress=progress).ko
                 log_dir = ko.parent / "bench"
             bpf = engine_bpf.build(args.out / "bpf", progress=lambda message: progress(f"build: {message}"))
             outcome = run_guest(tree, ko, bpf.loader, rounds=args.rounds, handshakes=args.handshakes, calls=args.calls,

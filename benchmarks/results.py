@@ -110,8 +110,15 @@ def add_kernel_choice(parser: argparse.ArgumentParser, default_suite: str) -> No
                                         "(it must still be on the mirror or in toa's cache)")
 
 
-def prepare_kernel(args: argparse.Namespace, progress):
-    """The kernel --suite or --kernel names, resolved and fetched: (KernelPackages, KernelTree)."""
-    from toa import debian
+def fetch_kernel(args: argparse.Namespace, progress, dist: Path = Path("dist")):
+    """The kernel --suite or --kernel names, through toa's one proof pipeline (toa.prove): resolved once,
+    fetched, with the build plan that toa.prove.build_module executes."""
+    from toa import prove
 
-    return debian.prepare(args.kernel, None if args.kernel else args.suite, progress=progress)
+    return prove.fetch(args.kernel, None if args.kernel else args.suite, dist=dist, progress=progress)
+
+
+def prepare_kernel(args: argparse.Namespace, progress):
+    """fetch_kernel() for the benchmarks that need only the kernel: (KernelPackages, KernelTree)."""
+    fetched = fetch_kernel(args, progress)
+    return fetched.plan.packages, fetched.tree

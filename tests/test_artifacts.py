@@ -106,3 +106,38 @@ def test_the_module_itself_is_checked_against_its_manifest(guest_kernels, tmp_pa
     other = artifacts.Artifact(good.ko, {**good.manifest, "kernel_release": "6.1.0-1-amd64"})
     with pytest.raises(ToaError, match="has vermagic .* for 6.1.0-1-amd64: rebuild"):
         other.verify_module()
+
+
+def _put_bpf(tmp_path, directory, object_data=b"object", loader_data=b"loader"):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    (scratch / "o").write_bytes(object_data)
+    (scratch / "l").write_bytes(loader_data)
+    return artifacts.write_bpf(directory, scratch / "o", scratch / "l",
+                               {"engine": "bpf", "source_hash": "s", "toolchain": {"clang": "c"}})
+
+
+def test_the_bpf_engine_has_its_place_and_manifest_in_dist(tmp_path):
+    directory = artifacts.bpf_directory(tmp_path / "dist")
+    assert directory == tmp_path / "dist" / "bpf"
+    written = _put_bpf(tmp_path, directory)
+    assert (written.object.name, written.loader.name) == ("toa.bpf.o", "toa-bpf")
+    assert written.loader.stat().st_mode & 0o777 == 0o755
+    manifest = json.loads(written.manifest.read_text())
+    assert manifest["object"]["sha256"] == hashlib.sha256(b"object").hexdigest() == written.object_sha256
+    assert manifest["loader"]["sha256"] == hashlib.sha256(b"loader").hexdigest()
+    assert artifacts.BpfArtifact.from_dir(directory) == written
+    assert artifacts.bpf_up_to_date(directory, "s", {"clang": "c"}).skipped
+    assert artifacts.bpf_up_to_date(directory, "other sources", {"clang": "c"}) is None
+    assert artifacts.bpf_up_to_date(directory, "s", {"clang": "newer"}) is None
+
+
+def test_a_damaged_or_missing_bpf_build_is_one_line(tmp_path):
+    directory = artifacts.bpf_directory(tmp_path)
+    with pytest.raises(ToaError, match="no BPF engine build in"):
+        artifacts.BpfArtifact.from_dir(directory)
+    _put_bpf(tmp_path, directory)
+    (directory / "toa-bpf").write_bytes(b"another loader")
+    with pytest.raises(ToaError, match="toa-bpf is missing or differs from .*rebuild the BPF engine"):
+        artifacts.BpfArtifact.from_dir(directory)
+    assert artifacts.bpf_up_to_date(directory, "s", {"clang": "c"}) is None

@@ -14,18 +14,18 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from tests.cli import assert_one_line_error, toa as run_toa
-from toa import engine_bpf, lab
+from toa import artifacts, engine_bpf, lab, qemu
 from toa.errors import ToaError
 
 EM_BPF = 247
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> engine_bpf.BpfBuild:
+def built(tmp_path_factory) -> artifacts.BpfArtifact:
     return engine_bpf.build(tmp_path_factory.mktemp("bpf"))
 
 
-def loader(built: engine_bpf.BpfBuild, *args: str) -> subprocess.CompletedProcess:
+def loader(built: artifacts.BpfArtifact, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(built.loader), *args], capture_output=True, text=True, timeout=30)
 
 
@@ -36,7 +36,7 @@ def test_the_build_writes_both_files_and_a_manifest_of_them(built):
     assert manifest["loader"]["embeds_object_sha256"] == built.object_sha256
     assert manifest["toolchain"]["clang"].startswith(("Debian clang version", "clang version"))
     assert manifest["source_hash"] == engine_bpf.source_hash()
-    assert engine_bpf.BpfBuild.from_dir(built.object.parent).object_sha256 == built.object_sha256
+    assert artifacts.BpfArtifact.from_dir(built.object.parent).object_sha256 == built.object_sha256
 
 
 def test_a_second_build_keeps_the_first_and_a_forced_one_makes_the_same_bytes(built):
@@ -83,7 +83,7 @@ def test_the_object_holds_the_three_programs_and_nothing_kernel_specific(built):
 
 
 def test_the_loader_is_static_and_carries_the_object(built):
-    assert lab.is_static_elf(built.loader)
+    assert qemu.is_static_elf(built.loader)
     result = subprocess.run([str(built.loader), "object"], capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout == built.object.read_bytes()
 
@@ -132,7 +132,7 @@ def test_a_changed_file_in_dist_is_not_taken_for_the_build(built, tmp_path):
     shutil.copytree(built.object.parent, copy)
     (copy / engine_bpf.OBJECT_NAME).write_bytes(b"not the object")
     with pytest.raises(ToaError, match="differs from"):
-        engine_bpf.BpfBuild.from_dir(copy)
+        artifacts.BpfArtifact.from_dir(copy)
 
 
 def test_missing_tools_are_one_line(monkeypatch, tmp_path):

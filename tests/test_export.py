@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.cli import assert_one_line_error, json_items, toa
-from toa import build, debian, export
+from toa import build, debian, export, render
 from toa.errors import ToaError
 
 KMM_CRD_NAME = "kmm.sigs.x-k8s.io_modules.yaml"
@@ -278,6 +278,11 @@ def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, flee
             hashlib.sha256(built.read_bytes()).hexdigest()
         assert guest.run("cat /etc/modules-load.d/toa.conf").splitlines()[-1] == "toa"
         assert guest.run("ls /lib/modules/$(uname -r)/extra/").split() == ["toa.ko"]  # no backup left behind
+        # the kernel hooks' sources, as deploy installs them: the next kernel gets toa.ko built from them
+        sources = render.module_source_files()
+        listed = guest.run(f"cd {render.hook_source_dir()} && sha256sum {' '.join(map(str, sources))}")
+        assert {line.split()[1]: line.split()[0] for line in listed.splitlines()} == {
+            str(path): hashlib.sha256((render.MODULE_SOURCE / path).read_bytes()).hexdigest() for path in sources}
     # per-group options: the first group's kinds, the module's defaults for the rest
     assert fleet[0].run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
     assert fleet[0].run("cat /sys/module/toa/parameters/trusted").strip() == "10.0.2.0/24,fd00::/8"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from toa import guests, lab, remote
+from toa import guests, qemu, remote
 from toa.debian import KernelTree
 from toa.errors import ToaError
 
@@ -146,7 +146,7 @@ def test_a_guest_whose_kernel_panics_fails_fast_with_the_panic(guest_kernels, tm
     image = guests.guest_image(guest_kernels[0])
     # An initramfs without /init: the kernel cannot mount a root it has no drivers for, and panics.
     empty = tmp_path / "empty.cpio.gz"
-    empty.write_bytes(gzip.compress(lab.Cpio().finish()))
+    empty.write_bytes(gzip.compress(qemu.Cpio().finish()))
     panicking = guests.GuestImage(image.release, image.vmlinuz, empty, image.disk, image.client_key, image.host_key)
     guest = guests.new_guests([panicking], tmp_path)[0]
     guest.start()

@@ -6,7 +6,6 @@ every boot is a real TCG boot. Timings are printed (pytest -s shows them).
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from toa import build, debian, engine_bpf, lab
+from toa import artifacts, build, debian, engine_bpf, lab, qemu
 from toa.errors import ToaError
 from tests.cli import json_items
 
@@ -149,16 +148,12 @@ def _is_lab_qemu(pid: str, vmlinuz: Path) -> bool:
 
 def test_guest_whose_init_hangs_is_cut_off(bookworm, tmp_path):
     """An /init that never powers off: the host stops waiting, keeps what it printed, kills QEMU."""
-    archive = lab.Cpio()
-    for directory in ("bin", "dev", "proc"):
-        archive.directory(directory)
-    archive.file("init", b"#!/bin/busybox sh\necho guest is hanging now\n/bin/busybox sleep 100000\n", 0o755)
-    archive.file("bin/busybox", lab.find_busybox().read_bytes(), 0o755)
     initrd = tmp_path / "hang.cpio.gz"
-    initrd.write_bytes(gzip.compress(archive.finish()))
+    qemu.write_initramfs(initrd, init="#!/bin/busybox sh\necho guest is hanging now\n/bin/busybox sleep 100000\n",
+                         directories=("bin", "dev", "proc"))
     seen = []
-    result = lab.boot(lab.qemu_argv(lab.find_qemu(), bookworm.vmlinuz, initrd), tmp_path / "serial.log",
-                      timeout=40, on_line=seen.append)
+    result = qemu.run_to_exit(lab.qemu_argv(bookworm.vmlinuz, initrd), tmp_path / "serial.log",
+                              timeout=40, on_line=seen.append)
     assert result.timed_out and result.returncode is None
     assert "guest is hanging now" in seen
     assert "guest is hanging now" in (tmp_path / "serial.log").read_text()
@@ -263,7 +258,7 @@ VERIFIER_RE = re.compile(r"TOA-LAB VERIFIER (\S+) processed (\d+) insns")
 
 
 @pytest.fixture(scope="session")
-def bpf_build(tmp_path_factory) -> engine_bpf.BpfBuild:
+def bpf_build(tmp_path_factory) -> artifacts.BpfArtifact:
     """The eBPF engine, built once: every kernel of the session gets this one object."""
     return engine_bpf.build(tmp_path_factory.mktemp("bpf-dist"))
 

@@ -388,7 +388,7 @@ def test_bpf_deb_carries_the_loader_and_an_enabled_unit_and_conflicts_with_the_m
     unit = (root / "lib/systemd/system/toa-bpf.service").read_text()
     assert "ExecStart=/usr/sbin/toa-bpf attach kinds=254,200\n" in unit and "ExecStop=/usr/sbin/toa-bpf detach" in unit
     control = (root / "DEBIAN/control").read_text()
-    assert "Conflicts: toa-common" in control and engine_bpf.BpfBuild.from_dir(bpf_dist / "bpf").object_sha256 in control
+    assert "Conflicts: toa-common" in control and artifacts.BpfArtifact.from_dir(bpf_dist / "bpf").object_sha256 in control
     postinst = (root / "DEBIAN/postinst").read_text()
     assert "systemctl enable toa-bpf.service" in postinst and "systemctl restart toa-bpf.service" in postinst
     for script in ("postinst", "prerm", "postrm"):

@@ -3,6 +3,7 @@ in a minimal root, the coreos unit through systemd-analyze, modprobe.d through k
 the shared-file merges through a real shell, and `toa render` end to end."""
 
 import os
+import posixpath
 import shutil
 import stat
 import subprocess
@@ -14,7 +15,7 @@ from tests.cli import assert_one_line_error, json_items, toa
 from toa import __version__ as version
 from toa import render, targets
 from toa.errors import ToaError
-from toa.lab import find_busybox
+from toa.qemu import find_busybox
 
 HEADER_START = "# Written by toa: "
 LINES_HEADER = "# Added by toa: load the toa module at boot. To stop, delete this line and the next."
@@ -97,7 +98,12 @@ def test_sysconfig_kernel(target_id, release):
 def test_coreos_unit(target_id, release, init):
     target = targets.get(target_id)
     files = by_path(render.autoload_files(target, release, init=init, options={"kinds": "254,200"}))
-    assert sorted(files) == ["/etc/systemd/system/sysinit.target.wants/toa.service", "/etc/systemd/system/toa.service"]
+    build_files = {entry.path for entry in render.build_at_boot_files(target)}
+    assert sorted(set(files) - build_files) == ["/etc/systemd/system/sysinit.target.wants/toa.service",
+                                                "/etc/systemd/system/toa.service"]
+    # Fedora CoreOS builds a missing module at boot; Flatcar's build image is not on a registry
+    assert bool(build_files) == (target_id == "fedora-coreos") == render.builds_at_boot(target)
+    until = "toa-build.service builds one (after the network is up) or " if build_files else ""
     unit = files["/etc/systemd/system/toa.service"]
     assert unit.content.startswith(HEADER_START)
     assert body(unit.content) == [
@@ -112,7 +118,7 @@ def test_coreos_unit(target_id, release, init):
         "Type=oneshot",
         "RemainAfterExit=yes",
         "ExecStartPre=/bin/sh -c 'test -f /var/lib/toa/%v/toa.ko || { echo \"toa: no toa.ko for kernel %v in "
-        "/var/lib/toa/%v/: client addresses are the load balancer until one is deployed (invoke deploy "
+        f"/var/lib/toa/%v/: client addresses are the load balancer until {until}one is deployed (invoke deploy "
         "--build-missing)\" >&2; exit 1; }'",
         "ExecStart=/sbin/insmod /var/lib/toa/%v/toa.ko kinds=254,200",
         "[Install]",
@@ -369,6 +375,10 @@ def test_systemd_analyze_verifies_the_unit(tmp_path, target_id, release):
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
     link = tmp_path / "etc/systemd/system/sysinit.target.wants/toa.service"
     assert link.is_symlink() and link.resolve() == unit.resolve()
+    if render.builds_at_boot(targets.get(target_id)):
+        build_unit = tmp_path / "etc/systemd/system/toa-build.service"
+        result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(build_unit)], capture_output=True, text=True)
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
 
 
 # ---------------------------------------------------------------- shared files: merge and unmerge
@@ -460,9 +470,108 @@ def test_kernel_hooks_pass_shellcheck_as_posix_sh(target_id, tmp_path):
         assert checked.returncode == 0, checked.stdout
 
 
-@pytest.mark.parametrize("target_id", ["sles-15", "flatcar", "fedora-coreos"])
+@pytest.mark.parametrize("target_id", ["sles-15", "flatcar"])
 def test_hosts_without_a_kernel_hook_get_no_sources(target_id):
     assert render.kernel_hooks(targets.get(target_id)) == [] and render.hook_sources(targets.get(target_id)) == []
+
+
+# ---------------------------------------------------------------- Fedora CoreOS: the build at boot
+
+
+def test_fedora_coreos_builds_at_boot_from_sources_in_its_writable_tree():
+    target = targets.get("fedora-coreos")
+    files = by_path(render.build_at_boot_files(target))
+    assert list(files) == [render.COREOS_BUILD_UNIT, render.COREOS_BUILD_WANTS_LINK, render.COREOS_BUILD_SCRIPT,
+                           render.COREOS_CONTAINER_SCRIPT]
+    assert files[render.COREOS_BUILD_WANTS_LINK].content == "../toa-build.service"
+    assert files[render.COREOS_BUILD_SCRIPT].mode == 0o755
+    unit = body(files[render.COREOS_BUILD_UNIT].content)
+    for wanted in ("After=network-online.target", "ConditionPathExists=!/var/lib/toa/%v/toa.ko",
+                   "EnvironmentFile=-/etc/toa/build.env", f"ExecStart=/bin/sh {render.COREOS_BUILD_SCRIPT} %v",
+                   "ExecStartPost=/bin/systemctl restart toa.service", "WantedBy=multi-user.target"):
+        assert wanted in unit, wanted
+    # the host's own Fedora release unless the admin pins an image
+    assert 'image="quay.io/fedora/fedora:${VERSION_ID}"' in files[render.COREOS_BUILD_SCRIPT].content
+    sources = render.hook_sources(target)
+    assert sources and all(entry.path.startswith(render.COREOS_SOURCE_DIR + "/") for entry in sources)
+    assert render.hook_source_dir(target) == render.COREOS_SOURCE_DIR  # /usr is read-only there
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt: shellcheck)")
+def test_the_build_at_boot_scripts_pass_shellcheck_as_posix_sh(tmp_path):
+    for entry in render.build_at_boot_files(targets.get("fedora-coreos")):
+        if entry.path.endswith(".sh"):
+            script = tmp_path / posixpath.basename(entry.path)
+            script.write_text(entry.content)
+            checked = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
+            assert checked.returncode == 0, checked.stdout
+
+
+def build_at_boot_script(tmp_path, **paths) -> Path:
+    """build-at-boot.sh as rendered for a host, with its trees under TMP_PATH."""
+    values = {"module_root": str(tmp_path / "var-lib-toa"), "source_dir": str(render.MODULE_SOURCE),
+              "container_script": str(tmp_path / "build-in-container.sh"),
+              "default_image": "quay.io/fedora/fedora:${VERSION_ID}", **paths}
+    (tmp_path / "build-in-container.sh").write_text(
+        render.render_template(render.TEMPLATES_DIR, "build-in-container.sh.j2"))
+    script = tmp_path / "build-at-boot.sh"
+    script.write_text(render.render_template(render.TEMPLATES_DIR, "build-at-boot.sh.j2", **values))
+    return script
+
+
+@pytest.mark.parametrize("release,error", [
+    ("6.8.5-301.fc40.x86_64", "no container engine (podman or docker) to build it: install one, or deploy a build"),
+    ("6.8.5;reboot", "'6.8.5;reboot' is not a kernel release"),
+])
+def test_the_build_at_boot_fails_in_one_line_and_never_silently(tmp_path, release, error):
+    script = build_at_boot_script(tmp_path)
+    bin_dir = tmp_path / "bin"  # the host's tools, without podman or docker
+    bin_dir.mkdir()
+    for tool in ("sh", "mkdir", "mktemp", "rm", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run(["sh", str(script), release], capture_output=True, text=True,
+                            env={"PATH": str(bin_dir)})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"toa: no toa.ko for kernel {release}: {error}")
+    assert "client addresses are the load balancer's" in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_build_at_boot_builds_toa_for_a_debian_kernel_in_a_container(tmp_path, guest_kernels):
+    """The build at boot's scripts, run for real with docker: a Debian image stands in for Fedora's
+    (no Fedora repository is reachable here); the container installs the kernel's headers from the
+    mirror and builds, and the host's script checks the module is for that kernel and installs it."""
+    import io
+
+    import docker
+
+    from toa import build, debian
+
+    if debian.mirror_for("security") is None:
+        pytest.skip("no Debian security mirror in apt's sources here: bookworm's newest kernel is on it")
+    client = docker.from_env()
+    base = build.base_image(client, "bookworm")
+    # with its security pocket, as Fedora's images come with their updates: bookworm's newest kernel is there
+    sources = "".join(f"deb {debian.mirror_for(archive)} {suite} main\\n"
+                      for archive, suite in (("debian", "bookworm"), ("security", "bookworm-security")))
+    dockerfile = f"FROM {base.tags[0]}\nRUN printf '{sources}' > /etc/apt/sources.list\n"
+    image, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="toa-test:build-at-boot-bookworm",
+                                   rm=True)
+    script = build_at_boot_script(tmp_path)
+    release = guest_kernels[0].release  # the newest bookworm kernel
+    env = {"PATH": os.environ["PATH"], "TOA_CONTAINER_ENGINE": "docker", "TOA_BUILD_IMAGE": image.tags[0]}
+    result = subprocess.run(["sh", str(script), release], capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = tmp_path / "var-lib-toa" / release / "toa.ko"
+    vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(module)], capture_output=True, text=True, check=True)
+    assert vermagic.stdout.startswith(release + " ")
+    assert f"toa: built toa.ko for kernel {release}" in result.stderr
+    assert [path.name for path in (tmp_path / "var-lib-toa").iterdir()] == [release]  # no work directory left
+    # present: nothing to do, no container started
+    again = subprocess.run(["sh", str(script), release], capture_output=True, text=True, env=env, timeout=60)
+    assert (again.returncode, again.stderr) == (0, "")
 
 
 def test_write_tree_refuses_a_file_as_out(tmp_path):
@@ -611,20 +720,28 @@ def test_the_coreos_unit_fails_visibly_without_a_module_and_loads_toa_with_one(s
     from toa import build
 
     guest, release = systemd_guest, systemd_guest.release
-    for entry in render.autoload_files(targets.get("flatcar"), release, options={"kinds": "254,200"}):
+    target = targets.get("fedora-coreos")
+    for entry in render.autoload_files(target, release, options={"kinds": "254,200"}) + render.hook_sources(target):
+        guest.run(f"mkdir -p {posixpath.dirname(entry.path)}")
         if entry.kind == "symlink":
             guest.run(f"ln -sfn {entry.content} {entry.path}")
         else:
             encoded = base64.b64encode(entry.content.encode()).decode()
-            guest.run(f"echo {encoded} | base64 -d > {entry.path}")
+            guest.run(f"echo {encoded} | base64 -d > {entry.path} && chmod {entry.mode:o} {entry.path}")
     guest.run("systemctl daemon-reload")
-    assert guest.run("systemctl is-enabled toa.service").strip() == "enabled"
+    assert guest.run("systemctl is-enabled toa.service toa-build.service").split() == ["enabled", "enabled"]
 
     # A kernel without its build (an OS update came first): the unit fails and the journal says why.
     out = guest.run("systemctl start toa.service; echo rc=$?; systemctl is-failed toa.service; "
                     "journalctl -u toa.service --no-pager -o cat")
     assert "rc=1" in out and "\nfailed\n" in out, out
     assert f"toa: no toa.ko for kernel {release} in /var/lib/toa/{release}/" in out
+    # The build at boot, on a host without a container engine (the guest has none): it fails too,
+    # with its own line, and the boot goes on.
+    out = guest.run("systemctl start toa-build.service; echo rc=$?; systemctl is-failed toa-build.service; "
+                    "journalctl -u toa-build.service --no-pager -o cat")
+    assert "rc=1" in out and "\nfailed\n" in out, out
+    assert f"toa: no toa.ko for kernel {release}: no container engine (podman or docker) to build it" in out
     assert guest.run("test -d /sys/module/toa && echo loaded || echo absent").strip() == "absent"
 
     dist = tmp_path / "dist"
@@ -635,6 +752,10 @@ def test_the_coreos_unit_fails_visibly_without_a_module_and_loads_toa_with_one(s
     out = guest.run("systemctl reset-failed toa.service; systemctl start toa.service; systemctl is-active toa.service; "
                     "cat /sys/module/toa/parameters/kinds")
     assert out.split() == ["active", "254,200"], out
+    # a kernel with its module: the build at boot has nothing to do
+    out = guest.run("systemctl reset-failed toa-build.service; systemctl start toa-build.service; "
+                    "systemctl show -P ConditionResult toa-build.service")
+    assert out.strip() == "no", out
 
 
 # ---------------------------------------------------------------- the eBPF engine's unit

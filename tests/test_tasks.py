@@ -55,3 +55,32 @@ def test_the_live_view_of_ten_thousand_hosts_stays_a_few_lines():
     assert lines[1].split() == [names[3_000], "load"]  # in the order they started
     assert lines[LIVE_ROWS + 1].strip() == "... and 12 more in progress"
     assert lines[-2].split() == [names[2_900], "failed"] and lines[-1].strip() == "... and 22 more failed"
+
+
+def test_every_task_table_goes_through_the_one_printer():
+    """Six table printers were one concept: only toa/commands/common.py builds a rich Table (deploy's live
+    progress view draws plain lines)."""
+    import ast
+    from pathlib import Path
+
+    import toa.commands
+
+    builders = []
+    for path in sorted(Path(toa.commands.__file__).parent.glob("*.py")):
+        for function in ast.parse(path.read_text()).body:  # top-level functions, each with what it nests
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            calls = [node for node in ast.walk(function) if isinstance(node, ast.Call)
+                     and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Table"]
+            if calls and (path.name, function.name) not in {("common.py", "print_table")}:
+                builders.append(f"{path.name}:{function.name}")
+    assert not builders, f"tables built outside common.print_table: {builders}"
+
+
+def test_the_table_printer_shows_data_as_text_and_empty_cells_as_a_dash(capsys):
+    from toa.commands.common import print_table, verdict
+
+    print_table("t", ("a", "b", "c", "d"), [("[bold red]x[/]", None, verdict(True), verdict(None))])
+    out = capsys.readouterr().out
+    assert "[bold red]x[/]" in out  # a kernel or host string is never read as markup
+    assert "PASS" in out and out.count("-") >= 2

@@ -1,12 +1,17 @@
-"""The built modules in dist/: their layout, their manifest, its verification, and the lookup by kernel.
+"""What the builds leave in dist/: its layout, the manifests, their verification, and the lookup.
 
 One kernel's build lives in <dist>/<target>/<release>/: toa.ko, build.log and manifest.json (what the
 build read from the module and how it was built; `invoke sign` adds the signature). Build writes
 artifacts here; deploy, status, package, sign and export find them here and nowhere else.
+
+The eBPF engine (one build for every kernel) lives in <dist>/bpf/: toa.bpf.o, the toa-bpf loader that
+embeds it, and manifest.json (each file's sha256, the sources' hash and the tools' versions).
+toa.engine_bpf builds it; lab, deploy and package read it here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +26,10 @@ from toa.kernel import validate_release
 KO_NAME = "toa.ko"
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "build.log"
+DEFAULT_DIST = Path("dist")
+BPF_DIR_NAME = "bpf"
+BPF_OBJECT_NAME = "toa.bpf.o"
+BPF_LOADER_NAME = "toa-bpf"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 SRCVERSION_RE = re.compile(r"[0-9A-F]{1,64}")
 
@@ -137,11 +146,11 @@ def find_all(dist: Path, kernels: list[str] | None = None) -> list[Artifact]:
     return artifacts
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Written beside, then renamed: dist never holds a half-written file under its final name."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as temporary:
         temporary.write(data)
-    os.chmod(temporary.name, 0o644)
+    os.chmod(temporary.name, mode)
     os.replace(temporary.name, path)
 
 
@@ -165,3 +174,76 @@ def up_to_date(folder: Path, release: str, source_hash: str, build_id: str) -> b
         return False
     manifest = artifact.manifest
     return manifest.get("source_hash") == source_hash and (manifest.get("build_image") or {}).get("id") == build_id
+
+
+# ---------------------------------------------------------------- the eBPF engine: <dist>/bpf/
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def bpf_directory(dist: Path = DEFAULT_DIST) -> Path:
+    """Where the eBPF engine's object, loader and manifest go: <dist>/bpf/."""
+    return Path(dist) / BPF_DIR_NAME
+
+
+@dataclass(frozen=True)
+class BpfArtifact:
+    """The built eBPF engine: the object, the loader that embeds it, and their manifest."""
+
+    object: Path
+    loader: Path
+    manifest: Path
+    object_sha256: str
+    skipped: bool = False  # an identical build was already there
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> BpfArtifact:
+        """The build in DIRECTORY (<dist>/bpf), checked against its manifest (each file's sha256)."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            raise ToaError(f"no BPF engine build in {directory} (no readable manifest.json): run `invoke verify "
+                           "--engine bpf` or toa.engine_bpf.build() first") from None
+        built = cls(directory / BPF_OBJECT_NAME, directory / BPF_LOADER_NAME, manifest_path,
+                    manifest.get("object", {}).get("sha256", ""))
+        for path, entry in ((built.object, "object"), (built.loader, "loader")):
+            if not path.is_file() or sha256(path) != manifest.get(entry, {}).get("sha256"):
+                raise ToaError(f"{path} is missing or differs from {manifest_path}: rebuild the BPF engine")
+        return built
+
+    def read_manifest(self) -> dict:
+        return json.loads(self.manifest.read_text())
+
+
+def bpf_up_to_date(directory: Path, source_hash: str, toolchain: dict[str, str]) -> BpfArtifact | None:
+    """The whole build in DIRECTORY when these sources and tools made it (marked skipped), else None."""
+    try:
+        built = BpfArtifact.from_dir(directory)
+        manifest = built.read_manifest()
+    except (ToaError, ValueError):
+        return None
+    if manifest.get("source_hash") == source_hash and manifest.get("toolchain") == toolchain:
+        return dataclasses.replace(built, skipped=True)
+    return None
+
+
+def write_bpf(directory: Path, object_file: Path, loader_file: Path, manifest: dict) -> BpfArtifact:
+    """Copy OBJECT_FILE and LOADER_FILE (executable) into DIRECTORY under their names, then write MANIFEST
+    with each file's sha256 filled in, last: a manifest only ever describes files that are whole."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    object_bytes, loader_bytes = Path(object_file).read_bytes(), Path(loader_file).read_bytes()
+    object_sha256 = hashlib.sha256(object_bytes).hexdigest()
+    manifest = {**manifest,
+                "object": {**manifest.get("object", {}), "file": BPF_OBJECT_NAME, "sha256": object_sha256},
+                "loader": {**manifest.get("loader", {}), "file": BPF_LOADER_NAME,
+                           "sha256": hashlib.sha256(loader_bytes).hexdigest()}}
+    _write_atomically(directory / BPF_OBJECT_NAME, object_bytes)
+    _write_atomically(directory / BPF_LOADER_NAME, loader_bytes, 0o755)
+    _write_atomically(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return BpfArtifact(directory / BPF_OBJECT_NAME, directory / BPF_LOADER_NAME, directory / MANIFEST_NAME,
+                       object_sha256)

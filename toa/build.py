@@ -17,7 +17,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -30,18 +29,12 @@ from toa import artifacts, debian, preflight, targets
 from toa import kernel as kernels
 from toa.errors import ToaError
 from toa.kernel import validate_release
+from toa.resources import CONTAINERS_DIR, MODULE_SOURCE
 from toa.targets import Target
 
 if TYPE_CHECKING:
     import docker
 
-MODULE_SOURCE = Path(toa.__file__).parent / "module"
-# The recipes: beside the package in a source tree (and editable installs), else where pip put them.
-CONTAINERS_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "containers", Path(sys.prefix) / "share" / "toa" / "containers")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "containers",
-)
 DEBIAN_DOCKERFILE_DIR = CONTAINERS_DIR / "debian"
 LOG_TAIL_LINES = 30
 COMPILER_RE = re.compile(r"([a-z0-9_]+-linux-gnu-)?gcc(-[0-9]+)?")
@@ -128,7 +121,7 @@ def build_image(client: docker.DockerClient, suite: str, compiler_pkg: str, prog
         return existing
     base = base_image(client, suite, progress)
     if not (DEBIAN_DOCKERFILE_DIR / "Dockerfile").is_file():
-        raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: run toa from its source tree")
+        raise ToaError(f"{DEBIAN_DOCKERFILE_DIR}/Dockerfile missing: reinstall toa")
     _say(progress, f"building {tag} ({compiler_pkg})")
     return _docker_build(client, DEBIAN_DOCKERFILE_DIR, tag, {
         "BASE": base.tags[0],
@@ -225,10 +218,15 @@ def build_module(
     module_source: Path = MODULE_SOURCE,
     force: bool = False,
 ) -> BuildResult:
-    """Compile toa.ko for one Debian kernel in its suite's container; write it, build.log and
-    manifest.json to out_dir/<target>/<release>/ (skipped when an identical build is there)."""
-    validate_release(release)
-    container_suite = debian.check_suite(suite).container
+    """Compile toa.ko for one Debian kernel, whose headers are already in HEADERS_DIR, in its suite's
+    container; write it, build.log and manifest.json to out_dir/<target>/<release>/ (skipped when an
+    identical build is there)."""
+    return _build_debian(plan_debian_tree(release, suite, Path(headers_dir), out_dir), Path(headers_dir), progress,
+                         module_source, force)
+
+
+def _build_debian(plan: BuildPlan, headers_dir: Path, progress, module_source: Path, force: bool) -> BuildResult:
+    container_suite = debian.check_suite(plan.suite).container
     headers_dir = Path(headers_dir).resolve()
     if not (headers_dir / "Makefile").is_file():
         raise ToaError(f"{headers_dir} holds no kernel headers (no Makefile): fetch the kernel first")
@@ -238,10 +236,9 @@ def build_module(
     mount = _mount_root(headers_dir)
     return _compile(
         _container_runner(client, image, {str(mount): {"bind": str(mount), "mode": "ro"}}),
-        image.id, f"toa-build:debian-{container_suite}", release,
-        artifacts.directory(out_dir, debian_target(release, suite).id, release),
+        image.id, f"toa-build:debian-{container_suite}", plan.release, plan.output,
         make=["make", f"KDIR={headers_dir}"], compiler=compiler,
-        manifest_extra={"suite": suite, "target": debian_target(release, suite).id},
+        manifest_extra={"suite": plan.suite, "target": plan.target},
         progress=progress, module_source=module_source, force=force, tree_dir=headers_dir,
     )
 
@@ -351,6 +348,13 @@ def build_local(
     `make -C <headers> M=<src>`, with the same checks and manifest as a container build."""
     validate_release(release)
     headers_dir = Path(headers_dir)
+    return execute(BuildPlan(release, target_id, "local", None, str(headers_dir),
+                             artifacts.directory(out_dir, target_id, release), headers_dir=headers_dir),
+                   progress=progress, module_source=module_source, force=force)
+
+
+def _build_local(plan: BuildPlan, progress, module_source: Path, force: bool) -> BuildResult:
+    release, headers_dir = plan.release, plan.headers_dir
     if not (headers_dir / "Makefile").is_file():
         raise ToaError(f"no kernel headers at {headers_dir}: install them (invoke headers --kernel {release}) "
                        "or pass --headers DIR")
@@ -364,8 +368,8 @@ def build_local(
     build_id = "local:" + hashlib.sha256(f"{headers_dir}\0{version}".encode()).hexdigest()[:16]
     return _compile(
         _local_runner, build_id, f"this machine ({headers_dir})", release,
-        artifacts.directory(out_dir, target_id, release), make=["make", f"KDIR={headers_dir}"], compiler=compiler,
-        manifest_extra={"target": target_id, "headers": str(headers_dir)}, progress=progress,
+        plan.output, make=["make", f"KDIR={headers_dir}"], compiler=compiler,
+        manifest_extra={"target": plan.target, "headers": str(headers_dir)}, progress=progress,
         module_source=module_source, force=force, tree_dir=headers_dir,
     )
 
@@ -533,15 +537,20 @@ def build_for_target(
     """Compile toa.ko for a kernel of another distro family in TARGET's containers/ image, whose
     build installs that exact kernel's headers package from the distro's own repositories (or the
     package files given)."""
-    plan = plan_recipe(target, release, out_dir, base=base, registry=registry)
+    return execute(plan_recipe(target, release, out_dir, base=base, registry=registry), headers_pkgs=headers_pkgs,
+                   progress=progress, module_source=module_source, force=force)
+
+
+def _build_recipe(plan: BuildPlan, headers_pkgs: tuple[Path, ...], progress, module_source: Path,
+                  force: bool) -> BuildResult:
     packages = [_headers_package_file(path) for path in headers_pkgs]
     client = docker_client()
     image = _recipe_image(client, CONTAINERS_DIR / plan.recipe, plan.image, plan.build_args, progress, packages)
     compiler = plan.build_args.get("COMPILER", "gcc")
     return _compile(
-        _container_runner(client, image, {}), image.id, plan.image, release, plan.output,
+        _container_runner(client, image, {}), image.id, plan.image, plan.release, plan.output,
         make=["make"] + ([f"CC={compiler}"] if compiler != "gcc" else []),
-        compiler=compiler, manifest_extra={"target": target.id, "base_image": plan.build_args["BASE"]},
+        compiler=compiler, manifest_extra={"target": plan.target, "base_image": plan.build_args["BASE"]},
         progress=progress, module_source=module_source, force=force,
     )
 
@@ -558,7 +567,8 @@ def _headers_package_file(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """What `invoke build` will do for one kernel, decided before anything is built."""
+    """What `invoke build` will do for one kernel, decided before anything is built; execute() builds
+    exactly this, with what planning resolved (the Debian packages, the target, the build arguments)."""
 
     release: str
     target: str
@@ -571,6 +581,8 @@ class BuildPlan:
     build_args: dict[str, str] | None = None
     headers_dir: Path | None = None
     also_runs_on: tuple[str, ...] = ()  # other targets that run this kernel (HWE): --distro picks one
+    # debian: the packages planning resolved on the mirror, which execute() fetches as they are
+    packages: debian.KernelPackages | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         return {
@@ -592,7 +604,7 @@ def plan_recipe(target: Target, release: str, out_dir: Path, *, base: str | None
             + ("use --suite/--kernel with a Debian release" if target.container else "see containers/README.md")
         )
     if not (CONTAINERS_DIR / target.container / "Dockerfile").is_file():
-        raise ToaError(f"{CONTAINERS_DIR / target.container}/Dockerfile missing: run toa from its source tree")
+        raise ToaError(f"{CONTAINERS_DIR / target.container}/Dockerfile missing: reinstall toa")
     args = recipe_build_args(target, release)
     mirrored = with_registry(args["BASE"], registry)
     if "(user-provided)" in args["BASE"] and not base:
@@ -605,14 +617,24 @@ def plan_recipe(target: Target, release: str, out_dir: Path, *, base: str | None
                      artifacts.directory(out_dir, target.id, release), recipe=target.container, build_args=args)
 
 
-def plan_debian(kernel: str | None, suite: str | None, out_dir: Path) -> tuple[BuildPlan, debian.KernelPackages]:
+def plan_debian(kernel: str | None, suite: str | None, out_dir: Path) -> BuildPlan:
+    """A Debian kernel by full release or by suite (its newest), resolved on the mirror once."""
     pkgs = debian.cached_packages(kernel) if kernel else None
     if pkgs is None:
         pkgs = debian.find_release(kernel) if kernel else debian.resolve_suite(debian.check_suite(suite).name)
     target = debian_target(pkgs.release, pkgs.suite)
     container = debian.check_suite(pkgs.suite).container
     return BuildPlan(pkgs.release, target.id, "debian", f"toa-build:debian-{container}", pkgs.headers_pkgs[0],
-                     artifacts.directory(out_dir, target.id, pkgs.release), suite=pkgs.suite), pkgs
+                     artifacts.directory(out_dir, target.id, pkgs.release), suite=pkgs.suite, packages=pkgs)
+
+
+def plan_debian_tree(release: str, suite: str, headers_dir: Path, out_dir: Path) -> BuildPlan:
+    """A Debian kernel whose headers are already at HEADERS_DIR: nothing to resolve or fetch."""
+    validate_release(release)
+    target = debian_target(release, suite)
+    container = debian.check_suite(suite).container
+    return BuildPlan(release, target.id, "debian", f"toa-build:debian-{container}", f"linux-headers-{release}",
+                     artifacts.directory(out_dir, target.id, release), suite=suite, headers_dir=Path(headers_dir))
 
 
 def plan_local(release: str, headers: Path | None, out_dir: Path) -> BuildPlan:
@@ -663,7 +685,7 @@ def plan(
     if base or registry:
         raise ToaError("--base-image and --registry apply to container recipes; Debian kernels build on images "
                        "toa makes itself with debootstrap (invoke images)")
-    return plan_debian(kernel, suite, out_dir)[0]
+    return plan_debian(kernel, suite, out_dir)
 
 
 def build(
@@ -676,18 +698,33 @@ def build(
     say = progress or (lambda message: None)
     chosen = plan(kernel, suite, distro=distro, base=base, registry=registry, local=local, headers=headers,
                   out_dir=out_dir, progress=say)
-    if headers_pkgs and chosen.method != "recipe":
+    return execute(chosen, headers_pkgs=headers_pkgs, force=force, progress=say)
+
+
+def execute(
+    plan: BuildPlan, *, tree: debian.KernelTree | None = None, headers_pkgs: tuple[Path, ...] = (),
+    force: bool = False, progress: Callable[[str], None] | None = None, module_source: Path = MODULE_SOURCE,
+) -> BuildResult:
+    """Build exactly what PLAN says, with what planning resolved: no kernel is looked up again. A Debian
+    plan's headers come from TREE (the kernel a caller already fetched), its headers_dir, or are
+    fetched from the packages the plan resolved."""
+    say = progress or (lambda message: None)
+    if headers_pkgs and plan.method != "recipe":
         raise ToaError("--headers-pkg gives a package to a container recipe; Debian kernels' packages come from "
                        "the mirror (add snapshot.debian.org to apt's sources for removed ones)")
-    if chosen.method == "local":
-        return build_local(chosen.release, chosen.headers_dir, out_dir, target_id=chosen.target, progress=say,
-                           force=force)
-    if chosen.method == "recipe":
-        return build_for_target(targets.get(chosen.target), chosen.release, out_dir, base=base, registry=registry,
-                                headers_pkgs=headers_pkgs, progress=say, force=force)
-    pkgs, tree = debian.prepare(chosen.release, None, progress=say)
-    return build_module(tree.headers_dir, tree.release, pkgs.suite, out_dir, force=force,
-                        progress=lambda message: say(f"build: {message}"))
+    if plan.method == "local":
+        return _build_local(plan, say, module_source, force)
+    if plan.method == "recipe":
+        return _build_recipe(plan, tuple(headers_pkgs), say, module_source, force)
+    if tree is not None and tree.release != plan.release:
+        raise ToaError(f"the fetched kernel is {tree.release}, the plan's {plan.release}: plan and fetch the same one")
+    headers_dir = tree.headers_dir if tree is not None else plan.headers_dir
+    if headers_dir is None:
+        if plan.packages is None:
+            raise ToaError(f"the plan for {plan.release} carries neither its Debian packages nor headers: "
+                           "make it with toa.build.plan()")
+        headers_dir = debian.fetch(plan.packages, progress=lambda message: say(f"fetch: {message}")).headers_dir
+    return _build_debian(plan, headers_dir, lambda message: say(f"build: {message}"), module_source, force)
 
 
 def build_kernel(kernel: str | None = None, suite: str | None = None, **options) -> BuildResult:

@@ -674,15 +674,20 @@ def kernel_debs(pkgs: KernelPackages, progress: Callable[[str], None] | None = N
     return sorted(folder.glob("*.deb"))
 
 
+def check_request(kernel: str | None, suite: str | None) -> None:
+    """One Debian kernel asked for: a full release or a suite, not both, not neither."""
+    if bool(kernel) == bool(suite):
+        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
+    if kernel and not is_debian_release(kernel):
+        raise ToaError(f"{kernel} is not a Debian kernel release (like 6.1.0-56-amd64): fix --kernel")
+
+
 def prepare(
     kernel: str | None = None, suite: str | None = None, progress: Callable[[str], None] | None = None
 ) -> tuple[KernelPackages, KernelTree]:
     """A Debian kernel by full release or by suite (its newest), resolved and fetched into the cache."""
     report = progress or (lambda message: None)
-    if bool(kernel) == bool(suite):
-        raise ToaError("give --kernel RELEASE or --suite SUITE (one of them)")
-    if kernel and not is_debian_release(kernel):
-        raise ToaError(f"{kernel} is not a Debian kernel release (like 6.1.0-56-amd64): fix --kernel")
+    check_request(kernel, suite)
     report(f"resolve: looking up {kernel or suite} in the package index")
     pkgs = (kernel and cached_packages(kernel)) or (find_release(kernel) if kernel else resolve_suite(suite))
     return pkgs, fetch(pkgs, progress=lambda message: report(f"fetch: {message}"))

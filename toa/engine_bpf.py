@@ -5,7 +5,7 @@ The object is compiled with clang for the BPF target from toa/bpf/toa.bpf.c, aga
 loader, toa/bpf/loader.c, embeds that object and is linked statically against libbpf, libelf and zlib,
 so a host needs nothing beyond its kernel. Both are built on this machine (Debian 12's clang 14 and
 libbpf 1.1; scripts/setup.sh installs them), into dist/bpf/ with a manifest: sha256 of each file and
-the tools' versions. The build is reproducible: the same sources and tools give the same bytes
+the tools' versions (toa.artifacts owns that layout and its verification). The build is reproducible: the same sources and tools give the same bytes
 wherever the tree is checked out.
 """
 
@@ -13,59 +13,31 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import toa
+from toa import artifacts
+from toa.artifacts import BpfArtifact
 from toa.errors import ToaError
+from toa.resources import BPF_SOURCE
 
-SOURCE_DIR = Path(toa.__file__).parent / "bpf"
+SOURCE_DIR = BPF_SOURCE
 SOURCES = ("toa.bpf.c", "toa_maps.h", "loader.c")
-OBJECT_NAME = "toa.bpf.o"
-LOADER_NAME = "toa-bpf"
-DEFAULT_OUT = Path("dist") / "bpf"
+OBJECT_NAME = artifacts.BPF_OBJECT_NAME
+LOADER_NAME = artifacts.BPF_LOADER_NAME
+DEFAULT_OUT = artifacts.bpf_directory()
+# toa.artifacts defines the build's artifact; deploy.py reaches both through this module.
+BpfBuild = BpfArtifact
+sha256 = artifacts.sha256
 # What the engine needs from a kernel, said wherever it is refused.
 KERNEL_NEEDS = "Linux 5.10 or later with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and cgroup v2"
 PACKAGES = "clang llvm libbpf-dev libelf-dev zlib1g-dev gcc libc6-dev"
 # libbpf's own lines, the verifier's log among them, are kept short in a report.
 LIBBPF_LIBS = ("-lbpf", "-lelf", "-lz")
-
-
-@dataclass(frozen=True)
-class BpfBuild:
-    """The built engine: the object, the loader that embeds it, and their manifest."""
-
-    object: Path
-    loader: Path
-    manifest: Path
-    object_sha256: str
-    skipped: bool = False  # an identical build was already there
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> BpfBuild:
-        """A build already in DIRECTORY (dist/bpf), checked against its manifest."""
-        directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            raise ToaError(f"no BPF engine build in {directory} (no readable manifest.json): run `invoke verify "
-                           "--engine bpf` or toa.engine_bpf.build() first") from None
-        built = cls(directory / OBJECT_NAME, directory / LOADER_NAME, manifest_path,
-                    manifest.get("object", {}).get("sha256", ""))
-        for path, entry in ((built.object, "object"), (built.loader, "loader")):
-            if not path.is_file() or sha256(path) != manifest.get(entry, {}).get("sha256"):
-                raise ToaError(f"{path} is missing or differs from {manifest_path}: rebuild the BPF engine")
-        return built
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _tool(name: str) -> str:
@@ -109,17 +81,6 @@ def source_hash(source_dir: Path = SOURCE_DIR) -> str:
     return digest.hexdigest()
 
 
-def _up_to_date(out_dir: Path, digest: str, tools: dict[str, str]) -> BpfBuild | None:
-    try:
-        built = BpfBuild.from_dir(out_dir)
-        manifest = json.loads(built.manifest.read_text())
-    except (ToaError, ValueError):
-        return None
-    if manifest.get("source_hash") == digest and manifest.get("toolchain") == tools:
-        return BpfBuild(built.object, built.loader, built.manifest, built.object_sha256, skipped=True)
-    return None
-
-
 def compile_object(source_dir: Path, out: Path) -> None:
     """clang -target bpf, UAPI headers only; DWARF stripped, BTF kept; no build path in the bytes."""
     clang, strip = _tool("clang"), _tool("llvm-strip")
@@ -142,7 +103,7 @@ def link_loader(source_dir: Path, object_path: Path, object_sha256: str, out: Pa
 
 
 def build(out_dir: Path = DEFAULT_OUT, *, progress: Callable[[str], None] | None = None,
-          force: bool = False, source_dir: Path = SOURCE_DIR) -> BpfBuild:
+          force: bool = False, source_dir: Path = SOURCE_DIR) -> BpfArtifact:
     """Build toa.bpf.o and toa-bpf into OUT_DIR with manifest.json; an identical build is kept."""
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
@@ -150,11 +111,10 @@ def build(out_dir: Path = DEFAULT_OUT, *, progress: Callable[[str], None] | None
     tools = toolchain()
     digest = source_hash(source_dir)
     if not force:
-        kept = _up_to_date(out_dir, digest, tools)
+        kept = artifacts.bpf_up_to_date(out_dir, digest, tools)
         if kept:
             say(f"BPF engine up to date in {out_dir}")
             return kept
-    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="toa-bpf-") as scratch_name:
         scratch = Path(scratch_name)
         say("compiling toa.bpf.c (clang -target bpf)")
@@ -162,19 +122,12 @@ def build(out_dir: Path = DEFAULT_OUT, *, progress: Callable[[str], None] | None
         object_sha256 = sha256(scratch / OBJECT_NAME)
         say("linking toa-bpf (static, libbpf)")
         link_loader(source_dir, scratch / OBJECT_NAME, object_sha256, scratch / LOADER_NAME)
-        for name in (OBJECT_NAME, LOADER_NAME):
-            (scratch / name).replace(out_dir / name)
-    built = BpfBuild(out_dir / OBJECT_NAME, out_dir / LOADER_NAME, out_dir / "manifest.json", object_sha256)
-    manifest = {
-        "engine": "bpf",
-        "toa_version": toa.__version__,
-        "object": {"file": OBJECT_NAME, "sha256": object_sha256, "target": "bpfel (little-endian: x86_64, arm64)",
-                   "kernels": KERNEL_NEEDS},
-        "loader": {"file": LOADER_NAME, "sha256": sha256(built.loader), "linked": "static (libbpf, libelf, zlib)",
-                   "embeds_object_sha256": object_sha256},
-        "source_hash": digest,
-        "toolchain": tools,
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    built.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return built
+        return artifacts.write_bpf(out_dir, scratch / OBJECT_NAME, scratch / LOADER_NAME, {
+            "engine": "bpf",
+            "toa_version": toa.__version__,
+            "object": {"target": "bpfel (little-endian: x86_64, arm64)", "kernels": KERNEL_NEEDS},
+            "loader": {"linked": "static (libbpf, libelf, zlib)", "embeds_object_sha256": object_sha256},
+            "source_hash": digest,
+            "toolchain": tools,
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })

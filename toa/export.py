@@ -27,6 +27,7 @@ import yaml
 from toa import build, render
 from toa.artifacts import Artifact, find_all
 from toa.errors import ToaError
+from toa.resources import ANSIBLE_TEMPLATES_DIR
 
 KMM_API_VERSION = "kmm.sigs.x-k8s.io/v1beta1"
 KMOD_IMAGE_NAME = "toa-kmod"
@@ -203,7 +204,7 @@ def kmm(dist: Path, out_dir: Path, registry: str, *, kernels: list[str] | None =
 
 # ---------------------------------------------------------------- Ansible
 
-ANSIBLE_TEMPLATES = render.TEMPLATES_DIR / "ansible"
+ANSIBLE_TEMPLATES = ANSIBLE_TEMPLATES_DIR
 # Where the module options go in a boot file the role writes: the role puts the host's own there.
 OPTIONS_MARK = "@@toa-options@@"
 
@@ -229,6 +230,10 @@ class AnsibleExport:
     role: Path
     playbook: Path
     kernels: list[str]
+
+
+# the role's copy of the module sources the kernel hooks build from (render.hook_sources)
+HOOK_SOURCES = "toa-kmod"
 
 
 def _autoload(target, release: str, init: str) -> list[dict]:
@@ -280,10 +285,16 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
             "srcversion": artifact.manifest.get("srcversion", ""),
             "sha256": hashlib.sha256(artifact.ko.read_bytes()).hexdigest(),
             "depmod": depmod, "loader": "modprobe toa" if depmod else f"insmod {module_path}",
+            # where the kernel hooks (or the build at boot) find the module sources: a kernel installed
+            # later gets toa.ko built from them; empty where nothing builds on the host
+            "hook_sources": render.hook_source_dir(target) if render.hook_sources(target) else "",
             "autoload": {init: _autoload(target, release, init) for init in ("systemd", "sysv")},
         })
     for directory in ("tasks", "defaults", "vars"):
         (role / directory).mkdir(parents=True, exist_ok=True)
+    for relative in render.module_source_files():
+        (role / "files" / HOOK_SOURCES / relative).parent.mkdir(parents=True, exist_ok=True)
+        (role / "files" / HOOK_SOURCES / relative).write_bytes((render.MODULE_SOURCE / relative).read_bytes())
     (role / "tasks" / "main.yml").write_text((ANSIBLE_TEMPLATES / "tasks.yml").read_text())
     defaults = (ANSIBLE_TEMPLATES / "defaults.yml").read_text()
     for name, value in parameters.items():

@@ -17,7 +17,6 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
-import gzip
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
-from toa import debian, lab, remote
+from toa import debian, qemu, remote
 from toa.debian import KernelTree
 from toa.errors import ToaError
 from toa.kernel import validate_release
@@ -282,27 +281,23 @@ def _module_closure(modules_dir: Path, names: tuple[str, ...]) -> list[str]:
     """`names` and their dependencies as module names in load order, without duplicates or built-ins."""
     ordered: list[str] = []
     for name in names:
-        for module, _data in lab.modules_with_deps(modules_dir, name):
+        for module, _data in qemu.modules_with_deps(modules_dir, name):
             if module not in ordered:
                 ordered.append(module)
     return ordered
 
 
 def _build_initramfs(path: Path, modules_dir: Path) -> None:
-    archive = lab.Cpio()
-    for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
-        archive.directory(directory)
-    loaded = []
+    """An initramfs that loads the disk drivers and switch_roots to the guest's disk."""
+    modules: dict[str, bytes] = {}
     for name in BOOT_MODULES:
-        for module, data in lab.modules_with_deps(modules_dir, name):
-            if module not in loaded:
-                loaded.append(module)
-                archive.file(f"lib/modules/{module}", data)
+        for module, data in qemu.modules_with_deps(modules_dir, name):
+            modules.setdefault(module, data)
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    archive.file("init", env.from_string(INIT_TEMPLATE).render(modules=loaded).encode(), 0o755)
-    archive.file("bin/busybox", lab.find_busybox().read_bytes(), 0o755)
-    path.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
+    qemu.write_initramfs(path, init=env.from_string(INIT_TEMPLATE).render(modules=list(modules)),
+                         directories=("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"),
+                         files=[(f"lib/modules/{module}", data, 0o644) for module, data in modules.items()])
 
 
 def _install_modules(staging: Path, tree: KernelTree) -> None:
@@ -312,7 +307,7 @@ def _install_modules(staging: Path, tree: KernelTree) -> None:
     for name in MODULE_INDEX_FILES:
         if (tree.modules_dir / name).is_file():
             shutil.copy2(tree.modules_dir / name, target / name)
-    index = lab.index_modules(tree.modules_dir)
+    index = qemu.index_modules(tree.modules_dir)
     for module in _module_closure(tree.modules_dir, BOOT_MODULES + SYSTEM_MODULES):
         source = index[module.removesuffix(".ko")]
         destination = target / source.relative_to(tree.modules_dir)
@@ -361,11 +356,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]
-
-
-def _qemu_path_option(path: Path) -> str:
-    """A path inside a QEMU -drive/-chardev option, where a comma must be doubled."""
-    return str(path).replace(",", ",,")
 
 
 def _tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> str:
@@ -483,19 +473,15 @@ class Guest:
 
     def qemu_argv(self) -> list[str]:
         cmdline = f"{KERNEL_ARGS} systemd.hostname={self.name} systemd.machine_id={self.machine_id}"
-        return [
-            lab.find_qemu(), "-accel", "tcg", "-smp", "1", "-m", str(self.memory_mb),
+        return qemu.kernel_argv(self.image.vmlinuz, self.image.initrd, cmdline, memory_mb=self.memory_mb, extra=(
             "-nodefaults", "-no-user-config", "-display", "none",
-            # Appending keeps every boot's console, restarts after a kill included.
-            "-chardev", f"file,id=console,path={_qemu_path_option(self.serial_log)},append=on",
-            "-serial", "chardev:console",
-            "-kernel", str(self.image.vmlinuz), "-initrd", str(self.image.initrd), "-append", cmdline,
+            *qemu.serial_to_file(self.serial_log),
             # Default (writeback) caching honours the guest's flushes: a SIGKILL loses only unflushed data.
-            "-drive", f"file={_qemu_path_option(self.overlay)},if=virtio,format=qcow2",
+            "-drive", f"file={qemu.path_option(self.overlay)},if=virtio,format=qcow2",
             "-netdev", f"user,id=net0,hostfwd=tcp:{LOOPBACK}:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",  # entropy for sshd early in boot
-        ]
+        ))
 
     def create_disk(self) -> None:
         """A fresh overlay on the image: the guest's own writable disk."""
@@ -615,11 +601,7 @@ class Guest:
         return time.monotonic() - started
 
     def _console_since(self, offset: int) -> str:
-        if not self.serial_log.is_file():  # QEMU creates it as it starts
-            return ""
-        with self.serial_log.open("rb") as console:
-            console.seek(offset)
-            return console.read().decode(errors="replace")
+        return qemu.console_since(self.serial_log, offset)
 
 
 def new_guests(images: list[GuestImage], workdir: Path, *, count: int | None = None,

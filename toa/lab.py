@@ -11,12 +11,8 @@ back as `CASE name PASS|FAIL detail` lines on the serial console; the host adds 
 from __future__ import annotations
 
 import functools
-import gzip
-import io
-import os
 import random
 import re
-import selectors
 import shutil
 import subprocess
 import tempfile
@@ -26,20 +22,17 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jinja2
-from elftools.elf.elffile import ELFFile
 
+from toa import qemu
 from toa.errors import ToaError
 from toa.kernel import validate_release
-from toa.ko import SUFFIXES as MODULE_SUFFIXES
 from toa.ko import modinfo, read_module
+from toa.resources import GUEST_DIR
 
-GUEST_DIR = Path(__file__).parent / "guest"
 PEER_SOURCE = GUEST_DIR / "toa_peer.c"
 INIT_TEMPLATE = "init.sh.j2"
 BPF_INIT_TEMPLATE = "init_bpf.sh.j2"
 ENGINES = ("module", "bpf")
-QEMU = "qemu-system-x86_64"
-BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 SERIAL_TAIL_LINES = 20
 # Fuzz cases run again with kind 200 accepted, at this fraction of the main fuzz count.
 KINDS200_FRACTION = 4
@@ -104,29 +97,6 @@ class LabReport:
 # ---------------------------------------------------------------- host tools
 
 
-def find_qemu() -> str:
-    path = shutil.which(QEMU)
-    if path is None:
-        raise ToaError(f"{QEMU} not found on PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)")
-    return path
-
-
-def is_static_elf(path: Path) -> bool:
-    """True for an ELF executable without a program interpreter (it needs no shared libraries)."""
-    try:
-        with path.open("rb") as stream:
-            return not any(segment["p_type"] == "PT_INTERP" for segment in ELFFile(stream).iter_segments())
-    except Exception:  # not an ELF file at all
-        return False
-
-
-def find_busybox() -> Path:
-    for path in BUSYBOX_CANDIDATES:
-        if path.is_file() and is_static_elf(path):
-            return path
-    raise ToaError("no statically linked busybox in /bin: install the busybox-static package (apt-get install busybox-static)")
-
-
 def build_peer(out_dir: Path) -> Path:
     """Compile the guest test peer as a static binary (it runs on any guest kernel)."""
     gcc = shutil.which("gcc")
@@ -161,76 +131,7 @@ def kernel_release(vmlinuz: Path) -> str:
 # ---------------------------------------------------------------- kernel modules for the guest
 
 
-def _module_key(name: str) -> str:
-    return name.replace("-", "_")
-
-
-def index_modules(modules_dir: Path) -> dict[str, Path]:
-    """Module name -> file, over a kernel's modules directory (lib/modules/<release>)."""
-    index = {}
-    for path in sorted((modules_dir / "kernel").rglob("*.ko*")):
-        for suffix in MODULE_SUFFIXES:
-            if path.name.endswith(suffix):
-                index.setdefault(_module_key(path.name[: -len(suffix)]), path)
-    return index
-
-
-def modules_with_deps(modules_dir: Path, name: str) -> list[tuple[str, bytes]]:
-    """`name` and what it depends on (from .modinfo), in load order; [] when the kernel has it built in."""
-    index = index_modules(modules_dir)
-    if _module_key(name) not in index:
-        return []
-    ordered: list[tuple[str, bytes]] = []
-    seen: set[str] = set()
-
-    def visit(module: str) -> None:
-        key = _module_key(module)
-        if key in seen:
-            return
-        seen.add(key)
-        if key not in index:
-            raise ToaError(f"{name} needs module {module}, which is not in {modules_dir}: pass the full modules directory")
-        data = read_module(index[key])
-        for dep in filter(None, modinfo(data).get("depends", "").split(",")):
-            visit(dep)
-        ordered.append((f"{key}.ko", data))
-
-    visit(name)
-    return ordered
-
-
 # ---------------------------------------------------------------- initramfs
-
-
-class Cpio:
-    """A cpio archive in the kernel's initramfs format (newc), built in memory."""
-
-    def __init__(self) -> None:
-        self._out = io.BytesIO()
-        self._ino = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
-        encoded = name.encode() + b"\0"
-        fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        self._ino += 1
-        header = b"070701" + b"".join(b"%08X" % value for value in fields)
-        self._out.write(header + encoded)
-        self._pad()
-        self._out.write(data)
-        self._pad()
-
-    def _pad(self) -> None:
-        self._out.write(b"\0" * (-self._out.tell() % 4))
-
-    def directory(self, name: str) -> None:
-        self._entry(name, 0o040755)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, 0o100000 | mode, data)
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self._out.getvalue()
 
 
 @functools.lru_cache(maxsize=8)
@@ -266,24 +167,15 @@ def render_init_bpf(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int
 
 
 def build_initramfs(
-    path: Path, *, init: str, busybox: Path, peer: Path, ko: bytes | None, modules: list[tuple[str, bytes]],
-    files: list[tuple[str, bytes, int]] = (),
+    path: Path, *, init: str, peer: Path, ko: bytes | None, modules: list[tuple[str, bytes]],
+    files: list[tuple[str, bytes, int]] = (), busybox: Path | None = None,
 ) -> None:
     """The guest: /init, busybox, the peer, toa.ko (if any) as lib/toa.ko, kernel modules under
     lib/modules/, and FILES as (path, bytes, mode)."""
-    archive = Cpio()
-    for directory in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
-        archive.directory(directory)
-    archive.file("init", init.encode(), 0o755)
-    archive.file("bin/busybox", busybox.read_bytes(), 0o755)
-    archive.file("bin/toa_peer", peer.read_bytes(), 0o755)
-    if ko is not None:
-        archive.file("lib/toa.ko", ko)
-    for name, data in modules:
-        archive.file(f"lib/modules/{name}", data)
-    for name, data, mode in files:
-        archive.file(name, data, mode)
-    path.write_bytes(gzip.compress(archive.finish(), compresslevel=6))
+    qemu.write_initramfs(
+        path, init=init, directories=("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"), busybox=busybox,
+        files=[("bin/toa_peer", peer.read_bytes(), 0o755), *([("lib/toa.ko", ko, 0o644)] if ko is not None else []),
+               *((f"lib/modules/{name}", data, 0o644) for name, data in modules), *files])
 
 
 # ---------------------------------------------------------------- booting
@@ -291,92 +183,41 @@ def build_initramfs(
 
 # no_timer_check as for the fleet (toa/guests.py): a starved TCG vCPU can fail the early IO-APIC timer test.
 LAB_KERNEL_ARGS = "console=ttyS0 panic=-1 no_timer_check"
+LAB_MEMORY_MB = 1024
 
 
-def qemu_argv(qemu: str, vmlinuz: Path, initrd: Path, extra_cmdline: str = "", extra_qemu: tuple[str, ...] = ()) -> list[str]:
-    return [
-        qemu, "-accel", "tcg", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot", *extra_qemu,
-        "-kernel", str(vmlinuz), "-initrd", str(initrd),
-        "-append", " ".join(filter(None, [LAB_KERNEL_ARGS, extra_cmdline])),
-    ]
-
-
-@dataclass
-class BootResult:
-    lines: list[str]
-    timed_out: bool
-    returncode: int | None
-
-
-def boot(argv: list[str], serial_log: Path, timeout: float, on_line: Callable[[str], None]) -> BootResult:
-    """Run QEMU, copying its serial console to serial_log line by line; kill it after `timeout` s."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    with serial_log.open("w", encoding="utf-8", errors="replace") as log, subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as proc:
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        pending = b""
-        timed_out = False
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            if not selector.select(timeout=min(remaining, 1.0)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for raw in complete:
-                line = raw.decode("utf-8", errors="replace").rstrip("\r")
-                lines.append(line)
-                log.write(line + "\n")
-                on_line(line)
-            log.flush()
-        if pending:
-            line = pending.decode("utf-8", errors="replace").rstrip("\r")
-            lines.append(line)
-            log.write(line + "\n")
-        selector.close()
-        if timed_out:
-            proc.kill()
-        try:
-            returncode = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            returncode = proc.wait()
-    return BootResult(lines, timed_out, None if timed_out else returncode)
+def qemu_argv(vmlinuz: Path, initrd: Path, extra_cmdline: str = "", extra_qemu: tuple[str, ...] = ()) -> list[str]:
+    """The lab's QEMU: the console on stdout (qemu.run_to_exit reads it), and the guest's reboot ends it."""
+    return qemu.kernel_argv(vmlinuz, initrd, " ".join(filter(None, [LAB_KERNEL_ARGS, extra_cmdline])),
+                            memory_mb=LAB_MEMORY_MB, extra=("-nographic", "-no-reboot", *extra_qemu))
 
 
 def boot_guest(
     vmlinuz: Path, ko: bytes | None, modules_dir: Path | None, init_for: Callable[[list[str]], str], *,
     log_dir: Path, timeout: float, on_line: Callable[[str], None], say: Callable[[str], None],
     extra_cmdline: str = "", files: list[tuple[str, bytes, int]] = (), extra_qemu: tuple[str, ...] = (),
-) -> BootResult:
+) -> qemu.BootResult:
     """Boot VMLINUZ with a busybox initramfs holding toa.ko (if any), the test peer, tun.ko (with what
     it depends on), FILES and the /init that INIT_FOR renders for those tun modules; the /init and the
     serial console are kept in LOG_DIR."""
-    qemu = find_qemu()
-    busybox = find_busybox()
+    qemu.find_qemu()  # before the peer is compiled: a missing QEMU or busybox is said first
+    qemu.find_busybox()
     log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="toa-lab-") as scratch_name:
         scratch = Path(scratch_name)
         say("compiling the guest test peer")
         peer = build_peer(scratch)
-        tun = modules_with_deps(Path(modules_dir), "tun") if modules_dir else []
+        tun = qemu.modules_with_deps(Path(modules_dir), "tun") if modules_dir else []
         if modules_dir and not tun:
             say("no tun module in the modules directory: assuming the kernel has TUN built in")
         init = init_for([name for name, _ in tun])
         (log_dir / "init.sh").write_text(init)
         initrd = scratch / "initramfs.cpio.gz"
         say("building the initramfs")
-        build_initramfs(initrd, init=init, busybox=busybox, peer=peer, ko=ko, modules=tun, files=files)
+        build_initramfs(initrd, init=init, peer=peer, ko=ko, modules=tun, files=files)
         say("booting under QEMU (TCG)")
-        return boot(qemu_argv(qemu, vmlinuz, initrd, extra_cmdline, extra_qemu), log_dir / "serial.log", timeout, on_line)
+        return qemu.run_to_exit(qemu_argv(vmlinuz, initrd, extra_cmdline, extra_qemu), log_dir / "serial.log",
+                                timeout, on_line)
 
 
 # ---------------------------------------------------------------- reading the serial console
@@ -547,7 +388,7 @@ def verify(
     """Boot `vmlinuz` with `ko` and the test peer; return every check the guest and host made.
     SIG_ENFORCE boots with module.sig_enforce=1: only modules signed by a key the kernel trusts load.
 
-    ENGINE "bpf" proves the eBPF engine instead: BPF (a toa.engine_bpf.BpfBuild) puts its object and
+    ENGINE "bpf" proves the eBPF engine instead: BPF (a toa.artifacts.BpfArtifact) puts its object and
     loader in the guest, which attaches, checks and detaches them as the module's guest loads and
     unloads toa.ko. There KO is only for SIG_ENFORCE, which then also locks the kernel down: the
     guest checks that KO (unsigned) is refused and that the engine works all the same."""

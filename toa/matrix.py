@@ -16,7 +16,6 @@ import os
 import platform
 import shlex
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,10 +23,11 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import build, debian, lab
+from toa import debian, lab, prove
 from toa import kernel as kernels
 from toa import targets
 from toa.errors import ToaError
+from toa.prove import LabSettings
 
 README_BEGIN = "<!-- matrix:begin -->"
 README_END = "<!-- matrix:end -->"
@@ -99,14 +99,6 @@ def plan(suites: list[str]) -> dict:
 # ---------------------------------------------------------------- running the local rows
 
 
-@dataclass(frozen=True)
-class LabSettings:
-    fuzz: int
-    cycles: int
-    timeout: float
-    seed: int | None = None
-
-
 @dataclass
 class Row:
     """The outcome of one suite: build, then the lab; a step that did not run stays None."""
@@ -154,59 +146,28 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def run_suite(suite: str, settings: LabSettings, *, dist: Path,
               say: Callable[[str], None] = lambda message: None) -> Row:
-    """Fetch the suite's newest kernel, build toa.ko for it, boot it in the lab; failures become the row."""
-    row = Row(suite)
-    try:
-        started = time.monotonic()
-        _, tree = debian.prepare(None, suite, progress=lambda message: say(f"fetch: {message}"))
-        row.fetch_seconds = time.monotonic() - started
-        row.kernel, row.distro = tree.release, distro_of(tree.release)
-    except ToaError as exc:
-        row.error = f"fetch: {_first_line(exc)}"
+    """One proof (toa.prove: fetch the suite's newest kernel, build toa.ko for it, boot it in the lab);
+    the stage that failed becomes the row's error."""
+    # force: the matrix proves a build, not an artifact left by an earlier one
+    proof = prove.prove(suite=suite, dist=dist, settings=settings, force=True, progress=say)
+    row = Row(suite, fetch_seconds=proof.seconds.get("fetch"), build_seconds=proof.seconds.get("build"),
+              lab_seconds=proof.seconds.get("lab"))
+    if proof.fetched:
+        row.kernel, row.distro = proof.release, distro_of(proof.release)
+    if proof.stage == "fetch":
+        row.error = f"fetch: {proof.error}"
         return row
-
-    started = time.monotonic()
-    try:
-        # force: the matrix proves a build, not an artifact left by an earlier one
-        result = build.build_kernel(suite=suite, out_dir=dist, force=True, progress=say)
-        built_for = json.loads(result.manifest.read_text())["kernel_release"]
-        if built_for != tree.release:
-            raise ToaError(f"built for {built_for}, not the fetched {tree.release}: the suite's index changed; rerun")
-        row.build = True
-        row.ko = _shown(result.ko)
-    except ToaError as exc:
-        row.build, row.error = False, f"build: {_first_line(exc)}"
+    row.build = proof.built is not None
+    if not row.build:
+        row.error = f"build: {proof.error}"
         return row
-    finally:
-        row.build_seconds = time.monotonic() - started
-
-    counts = {"PASS": 0, "FAIL": 0}
-
-    def lab_step(message: str) -> None:
-        verdict = message.rsplit(" ", 1)[-1]
-        if verdict in counts:
-            counts[verdict] += 1
-            message = f"{counts['PASS']} passed, {counts['FAIL']} failed"
-        say(f"lab: {message}")
-
-    started = time.monotonic()
-    try:
-        report = lab.verify(
-            tree.vmlinuz, result.ko, tree.release, tree.modules_dir, log_dir=result.ko.parent / "lab",
-            timeout=settings.timeout, cycles=settings.cycles, fuzz=settings.fuzz, seed=settings.seed,
-            progress=lab_step,
-        )
-    except ToaError as exc:
-        row.lab, row.error = False, f"lab: {_first_line(exc)}"
-        row.lab_seconds = time.monotonic() - started
+    row.ko = _shown(proof.built.ko)
+    report = proof.report
+    if report is None:
+        row.lab, row.error = False, f"lab: {proof.error}"
         return row
-    row.lab_seconds = report.duration
     row.lab, row.seed, row.serial_log = report.ok, report.seed, _shown(report.serial_log)
     row.checks_total = len(report.checks)
     row.checks_passed = sum(check.passed for check in report.checks)

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -27,20 +26,15 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import artifacts, engine_bpf, render, targets
+from toa import artifacts, render, targets
 from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.render import AutoloadFile
+from toa.resources import PACKAGE_TEMPLATES_DIR
 
 MODULE_SOURCE = render.MODULE_SOURCE
-# The templates: beside the package in a source tree (and editable installs), else where pip put them.
-TEMPLATES_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "templates" / "package",
-                       Path(sys.prefix) / "share" / "toa" / "templates" / "package")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "templates" / "package",
-)
+TEMPLATES_DIR = PACKAGE_TEMPLATES_DIR
 FORMATS = ("dkms", "deb", "rpm")
 ENGINES = ("module", "bpf")
 MAINTAINER = "toa project <toa@packages.invalid>"
@@ -87,7 +81,7 @@ def render_package_template(name: str, **values) -> str:
     try:
         return env.get_template(name).render(**values)
     except jinja2.TemplateNotFound:
-        raise ToaError(f"package template {name} not in {TEMPLATES_DIR}: run toa from its source tree") from None
+        raise ToaError(f"package template {name} not in {TEMPLATES_DIR}: reinstall toa") from None
 
 
 def _tool(name: str, package: str) -> str:
@@ -271,7 +265,7 @@ BPF_PACKAGE = "toa-bpf"
 UNIT_DIRS = {"deb": "/lib/systemd/system", "rpm": "/usr/lib/systemd/system"}
 
 
-def bpf_package(package_format: str, built: engine_bpf.BpfBuild, out_dir: Path,
+def bpf_package(package_format: str, built: artifacts.BpfArtifact, out_dir: Path,
                 options: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """toa-bpf_<ver>_amd64.deb or toa-bpf-<ver>-1.x86_64.rpm: BUILT's loader as /usr/sbin/toa-bpf and
     toa-bpf.service (attaching with OPTIONS), for every kernel from 5.10."""
@@ -321,7 +315,7 @@ def build_packages(
             raise ToaError("the eBPF engine is one package for every kernel from 5.10: give --format deb or rpm, "
                            "and no --kernel")
         render.module_options(options)
-        return [bpf_package(package_format, engine_bpf.BpfBuild.from_dir(Path(dist) / "bpf"), out_dir, options,
+        return [bpf_package(package_format, artifacts.BpfArtifact.from_dir(artifacts.bpf_directory(dist)), out_dir, options,
                             progress)]
     if package_format == "dkms":
         if kernels:

@@ -44,7 +44,6 @@ import ipaddress
 import os
 import posixpath
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +51,22 @@ import toa
 from toa.errors import ToaError
 from toa.kernel import validate_release
 from toa.lab import render_template
+from toa.resources import MODULE_SOURCE, TEMPLATES_DIR
 from toa.targets import Target
 
-# The templates: beside the package in a source tree (and editable installs), else where pip put them.
-TEMPLATES_DIR = next(
-    (path for path in (Path(toa.__file__).parent.parent / "templates", Path(sys.prefix) / "share" / "toa" / "templates")
-     if path.is_dir()),
-    Path(toa.__file__).parent.parent / "templates",
-)
 INITS = ("systemd", "sysv", "other")
 MODULE_SUBDIR = "extra"  # where depmod finds out-of-tree modules on every family
 COREOS_MODULE_ROOT = "/var/lib/toa"  # writable on every coreos target, kept across OS updates
 COREOS_UNIT = "/etc/systemd/system/toa.service"
 COREOS_WANTS_LINK = "/etc/systemd/system/sysinit.target.wants/toa.service"
+# Fedora CoreOS builds toa.ko at boot, in a container, for a kernel that came without one (after
+# an OS update): the unit, its wants link, the host's script, the script run in the container, and
+# the module sources (hook_sources), all on the host's writable trees.
+COREOS_BUILD_UNIT = "/etc/systemd/system/toa-build.service"
+COREOS_BUILD_WANTS_LINK = "/etc/systemd/system/multi-user.target.wants/toa-build.service"
+COREOS_BUILD_SCRIPT = "/etc/toa/build-at-boot.sh"
+COREOS_CONTAINER_SCRIPT = "/etc/toa/build-in-container.sh"
+COREOS_SOURCE_DIR = f"{COREOS_MODULE_ROOT}/src"
 # The eBPF engine: its loader and unit as a deploy puts them (/usr/local: the admin's tree, writable on
 # CoreOS too; /etc/systemd/system and a wants link, as `systemctl enable` would) and as a package does.
 BPF_UNIT_NAME = "toa-bpf.service"
@@ -82,7 +84,6 @@ OPTION_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
 KINDS_VALUE_RE = re.compile(r"[1-9][0-9]{0,2}(,[1-9][0-9]{0,2})*")
 TRUSTED_ENTRY_RE = re.compile(r"[0-9A-Fa-f:.]{2,39}(/[0-9]{1,3})?")
 OPTION_NAMES = ("kinds", "trusted")
-MODULE_SOURCE = Path(toa.__file__).parent / "module"
 # What a build in the module's folder leaves behind: never part of the sources toa ships.
 BUILD_OUTPUTS = ("*.o", "*.ko", "*.mod", "*.mod.c", ".*.cmd", ".*.d", "modules.order", "Module.symvers",
                  "probes.h", "probes.h.tmp", ".tmp_versions")
@@ -221,9 +222,11 @@ def autoload_files(
     style = target.autoload_for(init)
     if style == "coreos-unit":
         return [
-            _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments),
+            _render(COREOS_UNIT, "toa.service.j2", module_root=COREOS_MODULE_ROOT, options=arguments,
+                    builds=builds_at_boot(target)),
             AutoloadFile(COREOS_WANTS_LINK, posixpath.relpath(COREOS_UNIT, posixpath.dirname(COREOS_WANTS_LINK)),
                          0o777, "symlink"),
+            *build_at_boot_files(target),
         ]
     files = {
         "modules-load.d": lambda: _render("/etc/modules-load.d/toa.conf", "modules-load.d.conf.j2"),
@@ -274,10 +277,36 @@ def kernel_hooks(target: Target) -> list[AutoloadFile]:
     return []
 
 
-def hook_source_dir() -> str:
+def hook_source_dir(target: Target | None = None) -> str:
     """Where the kernel hooks find toa's module sources: versioned like DKMS's /usr/src/toa-<version>,
-    and beside it rather than in it, so that a toa-dkms package and a deploy never own the same files."""
+    and beside it rather than in it, so that a toa-dkms package and a deploy never own the same files.
+    A CoreOS target's build at boot finds them in its writable module root (/usr is read-only there)."""
+    if target is not None and builds_at_boot(target):
+        return COREOS_SOURCE_DIR
     return f"/usr/src/toa-kmod-{toa.__version__}"
+
+
+def builds_at_boot(target: Target) -> bool:
+    """Whether TARGET's hosts build toa.ko at boot, in a container, for a kernel that has none: Fedora
+    CoreOS, whose build image (Fedora of the host's release) is on a public registry. Flatcar's
+    developer container is not, so there the unit fails visibly until a deploy brings the build."""
+    return target.autoload == "coreos-unit" and target.distro == "fedora-coreos"
+
+
+def build_at_boot_files(target: Target) -> list[AutoloadFile]:
+    """The unit, its wants link and the scripts of the build at boot (see builds_at_boot)."""
+    if not builds_at_boot(target):
+        return []
+    image = target.image.replace("{fedora}", "${VERSION_ID}")  # the host's own Fedora release
+    values = {"module_root": COREOS_MODULE_ROOT, "source_dir": COREOS_SOURCE_DIR,
+              "container_script": COREOS_CONTAINER_SCRIPT, "default_image": image}
+    return [
+        _render(COREOS_BUILD_UNIT, "toa-build.service.j2", script=COREOS_BUILD_SCRIPT, module_root=COREOS_MODULE_ROOT),
+        AutoloadFile(COREOS_BUILD_WANTS_LINK,
+                     posixpath.relpath(COREOS_BUILD_UNIT, posixpath.dirname(COREOS_BUILD_WANTS_LINK)), 0o777, "symlink"),
+        _render(COREOS_BUILD_SCRIPT, "build-at-boot.sh.j2", mode=0o755, **values),
+        _render(COREOS_CONTAINER_SCRIPT, "build-in-container.sh.j2", mode=0o644),
+    ]
 
 
 def module_source_files(source: Path = MODULE_SOURCE) -> list[Path]:
@@ -295,11 +324,12 @@ def _module_sources(source: Path) -> tuple[tuple[str, str], ...]:
 
 
 def hook_sources(target: Target) -> list[AutoloadFile]:
-    """toa's module sources in hook_source_dir(), for hosts whose kernel hooks build toa.ko: deploy and
-    toa-common install them beside the hooks."""
-    if not kernel_hooks(target):
+    """toa's module sources in hook_source_dir(TARGET), for hosts whose kernel hooks, or build at boot,
+    build toa.ko: deploy and toa-common install them beside the hooks."""
+    if not kernel_hooks(target) and not builds_at_boot(target):
         return []
-    return [AutoloadFile(f"{hook_source_dir()}/{relative}", text, 0o644) for relative, text in _module_sources(MODULE_SOURCE)]
+    return [AutoloadFile(f"{hook_source_dir(target)}/{relative}", text, 0o644)
+            for relative, text in _module_sources(MODULE_SOURCE)]
 
 
 def _render(path: str, template: str, *, mode: int = 0o644, kind: str = "file", **values) -> AutoloadFile:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_fields, print_json, progress, user_errors
+from toa.commands.common import print_fields, print_json, print_table, progress, user_errors, verdict
 from toa.debian import SUITES as DEBIAN_SUITES
 from toa.errors import ToaError
 
@@ -101,16 +101,12 @@ def build(c, kernel=None, kernels_file=None, suite=None, distro=None, base_image
 
 
 def _print_builds(rows):
-    from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="toa build", title_justify="left")
-    for column in ("kernel", "status", "output"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        status = {"built": "[green]built[/]", "skipped": "up to date", "failed": "[bold red]failed[/]"}[row["status"]]
-        table.add_row(row["kernel"] or "-", status, row.get("ko") or row.get("error"))
-    Console().print(table)
+    status = {"built": Text("built", style="green"), "skipped": Text("up to date"),
+              "failed": Text("failed", style="bold red")}
+    print_table("toa build", ("kernel", "status", "output"),
+                [(row["kernel"], status[row["status"]], row.get("ko") or row.get("error")) for row in rows])
 
 
 @task(iterable=["suite"], help={
@@ -137,14 +133,9 @@ def images(c, suite=None, json=False):
     if json:
         print_json("images", sorted(listing, key=lambda row: row["tag"]))
         return
-    from rich.table import Table
-
-    table = Table(title="toa images", title_justify="left")
-    for column in ("tag", "id", "created", "size_mb"):
-        table.add_column(column)
-    for row in sorted(listing, key=lambda row: row["tag"]):
-        table.add_row(*(str(row[k]) for k in ("tag", "id", "created", "size_mb")))
-    Console().print(table)
+    columns = ("tag", "id", "created", "size_mb")
+    print_table("toa images", columns,
+                [[row[column] for column in columns] for row in sorted(listing, key=lambda row: row["tag"])])
 
 
 @task(help={"ko": "the module to check (toa.ko, or any .ko/.ko.xz)",
@@ -157,9 +148,6 @@ def images(c, suite=None, json=False):
 def preflight(c, ko, kernel=None, headers=None, json=False):
     """Check a module against what the kernel's loader accepts: vermagic, relocation types, symbol CRCs,
     SUSE's supported tag, forced signatures. Exit status 1 when a check fails."""
-    from rich.console import Console
-    from rich.table import Table
-
     from toa import preflight as checks
 
     release, results = checks.check_file(Path(ko), kernel, Path(headers) if headers else None)
@@ -168,11 +156,7 @@ def preflight(c, ko, kernel=None, headers=None, json=False):
         print_json("preflight", [{"ko": ko, "kernel": release, "ok": refused is None,
                                   "checks": checks.as_manifest(results)}])
     else:
-        table = Table(title=f"toa preflight: {ko} for {release}", title_justify="left")
-        for column in ("check", "result", "detail"):
-            table.add_column(column, overflow="fold")
-        for check in results:
-            table.add_row(check.name, "pass" if check.ok else "FAIL", check.detail)
-        Console().print(table)
+        print_table(f"toa preflight: {ko} for {release}", ("check", "result", "detail"),
+                    [(check.name, verdict(check.ok, passed="pass"), check.detail) for check in results])
     if refused:
         raise Exit(refused if not json else None, code=1)

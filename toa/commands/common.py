@@ -61,16 +61,37 @@ def ssh_connect(host, key, known_hosts, no_host_key_check):
     return remote.connect(remote.parse_host(host), options)
 
 
-def print_fields(title, fields):
+def print_table(title, columns, rows, *, caption=None, header=True):
+    """Every task's table on stdout: TITLE, the COLUMNS' headings, ROWS of cells. A rich Text cell keeps
+    its style (see verdict); any other is shown as plain text, never read as rich markup, "-" when empty."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in fields.items():
-        table.add_row(key, _shown(value))
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", show_header=header)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(cell if isinstance(cell, Text) else Text("-" if cell in (None, "") else str(cell))
+                        for cell in row))
     Console().print(table)
+
+
+def verdict(ok, passed="PASS", failed="FAIL"):
+    """A check's result as a cell: PASSED in green, FAILED in bold red, "-" when it did not run (None)."""
+    from rich.text import Text
+
+    if ok is None:
+        return Text("-")
+    return Text(passed, style="green") if ok else Text(failed, style="bold red")
+
+
+def print_fields(title, fields):
+    """One record as a two-column table: each field's name (bold) and its value."""
+    from rich.text import Text
+
+    print_table(title, ("field", "value"), [(Text(key, style="bold"), _shown(value)) for key, value in fields.items()],
+                header=False)
 
 
 def _shown(value) -> str:

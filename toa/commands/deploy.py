@@ -8,7 +8,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import module_options, print_json, user_errors, whole_number
+from toa.commands.common import module_options, print_json, print_table, user_errors, whole_number
 from toa.errors import ToaError
 
 # deploy.COMMAND_TIMEOUT_SECONDS and SshOptions' timeout, here without importing paramiko (a test ties them)
@@ -129,20 +129,6 @@ def live_progress(nodes, console=None):
         yield state.report
 
 
-def _results_table(title, columns, rows):
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    view = Table(title=title, title_justify="left")
-    for column in columns:
-        view.add_column(column, overflow="fold")
-    for row in rows:
-        view.add_row(*(value if isinstance(value, Text) else Text("-" if value in (None, "") else str(value))
-                       for value in row))
-    Console().print(view)
-
-
 ACTION_STYLE = {"failed": "bold red", "skipped": "yellow", "installed": "green", "updated": "green"}
 
 
@@ -184,8 +170,8 @@ def deploy(c, hosts=None, dist="dist", parallel=None, batch=None, max_fail=None,
     else:
         rows = [(result.host, result.kernel, result.engine,
                  Text(result.action, style=ACTION_STYLE.get(result.action, "")), result.detail) for result in results]
-        _results_table("toa deploy --dry-run: the plan" if dry_run else "toa deploy",
-                       ("host", "kernel", "engine", "action", "detail"), rows)
+        print_table("toa deploy --dry-run: the plan" if dry_run else "toa deploy",
+                    ("host", "kernel", "engine", "action", "detail"), rows)
         if all(result.action == "unchanged" for result in results):
             print("every host already runs the right toa: nothing changed")
     if failed:
@@ -213,13 +199,13 @@ def status(c, hosts=None, dist="dist", parallel=None, json=False, key=None, know
         print_json("status", [state.as_dict() for state in states])
     else:
         # loaded and installed show srcversions: equal to the artifact's when all is well
-        _results_table("toa status", ("host", "engine", "counters", "kernel", "loaded", "installed", "artifact",
-                                      "autoload", "next boot", "error"),
-                       [(s.host, Text(s.engine, style="bold red") if s.engine and "+" in s.engine else s.engine,
-                         s.counters, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
-                         s.installed_srcversion, s.artifact, s.autoload,
-                         Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
-                         else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)
-                        for s in states])
+        print_table("toa status", ("host", "engine", "counters", "kernel", "loaded", "installed", "artifact",
+                                   "autoload", "next boot", "error"),
+                    [(s.host, Text(s.engine, style="bold red") if s.engine and "+" in s.engine else s.engine,
+                      s.counters, s.kernel, s.loaded_srcversion or ("no" if s.loaded is False else None),
+                      s.installed_srcversion, s.artifact, s.autoload,
+                      Text(f"{s.next_kernel}: {s.next_boot}", style="bold red") if s.next_boot.startswith("NO")
+                      else (f"{s.next_kernel}: {s.next_boot}" if s.next_kernel else None), s.error)
+                     for s in states])
     if any(state.error for state in states):
         raise Exit(code=1)

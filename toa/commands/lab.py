@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, progress, user_errors, whole_number
+from toa.commands.common import print_json, print_table, progress, user_errors, verdict, whole_number
 from toa.errors import ToaError
 
 
@@ -36,7 +36,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
     from rich.console import Console
 
     from toa import build as builder
-    from toa import debian, lab
+    from toa import lab, prove
 
     if engine not in lab.ENGINES:
         raise ToaError(f"--engine must be one of {', '.join(lab.ENGINES)}, not {engine!r}")
@@ -56,18 +56,7 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
     if seed is not None and not str(seed).isdigit():
         raise ToaError(f"--seed must be a non-negative integer, not {seed!r}")
     console = Console(stderr=True)
-    counts = {"PASS": 0, "FAIL": 0}
-
-    def build_ko(headers_dir, release, build_suite):
-        return builder.build_module(headers_dir, release, build_suite, Path("dist"),
-                                    progress=lambda message: step(f"build: {message}")).ko
-
-    def lab_step(message):
-        verdict = message.rsplit(" ", 1)[-1]
-        if verdict in counts:
-            counts[verdict] += 1
-            message = f"{counts['PASS']} passed, {counts['FAIL']} failed; last: {message}"
-        step(f"lab: {message}")
+    settings = prove.LabSettings(fuzz=fuzz, cycles=cycles, timeout=float(timeout), seed=seed)
 
     with progress(console) as step:
         bpf = None
@@ -75,31 +64,37 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
             from toa import engine_bpf
 
             bpf = engine_bpf.build(engine_bpf.DEFAULT_OUT, progress=lambda message: step(f"build: {message}"))
-        if vmlinuz:
+        if not vmlinuz:  # a Debian kernel: the one pipeline, fetch -> build -> lab
+            proof = prove.prove(kernel, suite, settings=settings, engine=engine, ko=Path(ko) if ko else None,
+                                modules_dir=Path(modules) if modules else None,
+                                bpf=bpf, sig_enforce=sig_enforce, log_dir=Path(log_dir) if log_dir else None,
+                                progress=step)
+            proof.raise_failure()
+            report, release, ko_path = proof.report, proof.release, proof.ko
+            vmlinuz_path = proof.fetched.tree.vmlinuz
+        else:  # your own kernel image: no fetch; toa.ko given or built against --headers
             vmlinuz_path = Path(vmlinuz)
             if not vmlinuz_path.is_file():
                 raise ToaError(f"kernel image {vmlinuz} not found")
             release = lab.kernel_release(vmlinuz_path)
-            modules_dir = Path(modules) if modules else None
-            ko_path = (Path(ko) if ko else build_ko(Path(headers), release, suite or "bookworm")) if needs_ko else None
-        else:
-            pkgs, tree = debian.prepare(kernel, suite, progress=step)
-            release, vmlinuz_path = tree.release, tree.vmlinuz
-            modules_dir = Path(modules) if modules else tree.modules_dir
-            ko_path = (Path(ko) if ko else build_ko(tree.headers_dir, release, pkgs.suite)) if needs_ko else None
-        if bpf:
-            console.print(f"kernel {release}: {vmlinuz_path}, eBPF engine {bpf.object} (sha256 {bpf.object_sha256}) "
-                          f"and {bpf.loader}" + (f", refused module {ko_path}" if ko_path else ""), soft_wrap=True)
-            default_log_dir = bpf.object.parent / "lab" / release
-        else:
-            console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
-            default_log_dir = (Path("dist") / release if ko else ko_path.parent) / "lab"
-        report = lab.verify(
-            vmlinuz_path, ko_path, release, modules_dir,
-            log_dir=Path(log_dir) if log_dir else default_log_dir,
-            timeout=float(timeout), cycles=cycles, fuzz=fuzz, seed=seed, progress=lab_step, sig_enforce=sig_enforce,
-            engine=engine, bpf=bpf,
-        )
+            ko_path = None
+            if needs_ko:
+                ko_path = Path(ko) if ko else builder.build_module(
+                    Path(headers), release, suite or "bookworm", Path("dist"),
+                    progress=lambda message: step(f"build: {message}")).ko
+            default_log_dir = (bpf.object.parent / "lab" / release if bpf
+                               else (Path("dist") / release if ko else ko_path.parent) / "lab")
+            report = lab.verify(
+                vmlinuz_path, ko_path, release, Path(modules) if modules else None,
+                log_dir=Path(log_dir) if log_dir else default_log_dir,
+                timeout=settings.timeout, cycles=cycles, fuzz=fuzz, seed=seed, progress=prove.lab_progress(step),
+                sig_enforce=sig_enforce, engine=engine, bpf=bpf,
+            )
+    if bpf:
+        console.print(f"kernel {release}: {vmlinuz_path}, eBPF engine {bpf.object} (sha256 {bpf.object_sha256}) "
+                      f"and {bpf.loader}" + (f", refused module {ko_path}" if ko_path else ""), soft_wrap=True)
+    else:
+        console.print(f"kernel {release}: {vmlinuz_path}, module {ko_path}", soft_wrap=True)
     if json:
         print_json("verify", [report.to_dict()])
     else:
@@ -109,18 +104,9 @@ def verify(c, suite=None, kernel=None, vmlinuz=None, modules=None, ko=None, head
 
 
 def _print_report(report, console):
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     engine = f" ({report.engine} engine, object sha256 {report.object_sha256})" if report.engine == "bpf" else ""
-    table = Table(title=f"toa verify: {report.release}{engine}", title_justify="left")
-    for column in ("check", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    for check in report.checks:
-        result = Text("PASS", style="green") if check.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(check.name), result, Text(check.detail[:160]))
-    Console().print(table)
+    print_table(f"toa verify: {report.release}{engine}", ("check", "result", "detail"),
+                [(check.name, verdict(check.passed), check.detail[:160]) for check in report.checks])
     if not report.ok:
         console.print("last lines of the serial console:")
         for line in report.serial_tail:

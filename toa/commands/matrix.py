@@ -5,7 +5,7 @@ from pathlib import Path
 
 from invoke import Exit, task
 
-from toa.commands.common import print_json, user_errors, whole_number
+from toa.commands.common import print_json, print_table, user_errors, verdict, whole_number
 from toa.debian import SUITES as DEBIAN_SUITES
 from toa.errors import ToaError
 
@@ -89,39 +89,17 @@ def _run(suites, settings, dist, console):
 
 
 def _print_rows(rows):
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     from toa.matrix import LAB_COLUMNS
 
-    def cell(value):
-        if value is None:
-            return Text("-")
-        return Text("PASS", style="green") if value else Text("FAIL", style="bold red")
-
     headings = {"toa_loaded": "TOA loaded", "v4": "v4 proof", "v6": "v6 proof"}
-    table = Table(title="toa matrix", title_justify="left")
-    for column in ("suite", "kernel", "build", *LAB_COLUMNS, "lab", "checks"):
-        table.add_column(headings.get(column, column), overflow="fold")
-    for row in rows:
-        table.add_row(row.suite, row.kernel or "-", cell(row.build),
-                      *(cell(getattr(row, column)) for column in LAB_COLUMNS),
-                      cell(row.lab), f"{row.checks_passed}/{row.checks_total}")
-    Console().print(table)
+    columns = ("suite", "kernel", "build", *LAB_COLUMNS, "lab", "checks")
+    print_table("toa matrix", [headings.get(column, column) for column in columns],
+                [(row.suite, row.kernel, verdict(row.build), *(verdict(getattr(row, column)) for column in LAB_COLUMNS),
+                  verdict(row.lab), f"{row.checks_passed}/{row.checks_total}") for row in rows])
 
 
 def _print_plan(rows):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="toa matrix: rows and their commands", title_justify="left")
-    for column in ("where", "row", "command"):
-        table.add_column(column, overflow="fold")
-    for row in rows["local"]:
-        table.add_row("here", row["suite"], row["command"])
-    for row in rows["github"]["builds"]:
-        table.add_row("GitHub", f"{row['name']} {row['kernel']}", row["command"])
-    for row in rows["github"]["debian"]:
-        table.add_row("GitHub", row["suite"], "; ".join(row["commands"]))
-    Console().print(table)
+    print_table("toa matrix: rows and their commands", ("where", "row", "command"),
+                [("here", row["suite"], row["command"]) for row in rows["local"]]
+                + [("GitHub", f"{row['name']} {row['kernel']}", row["command"]) for row in rows["github"]["builds"]]
+                + [("GitHub", row["suite"], "; ".join(row["commands"])) for row in rows["github"]["debian"]])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import task
 
-from toa.commands.common import module_options, print_json, user_errors
+from toa.commands.common import module_options, print_json, print_table, user_errors
 from toa.errors import ToaError
 
 
@@ -46,15 +46,9 @@ def render(c, kernel=None, distro=None, init="systemd", option=None, out=None, j
 
 
 def _print_table(target_id, release, module, files, out):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"toa render: {target_id}, kernel {release}", title_justify="left",
-                  caption=f"module: {module}; written under {out}", caption_justify="left")
-    table.add_column("path on the host", no_wrap=True)
-    table.add_column("mode")
-    table.add_column("kind", overflow="fold")
-    for entry in files:
-        kind = {"lines": "lines to merge", "symlink": f"symlink to {entry.content}"}.get(entry.kind, "file")
-        table.add_row(entry.path, "" if entry.kind == "symlink" else f"{entry.mode:04o}", kind)
-    Console().print(table)
+    kinds = {"lines": "lines to merge"}
+    print_table(f"toa render: {target_id}, kernel {release}", ("path on the host", "mode", "kind"),
+                [(entry.path, None if entry.kind == "symlink" else f"{entry.mode:04o}",
+                  f"symlink to {entry.content}" if entry.kind == "symlink" else kinds.get(entry.kind, "file"))
+                 for entry in files],
+                caption=f"module: {module}; written under {out}")
