@@ -230,9 +230,28 @@ class Fleet:
     nodes: Path
 
 
-def _start(client, image: str, run_id: str, port: int):
+def _host_key_pair(private_path: Path) -> str:
+    """An ed25519 host key for one fleet (PATH, PATH.pub); returns the public key line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                               serialization.NoEncryption()))
+    private_path.chmod(0o600)  # sshd refuses a host key others can read
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    private_path.with_name(private_path.name + ".pub").write_text(public + "\n")
+    return public
+
+
+def _start(client, image: str, run_id: str, port: int, host_key: Path):
+    # the run's own host key: the known_hosts check then proves toa reached this container and not
+    # another sshd on the same loopback port (a QEMU guest of the same userland carries its key)
+    keys = {str(host_key): {"bind": "/etc/ssh/ssh_host_ed25519_key", "mode": "ro"},
+            f"{host_key}.pub": {"bind": "/etc/ssh/ssh_host_ed25519_key.pub", "mode": "ro"}}
     return client.containers.run(
         image, [f"{FAKE_DIR}/init", str(port)], detach=True, network_mode="host", labels={LABEL: run_id},
+        volumes=keys,
         tmpfs={"/sys/module": "size=1m"},  # the fake kernel's module list; sysfs itself is read-only here
         cap_drop=["SYS_MODULE"],  # never granted to an unprivileged container; said here for the reader
         pids_limit=256, name=f"toa-fleet-{run_id}-{port}")
@@ -270,13 +289,20 @@ def fleet(client, image: str, count: int, userland, workdir: Path, say) -> Itera
         ports = sorted({guests.free_port() for _ in range(count * 2)})[:count]  # distinct, nothing listening
         if len(ports) < count:
             raise results.StepFailed(f"found only {len(ports)} free loopback ports for {count} hosts")
+        host_key = workdir / f"host_key-{run_id}"
+        public = _host_key_pair(host_key)
         with ThreadPoolExecutor(max_workers=START_WORKERS) as pool:
-            containers = list(pool.map(lambda port: _start(client, image, run_id, port), ports))
+            containers = list(pool.map(lambda port: _start(client, image, run_id, port, host_key), ports))
         deadline = time.monotonic() + SSH_READY_SECONDS
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(lambda port: _ssh_ready(port, deadline), ports))
+        for container, port in zip(containers, ports):
+            container.reload()
+            if container.status != "running":  # its sshd could not listen: something else took the port
+                raise results.StepFailed(f"the fleet host for port {port} stopped ({container.status}): another "
+                                         "process took the port; run again")
         known_hosts = workdir / f"known_hosts-{count}"
-        known_hosts.write_text("".join(f"[127.0.0.1]:{port} {userland.host_key}\n" for port in ports))
+        known_hosts.write_text("".join(f"[127.0.0.1]:{port} {public}\n" for port in ports))
         nodes = workdir / f"nodes-{count}.txt"
         nodes.write_text("".join(f"root@127.0.0.1:{port}\n" for port in ports))
         yield Fleet(run_id, ports, containers, userland.client_key, known_hosts, nodes)
