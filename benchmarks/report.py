@@ -22,7 +22,7 @@ import results  # noqa: E402  (a sibling file, found when run as a script or loa
 
 BENCH_DIR = Path(__file__).resolve().parent
 TEMPLATE = "BENCHMARKS.md.j2"
-NAMES = ("deploy_vs_ansible", "build_cost", "module_overhead")
+NAMES = ("deploy_vs_ansible", "deploy_scale", "build_cost", "module_overhead")
 
 
 def load(results_dir: Path) -> dict[str, dict]:
@@ -174,6 +174,26 @@ def overhead_notes(doc: dict) -> list[str]:
     return notes + ([note] if note else [])
 
 
+def scale_notes(doc: dict) -> list[str]:
+    """What the loopback fleet's numbers say beyond the table, in the run's own numbers."""
+    notes = []
+    summary = doc["summary"]
+    if summary.get("cpu_per_host") is not None:
+        low, high = summary["between"]
+        estimate = summary["estimate"]
+        notes.append(
+            f"Estimate, not a measurement: from the slope between N={low} and N={high}, {estimate['hosts']:,} hosts "
+            f"would cost toa about {estimate['cpu_seconds'] / 60:.0f} CPU-minutes and a peak of about "
+            f"{estimate['peak_rss_mib']:.0f} MiB on the control host, and take about "
+            f"{estimate['wall_seconds'] / 3600:.1f} h at --parallel {doc['parallel']} against hosts that answer as "
+            f"fast as these containers (real hosts and networks are slower; the CPU figure does not depend on it).")
+    if load_note(doc):
+        machine = doc["machine"]
+        notes.append(f"The load average was {machine['load_average_at_start'][0]:g} on {machine['cores']} cores when the "
+                     "run started: other work slowed the wall times; the CPU times are the deploy process's own.")
+    return notes
+
+
 def report(found: dict[str, dict]) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(BENCH_DIR), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
@@ -183,7 +203,7 @@ def report(found: dict[str, dict]) -> str:
     return env.get_template(TEMPLATE).render(
         deploy=deploy, deploy_view=deploy_view(deploy) if deploy else None,
         build=found.get("build_cost"), overhead=found.get("module_overhead"), goal_text=goal_text,
-        deploy_notes=deploy_notes, build_notes=build_notes, overhead_notes=overhead_notes,
+        scale=found.get("deploy_scale"), scale_notes=scale_notes, deploy_notes=deploy_notes, build_notes=build_notes, overhead_notes=overhead_notes,
     )
 
 

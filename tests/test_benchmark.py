@@ -218,6 +218,7 @@ def test_connection_needs_both_parts_in_the_same_round():
 deploy_bench = _load_script("deploy_vs_ansible")
 build_bench = _load_script("build_cost")
 report = _load_script("report")
+scale_bench = _load_script("deploy_scale")
 
 
 def _runs(walls: dict[tuple[str, int], list[float]], cpu: float = 1.0):
@@ -392,6 +393,99 @@ def test_module_overhead_end_to_end_one_round(tmp_path):
         assert row["bpf_ratio"] == pytest.approx(row["with_bpf"] / row["baseline"])
         assert re.search(rf"{row['metric']}\s.*\s{row['ratio']:.3f}\s.*\s{row['bpf_ratio']:.3f}\s", result.stdout)
     assert re.search(r"^bpf ratio [0-9.]+  connection rate", result.stdout, re.M)
+
+
+def test_scale_slope_and_estimate_come_from_the_smallest_and_largest_n():
+    points = [{"hosts": 200, "cpu_seconds": 12.0, "peak_rss_mib": 90.0, "wall_seconds": 60.0},
+              {"hosts": 50, "cpu_seconds": 4.5, "peak_rss_mib": 75.0, "wall_seconds": 20.0},
+              {"hosts": 100, "cpu_seconds": 99.0, "peak_rss_mib": 999.0, "wall_seconds": 999.0}]
+    summary = scale_bench.summarize(points, estimate_hosts=10_000)
+    assert summary["between"] == [50, 200]
+    assert summary["cpu_per_host"] == pytest.approx(0.05) and summary["rss_mib_per_host"] == pytest.approx(0.1)
+    assert summary["estimate"]["cpu_seconds"] == pytest.approx(12.0 + 0.05 * 9_800)
+    assert summary["estimate"]["peak_rss_mib"] == pytest.approx(90.0 + 0.1 * 9_800)
+    assert scale_bench.goals(summary)["cpu per added host"]["met"]
+    assert scale_bench.summarize(points[:1])["cpu_per_host"] is None and scale_bench.goals(
+        scale_bench.summarize(points[:1])) == {}
+
+
+def test_a_fleet_host_missing_any_part_of_the_deploy_is_reported():
+    sha, srcversion = "a" * 64, "ABCDEF0123456789ABCDEF0"
+    whole = f"@@installed {sha}\n@@loaded {srcversion}\n@@autoload 1\n"
+    assert scale_bench.check_problems(whole, sha, srcversion) == []
+    assert scale_bench.check_problems("@@installed \n@@loaded \n@@autoload 0\n", sha, srcversion) == [
+        "the installed toa.ko is not the artifact", f"loaded srcversion none, not {srcversion}",
+        "no toa line in /etc/modules"]
+
+
+def test_scale_host_counts_are_checked():
+    assert scale_bench.parse_counts("200,50,50") == [50, 200]
+    for bad in ("0", "50,", "x", "1001"):
+        with pytest.raises(Exception):
+            scale_bench.parse_counts(bad)
+
+
+@pytest.mark.docker
+def test_a_fleet_host_toa_never_touched_fails_the_check(tmp_path):
+    """The check reads the host from outside toa: a fleet host nothing was deployed to fails it, and
+    its fake kernel surface refuses a module for another release."""
+    from toa import build, guests
+
+    client = build.docker_client()
+    userland = guests.userland(guests.DEFAULT_SUITE)
+    tree = _cached_tree()
+    image = scale_bench.fleet_image(client, userland, tree, say=lambda _text: None)
+    with scale_bench.fleet(client, image, 1, userland, tmp_path, say=lambda _text: None) as hosts:
+        with pytest.raises(scale_bench.results.StepFailed, match="not the artifact"):
+            scale_bench.verify_fleet(hosts, f"/lib/modules/{tree.release}/updates/toa.ko", "a" * 64, "ABC")
+        (container,) = hosts.containers
+        # a module whose vermagic names another release is refused, as the kernel's loader would
+        script = ("printf 'name=toa\\0vermagic=0.0.0-other SMP\\0srcversion=ABC\\0' > /tmp/toa.ko; "
+                  "insmod /tmp/toa.ko 2>&1; echo exit=$?; echo loaded=$(ls /sys/module)")
+        output = container.exec_run(["sh", "-c", script]).output.decode()
+        assert "Invalid module format" in output and "exit=1" in output
+        assert "loaded=\n" in output  # nothing recorded as loaded
+    assert not client.containers.list(all=True, filters={"label": f"{scale_bench.LABEL}={hosts.run_id}"})
+
+
+def _cached_tree():
+    """The newest bookworm kernel toa has in its cache (the fleet image needs its /boot files only)."""
+    from toa import debian
+
+    trees = sorted((debian.cache_dir() / "kernels").glob("*/root/usr/src/linux-headers-*-amd64"))
+    if not trees:
+        pytest.skip("no Debian kernel in toa's cache: run a network test first")
+    headers = trees[-1]
+    release = headers.name.removeprefix("linux-headers-")
+    root = headers.parents[2]
+    return debian.KernelTree(release=release, suite="bookworm", vmlinuz=root / "boot" / f"vmlinuz-{release}",
+                             modules_dir=None, headers_dir=headers)
+
+
+@pytest.mark.docker
+@pytest.mark.network
+@pytest.mark.slow
+def test_deploy_scale_end_to_end_on_five_hosts(tmp_path):
+    """The scale benchmark at N = 1 and 5: a real deploy to every fleet host, each checked by the script
+    (sha256 installed, srcversion loaded, /etc/modules), the numbers printed from its own JSON, and no
+    container left behind."""
+    import docker
+
+    def fleet_containers() -> set[str]:
+        return {c.id for c in docker.from_env().containers.list(all=True, filters={"label": scale_bench.LABEL})}
+
+    before = fleet_containers()  # another run's fleet may be up meanwhile
+    result = _run("deploy_scale.py", "--hosts", "1,5", "--dist", str(tmp_path / "dist"), "--json",
+                  str(tmp_path / "scale.json"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert [point["hosts"] for point in doc["points"]] == [1, 5]
+    assert all(point["cpu_seconds"] > 0 and point["peak_rss_mib"] > 0 for point in doc["points"])
+    summary = doc["summary"]
+    assert summary["cpu_per_host"] == pytest.approx(
+        (doc["points"][1]["cpu_seconds"] - doc["points"][0]["cpu_seconds"]) / 4)
+    assert f"{summary['cpu_per_host']:.4f}" in result.stdout and "estimate" in result.stdout
+    assert fleet_containers() <= before
 
 
 def test_goal_verdicts_say_how_far_off():

@@ -10,6 +10,7 @@ back as `CASE name PASS|FAIL detail` lines on the serial console; the host adds 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import shutil
@@ -133,13 +134,19 @@ def kernel_release(vmlinuz: Path) -> str:
 # ---------------------------------------------------------------- initramfs
 
 
-def render_template(directory: Path, name: str, **values) -> str:
-    """A guest /init (a shell script) from a jinja2 template."""
-    env = jinja2.Environment(
+@functools.lru_cache(maxsize=8)
+def _templates(directory: Path) -> jinja2.Environment:
+    """One environment per template directory: it keeps each template compiled (a deploy renders the
+    same few for every host)."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
     )
-    return env.get_template(name).render(**values)
+
+
+def render_template(directory: Path, name: str, **values) -> str:
+    """A guest /init (a shell script) from a jinja2 template."""
+    return _templates(Path(directory)).get_template(name).render(**values)
 
 
 def render_init(*, tun_modules: list[str], seed: int, fuzz: int, cycles: int) -> str:
