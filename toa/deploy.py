@@ -962,7 +962,7 @@ class Host:
     def run_as_root(self, script: str, what: str) -> str:
         return self._call(what, lambda: remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}", what))
 
-    def stream(self, command: str, stdin: bytes, what: str, on_line) -> remote.Streamed:
+    def stream(self, command: str, stdin: bytes, what: str, on_line) -> remote.Result:
         return self._call(what, lambda: remote.run_streaming(self.conn, command, stdin, what, on_line))
 
     def put(self, local: Path, path: str) -> None:

@@ -384,9 +384,11 @@ class _CommandTimedOut(Exception):
     """The command outlived the connection's limit (before the watchdog's grace ran out)."""
 
 
-def _drain(channel: paramiko.Channel, receive: Callable[[int], bytes], deadline: float | None) -> bytes:
-    """Everything RECEIVE (the channel's stdout or stderr) gives until EOF, by DEADLINE (monotonic)."""
-    chunks = []
+def _drain(channel: paramiko.Channel, receive: Callable[[int], bytes], deadline: float | None,
+           on_line: Callable[[str], None] | None = None) -> bytes:
+    """Everything RECEIVE (the channel's stdout or stderr) gives until EOF, by DEADLINE (monotonic);
+    ON_LINE is called with each whole line as it arrives."""
+    chunks, pending = [], b""
     while True:
         if deadline is not None:
             remaining = deadline - time.monotonic()
@@ -400,14 +402,20 @@ def _drain(channel: paramiko.Channel, receive: Callable[[int], bytes], deadline:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+        if on_line:
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                on_line(line.decode("utf-8", "replace"))
 
 
-def _exec(conn: Connection, command: str) -> Result:
-    """COMMAND on one SSH channel of CONN, without input, its output read here. What Fabric's run
-    does for toa's commands, at a fraction of the CPU: invoke's runner reads its configuration and
-    starts three threads for every command, which at thousands of hosts was a third of a deploy's
-    own CPU. stdout is read to its end before stderr: toa's commands write little to stderr, far
-    less than the channel's window, so a command cannot block on a full stderr meanwhile."""
+def _exec(conn: Connection, command: str, stdin: bytes = b"",
+          on_line: Callable[[str], None] | None = None) -> Result:
+    """COMMAND on one SSH channel of CONN, STDIN sent whole and then closed, its output read here
+    (ON_LINE called with each stdout line as it arrives). What Fabric's run does for toa's commands,
+    at a fraction of the CPU: invoke's runner reads its configuration and starts three threads for
+    every command, which at thousands of hosts was a third of a deploy's own CPU. stdout is read to
+    its end before stderr: toa's commands write little to stderr, far less than the channel's
+    window, so a command cannot block on a full stderr meanwhile."""
     if not conn.is_connected:
         conn.open()
     seconds = _limit_of(conn)
@@ -415,10 +423,14 @@ def _exec(conn: Connection, command: str) -> Result:
     channel = conn.transport.open_session()  # a host that never answers: the watchdog (_bounded)
     try:
         channel.exec_command(command)
-        channel.shutdown_write()  # no input: the command reads end-of-file
-        stdout = _drain(channel, channel.recv, deadline)
+        if stdin:
+            channel.sendall(stdin)
+        channel.shutdown_write()  # the command reads end-of-file after STDIN
+        stdout = _drain(channel, channel.recv, deadline, on_line)
         stderr = _drain(channel, channel.recv_stderr, deadline)
         exited = channel.recv_exit_status()  # sent with the end of the output; the watchdog bounds the rest
+        if exited == -1 and not conn.transport.is_active():  # closed under the command, no status
+            raise EOFError("the connection closed")
     finally:
         channel.close()
     return Result(stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
@@ -444,49 +456,9 @@ def put(conn: Connection, local: str, remote: str, what: str = "upload") -> None
     _bounded(conn, what, lambda: conn.put(local, remote))
 
 
-@dataclass(frozen=True)
-class Streamed:
-    """What a command fed by run_streaming printed, and its exit status."""
-
-    exited: int
-    stdout: str
-    stderr: str
-
-
 def run_streaming(conn: Connection, command: str, stdin: bytes, what: str,
-                  on_line: Callable[[str], None] | None = None) -> Streamed:
-    """Run COMMAND on the host with STDIN as its input (sent whole, then closed), calling ON_LINE
-    with each line of its stdout as it arrives; within the connection's limit (see _bounded).
-    One exec request: a file can travel with the script that uses it, binary as it is."""
-    seconds = conn.config.timeouts.command
-
-    def operation() -> Streamed:
-        channel = conn.transport.open_session(timeout=seconds)
-        try:
-            channel.exec_command(command)  # the watchdog of _bounded is the time limit
-            channel.sendall(stdin)
-            channel.shutdown_write()
-            out, err, pending = bytearray(), bytearray(), b""
-            while True:
-                chunk = channel.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if on_line:
-                        on_line(line.decode(errors="replace"))
-            while channel.recv_stderr_ready() or not channel.exit_status_ready():
-                chunk = channel.recv_stderr(65536)
-                if not chunk:
-                    break
-                err += chunk
-            exited = channel.recv_exit_status()
-            if exited == -1 and not conn.transport.is_active():  # closed under the command, no status
-                raise EOFError("the connection closed")
-            return Streamed(exited, out.decode(errors="replace"), err.decode(errors="replace"))
-        finally:
-            channel.close()
-
-    return _bounded(conn, what, operation)
+                  on_line: Callable[[str], None] | None = None) -> Result:
+    """Run COMMAND on the host with STDIN as its input, calling ON_LINE with each line of its stdout
+    as it arrives; within the connection's limit. One exec request: a file can travel with the
+    script that uses it, binary as it is. Its Result, failed or not."""
+    return _bounded(conn, what, lambda: _exec(conn, command, stdin, on_line))
