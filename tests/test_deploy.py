@@ -814,8 +814,8 @@ def test_a_symlinked_etc_modules_is_merged_where_it_points(fleet, artifacts, tmp
 @pytest.mark.ssh
 @pytest.mark.network
 def test_output_a_host_should_not_print_fails_that_host_alone_in_one_line(fleet, artifacts, tmp_path):
-    """A host whose stat prints what no stat prints: the module state cannot be read. That host fails
-    with one line naming it and the step; the others are deployed."""
+    """A host whose stat prints what no stat prints: the module state, read with the facts, cannot be
+    read. That host fails with one line naming it and the phase; the others are deployed."""
     full, _ = artifacts
     guest = fleet[0]
     guest.run("printf '#!/bin/sh\\necho not-a-mode\\n' > /usr/sbin/stat && chmod 755 /usr/sbin/stat")
@@ -825,8 +825,9 @@ def test_output_a_host_should_not_print_fails_that_host_alone_in_one_line(fleet,
         guest.run("rm -f /usr/sbin/stat")
     row = hosts[guest.node_line()]
     assert result.returncode == 1 and row["action"] == "failed", row
-    assert row["detail"].startswith(f"unexpected output from {guest.node_line()} (reading the module state): "
-                                    "unexpected line '@@file 0 not-a-mode"), row
+    assert row["detail"].startswith(f"unexpected output from {guest.node_line()} (reading the facts): "
+                                    "unexpected line '@@file "), row
+    assert " not-a-mode " in row["detail"] and row["detail"].endswith("not a line the state command prints"), row
     assert {hosts[g.node_line()]["action"] for g in fleet[1:]} <= {"installed", "updated", "unchanged"}, hosts
 
 
