@@ -12,7 +12,7 @@ checking the file's vermagic against the fake `uname -r`. The containers run unp
 CAP_SYS_MODULE and have no kmod binary: nothing they do can load a module into this machine's kernel.
 
 For each N in --hosts (default 50, 200), N fresh containers are started, then one worker process
-runs the real `toa.deploy.deploy(...)` in-process against them, host keys checked against a
+runs the real `toa.deploy.fleet.deploy(...)` in-process against them, host keys checked against a
 known_hosts file, with the command's own live progress view drawing into /dev/null as on a terminal.
 The worker reports its CPU time (user + system, every thread) and peak RSS for the deploy alone, and
 separately for importing toa. Every host is then checked from outside toa (docker exec): the
@@ -362,13 +362,15 @@ def worker(args: argparse.Namespace) -> int:
     cpu, wall = _cpu_seconds(), time.perf_counter()
     from rich.console import Console
 
-    from toa import deploy, nodes, remote
+    from toa import nodes, remote
+    from toa.deploy.fleet import deploy
+    from toa.deploy.host import DeployOptions
     from toa.commands.deploy import live_progress
 
     imported = {"cpu_seconds": _cpu_seconds() - cpu, "wall_seconds": time.perf_counter() - wall,
                 "peak_rss_mib": _peak_rss_mib()}
     node_list = nodes.load(args.nodes)
-    options = deploy.DeployOptions(dist=args.dist, ssh=remote.SshOptions(
+    options = DeployOptions(dist=args.dist, ssh=remote.SshOptions(
         key_filename=str(args.key), known_hosts=str(args.known_hosts)))
     profilers = []
     if args.profile:
@@ -392,7 +394,7 @@ def worker(args: argparse.Namespace) -> int:
             threading.setprofile(profile_thread)
             main_profiler.enable()
         with live_progress(node_list, console=console) as progress:
-            outcome = deploy.deploy(node_list, options, parallel=args.parallel, progress=progress)
+            outcome = deploy(node_list, options, parallel=args.parallel, progress=progress)
         if profilers:
             main_profiler.disable()
             threading.setprofile(None)

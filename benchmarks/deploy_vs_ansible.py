@@ -44,7 +44,11 @@ from typing import Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402  (a sibling file, found when run as a script or loaded by the tests)
 
-from toa import artifacts, build, debian, deploy, guests, remote, render, targets  # noqa: E402
+from toa import artifacts, build, debian, guests, remote, render, targets  # noqa: E402
+from toa.deploy.apply import LOADED_MESSAGE  # noqa: E402
+from toa.deploy.facts import MODULE_TEMP_PREFIX, PATH_SETTING  # noqa: E402
+from toa.deploy.fleet import deploy  # noqa: E402
+from toa.deploy.host import DeployOptions  # noqa: E402
 from toa.errors import ToaError  # noqa: E402
 from toa.nodes import Node  # noqa: E402
 
@@ -56,7 +60,6 @@ DEFAULT_COUNTS = (1, 4, 8)
 # The guests' userland is bookworm: detection calls the hosts Debian 12, whatever kernel they boot.
 GUEST_TARGET = "debian-12"
 TOOLS = ("floor", "toa", "ansible", "ansible-tuned")
-LOADED_MESSAGE = deploy.LOADED_MESSAGE
 # Measured here before toa existed (5.10 guests, TCG, 2 host cores): seconds per N.
 REFERENCE = {"ansible": {1: 33.0, 4: 81.0, 8: 189.0}, "floor": {1: 2.0, 4: 4.6, 8: 10.0}}
 # toa/floor: issue 20 (one round trip per phase); ansible/toa: the first deploy issue.
@@ -149,11 +152,11 @@ def reset_command(release: str, module_file: str) -> str:
         targets.get(GUEST_TARGET), release, init="systemd")]
     module_dir = shlex.quote(module_file.rsplit("/", 1)[0])
     return "\n".join([
-        deploy.PATH_SETTING,
+        PATH_SETTING,
         # a socket still being freed may hold the module for a moment
         "tries=0; while [ -d /sys/module/toa ] && ! rmmod toa 2>/dev/null; do "
         "tries=$((tries + 1)); [ $tries -lt 100 ] || { echo 'rmmod toa keeps failing' >&2; exit 1; }; sleep 0.1; done",
-        f"rm -f {' '.join(q(path) for path in paths)} {module_dir}/{deploy.MODULE_TEMP_PREFIX}*",
+        f"rm -f {' '.join(q(path) for path in paths)} {module_dir}/{MODULE_TEMP_PREFIX}*",
         "rm -rf /tmp/toa-deploy.* /tmp/.ansible /root/.ansible/tmp",
         f"depmod -a {q(release)}",
         "dmesg -C",
@@ -163,7 +166,7 @@ def reset_command(release: str, module_file: str) -> str:
 
 def check_command(module_file: str) -> str:
     q = shlex.quote
-    return (f"{deploy.PATH_SETTING}\necho \"@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)\"\n"
+    return (f"{PATH_SETTING}\necho \"@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)\"\n"
             f"echo \"@@installed $(sha256sum < {q(module_file)} 2>/dev/null | cut -d' ' -f1)\"\n"
             "echo \"@@autoload $(cat /etc/modules-load.d/toa.conf 2>/dev/null | grep -cx toa)\"\n")
 
@@ -413,9 +416,9 @@ def profile_toa(bench: Bench, fleet: list[guests.Guest]) -> dict:
         marks.setdefault(host, []).append((time.perf_counter(), step))
 
     nodes = [Node(remote.parse_host(guest.node_line())) for guest in fleet]
-    options = deploy.DeployOptions(dist=bench.dist, ssh=remote.SshOptions(
+    options = DeployOptions(dist=bench.dist, ssh=remote.SshOptions(
         key_filename=str(bench.key), known_hosts=str(bench.known_hosts)))
-    outcome = deploy.deploy(nodes, options, parallel=len(fleet), progress=progress)
+    outcome = deploy(nodes, options, parallel=len(fleet), progress=progress)
     wall = time.perf_counter() - started
     if [result.action for result in outcome] != ["installed"] * len(fleet):
         raise results.StepFailed(f"profiled deploy: {[r.detail for r in outcome if r.action != 'installed'][:2]}")

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from toa import artifacts, deploy, export, package, sign
+from toa import artifacts, export, package, sign
+from toa.deploy import builds
 from toa.errors import ToaError
 
 RELEASE = "6.1.0-56-amd64"
@@ -47,7 +48,7 @@ def test_every_task_refuses_a_damaged_module_the_same_way(tmp_path):
     with pytest.raises(ToaError, match="does not match the sha256 in its manifest: rebuild") as error:
         artifacts.find(tmp_path, RELEASE)
     assert "\n" not in str(error.value)
-    for lookup in (lambda: deploy.artifacts.find(tmp_path, RELEASE), lambda: package.artifacts.find_all(tmp_path),
+    for lookup in (lambda: builds.artifacts.find(tmp_path, RELEASE), lambda: package.artifacts.find_all(tmp_path),
                    lambda: sign.artifacts.find_all(tmp_path), lambda: export.find_all(tmp_path)):
         with pytest.raises(ToaError, match="does not match the sha256"):
             lookup()

@@ -19,9 +19,17 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, json_items, toa
-from toa import deploy, detect, render, targets
+from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
+from toa.deploy.apply import (
+    _APPLY_COMMAND, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
+from toa.deploy.facts import (
+    RELEASE_SLOT, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState, facts_command, module_layouts,
+    parse_facts, parse_state, state_command)
+from toa.deploy.fleet import deploy, next_boot, run_fleet
+from toa.deploy.host import COMMAND_TIMEOUT_SECONDS, DeployOptions, Host, HostResult
+from toa.deploy.plan import OtherKernel, Plan, make_plan, other_kernels, parameters_differ, wanted_parameters
 from toa.errors import ToaError
 from toa.nodes import Node
 from toa.remote import HostSpec, SshOptions
@@ -89,95 +97,95 @@ RECORDED_SHA256 = "b591a3e85ba26f518f3606da8711457f2096ff72f4f80199fccacc5a8f031
 
 
 def test_state_of_a_fresh_host():
-    state = deploy.parse_state(RECORDED["fresh"], FILES)
-    assert state == deploy.ModuleState(files={f.path: None for f in FILES})
-    plan = deploy.make_plan(state, _artifact(), FILES, MODULE_FILE, None)
+    state = parse_state(RECORDED["fresh"], FILES)
+    assert state == ModuleState(files={f.path: None for f in FILES})
+    plan = make_plan(state, _artifact(), FILES, MODULE_FILE, None)
     assert (plan.install, plan.depmod, plan.load, plan.stale) == (True, True, "load", ())
     assert [change.entry.path for change in plan.files] == [f.path for f in FILES]
     assert all(change.previous is None for change in plan.files)
 
 
 def test_state_of_a_deployed_host_with_leftovers():
-    state = deploy.parse_state(RECORDED["deployed"], FILES)
+    state = parse_state(RECORDED["deployed"], FILES)
     assert state.loaded and state.loaded_srcversion == RECORDED_SRCVERSION
     assert state.parameters == {"kinds": "254,253"}
     assert state.installed_srcversion == RECORDED_SRCVERSION and state.indexed
     assert state.stale == [f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd",
                            "/etc/modprobe.d/.toa.conf.toa-new-deadbeef"]
     for entry in FILES:
-        assert state.files[entry.path] == deploy.Current("file", entry.content, 0o644)
+        assert state.files[entry.path] == Current("file", entry.content, 0o644)
     artifact = _artifact(RECORDED_SHA256, RECORDED_SRCVERSION)
-    plan = deploy.make_plan(state, artifact, FILES, MODULE_FILE, None)
-    assert plan == deploy.Plan(stale=tuple(state.stale))  # only the leftovers to clean
+    plan = make_plan(state, artifact, FILES, MODULE_FILE, None)
+    assert plan == Plan(stale=tuple(state.stale))  # only the leftovers to clean
     state.stale.clear()
-    assert deploy.make_plan(state, artifact, FILES, MODULE_FILE, None).empty
+    assert make_plan(state, artifact, FILES, MODULE_FILE, None).empty
 
 
 def test_plan_reloads_for_another_build_or_other_options():
-    state = deploy.parse_state(RECORDED["deployed"], FILES)
+    state = parse_state(RECORDED["deployed"], FILES)
     state.stale.clear()
-    other_build = deploy.make_plan(state, _artifact(RECORDED_SHA256, "0" * 23), FILES, MODULE_FILE, None)
+    other_build = make_plan(state, _artifact(RECORDED_SHA256, "0" * 23), FILES, MODULE_FILE, None)
     assert (other_build.install, other_build.load, other_build.files) == (False, "reload", ())
     options = {"kinds": "254,200"}
-    with_options = deploy.make_plan(state, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION),
+    with_options = make_plan(state, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION),
                                     _recorded_files(options),
                                     MODULE_FILE, options)
     assert with_options.load == "reload"
     assert [change.entry.path for change in with_options.files] == ["/etc/modprobe.d/toa.conf"]
-    new_file = deploy.make_plan(state, _artifact(SHA256, RECORDED_SRCVERSION), FILES, MODULE_FILE, None)
+    new_file = make_plan(state, _artifact(SHA256, RECORDED_SRCVERSION), FILES, MODULE_FILE, None)
     assert (new_file.install, new_file.depmod, new_file.load) == (True, True, "reload")
 
 
 def test_trusted_ranges_are_compared_as_the_module_shows_them():
-    state = deploy.parse_state(RECORDED["deployed"], FILES)  # recorded from a module without `trusted`
-    wanted = deploy.wanted_parameters({"trusted": "fd00:1:0::/64,100.64.0.0/10"})
+    state = parse_state(RECORDED["deployed"], FILES)  # recorded from a module without `trusted`
+    wanted = wanted_parameters({"trusted": "fd00:1:0::/64,100.64.0.0/10"})
     assert wanted == {"kinds": "254,253", "trusted": "fd00:1::/64,100.64.0.0/10"}
-    assert deploy.parameters_differ(state.parameters, wanted) == {"trusted": "fd00:1::/64,100.64.0.0/10"}
+    assert parameters_differ(state.parameters, wanted) == {"trusted": "fd00:1::/64,100.64.0.0/10"}
     # a module without the parameter trusts every source: the same as an empty list
-    assert deploy.parameters_differ(state.parameters, deploy.wanted_parameters(None)) == {}
+    assert parameters_differ(state.parameters, wanted_parameters(None)) == {}
     shown = {**state.parameters, "trusted": "fd00:1::/64,100.64.0.0/10"}
-    assert deploy.parameters_differ(shown, wanted) == {}
-    assert deploy.parameters_differ(shown, deploy.wanted_parameters(None)) == {"trusted": ""}
+    assert parameters_differ(shown, wanted) == {}
+    assert parameters_differ(shown, wanted_parameters(None)) == {"trusted": ""}
 
 
 def test_plan_deletes_only_temp_names_it_makes():
-    state = deploy.ModuleState(stale=[
+    state = ModuleState(stale=[
         "/etc/passwd", f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd/../../../../etc/shadow",
         f"/lib/modules/{RELEASE}/extra/.toa.ko.new-0123abcd x", "/etc/modprobe.d/.toa.conf.toa-new-deadbeef",
     ])
-    plan = deploy.make_plan(state, _artifact(), FILES, MODULE_FILE, None)
+    plan = make_plan(state, _artifact(), FILES, MODULE_FILE, None)
     assert plan.stale == ("/etc/modprobe.d/.toa.conf.toa-new-deadbeef",)
 
 
 def test_lines_file_merges_into_the_shared_file():
     etc_modules = render.autoload_files(targets.get("debian-12"), RELEASE, init="sysv")
     shared = next(entry for entry in etc_modules if entry.kind == "lines")
-    state = deploy.ModuleState(files={shared.path: deploy.Current("file", "# /etc/modules\nloop\n", 0o644)})
-    change = next(c for c in deploy.make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).files
+    state = ModuleState(files={shared.path: Current("file", "# /etc/modules\nloop\n", 0o644)})
+    change = next(c for c in make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).files
                   if c.entry is shared)
     assert change.text.startswith("# /etc/modules\nloop\n") and change.text.endswith(shared.content)
-    state.files[shared.path] = deploy.Current("file", change.text, 0o644)
-    assert shared.path not in [c.entry.path for c in deploy.make_plan(state, _artifact(), etc_modules,
+    state.files[shared.path] = Current("file", change.text, 0o644)
+    assert shared.path not in [c.entry.path for c in make_plan(state, _artifact(), etc_modules,
                                                                        MODULE_FILE, None).files]
 
 
 def test_load_output_of_a_reload():
-    outcome = deploy.parse_load(RECORDED["reload"])
+    outcome = parse_load(RECORDED["reload"])
     assert outcome.exit_code == 0 and outcome.srcversion == RECORDED_SRCVERSION
     assert outcome.parameters == {"kinds": "254,200"}
     assert any("TOA: toa unloaded" in line for line in outcome.kernel_log)
-    deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,200"})
+    check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,200"})
     with pytest.raises(ToaError, match="srcversion"):
-        deploy.check_load(outcome, _artifact(RECORDED_SHA256, "0" * 23), {"kinds": "254,200"})
+        check_load(outcome, _artifact(RECORDED_SHA256, "0" * 23), {"kinds": "254,200"})
     with pytest.raises(ToaError, match="wanted"):
-        deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
+        check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
 
 
 def test_load_output_of_a_failed_modprobe():
-    outcome = deploy.parse_load(RECORDED["badload"])
+    outcome = parse_load(RECORDED["badload"])
     assert outcome.exit_code not in (0, None)
     with pytest.raises(ToaError, match=r"^loading toa failed \(exit 1\): modprobe: ERROR: could not insert 'toa'"):
-        deploy.check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
+        check_load(outcome, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION), {"kinds": "254,253"})
 
 
 def test_a_kernel_that_wants_signed_modules_says_so():
@@ -187,18 +195,18 @@ def test_a_kernel_that_wants_signed_modules_says_so():
         "@@log [   30.100000] toa-deploy: load 0011\n@@log [   30.200000] Loading of unsigned module is rejected\n"
     )
     with pytest.raises(ToaError) as error:
-        deploy.check_load(deploy.parse_load(output), _artifact(), {})
+        check_load(parse_load(output), _artifact(), {})
     assert "only loads signed modules" in str(error.value) and "sign toa.ko" in str(error.value)
 
 
 def test_commands_quote_what_they_carry():
     hostile = FILES + [render.AutoloadFile("/etc/it's $(here)", "x", 0o644)]
-    command = deploy.state_command(MODULE_FILE, RELEASE, hostile)
+    command = state_command(MODULE_FILE, RELEASE, hostile)
     assert "f='/etc/it'\"'\"'s $(here)'" in command
     # the text travels as base64; the path is quoted once and used as "$p" after
-    write = deploy._write_file_script("/etc/it's $(here)", "file", "options toa kinds=254 `reboot`\n", 0o644)
+    write = _write_file_script("/etc/it's $(here)", "file", "options toa kinds=254 `reboot`\n", 0o644)
     assert "`reboot`" not in write and write.count("$(here)") == 1 and "p='/etc/it'\"'\"'s $(here)'" in write
-    link = deploy._write_file_script("/etc/it's $(here)", "symlink", "../$(reboot)", 0o777)
+    link = _write_file_script("/etc/it's $(here)", "symlink", "../$(reboot)", 0o777)
     assert "ln -s -- '../$(reboot)' \"$tmp\"" in link
 
 
@@ -214,17 +222,17 @@ def test_commands_quote_what_they_carry():
 ])
 def test_state_output_that_the_command_does_not_print_is_an_error(line):
     with pytest.raises(ToaError, match="unexpected line"):
-        deploy.parse_state(RECORDED["deployed"] + line + "\n", FILES)
+        parse_state(RECORDED["deployed"] + line + "\n", FILES)
 
 
 @pytest.mark.parametrize("line", ["@@exit abc", "@@srcversion not-one", "@@unloaded 1"])
 def test_load_output_that_the_command_does_not_print_is_an_error(line):
     with pytest.raises(ToaError, match="unexpected line"):
-        deploy.parse_load(RECORDED["reload"] + line + "\n")
+        parse_load(RECORDED["reload"] + line + "\n")
 
 
 def test_untagged_lines_are_not_the_state():
-    assert deploy.parse_state("Welcome to the host!\n" + RECORDED["fresh"], FILES) == deploy.parse_state(
+    assert parse_state("Welcome to the host!\n" + RECORDED["fresh"], FILES) == parse_state(
         RECORDED["fresh"], FILES)
 
 
@@ -236,9 +244,9 @@ def test_temp_names_beside_a_symlinks_target_are_cleaned():
     output = (f"@@resolved 0 {base64.b64encode(real.encode()).decode()}\n"
               "@@stale /etc/real/.modules.real.toa-new-0123abcd\n@@stale /etc/real/.passwd.toa-new-0123abcd\n"
               "@@stale /etc/.modules.toa-new-89abcdef\n@@absent 0\n@@absent 1\n")
-    state = deploy.parse_state(output, etc_modules)
+    state = parse_state(output, etc_modules)
     assert state.resolved == {"/etc/modules": real}
-    assert deploy.make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).stale == (
+    assert make_plan(state, _artifact(), etc_modules, MODULE_FILE, None).stale == (
         "/etc/real/.modules.real.toa-new-0123abcd", "/etc/.modules.toa-new-89abcdef")
 
 
@@ -256,7 +264,7 @@ def test_a_write_goes_where_a_symlink_points_and_keeps_the_files_mode_and_owner(
     group = 4242 if os.geteuid() == 0 else os.getgid()  # as root, a group the file would not get by itself
     os.chown(etc / "modules.real", -1, group)
     (etc / "modules").symlink_to("modules.real")
-    script = deploy._write_file_script(str(etc / "modules"), "file", "loop\ntoa\n", 0o644, keep_mode=True)
+    script = _write_file_script(str(etc / "modules"), "file", "loop\ntoa\n", 0o644, keep_mode=True)
     assert _sh(script).returncode == 0
     assert (etc / "modules").is_symlink() and os.readlink(etc / "modules") == "modules.real"
     real = (etc / "modules.real").stat()
@@ -264,7 +272,7 @@ def test_a_write_goes_where_a_symlink_points_and_keeps_the_files_mode_and_owner(
     assert sorted(path.name for path in etc.iterdir()) == ["modules", "modules.real"]
 
     owned = etc / "modprobe.d" / "toa.conf"
-    script = deploy._write_file_script(str(owned), "file", "options toa kinds=254\n", 0o600)
+    script = _write_file_script(str(owned), "file", "options toa kinds=254\n", 0o600)
     assert _sh(script).returncode == 0 and owned.stat().st_mode & 0o777 == 0o600
     before = owned.stat().st_ino
     assert _sh(script).returncode == 0 and owned.stat().st_ino == before  # already so: not rewritten
@@ -278,7 +286,7 @@ def test_a_write_on_a_full_filesystem_fails_in_one_line_and_leaves_the_file_whol
     directory = tmp_path / "full"
     directory.mkdir()
     target = directory / "toa.conf"
-    script = deploy._write_file_script(str(target), "file", "toa\n" * 100, 0o644)
+    script = _write_file_script(str(target), "file", "toa\n" * 100, 0o644)
     check = f"cd {shlex.quote(str(directory))} && sha256sum toa.conf && ls -a"
     result = _sh(f"mount -t tmpfs -o size=8k toa-test-full {shlex.quote(str(directory))} && "
                  f"printf 'old\\n' > {shlex.quote(str(target))} && "
@@ -322,14 +330,14 @@ def test_batches_stop_after_max_fail():
     def work(node):
         with lock:
             seen.append(node.spec.host)
-        return deploy.HostResult(node.name, action="failed" if node.spec.host.startswith("bad") else "installed")
+        return HostResult(node.name, action="failed" if node.spec.host.startswith("bad") else "installed")
 
     nodes = [_node(n) for n in ("bad1", "ok1", "bad2", "ok2", "ok3", "ok4")]
-    results = deploy.run_fleet(nodes, work, parallel=2, batch=2, max_fail=1)
+    results = run_fleet(nodes, work, parallel=2, batch=2, max_fail=1)
     assert [r.action for r in results] == ["failed", "installed", "failed", "installed", "skipped", "skipped"]
     assert sorted(seen) == ["bad1", "bad2", "ok1", "ok2"]
     assert "more than --max-fail 1" in results[-1].detail
-    assert [r.action for r in deploy.run_fleet(nodes, work, parallel=3)] == [
+    assert [r.action for r in run_fleet(nodes, work, parallel=3)] == [
         "failed", "installed", "failed", "installed", "installed", "installed"]
 
 
@@ -359,8 +367,8 @@ def test_the_command_timeout_is_a_flag_of_deploy_and_status(tmp_path):
     from toa.commands import deploy as commands
 
     # the tasks' defaults are deploy's own, written out where the CLI starts without paramiko
-    assert (commands.COMMAND_TIMEOUT, commands.CONNECT_TIMEOUT) == (deploy.COMMAND_TIMEOUT_SECONDS, SshOptions().timeout)
-    assert deploy.DeployOptions().command_timeout == deploy.COMMAND_TIMEOUT_SECONDS
+    assert (commands.COMMAND_TIMEOUT, commands.CONNECT_TIMEOUT) == (COMMAND_TIMEOUT_SECONDS, SshOptions().timeout)
+    assert DeployOptions().command_timeout == COMMAND_TIMEOUT_SECONDS
     assert commands._fleet_options("dist", None, None, False, None, "7").command_timeout == 7
     nodes = tmp_path / "nodes.txt"
     nodes.write_text("root@127.0.0.1:1\n")
@@ -532,9 +540,9 @@ def test_a_guest_killed_mid_deploy_fails_alone_and_nothing_half_installed_remain
             victim.kill()
 
     nodes = [Node(HostSpec("127.0.0.1", "root", g.port)) for g in fleet]
-    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+    options = DeployOptions(dist=full, ssh=SshOptions(
         key_filename=str(victim.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
-    results = deploy.deploy(nodes, options, progress=pull_the_plug)
+    results = deploy(nodes, options, progress=pull_the_plug)
     assert [r.action for r in results] == ["unchanged", "failed", "unchanged"], results
     assert not victim.is_running()
 
@@ -891,10 +899,10 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
             frozen["at"] = time.monotonic()
 
     nodes = [Node(HostSpec("127.0.0.1", "root", g.port)) for g in fleet]
-    options = deploy.DeployOptions(dist=full, command_timeout=timeout, ssh=SshOptions(
+    options = DeployOptions(dist=full, command_timeout=timeout, ssh=SshOptions(
         key_filename=str(victim.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
     try:
-        results = deploy.deploy(nodes, options, progress=freeze)
+        results = deploy(nodes, options, progress=freeze)
         waited = time.monotonic() - frozen["at"]
     finally:
         os.kill(victim.process.pid, signal.SIGCONT)
@@ -941,9 +949,9 @@ def test_a_fresh_install_is_two_ssh_requests_and_a_second_run_one(fleet, artifac
     monkeypatch.setattr(paramiko.Channel, "exec_command", exec_command)
     monkeypatch.setattr(paramiko.Channel, "invoke_subsystem", invoke_subsystem)
     nodes = [Node(HostSpec("127.0.0.1", "root", guest.port))]
-    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+    options = DeployOptions(dist=full, ssh=SshOptions(
         key_filename=str(guest.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
-    [result] = deploy.deploy(nodes, options)
+    [result] = deploy(nodes, options)
     assert result.action == "installed", result
     assert len(requests) == 2, requests
     artifact = find_artifact(full, guest.release)
@@ -951,7 +959,7 @@ def test_a_fresh_install_is_two_ssh_requests_and_a_second_run_one(fleet, artifac
                                    "autoload": _rendered(guest.release)}
     assert guest.run("ls -d /tmp/toa-deploy.* 2>/dev/null | wc -l").strip() == "0"
     requests.clear()
-    [again] = deploy.deploy(nodes, options)
+    [again] = deploy(nodes, options)
     assert again.action == "unchanged" and len(requests) == 1, (again, requests)
 
 
@@ -970,12 +978,14 @@ def test_a_connection_dropped_in_the_apply_leaves_the_host_updated_or_rolled_bac
     _without_toa(guest)
     opened = []
 
-    class Tracked(deploy.Host):
+    class Tracked(Host):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             opened.append(self)
 
-    monkeypatch.setattr(deploy, "Host", Tracked)
+    # where deploy_host opens the run's connection, and where Host.reconnect opens the new one
+    monkeypatch.setattr("toa.deploy.fleet.Host", Tracked)
+    monkeypatch.setattr("toa.deploy.host.Host", Tracked)
     dropped = []
 
     def drop(host, step):
@@ -984,9 +994,9 @@ def test_a_connection_dropped_in_the_apply_leaves_the_host_updated_or_rolled_bac
             dropped.append(step)
 
     nodes = [Node(HostSpec("127.0.0.1", "root", guest.port))]
-    options = deploy.DeployOptions(dist=full, ssh=SshOptions(
+    options = DeployOptions(dist=full, ssh=SshOptions(
         key_filename=str(guest.key_path), known_hosts=str(_known_hosts(tmp_path / "known_hosts", fleet))))
-    [result] = deploy.deploy(nodes, options, progress=drop)
+    [result] = deploy(nodes, options, progress=drop)
     assert dropped and len(opened) == 2, (dropped, opened)  # the run's connection, and the one reconnect
     print(f"after the drop: {result.action}: {result.detail}")
     artifact = find_artifact(full, guest.release)
@@ -1013,24 +1023,24 @@ def _facts_output(uid="1000", *, state=True, tree=""):
     lines = [f"@@toa-uid {uid}", "@@toa-file /etc/os-release", OS_RELEASE, f"@@toa-kernel {RELEASE}",
              "@@toa-pid1 systemd", "@@toa-systemd", f"@@toa-installed {RELEASE}", f"@@toa-installed {OTHER}"]
     if state:
-        lines += [deploy.STATE_BEGINS, f"@@loaded {SRCVERSION}",
+        lines += [STATE_BEGINS, f"@@loaded {SRCVERSION}",
                   f"@@module {MODULE_FILE}", f"@@installed {SHA256} {SRCVERSION}", "@@indexed",
                   f"@@module /var/lib/toa/{RELEASE}/toa.ko", f"@@installed {'6' * 64}",
                   f"@@stale /var/lib/toa/{RELEASE}/.toa.ko.new-0123abcd", "@@resolved m L3Zhci9saWIvdG9hL3g=",
                   "@@module -", f"@@other {OTHER} {'7' * 64} /var/lib/toa/{OTHER}/toa.ko"]
         if tree is not None:
-            lines += [deploy.TREE_BEGINS, tree]
+            lines += [TREE_BEGINS, tree]
     return "\n".join(lines) + "\n"
 
 
 def test_the_facts_are_one_command_and_the_hosts_own_target_picks_its_lines():
-    command = deploy.facts_command(True, ("tcp_v4_syn_recv_sock",))
+    command = facts_command(True, ("tcp_v4_syn_recv_sock",))
     assert command.count("sudo -n") == 2 and "@@toa-nosudo" in command and detect.REMOTE_FACTS_COMMAND in command
-    assert "sudo" not in deploy.facts_command(False)
-    for layout in deploy.module_layouts():  # every target's place for toa.ko, for the host's own release
-        assert layout.replace(deploy.RELEASE_SLOT, "${kr}") in command
-    assert deploy.RELEASE_SLOT not in command and "tcp_v4_syn_recv_sock" in command
-    facts = deploy.parse_facts(_facts_output(tree="@@config /boot/config-x\n@@set CONFIG_MODVERSIONS=y"), "deployer",
+    assert "sudo" not in facts_command(False)
+    for layout in module_layouts():  # every target's place for toa.ko, for the host's own release
+        assert layout.replace(RELEASE_SLOT, "${kr}") in command
+    assert RELEASE_SLOT not in command and "tcp_v4_syn_recv_sock" in command
+    facts = parse_facts(_facts_output(tree="@@config /boot/config-x\n@@set CONFIG_MODVERSIONS=y"), "deployer",
                                ("tcp_v4_syn_recv_sock",))
     assert facts.sudo and facts.platform.target.id == "debian-12" and facts.platform.kernel == RELEASE
     state = facts.state
@@ -1038,19 +1048,19 @@ def test_the_facts_are_one_command_and_the_hosts_own_target_picks_its_lines():
     assert state.stale == [] and state.module_resolved is None  # the coreos place's lines are not this host's
     assert state.others == {OTHER: (None, f"/var/lib/toa/{OTHER}/toa.ko")}  # not toa's own place on debian-12
     assert facts.tree.startswith("@@config /boot/config-x") and facts.symbols == ("tcp_v4_syn_recv_sock",)
-    assert deploy.parse_facts(_facts_output("0", tree=None), "root").sudo is False
+    assert parse_facts(_facts_output("0", tree=None), "root").sudo is False
 
 
 @pytest.mark.parametrize("tag, words", [("@@toa-notroot", "is not root and sudo=no"),
                                         ("@@toa-nosudo", "cannot run `sudo -n` without a password")])
 def test_a_login_that_cannot_become_root_is_one_line(tag, words):
-    with pytest.raises(deploy.HostRefused, match=words):
-        deploy.parse_facts(_facts_output(state=False) + tag + "\n", "deployer")
+    with pytest.raises(HostRefused, match=words):
+        parse_facts(_facts_output(state=False) + tag + "\n", "deployer")
 
 
 def test_facts_without_their_state_are_an_error():
     with pytest.raises(ToaError, match="printed no state"):
-        deploy.parse_facts(_facts_output(state=False), "root")
+        parse_facts(_facts_output(state=False), "root")
 
 
 def _fresh_plan(tmp_path, others=()):
@@ -1058,9 +1068,9 @@ def _fresh_plan(tmp_path, others=()):
     ko.write_bytes(b"\x7fELF not a real module")
     artifact = Artifact(ko, {"kernel_release": RELEASE, "target": "debian-12",
                              "sha256": hashlib.sha256(ko.read_bytes()).hexdigest(), "srcversion": SRCVERSION})
-    state = deploy.parse_state(RECORDED["fresh"], FILES)
-    plan = deploy.make_plan(state, artifact, FILES, MODULE_FILE, None)
-    return artifact, state, plan, deploy.apply_script(plan, artifact, MODULE_FILE, deploy.wanted_parameters(None),
+    state = parse_state(RECORDED["fresh"], FILES)
+    plan = make_plan(state, artifact, FILES, MODULE_FILE, None)
+    return artifact, state, plan, apply_script(plan, artifact, MODULE_FILE, wanted_parameters(None),
                                                       state, list(others))
 
 
@@ -1076,40 +1086,40 @@ def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(t
     assert text.index("@@undo removing /etc/modprobe.d/toa.conf") < text.index("@@undo restoring the previous toa.ko") \
         < text.index("@@undo unloading toa")
     assert f"[ \"$(cat /sys/module/toa/srcversion 2>/dev/null)\" = {SRCVERSION} ]" in text
-    assert script.payloads == (deploy.Payload(artifact.ko, artifact.sha256, 0, artifact.ko.stat().st_size),)
+    assert script.payloads == (Payload(artifact.ko, artifact.sha256, 0, artifact.ko.stat().st_size),)
     assert script.upload() == artifact.ko.read_bytes() + text.encode()
     assert f"head -c {artifact.ko.stat().st_size}" in text and artifact.sha256 in text
-    other = deploy.OtherKernel(OTHER, "next boot", artifact, f"/lib/modules/{OTHER}/extra/toa.ko", None)
+    other = OtherKernel(OTHER, "next boot", artifact, f"/lib/modules/{OTHER}/extra/toa.ko", None)
     _, _, _, with_other = _fresh_plan(tmp_path, [other])
     assert [p.offset for p in with_other.payloads] == [0, artifact.ko.stat().st_size]
     assert f"depmod -a {OTHER}" in with_other.text and "@@undo restoring toa.ko of " + OTHER in with_other.text
 
 
 def test_the_apply_command_checks_its_upload_and_detaches_the_script():
-    checked = subprocess.run(["sh", "-n", "-c", deploy._APPLY_COMMAND], capture_output=True, text=True)
+    checked = subprocess.run(["sh", "-n", "-c", _APPLY_COMMAND], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    assert "trap '' HUP PIPE" in deploy._APPLY_COMMAND and "setsid" in deploy._APPLY_COMMAND
-    assert 'sha256sum < "$d/in"' in deploy._APPLY_COMMAND
+    assert "trap '' HUP PIPE" in _APPLY_COMMAND and "setsid" in _APPLY_COMMAND
+    assert 'sha256sum < "$d/in"' in _APPLY_COMMAND
 
 
 def test_the_outcome_of_an_apply(tmp_path):
     artifact = _artifact()
-    parameters = deploy.wanted_parameters(None)
-    ok = deploy.parse_apply("@@step upload\n@@step installed\n@@result ok\n@@end\n")
-    assert deploy.outcome_error(ok, artifact, parameters) is None
-    full = deploy.parse_apply("@@step autoload\ncannot write /etc/modules-load.d/toa.conf: No space left on device\n"
+    parameters = wanted_parameters(None)
+    ok = parse_apply("@@step upload\n@@step installed\n@@result ok\n@@end\n")
+    assert outcome_error(ok, artifact, parameters) is None
+    full = parse_apply("@@step autoload\ncannot write /etc/modules-load.d/toa.conf: No space left on device\n"
                               "@@failed writing /etc/modules-load.d/toa.conf\n@@undo unloading toa\n"
                               "@@result rolled-back\n@@end\n")
-    assert deploy.outcome_error(full, artifact, parameters) == (
+    assert outcome_error(full, artifact, parameters) == (
         "writing /etc/modules-load.d/toa.conf: cannot write /etc/modules-load.d/toa.conf: No space left on device; "
         "rolled back")
-    load = deploy.parse_apply("@@step load\n" + RECORDED["badload"] + "@@failed load toa\n"
+    load = parse_apply("@@step load\n" + RECORDED["badload"] + "@@failed load toa\n"
                               "@@undo-failed restoring the previous toa.ko: toa.ko.prev is not the module this run replaced\n"
                               "@@result rollback-incomplete\n@@end\n")
-    error = deploy.outcome_error(load, artifact, parameters)
+    error = outcome_error(load, artifact, parameters)
     assert error.startswith("loading toa failed (exit 1)") and error.endswith(
         "; rollback incomplete: restoring the previous toa.ko: toa.ko.prev is not the module this run replaced")
-    assert "ended without a result" in deploy.outcome_error(deploy.parse_apply("@@step upload\n"), artifact, parameters)
+    assert "ended without a result" in outcome_error(parse_apply("@@step upload\n"), artifact, parameters)
 
 
 # ---------------------------------------------------------------- the next boot's kernel
@@ -1120,23 +1130,23 @@ def test_other_kernels_and_the_next_boot_are_read_from_the_state():
                                kernel="5.10.0-30-amd64", target=targets.get("debian-12"),
                                installed_kernels=("5.10.0-30-amd64", "6.1.0-40-amd64", "6.1.0-41-amd64"),
                                next_kernel="6.1.0-41-amd64", next_kernel_from="newest installed")
-    assert deploy.other_kernels(platform, ("running", "next")) == {"6.1.0-41-amd64": "next boot"}
-    assert deploy.other_kernels(platform, ("running", "installed", "next")) == {
+    assert other_kernels(platform, ("running", "next")) == {"6.1.0-41-amd64": "next boot"}
+    assert other_kernels(platform, ("running", "installed", "next")) == {
         "6.1.0-40-amd64": "installed", "6.1.0-41-amd64": "next boot"}
-    assert deploy.other_kernels(platform, ("running",)) == {}
+    assert other_kernels(platform, ("running",)) == {}
     others = (("6.1.0-41-amd64", "/lib/modules/6.1.0-41-amd64/extra/toa.ko"),)
-    command = deploy.state_command(MODULE_FILE, RELEASE, FILES, others)
+    command = state_command(MODULE_FILE, RELEASE, FILES, others)
     assert "/lib/modules/6.1.0-41-amd64/extra/toa.ko" in command
-    state = deploy.parse_state(f"@@other 6.1.0-41-amd64 - -\n@@other 6.1.0-40-amd64 {SHA256} "
+    state = parse_state(f"@@other 6.1.0-41-amd64 - -\n@@other 6.1.0-40-amd64 {SHA256} "
                                "/lib/modules/6.1.0-40-amd64/extra/toa.ko\n", FILES)
     assert state.others == {"6.1.0-41-amd64": (None, None),
                             "6.1.0-40-amd64": (SHA256, "/lib/modules/6.1.0-40-amd64/extra/toa.ko")}
-    assert deploy.next_boot(platform, state) == "NO toa.ko: 6.1.0-41-amd64 boots without toa"
+    assert next_boot(platform, state) == "NO toa.ko: 6.1.0-41-amd64 boots without toa"
     state.others["6.1.0-41-amd64"] = (None, "/lib/modules/6.1.0-41-amd64/updates/dkms/toa.ko")
-    assert deploy.next_boot(platform, state) == "toa.ko in place"
+    assert next_boot(platform, state) == "toa.ko in place"
     for line in ("@@other 6.1.0-41-amd64 nothex -", "@@other ../x - -", "@@other 6.1.0-41-amd64 - relative/toa.ko"):
         with pytest.raises(ToaError, match="unexpected line"):
-            deploy.parse_state(line + "\n", FILES)
+            parse_state(line + "\n", FILES)
 
 
 def test_bad_kernels_choice_is_one_line(tmp_path):

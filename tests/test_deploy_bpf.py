@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, json_items, toa
-from toa import artifacts, deploy, detect, engine_bpf, lab, render, targets
+from toa import artifacts, detect, engine_bpf, lab, render, targets
+from toa.deploy.bpf import _attach_bpf_script, check_bpf
+from toa.deploy.facts import BpfState, Current, bpf_state_command, parse_bpf_state, parse_state, state_command
+from toa.deploy.fleet import engine_summary
+from toa.deploy.plan import _file_changes, choose_engine, make_bpf_plan, make_plan, same_parameters, wanted_parameters
 from toa.errors import ToaError
 
 RELEASE = "6.1.0-56-amd64"
@@ -60,7 +64,7 @@ def _state(module_loaded=False, bpf_lines="", files=()):
             lines.append(f"@@symlink {index} {base64.b64encode(entry.content.encode()).decode()}")
         else:
             lines.append(f"@@file {index} {entry.mode:o} {base64.b64encode(entry.content.encode()).decode()}")
-    return deploy.parse_state("\n".join(lines) + "\n" + bpf_lines, read)
+    return parse_state("\n".join(lines) + "\n" + bpf_lines, read)
 
 
 ATTACHED = f"@@bpfloader {LOADER_SHA}\n" + _tagged(STATUS_ATTACHED) + "@@bpfpinned\n@@bpfunit active\n"
@@ -68,12 +72,12 @@ KERNEL_OK = "@@bpfconfig CONFIG_BPF_SYSCALL=y\n@@bpfconfig CONFIG_CGROUP_BPF=y\n
 
 
 def test_the_engines_facts_are_parsed():
-    bpf = deploy.parse_state(ATTACHED + KERNEL_OK, MODULE_FILES + BPF_FILES).bpf
-    assert bpf == deploy.BpfState(loader_sha256=LOADER_SHA, pinned=True, attached=True, object_sha256=OBJECT_SHA,
+    bpf = parse_state(ATTACHED + KERNEL_OK, MODULE_FILES + BPF_FILES).bpf
+    assert bpf == BpfState(loader_sha256=LOADER_SHA, pinned=True, attached=True, object_sha256=OBJECT_SHA,
                                   links=3, parameters={"kinds": "254,253", "trusted": ""}, unit_active=True,
                                   config={"CONFIG_BPF_SYSCALL": "y", "CONFIG_CGROUP_BPF": "y"}, bpf_syscall=True,
                                   cgroup2=True)
-    detached = deploy.parse_bpf_state(_tagged(STATUS_DETACHED))
+    detached = parse_bpf_state(_tagged(STATUS_DETACHED))
     assert not detached.active and detached.links == 0
 
 
@@ -81,11 +85,11 @@ def test_the_engines_facts_are_parsed():
                                   "@@bpfstatus attached perhaps", "@@bpfunit inactive", "@@bpfwhat"])
 def test_engine_lines_the_commands_do_not_print_are_errors(line):
     with pytest.raises(ToaError, match="unexpected line"):
-        deploy.parse_state(line + "\n", MODULE_FILES)
+        parse_state(line + "\n", MODULE_FILES)
 
 
 def test_the_state_command_reads_the_engine_in_the_same_round_trip():
-    command = deploy.bpf_state_command()
+    command = bpf_state_command()
     assert f"l={render.BPF_LOADER}" in command and '"$l" status' in command
     assert "/boot/config-$(uname -r)" in command and "/proc/config.gz" in command and "cgroup2 /proc/filesystems" in command
 
@@ -103,27 +107,27 @@ def test_the_state_command_reads_the_engine_in_the_same_round_trip():
     (RELEASE, "systemd", KERNEL_OK, "bpf", "bpf"),
 ])
 def test_the_engine_choice(kernel, init, facts, wanted, expected):
-    bpf = deploy.parse_bpf_state(facts)
-    assert deploy.choose_engine(_platform(kernel, init), bpf, wanted)[0] == expected
+    bpf = parse_bpf_state(facts)
+    assert choose_engine(_platform(kernel, init), bpf, wanted)[0] == expected
 
 
 def test_an_explicit_bpf_the_host_cannot_run_is_refused_with_the_way_out():
     with pytest.raises(ToaError, match="older than 5.10.*--engine module"):
-        deploy.choose_engine(_platform("5.4.0-150-generic"), deploy.parse_bpf_state(KERNEL_OK), "bpf")
+        choose_engine(_platform("5.4.0-150-generic"), parse_bpf_state(KERNEL_OK), "bpf")
     with pytest.raises(ToaError, match="--engine must be one of"):
-        deploy.choose_engine(_platform(), deploy.BpfState(), "ebpf")
+        choose_engine(_platform(), BpfState(), "ebpf")
 
 
 def test_bpf_plan_of_a_fresh_host():
     state = _state(bpf_lines=KERNEL_OK)
-    plan = deploy.make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
+    plan = make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
     assert (plan.install, plan.unload_module, plan.attach) == (True, False, "attach")
     assert [change.describe() for change in plan.files] == [f"write {render.BPF_UNIT}", f"write {render.BPF_WANTS_LINK}"]
 
 
 def test_bpf_plan_of_a_module_host_takes_the_module_away():
     state = _state(module_loaded=True, bpf_lines=KERNEL_OK, files=MODULE_FILES)
-    plan = deploy.make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
+    plan = make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
     assert (plan.unload_module, plan.attach) == (True, "attach")
     removed = [change.entry.path for change in plan.files if change.text is None]
     assert removed == [entry.path for entry in MODULE_FILES]
@@ -132,22 +136,22 @@ def test_bpf_plan_of_a_module_host_takes_the_module_away():
 
 def test_bpf_plan_when_attached_as_wanted_is_empty_and_new_options_are_set():
     state = _state(bpf_lines=ATTACHED + KERNEL_OK, files=BPF_FILES)
-    assert deploy.make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None).empty
+    assert make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None).empty
     options = {"kinds": "254,200"}
-    plan = deploy.make_bpf_plan(state, LOADER_SHA, render.bpf_files(options), MODULE_FILES, options)
+    plan = make_bpf_plan(state, LOADER_SHA, render.bpf_files(options), MODULE_FILES, options)
     assert plan.attach == "set" and [c.describe() for c in plan.files] == [f"write {render.BPF_UNIT}"]
     # a new loader carries a new object: attached again
-    assert deploy.make_bpf_plan(state, "c" * 64, BPF_FILES, MODULE_FILES, None).attach == "reattach"
+    assert make_bpf_plan(state, "c" * 64, BPF_FILES, MODULE_FILES, None).attach == "reattach"
     # attached by hand, not through the unit: handed to the unit
     by_hand = _state(bpf_lines=ATTACHED.replace("@@bpfunit active\n", ""), files=BPF_FILES)
-    assert deploy.make_bpf_plan(by_hand, LOADER_SHA, BPF_FILES, MODULE_FILES, None).attach == "reattach"
+    assert make_bpf_plan(by_hand, LOADER_SHA, BPF_FILES, MODULE_FILES, None).attach == "reattach"
 
 
 def test_bpf_plan_deletes_only_temp_names_it_makes():
     ours = ["/usr/local/sbin/.toa-bpf.toa-new-0123abcd", "/etc/systemd/system/.toa-bpf.service.toa-new-deadbeef"]
     theirs = ["/usr/local/sbin/.toa-bpf.toa-new-../../x", "/usr/local/sbin/other", "/etc/passwd"]
     state = _state(bpf_lines="".join(f"@@stale {path}\n" for path in ours + theirs) + ATTACHED, files=BPF_FILES)
-    plan = deploy.make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
+    plan = make_bpf_plan(state, LOADER_SHA, BPF_FILES, MODULE_FILES, None)
     assert plan.stale == tuple(ours) and plan.describe(None) == ["remove 2 temp file(s) of an interrupted run"]
 
 
@@ -155,25 +159,25 @@ def test_module_plan_on_a_bpf_host_detaches_it_and_removes_its_unit():
     state = _state(bpf_lines=ATTACHED, files=BPF_FILES)
     artifact = artifacts.Artifact(Path("x/toa.ko"), {"kernel_release": RELEASE, "target": "debian-12", "sha256": "5" * 64,
                                                      "srcversion": "0123456789ABCDEF0123456"})
-    plan = deploy.make_plan(state, artifact, MODULE_FILES, MODULE_FILE, None, BPF_FILES)
+    plan = make_plan(state, artifact, MODULE_FILES, MODULE_FILE, None, BPF_FILES)
     assert plan.detach_bpf and plan.load == "load"
     steps = plan.describe(artifact)
     assert steps.index("detach the eBPF engine") < steps.index("load toa")
     assert f"remove {render.BPF_UNIT}" in steps and f"remove {render.BPF_WANTS_LINK}" in steps
     # a host without the engine: nothing about it in the plan
-    assert not deploy.make_plan(_state(), artifact, MODULE_FILES, MODULE_FILE, None, BPF_FILES).detach_bpf
+    assert not make_plan(_state(), artifact, MODULE_FILES, MODULE_FILE, None, BPF_FILES).detach_bpf
 
 
 def test_parameters_compare_as_networks():
-    wanted = deploy.wanted_parameters({"trusted": "fd00:1::/64,100.64.0.0/10"})
-    assert deploy.same_parameters({"kinds": "254,253", "trusted": "fd00:1:0:0::/64,100.64.0.0/10"}, wanted)
-    assert not deploy.same_parameters({"kinds": "254,253", "trusted": "100.64.0.0/10"}, wanted)
-    assert not deploy.same_parameters({"kinds": "254", "trusted": "fd00:1::/64,100.64.0.0/10"}, wanted)
+    wanted = wanted_parameters({"trusted": "fd00:1::/64,100.64.0.0/10"})
+    assert same_parameters({"kinds": "254,253", "trusted": "fd00:1:0:0::/64,100.64.0.0/10"}, wanted)
+    assert not same_parameters({"kinds": "254,253", "trusted": "100.64.0.0/10"}, wanted)
+    assert not same_parameters({"kinds": "254", "trusted": "fd00:1::/64,100.64.0.0/10"}, wanted)
 
 
 def test_the_check_after_an_attach():
     good = _tagged(STATUS_ATTACHED) + "@@bpfpinned\n@@bpfunit active\n"
-    deploy.check_bpf(good, OBJECT_SHA, deploy.wanted_parameters(None))
+    check_bpf(good, OBJECT_SHA, wanted_parameters(None))
     for output, message in [
         (_tagged(STATUS_DETACHED), "did not attach"),
         (_tagged(STATUS_ATTACHED.replace("prog_id=43", "prog_id=0")) + "@@bpfunit active\n", "2 of 3"),
@@ -182,23 +186,23 @@ def test_the_check_after_an_attach():
         (good + "@@loaded\n", "beside the eBPF engine"),
     ]:
         with pytest.raises(ToaError, match=message):
-            deploy.check_bpf(output, OBJECT_SHA, deploy.wanted_parameters({"kinds": "254,200"} if message == "wanted" else None))
+            check_bpf(output, OBJECT_SHA, wanted_parameters({"kinds": "254,200"} if message == "wanted" else None))
     with pytest.raises(ToaError, match="carries object"):
-        deploy.check_bpf(good, "d" * 64, deploy.wanted_parameters(None))
+        check_bpf(good, "d" * 64, wanted_parameters(None))
 
 
 def test_status_names_the_engine_and_its_counters():
-    assert deploy.engine_summary(_state()) == ("none", None)
-    assert deploy.engine_summary(_state(module_loaded=True)) == ("module", "/proc/net/toa_stats")
-    assert deploy.engine_summary(_state(bpf_lines=ATTACHED)) == ("bpf", f"{render.BPF_LOADER} stats")
-    assert deploy.engine_summary(_state(module_loaded=True, bpf_lines=ATTACHED))[0] == "module+bpf"
+    assert engine_summary(_state()) == ("none", None)
+    assert engine_summary(_state(module_loaded=True)) == ("module", "/proc/net/toa_stats")
+    assert engine_summary(_state(bpf_lines=ATTACHED)) == ("bpf", f"{render.BPF_LOADER} stats")
+    assert engine_summary(_state(module_loaded=True, bpf_lines=ATTACHED))[0] == "module+bpf"
 
 
 def test_scripts_quote_what_they_carry():
-    script = deploy._attach_bpf_script("set", deploy.wanted_parameters({"kinds": "254,200", "trusted": "10.0.0.0/8"}))
+    script = _attach_bpf_script("set", wanted_parameters({"kinds": "254,200", "trusted": "10.0.0.0/8"}))
     assert f"{render.BPF_LOADER} set kinds=254,200 trusted=10.0.0.0/8" in script
     with pytest.raises(ToaError):
-        deploy.wanted_parameters({"trusted": "10.0.0.0/8;reboot"})
+        wanted_parameters({"trusted": "10.0.0.0/8;reboot"})
 
 
 def test_bad_engine_flag_is_a_one_line_error(tmp_path):
@@ -217,11 +221,11 @@ def test_a_symlink_the_state_command_reads_is_its_target_exactly(tmp_path):
                                0o777, "symlink")
     (tmp_path / "sysinit.target.wants").mkdir()
     (tmp_path / "sysinit.target.wants" / "toa-bpf.service").symlink_to("../toa-bpf.service")
-    command = deploy.state_command(str(tmp_path / "toa.ko"), RELEASE, [link])
+    command = state_command(str(tmp_path / "toa.ko"), RELEASE, [link])
     output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout
-    state = deploy.parse_state(output, [link])
-    assert state.files[link.path] == deploy.Current("symlink", "../toa-bpf.service")
-    assert deploy._file_changes(state, [link]) == []
+    state = parse_state(output, [link])
+    assert state.files[link.path] == Current("symlink", "../toa-bpf.service")
+    assert _file_changes(state, [link]) == []
 
 
 # ---------------------------------------------------------------- real guests

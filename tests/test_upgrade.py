@@ -17,8 +17,9 @@ import contextlib
 import pytest
 
 from tests.cli import json_items, toa
-from toa import build, debian, deploy, guests
+from toa import build, debian, guests
 from toa import kernel as kernels
+from toa.deploy.apply import LOADED_MESSAGE
 
 GUEST_MEMORY_MB = 1024  # gcc compiling toa.ko in the guest
 OPTION = "kinds=254,200"
@@ -117,7 +118,7 @@ def _boots_with_toa(guest, newer, module_file):
     assert guest.run("cat /sys/module/toa/parameters/kinds").strip() == "254,200"
     assert guest.run(f"modinfo -F srcversion {loaded_from}").strip() == guest.run("cat /sys/module/toa/srcversion").strip()
     # that boot's kernel log: loaded once, at boot, by systemd-modules-load
-    assert guest.run("journalctl -k -b 0 -o cat").count(deploy.LOADED_MESSAGE) == 1
+    assert guest.run("journalctl -k -b 0 -o cat").count(LOADED_MESSAGE) == 1
     assert guest.run("systemctl show -p ExecMainStatus systemd-modules-load").strip() == "ExecMainStatus=0"
 
 

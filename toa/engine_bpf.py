@@ -30,7 +30,7 @@ SOURCES = ("toa.bpf.c", "toa_maps.h", "loader.c")
 OBJECT_NAME = artifacts.BPF_OBJECT_NAME
 LOADER_NAME = artifacts.BPF_LOADER_NAME
 DEFAULT_OUT = artifacts.bpf_directory()
-# toa.artifacts defines the build's artifact; deploy.py reaches both through this module.
+# toa.artifacts defines the build's artifact; toa.deploy reaches both through this module.
 BpfBuild = BpfArtifact
 sha256 = artifacts.sha256
 # What the engine needs from a kernel, said wherever it is refused.

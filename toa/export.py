@@ -259,7 +259,8 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
             progress: Callable[[str], None] | None = None) -> AnsibleExport:
     """OUT_DIR/roles/toa (the modules under DIST and what loads them at boot), a playbook and an
     example inventory; OPTIONS become the role's defaults."""
-    from toa import deploy, targets
+    from toa import targets
+    from toa.deploy.facts import modules_dep_entry
 
     parameters = render.module_parameters(options)
     artifacts = find_all(Path(dist), kernels)
@@ -276,7 +277,7 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
         if progress:
             progress(f"role: {target_id} {release}")
         module_path = render.module_path(target, release)
-        depmod = deploy.modules_dep_entry(module_path, release) is not None
+        depmod = modules_dep_entry(module_path, release) is not None
         file = Path(target_id) / release / "toa.ko"
         (role / "files" / file).parent.mkdir(parents=True, exist_ok=True)
         (role / "files" / file).write_bytes(artifact.ko.read_bytes())

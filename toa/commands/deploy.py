@@ -11,7 +11,7 @@ from invoke import Exit, task
 from toa.commands.common import module_options, print_json, print_table, user_errors, whole_number
 from toa.errors import ToaError
 
-# deploy.COMMAND_TIMEOUT_SECONDS and SshOptions' timeout, here without importing paramiko (a test ties them)
+# toa.deploy.host.COMMAND_TIMEOUT_SECONDS and SshOptions' timeout, here without importing paramiko (a test ties them)
 COMMAND_TIMEOUT = 120
 CONNECT_TIMEOUT = 15
 # Hosts worked on at once unless --parallel says otherwise. Measured with benchmarks/deploy_scale.py
@@ -39,21 +39,22 @@ FLEET_HELP = {
 
 def _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing=False,
                    dry_run=False, kernels="running,next", engine="module"):
-    from toa import deploy, remote
+    from toa import remote
+    from toa.deploy import host, plan
 
     options = module_options(option)
     if key and not Path(key).is_file():
         raise ToaError(f"key file {key} does not exist: fix --key")
     ssh = remote.SshOptions(key_filename=key, known_hosts=known_hosts, accept_new_host_keys=accept_new_host_keys)
     chosen = tuple(word.strip() for word in str(kernels).split(","))
-    if not chosen or any(word not in deploy.KERNEL_CHOICES for word in chosen) or "running" not in chosen:
+    if not chosen or any(word not in plan.KERNEL_CHOICES for word in chosen) or "running" not in chosen:
         raise ToaError(f"invalid --kernels {str(kernels)[:40]!r}: give running plus any of next, installed, "
                        "comma-separated (e.g. running,next)")
-    if engine not in deploy.ENGINES:
-        raise ToaError(f"invalid --engine {str(engine)[:40]!r}: give one of {', '.join(deploy.ENGINES)}")
-    return deploy.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
-                                dry_run=dry_run, command_timeout=whole_number(command_timeout, "--command-timeout", 1),
-                                kernels=chosen, engine=engine)
+    if engine not in plan.ENGINES:
+        raise ToaError(f"invalid --engine {str(engine)[:40]!r}: give one of {', '.join(plan.ENGINES)}")
+    return host.DeployOptions(dist=Path(dist), ssh=ssh, options=options or None, build_missing=build_missing,
+                              dry_run=dry_run, command_timeout=whole_number(command_timeout, "--command-timeout", 1),
+                              kernels=chosen, engine=engine)
 
 
 
@@ -153,8 +154,8 @@ def deploy(c, hosts=None, dist="dist", parallel=None, batch=None, max_fail=None,
     A host that fails is rolled back to what it had; a second run changes nothing."""
     from rich.text import Text
 
-    from toa import deploy as deployment
     from toa import nodes as inventory
+    from toa.deploy import fleet
 
     node_list = inventory.load(hosts)  # every line checked before any connection
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout, build_missing,
@@ -162,8 +163,8 @@ def deploy(c, hosts=None, dist="dist", parallel=None, batch=None, max_fail=None,
     parallel, batch = whole_number(parallel, "--parallel", 1, DEFAULT_PARALLEL), whole_number(batch, "--batch", 0, 0)
     max_fail = whole_number(max_fail, "--max-fail", 0, 0)
     with live_progress(node_list) as progress:
-        results = deployment.deploy(node_list, options, parallel=parallel, batch=batch, max_fail=max_fail,
-                                    progress=progress)
+        results = fleet.deploy(node_list, options, parallel=parallel, batch=batch, max_fail=max_fail,
+                               progress=progress)
     failed = sum(result.action == "failed" for result in results)
     if json:
         print_json("deploy", [result.as_dict() for result in results], failed=failed, dry_run=dry_run)
@@ -187,14 +188,14 @@ def status(c, hosts=None, dist="dist", parallel=None, json=False, key=None, know
     runs has toa."""
     from rich.text import Text
 
-    from toa import deploy as deployment
     from toa import nodes as inventory
+    from toa.deploy import fleet
 
     node_list = inventory.load(hosts)
     options = _fleet_options(dist, key, known_hosts, accept_new_host_keys, option, command_timeout)
     with live_progress(node_list) as progress:
-        states = deployment.status(node_list, options, parallel=whole_number(parallel, "--parallel", 1, DEFAULT_PARALLEL),
-                                   progress=progress)
+        states = fleet.status(node_list, options, parallel=whole_number(parallel, "--parallel", 1, DEFAULT_PARALLEL),
+                              progress=progress)
     if json:
         print_json("status", [state.as_dict() for state in states])
     else:

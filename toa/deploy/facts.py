@@ -1,0 +1,485 @@
+"""What a host has: the facts, one command per host, and their pure parsers.
+
+facts_command reads, in one round trip: whether the login is root (else `sudo -n`, where the nodes
+file allows it), the platform, the module and engine state, the other kernels' toa.ko and the
+preflight's reading of the kernel's tree. The host's target is not known before its platform is
+parsed, so the command reads every target's module path for `uname -r` and every file any target's
+deploy writes; parse_facts keeps the host's own. state_command reads one module path's state alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from toa import artifacts, detect, preflight, render, targets
+from toa.errors import ToaError
+from toa.kernel import validate_release
+from toa.render import AutoloadFile
+
+PATH_SETTING = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH"
+MODULE_TEMP_MARK = ".new-"
+MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
+FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
+TEMP_SUFFIX_CHARS = 8  # hex digits after a temp name's prefix
+_SHA256, _SRCVERSION = artifacts.SHA256_RE, artifacts.SRCVERSION_RE
+_MODE = re.compile(r"[0-7]{1,4}")
+
+
+# ---------------------------------------------------------------- the module state of a host
+
+
+@dataclass(frozen=True)
+class Current:
+    """An autoload path as found on the host."""
+
+    kind: str  # "file" or "symlink"
+    text: str  # the file's text or the link's target
+    mode: int = 0o644
+
+
+@dataclass
+class ModuleState:
+    loaded: bool = False
+    loaded_srcversion: str | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    installed_sha256: str | None = None
+    installed_srcversion: str | None = None
+    indexed: bool = False  # modules.dep lists the installed file
+    stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
+    files: dict[str, Current | None] = field(default_factory=dict)
+    # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
+    module_resolved: str | None = None
+    resolved: dict[str, str] = field(default_factory=dict)
+    # other installed kernels: release -> (sha256 of toa's own file there, or None; a toa.ko found, or None)
+    others: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    bpf: BpfState = field(default_factory=lambda: BpfState())  # the eBPF engine's facts (bpf_state_command)
+
+
+def modules_dep_entry(module_file: str, release: str) -> str | None:
+    """The module's path as modules.dep lists it, or None where it lives outside /lib/modules
+    (loaded by path, depmod does not apply)."""
+    base = f"/lib/modules/{release}/"
+    return module_file[len(base):] if module_file.startswith(base) else None
+
+
+def _temp_prefix(path: str, mark: str = FILE_TEMP_MARK) -> str:
+    """What the temp names of PATH start with: .<name><mark> beside it."""
+    directory, name = posixpath.split(path)
+    return f"{directory}/.{name}{mark}"
+
+
+def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry: str | None) -> list[str]:
+    """The state lines of one module path. Shell words: MODULE and TEMP_PREFIX expand to the path and
+    its temp names' prefix, MODULES_DEP to the modules.dep that indexes ENTRY (None: not indexed)."""
+    q = shlex.quote
+    lines = [
+        f"m={module}",
+        'if [ -f "$m" ]; then echo "@@installed $(sha256sum < "$m" | cut -d" " -f1) '
+        '$(modinfo -F srcversion "$m" 2>/dev/null)"; fi',
+    ]
+    if entry is not None:
+        lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {modules_dep} && echo @@indexed")
+    # temp names beside the path and, for a symlink written where it points, beside its target
+    lines.append(
+        'f=$m; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+        'if [ "$r" != "$f" ]; then echo "@@resolved m $(printf %s "$r" | base64 -w0)"; fi; '
+        f'for t in {temp_prefix}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(MODULE_TEMP_MARK)}*; do '
+        'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    return lines
+
+
+def _file_lines(files: list[AutoloadFile]) -> list[str]:
+    """The state lines of FILES (numbered in their order): content, mode, link target, temp names.
+    The files of a directory the host lacks are absent at the cost of one test (a fresh host has
+    none of toa's source directory)."""
+    q = shlex.quote
+    by_directory: dict[str, list[tuple[int, AutoloadFile]]] = {}
+    for index, f in enumerate(files):
+        by_directory.setdefault(posixpath.dirname(f.path), []).append((index, f))
+    lines = []
+    for directory, entries in by_directory.items():
+        lines.append(f"if [ -d {q(directory)} ]; then")
+        for index, f in entries:
+            lines += [_file_stale_line(index, f), _file_read_line(index, f)]
+        lines += ["else", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
+    return lines
+
+
+def _file_stale_line(index: int, f: AutoloadFile) -> str:
+    """Temp names beside the path and, for a symlink written where it points, beside its target
+    (globs: the quoted fixed part, then an unquoted *)."""
+    q = shlex.quote
+    if f.kind == "symlink":
+        return (f"for t in {q(_temp_prefix(f.path))}*; do "
+                'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+    return (f'f={q(f.path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+            f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
+            f'for t in {q(_temp_prefix(f.path))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(FILE_TEMP_MARK)}*; do '
+            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+
+
+def _file_read_line(index: int, f: AutoloadFile) -> str:
+    q = shlex.quote
+    if f.kind == "symlink":
+        return (f"f={q(f.path)}; "
+                f'if [ -L "$f" ]; then echo "@@symlink {index} $(printf %s "$(readlink "$f")" | base64 -w0)"; '
+                f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
+                f'else echo "@@absent {index}"; fi')
+    # read through a symlink: the file it points to is the one deploy edits
+    return (f"f={q(f.path)}; "
+            f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
+            f'else echo "@@absent {index}"; fi')
+
+
+_LOADED_LINES = [
+    'if [ -d /sys/module/toa ]; then echo "@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
+    'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+]
+
+
+def state_command(module_file: str, release: str, files: list[AutoloadFile],
+                  others: tuple[tuple[str, str], ...] = ()) -> str:
+    """One command that prints a host's module state as @@-tagged lines (see parse_state); OTHERS:
+    (release, module file) of the other kernels whose toa.ko is wanted too."""
+    q = shlex.quote
+    entry = modules_dep_entry(module_file, release)
+    lines = [PATH_SETTING, *_LOADED_LINES,
+             *_module_lines(q(module_file), q(_temp_prefix(module_file, MODULE_TEMP_MARK)),
+                            q(f"/lib/modules/{release}/modules.dep"), entry),
+             *_file_lines(files)]
+    for other, other_file in others:
+        # toa's own file, else any toa.ko that kernel has (a DKMS or kmod package's)
+        lines.append(
+            f"f={q(other_file)}; if [ -f \"$f\" ]; then echo \"@@other {q(validate_release(other))} "
+            f'$(sha256sum < "$f" | cut -d" " -f1) $f"; else p=$(find {q(f"/lib/modules/{other}")} '
+            f"-name 'toa.ko*' 2>/dev/null | head -n 1); echo \"@@other {q(other)} - ${{p:--}}\"; fi")
+    return "\n".join(lines) + "\ntrue\n"
+
+
+# ---------------------------------------------------------------- everything in one round trip
+
+
+# A release that stands for the host's own in the paths the facts command reads before it knows which
+# target the host is: replaced by the shell's $kr (its `uname -r`, checked) or $o (another kernel's).
+RELEASE_SLOT = "0.0.0-toa-release-slot"
+STATE_BEGINS = "@@toa-state-begins"
+TREE_BEGINS = "@@toa-tree-begins"
+_SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
+
+
+def _release_path(path: str, variable: str) -> str:
+    """PATH (rendered for RELEASE_SLOT) as a double-quoted shell word in which $VARIABLE is the release."""
+    if not _SHELL_SAFE_PATH.fullmatch(path):
+        raise ToaError(f"toa renders an unexpected module path {path!r}: please report it")
+    return '"' + path.replace(RELEASE_SLOT, "${" + variable + "}") + '"'
+
+
+@functools.lru_cache(maxsize=1)
+def module_layouts() -> tuple[str, ...]:
+    """Where toa.ko lives on a host of any target, rendered for RELEASE_SLOT."""
+    return tuple(sorted({render.module_path(t, RELEASE_SLOT) for t in targets.all_targets().values()}))
+
+
+@functools.lru_cache(maxsize=1)
+def readable_files() -> tuple[AutoloadFile, ...]:
+    """Every file a deploy or status may look at on a host of any target and init: the autoload files,
+    the kernel hooks' module sources and the eBPF engine's boot files (one entry per path)."""
+    found: dict[str, AutoloadFile] = {}
+    for target in targets.all_targets().values():
+        for init in render.INITS:
+            try:
+                entries = render.autoload_files(target, RELEASE_SLOT, init=init)
+            except ToaError:  # a target that loads modules only through systemd, without it
+                continue
+            for entry in entries + render.hook_sources(target):
+                found.setdefault(entry.path, entry)
+    for entry in render.bpf_files():
+        found.setdefault(entry.path, entry)
+    return tuple(found.values())
+
+
+def _release_path_text(text: str, variable: str) -> str:
+    """TEXT (a script written for RELEASE_SLOT, which it never quotes) with $VARIABLE for the release."""
+    return text.replace(RELEASE_SLOT, "${" + variable + "}")
+
+
+def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
+    """One command for everything a deploy or status reads on a host (see parse_facts): whether it
+    runs as root (else through `sudo -n`, where SUDO allows it), the platform
+    (detect.REMOTE_FACTS_COMMAND) and, as root, the module and engine state. Which target the host is
+    cannot be known before the platform is parsed, so the state covers every target's module path
+    (each under an @@module line) for the running kernel, every other installed kernel's toa.ko, and
+    every file any target's deploy writes; with SYMBOLS, the preflight's reading of the running
+    kernel's tree for those symbols (preflight.host_tree_command) after a TREE_BEGINS line."""
+    q = shlex.quote
+    modules = []
+    for layout in module_layouts():
+        entry = modules_dep_entry(layout, RELEASE_SLOT)
+        modules += [f'echo "@@module "{_release_path(layout, "kr")}',
+                    *_module_lines(_release_path(layout, "kr"),
+                                   _release_path(_temp_prefix(layout, MODULE_TEMP_MARK), "kr"),
+                                   '"/lib/modules/$kr/modules.dep"', entry)]
+    own = " ".join(_release_path(layout, "o") for layout in module_layouts())
+    state = "\n".join([
+        PATH_SETTING,
+        # a release that is not one (detect refuses it too) reads nothing
+        'kr=$(uname -r); case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
+        *_LOADED_LINES, *modules, "echo '@@module -'",
+        *_file_lines(list(readable_files())),
+        # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
+        # (a DKMS or kmod package's)
+        'seen=" $kr "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
+        'case "$o" in ""|*[!A-Za-z0-9._+~-]*|*..*) continue;; esac; '
+        'case "$seen" in *" $o "*) continue;; esac; seen="$seen$o "; [ -d "$d" ] || continue; p=; '
+        f'for f in {own}; do if [ -f "$f" ]; then p=$f; break; fi; done; '
+        'if [ -n "$p" ]; then echo "@@other $o $(sha256sum < "$p" | cut -d" " -f1) $p"; '
+        "else p=$(find \"$d\" -name 'toa.ko*' 2>/dev/null | head -n 1); echo \"@@other $o - ${p:--}\"; fi; done",
+        bpf_state_command(),
+        *([f"echo {TREE_BEGINS}", "(", _release_path_text(preflight.host_tree_command(RELEASE_SLOT, list(symbols)), "kr"),
+           ")"] if symbols else []),
+        "true", ""])
+    become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s"; '
+              'else echo @@toa-nosudo; fi' if sudo else "else echo @@toa-notroot; fi")
+    return "\n".join([
+        'echo "@@toa-uid $(id -u)"',
+        detect.REMOTE_FACTS_COMMAND,
+        f"s={q(state)}",
+        f'if [ "$(id -u)" = 0 ]; then echo {STATE_BEGINS}; sh -c "$s"',
+        become, ""])
+
+
+class HostRefused(ToaError):
+    """The host is what toa cannot deploy to (not root without sudo, an unsupported platform): said as it is."""
+
+
+@dataclass
+class Facts:
+    """What one facts_command told: the platform, whether toa runs commands as root through sudo,
+    and the state for the host's own target (module path, other kernels)."""
+
+    platform: detect.Platform
+    sudo: bool
+    state: ModuleState
+    tree: str | None = None  # the preflight's reading of the kernel's tree, where asked (parse_host_tree's input)
+    symbols: tuple[str, ...] = ()  # the symbols it was read for
+
+
+def parse_facts(output: str, user: str, symbols: tuple[str, ...] = ()) -> Facts:
+    """Parse facts_command's output from a host reached as USER. Pure; a host where toa cannot
+    become root is a one-line ToaError."""
+    head, begins, state_text = output.partition(f"\n{STATE_BEGINS}\n")
+    if not begins and output.startswith(STATE_BEGINS + "\n"):
+        head, begins, state_text = "", True, output[len(STATE_BEGINS) + 1:]
+    uid = next((line.split()[1] for line in head.splitlines()
+                if line.startswith("@@toa-uid ") and len(line.split()) == 2), None)
+    if "\n@@toa-notroot" in "\n" + head:
+        raise HostRefused(f"{user} is not root and sudo=no for this host: connect as root or set sudo=yes in the nodes file")
+    if "\n@@toa-nosudo" in "\n" + head:
+        raise HostRefused(f"{user} cannot run `sudo -n` without a password: allow it in sudoers or connect as root")
+    if uid is None or not begins:
+        raise ToaError("the facts command printed no state: is the login shell a POSIX shell?")
+    platform = detect.identify(detect.parse_remote_facts(head))
+    validate_release(platform.kernel or "")
+    if platform.target is None:
+        raise HostRefused(f"{platform.support}; toa cannot tell how it loads modules at boot")
+    module_file = render.module_path(platform.target, platform.kernel)
+    state_text, tree_begins, tree = state_text.partition(f"{TREE_BEGINS}\n")
+    state = parse_state(state_text, list(readable_files()), module_file)
+    for release, (sha, path) in list(state.others.items()):
+        if sha is not None and path != render.module_path(platform.target, release):
+            state.others[release] = (None, path)  # another target's place: a toa.ko, not toa's own here
+    return Facts(platform, uid != "0", state, tree if tree_begins else None, symbols if tree_begins else ())
+
+
+def _unbase64(text: str, what: str) -> str:
+    try:
+        return base64.b64decode(text, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ToaError(f"{what} is not base64 of text") from None
+
+
+def parse_state(output: str, files: list[AutoloadFile], module_file: str | None = None) -> ModuleState:
+    """Parse state_command's output (or the state part of facts_command's). Pure. Lines without a tag
+    (a login banner, ...) are ignored; a tagged line that is not what state_command prints is a
+    ToaError. Lines about a module path come after an `@@module PATH` line where the command read
+    several: only MODULE_FILE's count."""
+    state = ModuleState(files={f.path: None for f in files})
+    section = None  # the module path the lines read are about; "-": past them all
+
+    def entry(word: str) -> AutoloadFile:
+        if not word.isdigit() or int(word) >= len(files):
+            raise ToaError(f"no autoload file number {word[:20]!r}")
+        return files[int(word)]
+
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        if not tag.startswith("@@"):
+            continue
+        words = rest.split()
+        if tag == "@@module" and rest:
+            section = rest
+            continue
+        if section not in (None, "-", module_file) and (
+                tag in ("@@installed", "@@indexed", "@@stale") or (tag == "@@resolved" and words[:1] == ["m"])):
+            continue  # another target's module path
+        try:
+            _parse_state_line(state, tag, rest, words, entry)
+        except (ToaError, IndexError) as exc:
+            detail = f": {exc}" if isinstance(exc, ToaError) else ""
+            raise ToaError(f"unexpected line {line[:100]!r} in the module state{detail}") from None
+    state.stale = list(dict.fromkeys(state.stale))  # a path and its target in one directory: one glob twice
+    return state
+
+
+def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str], entry) -> None:
+    if tag.startswith("@@bpf"):
+        _parse_bpf_line(state.bpf, tag, rest, words)
+    elif tag == "@@loaded":
+        srcversion = rest.strip()
+        if srcversion and not _SRCVERSION.fullmatch(srcversion):
+            raise ToaError("not a srcversion")
+        state.loaded, state.loaded_srcversion = True, srcversion or None
+    elif tag == "@@parameter" and words:
+        state.parameters[words[0]] = " ".join(words[1:])
+    elif tag == "@@installed" and words and _SHA256.fullmatch(words[0]) and len(words) <= 2:
+        if len(words) == 2 and not _SRCVERSION.fullmatch(words[1]):
+            raise ToaError("not a srcversion")
+        state.installed_sha256 = words[0]
+        state.installed_srcversion = words[1] if len(words) > 1 else None
+    elif tag == "@@indexed" and not words:
+        state.indexed = True
+    elif tag == "@@stale" and rest:
+        state.stale.append(rest)
+    elif tag == "@@resolved" and len(words) == 2:
+        path = _unbase64(words[1], "the resolved path")
+        if not path.startswith("/") or posixpath.normpath(path) != path or "\n" in path:
+            raise ToaError("not an absolute path")
+        if words[0] == "m":
+            state.module_resolved = path
+        else:
+            state.resolved[entry(words[0]).path] = path
+    elif tag == "@@symlink" and len(words) in (1, 2):
+        target = _unbase64(words[1] if len(words) > 1 else "", "the link")
+        state.files[entry(words[0]).path] = Current("symlink", target)
+    elif tag == "@@file" and len(words) in (2, 3) and _MODE.fullmatch(words[1]):
+        text = _unbase64(words[2] if len(words) > 2 else "", "the file")
+        state.files[entry(words[0]).path] = Current("file", text, int(words[1], 8))
+    elif tag == "@@absent" and len(words) == 1:
+        state.files[entry(words[0]).path] = None
+    elif tag == "@@other" and len(words) == 3 and (words[1] == "-" or _SHA256.fullmatch(words[1])):
+        if words[2] != "-" and not words[2].startswith("/"):
+            raise ToaError("not an absolute path")
+        state.others[validate_release(words[0])] = (None if words[1] == "-" else words[1],
+                                                    None if words[2] == "-" else words[2])
+    else:
+        raise ToaError("not a line the state command prints")
+
+
+# ---------------------------------------------------------------- the eBPF engine of a host
+
+
+BPF_CONFIG = ("CONFIG_BPF_SYSCALL", "CONFIG_CGROUP_BPF")
+BPF_PIN_DIR = "/sys/fs/bpf/toa"
+_CONFIG_LINE = re.compile(r"(CONFIG_[A-Z0-9_]+)=(y|m|n)")
+_KINDS = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+
+
+@dataclass
+class BpfState:
+    """The eBPF engine on a host, as bpf_state_command prints it."""
+
+    loader_sha256: str | None = None  # toa's loader at render.BPF_LOADER
+    pinned: bool = False  # /sys/fs/bpf/toa exists: an engine is attached, whichever loader did it
+    attached: bool = False  # the loader's status says so
+    object_sha256: str | None = None  # the object the installed loader embeds
+    links: int = 0  # attached links with a program
+    parameters: dict[str, str] = field(default_factory=dict)  # kinds, trusted as the engine shows them
+    unit_active: bool = False
+    config: dict[str, str] = field(default_factory=dict)  # CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF, if told
+    bpf_syscall: bool = False  # /proc/sys/kernel/unprivileged_bpf_disabled exists only with CONFIG_BPF_SYSCALL
+    cgroup2: bool = False  # the kernel knows cgroup2 (/proc/filesystems)
+
+    @property
+    def active(self) -> bool:
+        return self.pinned or self.attached
+
+
+def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
+    """Lines for the state command that print the eBPF engine's facts as @@bpf... lines (and the
+    loader's temp names as @@stale); see _parse_bpf_line."""
+    q = shlex.quote
+    configs = "|".join(BPF_CONFIG)
+    return "\n".join([
+        f"l={q(loader)}",
+        'if [ -f "$l" ]; then echo "@@bpfloader $(sha256sum < "$l" | cut -d" " -f1)"; '
+        '[ -x "$l" ] && "$l" status 2>/dev/null | sed "s/^/@@bpfstatus /"; fi',
+        f'for t in {q(_temp_prefix(loader))}*; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done',
+        f"if [ -d {q(BPF_PIN_DIR)} ]; then echo @@bpfpinned; fi",
+        f"if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet {q(render.BPF_UNIT_NAME)}; "
+        "then echo @@bpfunit active; fi",
+        # the kernel's config where the distro keeps it; the runtime signs below where it does not
+        'c=/boot/config-$(uname -r); { if [ -r "$c" ]; then cat "$c"; elif [ -r /proc/config.gz ]; then '
+        f"zcat /proc/config.gz; fi; }} 2>/dev/null | grep -E '^({configs})=' | sed 's/^/@@bpfconfig /'",
+        "if [ -e /proc/sys/kernel/unprivileged_bpf_disabled ]; then echo @@bpfsyscall; fi",
+        "if grep -qw cgroup2 /proc/filesystems; then echo @@bpfcgroup2; fi",
+    ])
+
+
+def _parse_bpf_line(bpf: BpfState, tag: str, rest: str, words: list[str]) -> None:
+    if tag == "@@bpfloader" and len(words) == 1 and _SHA256.fullmatch(words[0]):
+        bpf.loader_sha256 = words[0]
+    elif tag == "@@bpfpinned" and not words:
+        bpf.pinned = True
+    elif tag == "@@bpfunit" and words == ["active"]:
+        bpf.unit_active = True
+    elif tag == "@@bpfconfig" and len(words) == 1 and _CONFIG_LINE.fullmatch(words[0]):
+        name, _, value = words[0].partition("=")
+        bpf.config[name] = value
+    elif tag == "@@bpfsyscall" and not words:
+        bpf.bpf_syscall = True
+    elif tag == "@@bpfcgroup2" and not words:
+        bpf.cgroup2 = True
+    elif tag == "@@bpfstatus":
+        _parse_bpf_status_line(bpf, rest)
+    else:
+        raise ToaError("not a line the state command prints")
+
+
+def _parse_bpf_status_line(bpf: BpfState, line: str) -> None:
+    """One line of `toa-bpf status` (toa/bpf/loader.c's cmd_status)."""
+    name, _, value = line.strip().partition(" ")
+    value = value.strip()
+    if name == "object_sha256" and _SHA256.fullmatch(value):
+        bpf.object_sha256 = value
+    elif name == "attached" and value in ("yes", "no"):
+        bpf.attached = value == "yes"
+    elif name == "link":
+        if re.search(r"\bprog_id=[1-9][0-9]*\b", value):
+            bpf.links += 1
+    elif name == "kinds" and (not value or _KINDS.fullmatch(value)):
+        bpf.parameters["kinds"] = value
+    elif name == "trusted" and re.fullmatch(r"[0-9A-Fa-f:.,/]*", value):
+        bpf.parameters["trusted"] = value
+    elif name in ("loaded_programs", "loaded_maps") and value.isdigit():
+        pass
+    else:
+        raise ToaError("not a line toa-bpf status prints")
+
+
+def parse_bpf_state(output: str) -> BpfState:
+    """Parse the @@bpf lines of OUTPUT alone (bpf_state_command's, or a check after an attach). Pure."""
+    bpf = BpfState()
+    for line in output.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag.startswith("@@bpf"):
+            try:
+                _parse_bpf_line(bpf, tag, rest, rest.split())
+            except ToaError as exc:
+                raise ToaError(f"unexpected line {line[:100]!r} from the eBPF engine: {exc}") from None
+    return bpf
