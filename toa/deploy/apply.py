@@ -485,7 +485,7 @@ def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
     return host, ran.stdout
 
 
-# ---------------------------------------------------------------- the rollback: the undo of every step started, in reverse
+# ---------------------------------------------------------------- the rollback: each started step undone, in reverse
 
 
 @dataclass

@@ -261,7 +261,7 @@ def make_bpf_plan(state: ModuleState, loader_sha256: str, bpf_files: list[Autolo
     return BpfPlan(stale, install, tuple(files), state.loaded, attach)
 
 
-# ---------------------------------------------------------------- the other kernels: toa.ko for the next boot's and the installed ones
+# ---------------------------------------------------------------- the other kernels: the next boot's, the installed
 
 
 @dataclass(frozen=True)
