@@ -128,8 +128,8 @@ def test_plan_reloads_for_another_build_or_other_options():
     assert (other_build.install, other_build.load, other_build.files) == (False, "reload", ())
     options = {"kinds": "254,200"}
     with_options = make_plan(state, _artifact(RECORDED_SHA256, RECORDED_SRCVERSION),
-                                    _recorded_files(options),
-                                    MODULE_FILE, options)
+                             _recorded_files(options),
+                             MODULE_FILE, options)
     assert with_options.load == "reload"
     assert [change.entry.path for change in with_options.files] == ["/etc/modprobe.d/toa.conf"]
     new_file = make_plan(state, _artifact(SHA256, RECORDED_SRCVERSION), FILES, MODULE_FILE, None)
@@ -1041,7 +1041,7 @@ def test_the_facts_are_one_command_and_the_hosts_own_target_picks_its_lines():
         assert layout.replace(RELEASE_SLOT, "${kr}") in command
     assert RELEASE_SLOT not in command and "tcp_v4_syn_recv_sock" in command
     facts = parse_facts(_facts_output(tree="@@config /boot/config-x\n@@set CONFIG_MODVERSIONS=y"), "deployer",
-                               ("tcp_v4_syn_recv_sock",))
+                        ("tcp_v4_syn_recv_sock",))
     assert facts.sudo and facts.platform.target.id == "debian-12" and facts.platform.kernel == RELEASE
     state = facts.state
     assert (state.installed_sha256, state.indexed, state.loaded_srcversion) == (SHA256, True, SRCVERSION)
@@ -1071,7 +1071,7 @@ def _fresh_plan(tmp_path, others=()):
     state = parse_state(RECORDED["fresh"], FILES)
     plan = make_plan(state, artifact, FILES, MODULE_FILE, None)
     return artifact, state, plan, apply_script(plan, artifact, MODULE_FILE, wanted_parameters(None),
-                                                      state, list(others))
+                                               state, list(others))
 
 
 def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(tmp_path):
@@ -1108,14 +1108,14 @@ def test_the_outcome_of_an_apply(tmp_path):
     ok = parse_apply("@@step upload\n@@step installed\n@@result ok\n@@end\n")
     assert outcome_error(ok, artifact, parameters) is None
     full = parse_apply("@@step autoload\ncannot write /etc/modules-load.d/toa.conf: No space left on device\n"
-                              "@@failed writing /etc/modules-load.d/toa.conf\n@@undo unloading toa\n"
-                              "@@result rolled-back\n@@end\n")
+                       "@@failed writing /etc/modules-load.d/toa.conf\n@@undo unloading toa\n"
+                       "@@result rolled-back\n@@end\n")
     assert outcome_error(full, artifact, parameters) == (
         "writing /etc/modules-load.d/toa.conf: cannot write /etc/modules-load.d/toa.conf: No space left on device; "
         "rolled back")
     load = parse_apply("@@step load\n" + RECORDED["badload"] + "@@failed load toa\n"
-                              "@@undo-failed restoring the previous toa.ko: toa.ko.prev is not the module this run replaced\n"
-                              "@@result rollback-incomplete\n@@end\n")
+                       "@@undo-failed restoring the previous toa.ko: toa.ko.prev is not the module this run replaced\n"
+                       "@@result rollback-incomplete\n@@end\n")
     error = outcome_error(load, artifact, parameters)
     assert error.startswith("loading toa failed (exit 1)") and error.endswith(
         "; rollback incomplete: restoring the previous toa.ko: toa.ko.prev is not the module this run replaced")
@@ -1138,7 +1138,7 @@ def test_other_kernels_and_the_next_boot_are_read_from_the_state():
     command = state_command(MODULE_FILE, RELEASE, FILES, others)
     assert "/lib/modules/6.1.0-41-amd64/extra/toa.ko" in command
     state = parse_state(f"@@other 6.1.0-41-amd64 - -\n@@other 6.1.0-40-amd64 {SHA256} "
-                               "/lib/modules/6.1.0-40-amd64/extra/toa.ko\n", FILES)
+                        "/lib/modules/6.1.0-40-amd64/extra/toa.ko\n", FILES)
     assert state.others == {"6.1.0-41-amd64": (None, None),
                             "6.1.0-40-amd64": (SHA256, "/lib/modules/6.1.0-40-amd64/extra/toa.ko")}
     assert next_boot(platform, state) == "NO toa.ko: 6.1.0-41-amd64 boots without toa"

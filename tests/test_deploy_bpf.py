@@ -74,9 +74,9 @@ KERNEL_OK = "@@bpfconfig CONFIG_BPF_SYSCALL=y\n@@bpfconfig CONFIG_CGROUP_BPF=y\n
 def test_the_engines_facts_are_parsed():
     bpf = parse_state(ATTACHED + KERNEL_OK, MODULE_FILES + BPF_FILES).bpf
     assert bpf == BpfState(loader_sha256=LOADER_SHA, pinned=True, attached=True, object_sha256=OBJECT_SHA,
-                                  links=3, parameters={"kinds": "254,253", "trusted": ""}, unit_active=True,
-                                  config={"CONFIG_BPF_SYSCALL": "y", "CONFIG_CGROUP_BPF": "y"}, bpf_syscall=True,
-                                  cgroup2=True)
+                           links=3, parameters={"kinds": "254,253", "trusted": ""}, unit_active=True,
+                           config={"CONFIG_BPF_SYSCALL": "y", "CONFIG_CGROUP_BPF": "y"}, bpf_syscall=True,
+                           cgroup2=True)
     detached = parse_bpf_state(_tagged(STATUS_DETACHED))
     assert not detached.active and detached.links == 0
 
