@@ -92,6 +92,19 @@ MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.k
 FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
 TEMP_SUFFIX_CHARS = 8  # hex digits after a temp name's prefix
 STAGING_PREFIX = "/tmp/toa-deploy."  # + random: an upload's directory (the apply's: upload, script, log)
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8,32}")
+# The staging directories of earlier runs (root's): one whose apply ended (its connection was lost,
+# its outcome read or never read) or whose apply's process is gone (the host rebooted or it was
+# killed) is stale; one whose apply still runs is busy, and no second apply starts beside it.
+# $d/pid holds the apply's pid and the boot it runs in; a directory without one is an hour old.
+_STAGING_STALE_LINE = "\n".join([
+    f'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); for o in {STAGING_PREFIX}*; do',
+    '  [ -d "$o" ] && [ ! -L "$o" ] && [ -O "$o" ] || continue',
+    '  if grep -qs "^@@end" "$o/log"; then echo "@@stale $o"',
+    '  elif p=; ob=; read -r p ob 2>/dev/null < "$o/pid"; [ -n "$p" ]; then',
+    '    if [ "$ob" = "$b" ] && kill -0 "$p" 2>/dev/null; then echo "@@busy $o"; else echo "@@stale $o"; fi',
+    '  elif [ -n "$(find "$o" -maxdepth 0 -mmin +60)" ]; then echo "@@stale $o"; fi',
+    "done"])
 # Seconds a command or transfer on a host may take (DeployOptions.command_timeout's default), and the
 # connect timeout of the one reconnect a rollback makes after the connection was lost.
 COMMAND_TIMEOUT_SECONDS = 120.0
@@ -124,6 +137,7 @@ class ModuleState:
     installed_srcversion: str | None = None
     indexed: bool = False  # modules.dep lists the installed file
     stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
+    busy: list[str] = field(default_factory=list)  # staging directories of applies still running
     files: dict[str, Current | None] = field(default_factory=dict)
     # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
     module_resolved: str | None = None
@@ -306,7 +320,7 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
         # a release that is not one (detect refuses it too) reads nothing
         'kr=$(uname -r); case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
         *_LOADED_LINES, *modules, "echo '@@module -'",
-        *_file_lines(list(readable_files())),
+        *_file_lines(list(readable_files())), _STAGING_STALE_LINE,
         # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
         # (a DKMS or kmod package's)
         'seen=" $kr "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
@@ -431,6 +445,8 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         state.indexed = True
     elif tag == "@@stale" and rest:
         state.stale.append(rest)
+    elif tag == "@@busy" and rest:
+        state.busy.append(rest)
     elif tag == "@@resolved" and len(words) == 2:
         path = _unbase64(words[1], "the resolved path")
         if not path.startswith("/") or posixpath.normpath(path) != path or "\n" in path:
@@ -734,7 +750,7 @@ def _own_stale(state: ModuleState, prefixes: list[str], files: list[AutoloadFile
     prefixes = prefixes + [_temp_prefix(path) for entry in files
                            for path in (entry.path, state.resolved.get(entry.path)) if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
-    return tuple(path for path in state.stale if made_here.fullmatch(path))
+    return tuple(path for path in state.stale if made_here.fullmatch(path) or _STAGING_NAME.fullmatch(path))
 
 
 @dataclass(frozen=True)
@@ -1207,6 +1223,7 @@ class ApplyScript:
 _APPLY_COMMAND = "\n".join([
     PATH_SETTING, "umask 077",
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
+    'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
     'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
@@ -1215,7 +1232,7 @@ _APPLY_COMMAND = "\n".join([
     "trap '' HUP PIPE",
     'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
     'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
-    'pid=$!',
+    'pid=$!; echo "$pid $b" > "$d/pid"',
     # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
     'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
     # the log stays for a reconnect unless this end can still say it was read to its end
@@ -1295,7 +1312,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
 
     if plan.stale:
         step("stale", "removing temp files of an interrupted run",
-             f"rm -f {' '.join(q(path) for path in plan.stale)}\nsync")
+             f"rm -rf -- {' '.join(q(path) for path in plan.stale)}\nsync")
     if plan.install:
         step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], "toa.ko", module_file),
              "install")
@@ -1557,7 +1574,7 @@ def _deploy_bpf(host: Host, state: ModuleState, module_files: list[AutoloadFile]
         result.detail = "; ".join(result.changes)
         return
     if plan.stale:
-        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
+        host.run_as_root(f"rm -rf -- {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
                          "removing temp files of an interrupted run")
     if plan.install:
         done.loader_installed = True
@@ -1774,6 +1791,9 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         host = Host(node, options.ssh, options.command_timeout)
         platform, release, module_file, files, state, facts = _read(host, options, say, dist_symbols(options.dist))
         result.kernel = release
+        if state.busy:
+            raise ToaError(f"an earlier run's apply is still going on on {node.name} ({state.busy[0]}): "
+                           "run deploy again once it has ended")
         result.engine, why = choose_engine(platform, state.bpf, options.engine)
         if result.engine == "bpf":
             _deploy_bpf(host, state, files, options, result, done, say)
