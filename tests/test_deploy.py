@@ -25,8 +25,8 @@ from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
     _APPLY_COMMAND, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
-    RELEASE_SLOT, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState, facts_command, module_layouts,
-    parse_facts, parse_state, state_command)
+    _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
+    facts_command, module_layouts, parse_facts, parse_state, state_command)
 from toa.deploy.fleet import deploy, next_boot, run_fleet
 from toa.deploy.host import COMMAND_TIMEOUT_SECONDS, DeployOptions, Host, HostResult
 from toa.deploy.plan import OtherKernel, Plan, make_plan, other_kernels, parameters_differ, wanted_parameters
@@ -886,7 +886,7 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     """SIGSTOP on a guest's QEMU right after toa.ko is renamed into place: its TCP peer stays open and
     silent. The host fails alone within about the command timeout (not when TCP gives up), its
     rollback's one reconnect fails too; thawed, the guest holds only whole files and the next run
-    completes it."""
+    completes it and removes the frozen run's staging directory."""
     full, _ = artifacts
     victim = fleet[1]
     _without_toa(victim)
@@ -918,9 +918,18 @@ def test_a_frozen_guest_fails_alone_within_the_command_timeout(fleet, artifacts,
     facts = _guest_facts(victim)
     assert facts["temp_names"] == 0 and facts["sha256"] in ("none", artifact.sha256), facts
     result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
+    row = hosts[victim.node_line()]
+    if row["action"] == "failed":  # the thawed apply still runs: no second one beside it
+        assert row["detail"].startswith(f"an earlier run's apply is still going on on {victim.node_line()} "
+                                        "(/tmp/toa-deploy."), row
+        victim.run("i=0; while ! grep -qs '^@@end' /tmp/toa-deploy.*/log && [ $i -lt 120 ]; do sleep 1; "
+                   "i=$((i + 1)); done")
+        result, hosts = _deploy_json(*_fleet_args(tmp_path, fleet), "--dist", str(full))
     assert result.returncode == 0, result.stdout + result.stderr
     assert _guest_facts(victim) == {"srcversion": artifact.srcversion, "sha256": artifact.sha256, "temp_names": 0,
                                     "autoload": _rendered(victim.release)}
+    # the frozen run's log, never read, went with the next run's apply
+    assert victim.run("ls -d /tmp/toa-deploy.* 2>/dev/null | wc -l").strip() == "0"
 
 
 @pytest.mark.lab
@@ -1100,6 +1109,42 @@ def test_the_apply_command_checks_its_upload_and_detaches_the_script():
     assert checked.returncode == 0, checked.stderr
     assert "trap '' HUP PIPE" in _APPLY_COMMAND and "setsid" in _APPLY_COMMAND
     assert 'sha256sum < "$d/in"' in _APPLY_COMMAND
+
+
+def test_a_lost_runs_staging_directory_is_stale_and_only_toas_names_are_removed(tmp_path):
+    """Staging directories under /tmp (real ones, made here): an ended apply's, a dead apply's and an
+    hour-old one without a pid are stale; a live apply's is busy; a fresh one without a pid (being made)
+    and a symlink are neither. The plan removes only names toa makes."""
+    import secrets
+
+    kinds = ("ended", "live", "dead", "old", "new", "link")
+    made = {kind: f"{STAGING_PREFIX}{secrets.token_hex(8)}" for kind in kinds}
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()
+    try:
+        for kind in kinds[:-1]:
+            os.mkdir(made[kind], 0o700)
+        Path(made["ended"], "log").write_text("@@step installed\n@@end 0\n")
+        Path(made["live"], "log").write_text("@@step installed\n")
+        Path(made["live"], "pid").write_text(f"{os.getpid()} {boot}\n")
+        Path(made["dead"], "pid").write_text(f"{dead} {boot}\n")
+        subprocess.run(["touch", "-d", "2 hours ago", made["old"]], check=True)
+        os.symlink(made["ended"], made["link"])
+        listed = subprocess.run(["sh", "-c", _STAGING_STALE_LINE], capture_output=True, text=True, check=True)
+    finally:
+        for path in made.values():
+            subprocess.run(["rm", "-rf", "--", path], check=True)
+    found = {kind: line.split(" ", 1)[0] for line in listed.stdout.splitlines()
+             for kind, path in made.items() if line.endswith(" " + path)}
+    assert found == {"ended": "@@stale", "dead": "@@stale", "old": "@@stale", "live": "@@busy"}, listed.stdout
+    state = parse_state("@@module -\n" + "".join(f"@@stale {path}\n" for path in [
+        made["ended"], "/tmp/toa-deploy.x/../../etc", "/tmp/toa-deploy.abc", "/var/tmp/toa-deploy.0123456789"])
+        + f"@@busy {made['live']}\n", [])
+    assert state.busy == [made["live"]]
+    artifact = _fresh_plan(tmp_path)[0]
+    plan = make_plan(state, artifact, [], MODULE_FILE, None)
+    assert plan.stale == (made["ended"],)
+    assert f"rm -rf -- {made['ended']}" in apply_script(plan, artifact, MODULE_FILE, {}, state).text
 
 
 def test_the_outcome_of_an_apply(tmp_path):

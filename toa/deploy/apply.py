@@ -41,8 +41,8 @@ from typing import Callable
 from toa import remote, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
-    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, TEMP_SUFFIX_CHARS, ModuleState,
-    modules_dep_entry)
+    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX, TEMP_SUFFIX_CHARS,
+    ModuleState, modules_dep_entry)
 from toa.deploy.host import Host, _describe_failure
 from toa.deploy.plan import DEFAULT_PARAMETERS, FileChange, OtherKernel, Plan, parameters_differ
 from toa.errors import ToaError
@@ -51,7 +51,6 @@ from toa.render import AutoloadFile
 LOADED_MESSAGE = "TOA: toa loaded"
 # modprobe's words when the kernel refuses an unsigned or untrusted module (Secure Boot, module.sig_enforce=1).
 KEY_REJECTED = "Key was rejected by service"
-STAGING_PREFIX = "/tmp/toa-deploy."  # + random: an upload's directory (the apply's: upload, script, log)
 
 
 # ---------------------------------------------------------------- writing a file: all or nothing
@@ -261,6 +260,7 @@ class ApplyScript:
 _APPLY_COMMAND = "\n".join([
     PATH_SETTING, "umask 077",
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
+    'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
     'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
@@ -269,7 +269,7 @@ _APPLY_COMMAND = "\n".join([
     "trap '' HUP PIPE",
     'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
     'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
-    'pid=$!',
+    'pid=$!; echo "$pid $b" > "$d/pid"',
     # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
     'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
     # the log stays for a reconnect unless this end can still say it was read to its end
@@ -349,7 +349,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
 
     if plan.stale:
         step("stale", "removing temp files of an interrupted run",
-             f"rm -f {' '.join(q(path) for path in plan.stale)}\nsync")
+             f"rm -rf -- {' '.join(q(path) for path in plan.stale)}\nsync")
     if plan.install:
         step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], "toa.ko", module_file),
              "install")

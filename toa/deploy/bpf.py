@@ -17,10 +17,11 @@ from pathlib import Path
 
 from toa import engine_bpf, render
 from toa.deploy.apply import (
-    STAGING_PREFIX, _detach_bpf_script, _Done, _remove_file_script, _replace_script, _sha_of, _unit_command,
+    _detach_bpf_script, _Done, _remove_file_script, _replace_script, _sha_of, _unit_command,
     _write_file_script, _writes)
 from toa.deploy.builds import _bpf_build_for
-from toa.deploy.facts import _SHA256, BPF_PIN_DIR, FILE_TEMP_MARK, PATH_SETTING, ModuleState, parse_bpf_state
+from toa.deploy.facts import (
+    _SHA256, BPF_PIN_DIR, FILE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX, ModuleState, parse_bpf_state)
 from toa.deploy.host import DeployOptions, Host, HostResult
 from toa.deploy.plan import make_bpf_plan, same_parameters, wanted_parameters
 from toa.errors import ToaError
@@ -159,7 +160,7 @@ def _deploy_bpf(host: Host, state: ModuleState, module_files: list[AutoloadFile]
         result.detail = "; ".join(result.changes)
         return
     if plan.stale:
-        host.run_as_root(f"rm -f {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
+        host.run_as_root(f"rm -rf -- {' '.join(shlex.quote(path) for path in plan.stale)}\nsync\n",
                          "removing temp files of an interrupted run")
     if plan.install:
         done.loader_installed = True

@@ -24,6 +24,20 @@ from toa.kernel import validate_release
 from toa.render import AutoloadFile
 
 PATH_SETTING = "PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH"
+STAGING_PREFIX = "/tmp/toa-deploy."  # + random: an upload's directory (the apply's: upload, script, log)
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8,32}")
+# The staging directories of earlier runs (root's): one whose apply ended (its connection was lost,
+# its outcome read or never read) or whose apply's process is gone (the host rebooted or it was
+# killed) is stale; one whose apply still runs is busy, and no second apply starts beside it.
+# $d/pid holds the apply's pid and the boot it runs in; a directory without one is an hour old.
+_STAGING_STALE_LINE = "\n".join([
+    f'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); for o in {STAGING_PREFIX}*; do',
+    '  [ -d "$o" ] && [ ! -L "$o" ] && [ -O "$o" ] || continue',
+    '  if grep -qs "^@@end" "$o/log"; then echo "@@stale $o"',
+    '  elif p=; ob=; read -r p ob 2>/dev/null < "$o/pid"; [ -n "$p" ]; then',
+    '    if [ "$ob" = "$b" ] && kill -0 "$p" 2>/dev/null; then echo "@@busy $o"; else echo "@@stale $o"; fi',
+    '  elif [ -n "$(find "$o" -maxdepth 0 -mmin +60)" ]; then echo "@@stale $o"; fi',
+    "done"])
 MODULE_TEMP_MARK = ".new-"
 MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
 FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
@@ -53,6 +67,7 @@ class ModuleState:
     installed_srcversion: str | None = None
     indexed: bool = False  # modules.dep lists the installed file
     stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
+    busy: list[str] = field(default_factory=list)  # staging directories of applies still running
     files: dict[str, Current | None] = field(default_factory=dict)
     # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
     module_resolved: str | None = None
@@ -232,7 +247,7 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
         # a release that is not one (detect refuses it too) reads nothing
         'kr=$(uname -r); case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
         *_LOADED_LINES, *modules, "echo '@@module -'",
-        *_file_lines(list(readable_files())),
+        *_file_lines(list(readable_files())), _STAGING_STALE_LINE,
         # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
         # (a DKMS or kmod package's)
         'seen=" $kr "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
@@ -357,6 +372,8 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         state.indexed = True
     elif tag == "@@stale" and rest:
         state.stale.append(rest)
+    elif tag == "@@busy" and rest:
+        state.busy.append(rest)
     elif tag == "@@resolved" and len(words) == 2:
         path = _unbase64(words[1], "the resolved path")
         if not path.startswith("/") or posixpath.normpath(path) != path or "\n" in path:

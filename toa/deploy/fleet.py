@@ -76,6 +76,9 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
         host = Host(node, options.ssh, options.command_timeout)
         platform, release, module_file, files, state, facts = _read(host, options, say, dist_symbols(options.dist))
         result.kernel = release
+        if state.busy:
+            raise ToaError(f"an earlier run's apply is still going on on {node.name} ({state.busy[0]}): "
+                           "run deploy again once it has ended")
         result.engine, why = choose_engine(platform, state.bpf, options.engine)
         if result.engine == "bpf":
             _deploy_bpf(host, state, files, options, result, done, say)

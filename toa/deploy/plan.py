@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from toa import detect, engine_bpf, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
-    BPF_CONFIG, MODULE_TEMP_MARK, TEMP_SUFFIX_CHARS, BpfState, Current, ModuleState, _temp_prefix, modules_dep_entry)
+    _STAGING_NAME, BPF_CONFIG, MODULE_TEMP_MARK, TEMP_SUFFIX_CHARS, BpfState, Current, ModuleState, _temp_prefix,
+    modules_dep_entry)
 from toa.errors import ToaError
 from toa.render import AutoloadFile
 
@@ -203,7 +204,7 @@ def _own_stale(state: ModuleState, prefixes: list[str], files: list[AutoloadFile
     prefixes = prefixes + [_temp_prefix(path) for entry in files
                            for path in (entry.path, state.resolved.get(entry.path)) if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
-    return tuple(path for path in state.stale if made_here.fullmatch(path))
+    return tuple(path for path in state.stale if made_here.fullmatch(path) or _STAGING_NAME.fullmatch(path))
 
 
 @dataclass(frozen=True)
