@@ -294,7 +294,7 @@ def kmp_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] |
     """toa-kmp-<flavor>-<ver>_k<kernel>-1.x86_64.rpm: toa.ko for one SUSE kernel, as a KMP."""
     _tool("rpmbuild", "rpm")
     name, version = kmp_name(artifact.release)
-    module = preflight.read_module(read_module(artifact.ko))
+    flavor = name.removeprefix("toa-kmp-")
     # A kernel built with CONFIG_SUSE_KERNEL_SUPPORTED refuses a module without a supported tag; toa's
     # build tags it supported=external for such a kernel, and its preflight check says whether it had to.
     supported = next((check for check in artifact.manifest.get("preflight", []) if check.get("name") == "supported"),
@@ -302,6 +302,7 @@ def kmp_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] |
     if not supported.get("ok"):
         raise ToaError(f"{artifact.ko} failed the supported check of its build ({supported.get('detail')}): "
                        f"rebuild it with `invoke build --kernel {artifact.release}`")
+    module = preflight.read_module(read_module(artifact.ko))
     tag = module.modinfo.get("supported", "none (the kernel checks no tag)")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,10 +312,10 @@ def kmp_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] |
         _stage_module(staged, artifact, KMP_SUBDIR)
         spec = render_package_template(
             "kmp.spec.j2", package=name, version=version, rpm_release=KMP_RELEASE, toa_version=module_version(),
-            release=artifact.release, flavor=name.removeprefix("toa-kmp-"), common=COMMON_NAME,
+            release=artifact.release, flavor=flavor, common=COMMON_NAME,
             vermagic=artifact.manifest.get("vermagic", ""), supported=tag, staged=staged,
             module=f"/lib/modules/{artifact.release}/{KMP_SUBDIR}/toa.ko", weak_modules2=WEAK_MODULES2,
-            symbols=kmp_symbols(module, name.removeprefix("toa-kmp-")))
+            symbols=kmp_symbols(module, flavor))
         return _rpmbuild(spec, scratch, out_dir, f"{name}-{version}-{KMP_RELEASE}.x86_64.rpm", progress)
 
 
