@@ -15,7 +15,7 @@ import pytest
 
 import toa
 from tests.cli import assert_one_line_error, json_items, toa as run_toa
-from toa import artifacts, build, debian, package, preflight
+from toa import artifacts, build, debian, deploy, package, preflight
 from toa.errors import ToaError
 
 DKMS_IMAGE = "toa-test:dkms-bookworm"
@@ -352,8 +352,22 @@ def test_suse_kmps_of_two_kernels_install_side_by_side_and_index_toa_without_wea
         assert container.ok("sha256sum", f"/lib/modules/{release}/updates/toa.ko").split()[0] == \
             hashlib.sha256(built).hexdigest()
 
+    def next_kernels_module() -> str | None:
+        """What `invoke status` reads of SECOND_KERNEL as the next boot's kernel: the toa.ko it finds."""
+        command = deploy.state_command(f"/lib/modules/{first_kernel}/extra/toa.ko", first_kernel, [],
+                                       ((second_kernel, f"/lib/modules/{second_kernel}/extra/toa.ko"),))
+        return deploy.parse_state(container.ok("sh", "-c", command), []).others[second_kernel][1]
+
+    assert next_kernels_module() == f"/lib/modules/{second_kernel}/updates/toa.ko"
+
     # one kernel's KMP goes (its %postun reindexes that kernel); the other kernel's toa stays whole
     container.ok("rpm", "-e", "--nodeps", _kmp_nvr(second_kernel))
+    assert next_kernels_module() is None
+    # the link weak-modules2 makes for a kABI-compatible kernel (by hand here: no suse-module-tools)
+    container.ok("sh", "-c", f"mkdir -p /lib/modules/{second_kernel}/weak-updates/updates && ln -s "
+                             f"/lib/modules/{first_kernel}/updates/toa.ko /lib/modules/{second_kernel}/weak-updates/updates/")
+    assert next_kernels_module() == f"/lib/modules/{second_kernel}/weak-updates/updates/toa.ko"
+    container.ok("rm", "-r", f"/lib/modules/{second_kernel}/weak-updates")
     assert container.run("modinfo", "-k", second_kernel, "toa")[0] != 0
     assert "toa.ko" not in container.ok("cat", f"/lib/modules/{second_kernel}/modules.dep")
     assert container.ok("modinfo", "-k", first_kernel, "-n", "toa").strip() == \
