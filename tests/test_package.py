@@ -413,7 +413,7 @@ def test_kmp_names_follow_suse_conventions():
     version = toa.__version__
     assert package.kmp_name("6.4.0-150600.23.7-default") == ("toa-kmp-default", f"{version}_k6.4.0_150600.23.7")
     assert package.kmp_name("4.12.14-122.37-azure") == ("toa-kmp-azure", f"{version}_k4.12.14_122.37")
-    assert package.kmp_name("6.12.118+deb13-amd64") == ("toa-kmp-amd64", f"{version}_k6.12.118+deb13")
+    assert package.kmp_name("6.8.0+git1-rt") == ("toa-kmp-rt", f"{version}_k6.8.0+git1")
     for release in ("6.4.0", "5.14.0-427.13.1.el9_4.x86_64"):
         with pytest.raises(ToaError, match="does not end in a SUSE flavor"):
             package.kmp_name(release)
