@@ -312,6 +312,7 @@ def kmp_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] |
         _stage_module(staged, artifact, KMP_SUBDIR)
         spec = render_package_template(
             "kmp.spec.j2", package=name, version=version, rpm_release=KMP_RELEASE, toa_version=module_version(),
+            nvr=f"{name}-{version}-{KMP_RELEASE}",
             release=artifact.release, flavor=flavor, common=COMMON_NAME,
             vermagic=artifact.manifest.get("vermagic", ""), supported=tag, staged=staged,
             module=f"/lib/modules/{artifact.release}/{KMP_SUBDIR}/toa.ko", weak_modules2=WEAK_MODULES2,
@@ -369,8 +370,8 @@ def build_packages(
 ) -> list[Path]:
     """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
     rpm: toa-common (the boot files, loading with module OPTIONS) and one package per module built
-    under DIST for KERNELS (default: every one there): toa-kmod-<release>, or a SUSE target's KMP. ENGINE bpf: the toa-bpf package of the
-    eBPF engine built in <dist>/bpf instead."""
+    under DIST for KERNELS (default: every one there): toa-kmod-<release>, or a SUSE target's KMP.
+    ENGINE bpf: the toa-bpf package of the eBPF engine built in <dist>/bpf instead."""
     if package_format not in FORMATS:
         raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
     if engine not in ENGINES:
