@@ -1189,6 +1189,8 @@ def test_other_kernels_and_the_next_boot_are_read_from_the_state():
     assert next_boot(platform, state) == "NO toa.ko: 6.1.0-41-amd64 boots without toa"
     state.others["6.1.0-41-amd64"] = (None, "/lib/modules/6.1.0-41-amd64/updates/dkms/toa.ko")
     assert next_boot(platform, state) == "toa.ko in place"
+    state.others["6.1.0-41-amd64"] = (None, "/lib/modules/6.1.0-41-amd64/weak-updates/updates/toa.ko")
+    assert next_boot(platform, state) == "toa.ko in place (weak-updates: a kABI-compatible kernel's)"
     for line in ("@@other 6.1.0-41-amd64 nothex -", "@@other ../x - -", "@@other 6.1.0-41-amd64 - relative/toa.ko"):
         with pytest.raises(ToaError, match="unexpected line"):
             parse_state(line + "\n", FILES)

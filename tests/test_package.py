@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 import toa
 from tests.cli import assert_one_line_error, json_items, toa as run_toa
-from toa import artifacts, build, debian, package
+from toa import artifacts, build, debian, package, preflight
+from toa.deploy.facts import parse_state, state_command
 from toa.errors import ToaError
 
 DKMS_IMAGE = "toa-test:dkms-bookworm"
@@ -290,6 +292,154 @@ def test_kmod_rpms_of_two_kernels_have_no_file_in_common(dist, tmp_path, first_k
     lists = [set(subprocess.run(["rpm", "-qpl", str(rpm)], capture_output=True, text=True, check=True).stdout.split())
              for rpm in rpms]
     assert not (lists[1] & lists[2]) and not (lists[0] & (lists[1] | lists[2]))
+
+
+# ---------------------------------------------------------------- SUSE's kernel module packages (KMPs)
+
+WEAK_MODULES2_RECORDER = """#!/bin/sh
+# Test double for suse-module-tools' weak-modules2 (SUSE-only, not in Debian): it records its
+# arguments, and the module list --remove-kmp reads on stdin, so the test sees which branch ran.
+echo "args: $*" >> /tmp/weak-modules2.log
+if [ "$1" = --remove-kmp ]; then sed 's/^/stdin: /' >> /tmp/weak-modules2.log; fi
+"""
+
+
+@pytest.fixture(scope="module")
+def suse_dist(dist, tmp_path_factory) -> Path:
+    """dist's real modules for FIRST_KERNEL and SECOND_KERNEL filed as SLES 15 builds: no SUSE kernel
+    mirror is reachable here, and what a KMP does (its name, paths, scripts, rpm's handling) does not
+    depend on which kernel its toa.ko was built for."""
+    out = tmp_path_factory.mktemp("suse-dist")
+    for manifest_path in dist.glob("*/*/manifest.json"):
+        folder = out / "sles-15" / manifest_path.parent.name
+        shutil.copytree(manifest_path.parent, folder)
+        manifest = json.loads(manifest_path.read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "target": "sles-15"}))
+    return out
+
+
+def _kmp_nvr(release: str) -> str:
+    name, version = package.kmp_name(release)
+    return f"{name}-{version}-1"
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_suse_kmps_of_two_kernels_install_side_by_side_and_index_toa_without_weak_modules2(
+        suse_dist, tmp_path, container_of, first_kernel, second_kernel):
+    """rpm installs the KMPs in a Debian container (--nodeps: kmod and the kernels' ksym() provides
+    are not rpm's here); suse-module-tools is absent, so %post and %postun run depmod."""
+    out = tmp_path / "packages"
+    common, *kmps = package.build_packages("rpm", suse_dist, [first_kernel, second_kernel], out)
+    assert sorted(rpm.name for rpm in kmps) == sorted(f"{_kmp_nvr(r)}.x86_64.rpm" for r in (first_kernel, second_kernel))
+    assert {package.kmp_name(r)[0] for r in (first_kernel, second_kernel)} == {"toa-kmp-amd64"}  # one name
+    provides = subprocess.run(["rpm", "-qp", "--provides", str(kmps[0])], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert "multiversion(kernel)" in provides
+    requires = subprocess.run(["rpm", "-qp", "--requires", str(kmps[0])], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert f"toa-common = {toa.__version__}" in requires
+    assert any(line.startswith("ksym(amd64:") for line in requires)
+    container = container_of(out)
+
+    container.ok("rpm", "-i", "--nodeps", f"/pkgs/{common.name}", *(f"/pkgs/{rpm.name}" for rpm in kmps))
+    assert sorted(container.ok("rpm", "-q", "toa-kmp-amd64").split()) == sorted(
+        f"{_kmp_nvr(r)}.x86_64" for r in (first_kernel, second_kernel))
+    assert container.ok("rpm", "-qf", "/etc/modprobe.d/10-unsupported-modules.conf").startswith("toa-common-")
+    for release in (first_kernel, second_kernel):
+        assert container.ok("modinfo", "-k", release, "-n", "toa").strip() == f"/lib/modules/{release}/updates/toa.ko"
+        assert "updates/toa.ko:" in container.ok("cat", f"/lib/modules/{release}/modules.dep")
+        built = next(suse_dist.glob(f"*/{release}/toa.ko")).read_bytes()
+        assert container.ok("sha256sum", f"/lib/modules/{release}/updates/toa.ko").split()[0] == \
+            hashlib.sha256(built).hexdigest()
+
+    def next_kernels_module() -> str | None:
+        """What `invoke status` reads of SECOND_KERNEL as the next boot's kernel: the toa.ko it finds."""
+        command = state_command(f"/lib/modules/{first_kernel}/extra/toa.ko", first_kernel, [],
+                                       ((second_kernel, f"/lib/modules/{second_kernel}/extra/toa.ko"),))
+        return parse_state(container.ok("sh", "-c", command), []).others[second_kernel][1]
+
+    assert next_kernels_module() == f"/lib/modules/{second_kernel}/updates/toa.ko"
+
+    # one kernel's KMP goes (its %postun reindexes that kernel); the other kernel's toa stays whole
+    container.ok("rpm", "-e", "--nodeps", _kmp_nvr(second_kernel))
+    assert next_kernels_module() is None
+    # the link weak-modules2 makes for a kABI-compatible kernel (by hand here: no suse-module-tools)
+    container.ok("sh", "-c", f"mkdir -p /lib/modules/{second_kernel}/weak-updates/updates && ln -s "
+                             f"/lib/modules/{first_kernel}/updates/toa.ko /lib/modules/{second_kernel}/weak-updates/updates/")
+    assert next_kernels_module() == f"/lib/modules/{second_kernel}/weak-updates/updates/toa.ko"
+    container.ok("rm", "-r", f"/lib/modules/{second_kernel}/weak-updates")
+    assert container.run("modinfo", "-k", second_kernel, "toa")[0] != 0
+    assert "toa.ko" not in container.ok("cat", f"/lib/modules/{second_kernel}/modules.dep")
+    assert container.ok("modinfo", "-k", first_kernel, "-n", "toa").strip() == \
+        f"/lib/modules/{first_kernel}/updates/toa.ko"
+    built = next(suse_dist.glob(f"*/{first_kernel}/toa.ko")).read_bytes()
+    assert container.ok("sha256sum", f"/lib/modules/{first_kernel}/updates/toa.ko").split()[0] == \
+        hashlib.sha256(built).hexdigest()
+    assert "toa" in container.ok("cat", "/etc/modules-load.d/toa.conf").split()
+
+
+@pytest.mark.docker
+@pytest.mark.network
+def test_suse_kmp_hands_toa_to_weak_modules2_where_suse_module_tools_is_installed(
+        suse_dist, tmp_path, container_of, first_kernel):
+    """With an executable weak-modules2 at suse-module-tools' path (a recorder standing in for the
+    SUSE-only tool), %post runs `--add-kmp <nvr>` instead of depmod, %postun feeds it the module
+    for `--remove-kmp <nvr>`, and a reinstall takes nothing back."""
+    out = tmp_path / "packages"
+    common, kmp = package.build_packages("rpm", suse_dist, [first_kernel], out)
+    container = container_of(out)
+    log = "/tmp/weak-modules2.log"
+    container.ok("mkdir", "-p", "/usr/lib/module-init-tools")
+    container.ok("sh", "-c", f"printf %s {shlex.quote(WEAK_MODULES2_RECORDER)} > {package.WEAK_MODULES2} "
+                             f"&& chmod 755 {package.WEAK_MODULES2}")
+    nvr = _kmp_nvr(first_kernel)
+    module = f"/lib/modules/{first_kernel}/updates/toa.ko"
+
+    container.ok("rpm", "-i", "--nodeps", f"/pkgs/{common.name}", f"/pkgs/{kmp.name}")
+    assert container.ok("cat", log).splitlines() == [f"args: --add-kmp {nvr}"]
+    # weak-modules2 indexes (here: nobody did); the depmod branch did not run
+    assert container.run("grep", "-qs", "toa.ko", f"/lib/modules/{first_kernel}/modules.dep")[0] != 0
+
+    container.ok("rpm", "-i", "--nodeps", "--reinstall", f"/pkgs/{kmp.name}")
+    assert container.ok("cat", log).splitlines() == [f"args: --add-kmp {nvr}"] * 2
+
+    container.ok("rpm", "-e", "--nodeps", nvr)
+    assert container.ok("cat", log).splitlines() == [f"args: --add-kmp {nvr}"] * 2 + [
+        f"args: --remove-kmp {nvr}", f"stdin: {module}"]
+    assert container.run("test", "-e", module)[0] != 0
+
+
+def test_kmp_names_follow_suse_conventions():
+    version = toa.__version__
+    assert package.kmp_name("6.4.0-150600.23.7-default") == ("toa-kmp-default", f"{version}_k6.4.0_150600.23.7")
+    assert package.kmp_name("4.12.14-122.37-azure") == ("toa-kmp-azure", f"{version}_k4.12.14_122.37")
+    assert package.kmp_name("6.8.0+git1-rt") == ("toa-kmp-rt", f"{version}_k6.8.0+git1")
+    for release in ("6.4.0", "5.14.0-427.13.1.el9_4.x86_64"):
+        with pytest.raises(ToaError, match="does not end in a SUSE flavor"):
+            package.kmp_name(release)
+
+
+def test_kmp_symbols_are_the_ksym_capabilities_suse_kernels_provide():
+    module = preflight.Module(vermagic="", modinfo={}, relocation_types=frozenset(), crcs={"printk": 0x0A1B2C3D,
+                              "__fentry__": 0xBDFB6DBB}, signed=False)
+    assert package.kmp_symbols(module, "default") == ["ksym(default:__fentry__) = bdfb6dbb",
+                                                      "ksym(default:printk) = a1b2c3d"]
+
+
+def test_suse_modules_are_packaged_as_rpm_only(tmp_path):
+    _artifact(tmp_path, "sles-15", "6.4.0-150600.23.7-default")
+    assert_one_line_error(run_toa("package", "--format", "deb", "--dist", str(tmp_path)),
+                          "SUSE hosts install rpm packages: give --format rpm")
+
+
+def test_a_kmp_is_refused_for_a_module_that_failed_its_supported_check(tmp_path):
+    folder = _artifact(tmp_path, "sles-15", "6.4.0-150600.23.7-default")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["preflight"] = [{"name": "supported", "ok": False, "detail": "no supported tag"}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ToaError, match="failed the supported check of its build"):
+        package.kmp_rpm(artifacts.find_all(tmp_path)[0], tmp_path / "out")
 
 
 @pytest.mark.parametrize("args, fragment", [

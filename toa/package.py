@@ -7,6 +7,13 @@ tree as `dkms_source_tree/` (the layout `dkms ldtarball` loads; unpacked by hand
 /usr/src/toa-<ver>/ and run `dkms install toa/<ver>`).
 kmod: toa-kmod-<release> packages install dist's toa.ko for one kernel under
 /lib/modules/<release>/extra/, run depmod and carry the files that load it at boot.
+SUSE (--format rpm, a module built for a SUSE target): a kernel module package (KMP) as SUSE's
+own are made, toa-kmp-<flavor>-<ver>_k<kernel version>-1: toa.ko in /lib/modules/<release>/updates/,
+the kernel symbols it was built against as ksym(<flavor>:<symbol>) = <crc> requirements (what SUSE's
+kernel packages provide), and %post/%postun handing it to suse-module-tools' weak-modules2
+(--add-kmp/--remove-kmp), which indexes it and links it into every installed kernel whose kABI it
+fits (weak-updates/), as the kernel package's own %post (weak-modules2 --add-kernel) does for a
+kernel installed later; without weak-modules2 they run depmod.
 bpf: one toa-bpf package (.deb or .rpm) for every kernel from 5.10: the eBPF engine's static loader in
 /usr/sbin and toa-bpf.service in the distro's unit directory, enabled and started on install; it
 conflicts with toa-common, so a host runs one engine.
@@ -26,10 +33,11 @@ from typing import Callable
 import jinja2
 
 import toa
-from toa import artifacts, render, targets
+from toa import artifacts, preflight, render, targets
 from toa.artifacts import Artifact
 from toa.errors import ToaError
 from toa.kernel import validate_release
+from toa.ko import read_module
 from toa.render import AutoloadFile
 from toa.resources import PACKAGE_TEMPLATES_DIR
 
@@ -203,8 +211,8 @@ def kmod_deb(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         return _dpkg_deb(root, Path(out_dir) / f"{name}_{version}_amd64.deb")
 
 
-def _stage_module(root: Path, artifact: Artifact) -> None:
-    module_dir = root / "lib/modules" / artifact.release / "extra"
+def _stage_module(root: Path, artifact: Artifact, subdir: str = render.MODULE_SUBDIR) -> None:
+    module_dir = root / "lib/modules" / artifact.release / subdir
     module_dir.mkdir(parents=True)
     shutil.copyfile(artifact.ko, module_dir / "toa.ko")
 
@@ -260,6 +268,65 @@ def kmod_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] 
         return _rpmbuild(spec, scratch, out_dir, f"{name}-{version}-1.x86_64.rpm", progress)
 
 
+KMP_SUBDIR = "updates"  # where SUSE's KMPs put their modules (depmod searches it first)
+KMP_RELEASE = "1"
+WEAK_MODULES2 = "/usr/lib/module-init-tools/weak-modules2"  # suse-module-tools'
+
+
+def kmp_name(release: str) -> tuple[str, str]:
+    """(name, version) of the KMP of toa.ko for RELEASE, as SUSE names them: toa-kmp-<flavor> and
+    <toa version>_k<kernel version, - as _> (6.4.0-150600.23.7-default: toa-kmp-default,
+    <ver>_k6.4.0_150600.23.7); one name for every kernel of a flavor, so zypper keeps them side by side."""
+    kernel, _, flavor = validate_release(release).rpartition("-")
+    if not kernel or not re.fullmatch(r"[a-z][a-z0-9_]*", flavor):
+        raise ToaError(f"kernel release {release} does not end in a SUSE flavor (-default, -azure): "
+                       "a KMP is made for SUSE kernels only")
+    return f"toa-kmp-{flavor}", f"{module_version()}_k{re.sub(r'[^A-Za-z0-9.+]', '_', kernel)}"
+
+
+def kmp_symbols(module: preflight.Module, flavor: str) -> list[str]:
+    """ksym(FLAVOR:<symbol>) = <crc> for each kernel symbol MODULE imports, the capabilities SUSE's
+    kernel packages provide (crc in lower-case hex without leading zeros, as theirs)."""
+    return [f"ksym({flavor}:{symbol}) = {crc:x}" for symbol, crc in sorted(module.crcs.items())]
+
+
+def kmp_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """toa-kmp-<flavor>-<ver>_k<kernel>-1.x86_64.rpm: toa.ko for one SUSE kernel, as a KMP."""
+    _tool("rpmbuild", "rpm")
+    name, version = kmp_name(artifact.release)
+    flavor = name.removeprefix("toa-kmp-")
+    # A kernel built with CONFIG_SUSE_KERNEL_SUPPORTED refuses a module without a supported tag; toa's
+    # build tags it supported=external for such a kernel, and its preflight check says whether it had to.
+    supported = next((check for check in artifact.manifest.get("preflight", []) if check.get("name") == "supported"),
+                     {"ok": True})
+    if not supported.get("ok"):
+        raise ToaError(f"{artifact.ko} failed the supported check of its build ({supported.get('detail')}): "
+                       f"rebuild it with `invoke build --kernel {artifact.release}`")
+    module = preflight.read_module(read_module(artifact.ko))
+    tag = module.modinfo.get("supported", "none (the kernel checks no tag)")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="toa-kmp-rpm-") as scratch_name:
+        scratch = Path(scratch_name)
+        staged = scratch / "root"
+        _stage_module(staged, artifact, KMP_SUBDIR)
+        spec = render_package_template(
+            "kmp.spec.j2", package=name, version=version, rpm_release=KMP_RELEASE, toa_version=module_version(),
+            nvr=f"{name}-{version}-{KMP_RELEASE}",
+            release=artifact.release, flavor=flavor, common=COMMON_NAME,
+            vermagic=artifact.manifest.get("vermagic", ""), supported=tag, staged=staged,
+            module=f"/lib/modules/{artifact.release}/{KMP_SUBDIR}/toa.ko", weak_modules2=WEAK_MODULES2,
+            symbols=kmp_symbols(module, flavor))
+        return _rpmbuild(spec, scratch, out_dir, f"{name}-{version}-{KMP_RELEASE}.x86_64.rpm", progress)
+
+
+def module_rpm(artifact: Artifact, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """The rpm of toa.ko for one kernel, in its family's convention: a KMP for SUSE, else a kmod rpm."""
+    if targets.get(artifact.manifest["target"]).family == "suse":
+        return kmp_rpm(artifact, out_dir, progress)
+    return kmod_rpm(artifact, out_dir, progress)
+
+
 BPF_PACKAGE = "toa-bpf"
 # Where packages put systemd units: Debian's /lib (merged-/usr or not), the RPM distros' /usr/lib.
 UNIT_DIRS = {"deb": "/lib/systemd/system", "rpm": "/usr/lib/systemd/system"}
@@ -302,9 +369,9 @@ def build_packages(
     options: dict[str, str] | None = None, engine: str = "module",
 ) -> list[Path]:
     """Packages in PACKAGE_FORMAT (dkms, deb or rpm) in OUT_DIR (default: <dist>/packages); deb and
-    rpm: toa-common (the boot files, loading with module OPTIONS) and one toa-kmod package per module
-    built under DIST for KERNELS (default: every one there). ENGINE bpf: the toa-bpf package of the
-    eBPF engine built in <dist>/bpf instead."""
+    rpm: toa-common (the boot files, loading with module OPTIONS) and one package per module built
+    under DIST for KERNELS (default: every one there): toa-kmod-<release>, or a SUSE target's KMP.
+    ENGINE bpf: the toa-bpf package of the eBPF engine built in <dist>/bpf instead."""
     if package_format not in FORMATS:
         raise ToaError(f"unknown package format {package_format!r}: use one of {', '.join(FORMATS)}")
     if engine not in ENGINES:
@@ -327,5 +394,7 @@ def build_packages(
     render.module_options(options)  # bad options fail before anything else
     built = artifacts.find_all(Path(dist), kernels)
     files = common_files(built, options)  # so do modules of targets that load toa differently
-    common, kmod = (common_deb, kmod_deb) if package_format == "deb" else (common_rpm, kmod_rpm)
+    if package_format == "deb" and any(targets.get(a.manifest["target"]).family == "suse" for a in built):
+        raise ToaError("SUSE hosts install rpm packages: give --format rpm (toa.ko goes in as a KMP, toa-kmp-<flavor>)")
+    common, kmod = (common_deb, kmod_deb) if package_format == "deb" else (common_rpm, module_rpm)
     return [common(files, out_dir, progress), *(kmod(artifact, out_dir, progress) for artifact in built)]

@@ -262,8 +262,9 @@ def kernel_hooks(target: Target) -> list[AutoloadFile]:
     """The scripts the package manager runs when a kernel or its headers are installed, which give
     that kernel toa.ko (DKMS's, or built from hook_sources) or say loudly that it has none:
     Debian-likes run /etc/kernel/postinst.d (the kernel) and header_postinst.d (its headers, which
-    may come later), RHEL 6/7 postinst.d, RHEL 8+ and Fedora kernel-install's plugins. None where
-    toa knows no such hook (SUSE) or needs none (CoreOS)."""
+    may come later), RHEL 6/7 postinst.d, RHEL 8+ and Fedora kernel-install's plugins. None on SUSE,
+    whose kernel packages run no such directory: there a new kernel's %post (weak-modules2
+    --add-kernel) links in toa's KMPs of the same kABI (toa.package); none on CoreOS, which needs none."""
     values = {"source_dir": hook_source_dir(), "module_subdir": MODULE_SUBDIR}
     if target.family == "debian":
         return [_render(f"/etc/kernel/{hook}/zz-toa", "kernel-hook.sh.j2", mode=0o755, hook=hook, **values)

@@ -9,7 +9,8 @@ from toa.errors import ToaError
 
 
 @task(iterable=["kernel", "option"],
-      help={"format": "dkms (source package that rebuilds on kernel upgrades), deb or rpm (per-kernel kmod packages)",
+      help={"format": "dkms (source package that rebuilds on kernel upgrades), deb or rpm (per-kernel kmod packages; "
+                      "SUSE kernels' as KMPs, toa-kmp-<flavor>)",
             "kernel": "with deb/rpm: package the module built for this kernel release (repeatable; "
                       "default: every module under --dist)",
             "dist": "where `invoke build` put the modules: <dist>/<target>/<release>/ (default: dist)",

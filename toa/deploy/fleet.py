@@ -225,6 +225,9 @@ def next_boot(platform: detect.Platform, state: ModuleState) -> str:
     if platform.next_kernel == platform.kernel:
         return "the running kernel"
     own_sha, found = state.others.get(platform.next_kernel, (None, None))
+    if not own_sha and found and "/weak-updates/" in found:
+        # SUSE's weak-modules2 (RHEL's weak-modules) linked in a package's toa.ko built for a kABI-compatible kernel
+        return "toa.ko in place (weak-updates: a kABI-compatible kernel's)"
     return "toa.ko in place" if own_sha or found else f"NO toa.ko: {platform.next_kernel} boots without toa"
 
 
