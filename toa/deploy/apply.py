@@ -75,9 +75,11 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         "set -e", PATH_SETTING,
         'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
         f"p={q(path)}",
-        'mkdir -p -- "$(dirname -- "$p")" || fail "cannot create the directory of $p"',
-        't=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"' if resolve else 't=$p',
-        f'tmp="$(dirname -- "$t")/.$(basename -- "$t")"{q(mark + _temp_suffix())}',
+        # builtins where they do: a fresh host gets a dozen files, and a process is slow on a slow host
+        '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
+        ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
+         if resolve else 't=$p'),
+        f'tmp="${{t%/*}}/.${{t##*/}}"{q(mark + _temp_suffix())}',
         'trap \'rm -f -- "$tmp"\' EXIT',
         f"if {same}; then exit 0; fi",
         # the pipeline's status alone says little (a full disk can fail either side): CHECK decides
@@ -125,7 +127,8 @@ def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode:
 def _remove_file_script(path: str, *, resolve: bool = True) -> str:
     """Remove PATH (where it points when RESOLVE, as _write_file_script wrote it)."""
     q = shlex.quote
-    target = f't=$(readlink -f -- {q(path)}) || exit 0' if resolve else f"t={q(path)}"
+    target = (f't={q(path)}; if [ -L "$t" ]; then t=$(readlink -f -- "$t") || exit 0; fi' if resolve
+              else f"t={q(path)}")
     return f'{PATH_SETTING}\n{target}\nrm -f -- "$t"\nsync\n'
 
 

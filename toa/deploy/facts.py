@@ -90,6 +90,12 @@ def _temp_prefix(path: str, mark: str = FILE_TEMP_MARK) -> str:
     return f"{directory}/.{name}{mark}"
 
 
+# $r: where $f really is, if $f is a symlink (else $f: temp names beside it are found through the same
+# directory). Builtins only where nothing is a symlink: the facts read dozens of paths, most of them
+# absent, and a process costs tens of milliseconds on a slow host.
+_RESOLVE = 'r=$f; if [ -L "$f" ]; then r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; fi'
+
+
 def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry: str | None) -> list[str]:
     """The state lines of one module path. Shell words: MODULE and TEMP_PREFIX expand to the path and
     its temp names' prefix, MODULES_DEP to the modules.dep that indexes ENTRY (None: not indexed)."""
@@ -103,9 +109,9 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
         lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {modules_dep} && echo @@indexed")
     # temp names beside the path and, for a symlink written where it points, beside its target
     lines.append(
-        'f=$m; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+        f'f=$m; {_RESOLVE}; '
         'if [ "$r" != "$f" ]; then echo "@@resolved m $(printf %s "$r" | base64 -w0)"; fi; '
-        f'for t in {temp_prefix}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(MODULE_TEMP_MARK)}*; do '
+        f'for t in {temp_prefix}* "${{r%/*}}/.${{r##*/}}"{q(MODULE_TEMP_MARK)}*; do '
         'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
     return lines
 
@@ -134,9 +140,9 @@ def _file_stale_line(index: int, f: AutoloadFile) -> str:
     if f.kind == "symlink":
         return (f"for t in {q(_temp_prefix(f.path))}*; do "
                 'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-    return (f'f={q(f.path)}; r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+    return (f'f={q(f.path)}; {_RESOLVE}; '
             f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
-            f'for t in {q(_temp_prefix(f.path))}* "$(dirname -- "$r")/.$(basename -- "$r")"{q(FILE_TEMP_MARK)}*; do '
+            f'for t in {q(_temp_prefix(f.path))}* "${{r%/*}}/.${{r##*/}}"{q(FILE_TEMP_MARK)}*; do '
             'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
 
 
@@ -428,6 +434,10 @@ class BpfState:
         return self.pinned or self.attached
 
 
+# where a toa-bpf.service can be: the administrator's (deploy's) and the packages' unit directories
+BPF_UNIT_DIRS = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
+
+
 def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
     """Lines for the state command that print the eBPF engine's facts as @@bpf... lines (and the
     loader's temp names as @@stale); see _parse_bpf_line."""
@@ -439,8 +449,9 @@ def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
         '[ -x "$l" ] && "$l" status 2>/dev/null | sed "s/^/@@bpfstatus /"; fi',
         f'for t in {q(_temp_prefix(loader))}*; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done',
         f"if [ -d {q(BPF_PIN_DIR)} ]; then echo @@bpfpinned; fi",
-        f"if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet {q(render.BPF_UNIT_NAME)}; "
-        "then echo @@bpfunit active; fi",
+        # systemctl only where the unit is installed: starting it costs more than the rest of the facts
+        f"for u in {' '.join(q(f'{d}/{render.BPF_UNIT_NAME}') for d in BPF_UNIT_DIRS)}; do "
+        f'if [ -e "$u" ]; then systemctl is-active --quiet {q(render.BPF_UNIT_NAME)} && echo @@bpfunit active; break; fi; done',
         # the kernel's config where the distro keeps it; the runtime signs below where it does not
         'c=/boot/config-$(uname -r); { if [ -r "$c" ]; then cat "$c"; elif [ -r /proc/config.gz ]; then '
         f"zcat /proc/config.gz; fi; }} 2>/dev/null | grep -E '^({configs})=' | sed 's/^/@@bpfconfig /'",
