@@ -221,30 +221,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
     args = parse_args(argv)
-    machine = results.machine()
-    try:
-        with Console(stderr=True).status("starting") as status:
-            if args.headers:  # any kernel's headers, not only Debian's: --kernel names their release
-                if not args.kernel:
-                    raise ToaError("--headers needs --kernel RELEASE, the release those headers are for")
-                release, headers = validate_release(args.kernel), args.headers
-            else:
-                _pkgs, tree = results.prepare_kernel(args, status.update)
-                release, headers = tree.release, tree.headers_dir
-            measurement = measure(release, Path(headers).resolve(), args.rounds, say=status.update)
-    except ToaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except results.StepFailed as failure:
-        print(f"failed: {failure}", file=sys.stderr)
-        return 1
-    doc = document(measurement, machine, argv)
-    print_document(doc)
-    print(f"results: {results.write(doc, args.json)}")
-    return 0
+
+    def measured(say) -> Measurement:
+        if args.headers:  # any kernel's headers, not only Debian's: --kernel names their release
+            if not args.kernel:
+                raise ToaError("--headers needs --kernel RELEASE, the release those headers are for")
+            release, headers = validate_release(args.kernel), args.headers
+        else:
+            _pkgs, tree = results.prepare_kernel(args, say)
+            release, headers = tree.release, tree.headers_dir
+        return measure(release, Path(headers).resolve(), args.rounds, say=say)
+
+    return results.run(measured, lambda measurement, machine: document(measurement, machine, argv),
+                       print_document, args.json)
 
 
 if __name__ == "__main__":

@@ -598,27 +598,12 @@ def print_document(doc: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
-    from toa.errors import ToaError
-
     args = parse_args(argv)
     if args.mode == "worker":
         return worker(args)
-    machine = results.machine()
-    try:
-        with Console(stderr=True).status("starting") as status:
-            measurements = measure(args, say=status.update)
-    except ToaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except results.StepFailed as failure:
-        print(f"failed: {failure}", file=sys.stderr)
-        return 1
-    doc = results.record("deploy_scale", machine, measurements, argv)
-    print_document(doc)
-    print(f"results: {results.write(doc, args.json)}")
-    return 0
+    return results.run(lambda say: measure(args, say),
+                       lambda measured, machine: results.record("deploy_scale", machine, measured, argv),
+                       print_document, args.json)
 
 
 if __name__ == "__main__":

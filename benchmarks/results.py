@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -87,6 +88,31 @@ def write(document: dict, path: Path | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def run(measure: Callable[[Callable[[str], None]], object], document: Callable[[object, dict], dict],
+        print_document: Callable[[dict], None], json_path: Path | None) -> int:
+    """A benchmark script's main: MEASURE(say) under a status line, then its DOCUMENT(measurements,
+    machine at the start) printed and written. An error of toa's (bad input, a tool missing) is one
+    line and exit status 2; a step that did not do its work, one line and 1."""
+    from rich.console import Console
+
+    from toa.errors import ToaError
+
+    machine_at_start = machine()
+    try:
+        with Console(stderr=True).status("starting") as status:
+            measurements = measure(status.update)
+    except ToaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StepFailed as failure:
+        print(f"failed: {failure}", file=sys.stderr)
+        return 1
+    doc = document(measurements, machine_at_start)
+    print_document(doc)
+    print(f"results: {write(doc, json_path)}")
+    return 0
 
 
 def positive(text: str) -> int:
