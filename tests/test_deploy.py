@@ -23,7 +23,7 @@ from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
-    _APPLY_COMMAND, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
+    _APPLY_COMMAND, NOT_STARTED, _collect_command, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
     _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
     facts_command, module_layouts, parse_facts, parse_state, state_command)
@@ -1145,6 +1145,30 @@ def test_a_lost_runs_staging_directory_is_stale_and_only_toas_names_are_removed(
     plan = make_plan(state, artifact, [], MODULE_FILE, None)
     assert plan.stale == (made["ended"],)
     assert f"rm -rf -- {made['ended']}" in apply_script(plan, artifact, MODULE_FILE, {}, state).text
+
+
+def test_the_apply_command_refuses_to_run_beside_a_running_apply_and_a_lost_upload_is_said_at_once():
+    """Real staging directories under /tmp: one whose apply runs (this process's pid) makes the apply
+    command refuse in one line, after reading its input, and leave nothing; a reconnect that finds no
+    directory says at once that the apply never started."""
+    import secrets
+
+    running, mine = (f"{STAGING_PREFIX}{secrets.token_hex(8)}" for _ in range(2))
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    upload = b"echo applied > /dev/null\n"
+    try:
+        os.mkdir(running, 0o700)
+        Path(running, "pid").write_text(f"{os.getpid()} {boot}\n")
+        refused = subprocess.run(["sh", "-c", _APPLY_COMMAND, "toa-apply", mine.removeprefix(STAGING_PREFIX),
+                                  str(len(upload)), hashlib.sha256(upload).hexdigest(), "0"],
+                                 input=upload, capture_output=True, timeout=60)
+    finally:
+        subprocess.run(["rm", "-rf", "--", running, mine], check=True)
+    assert refused.returncode == 1 and refused.stderr.decode().splitlines() == [
+        f"an earlier run's apply is still going on ({running}): run deploy again once it has ended"], refused
+    collected = subprocess.run(["sh", "-c", _collect_command(mine.removeprefix(STAGING_PREFIX))],
+                               capture_output=True, text=True, timeout=10)
+    assert collected.stdout.splitlines() == [NOT_STARTED]
 
 
 def test_the_outcome_of_an_apply(tmp_path):

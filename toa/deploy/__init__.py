@@ -3,7 +3,8 @@
 Shaped like pyinfra: a *fact* is one shell command whose output a pure function parses (tested
 offline on recorded output); the *plan* compares what a host has with what it should have and lists
 only the steps that close the gap, so a second run finds nothing to do and says so. Per host, over
-one SSH connection, one request per phase: the facts, then the apply.
+one SSH connection: one request for the facts, then, for the module, one for the apply (the eBPF
+engine's deploy still sends a command per step).
 
 One file per job; each imports only the ones above it in this list:
 

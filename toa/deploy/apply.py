@@ -20,8 +20,9 @@ computed here before anything else happens; the temp takes the target's owner an
 mode, for a shared file; a file toa owns gets its own mode); then sync, rename over the target, sync.
 Any failing step (a full disk included) fails the host, and the temp name is removed. A power cut
 leaves each file old or new and whole; the only leftovers it can leave are temp names, which depmod
-ignores (they do not end in .ko) and the next run deletes; the apply's directory is a plain upload
-under /tmp. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
+ignores (they do not end in .ko) and the next run deletes beside the running kernel's toa.ko and the
+autoload files (not yet beside other kernels' toa.ko), and the apply's directory under /tmp, which
+the next run removes once that apply has ended or died. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
 again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
 insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
 """
@@ -41,8 +42,8 @@ from typing import Callable
 from toa import remote, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
-    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX, TEMP_SUFFIX_CHARS,
-    ModuleState, modules_dep_entry)
+    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_KIND, STAGING_PREFIX,
+    TEMP_SUFFIX_CHARS, ModuleState, modules_dep_entry)
 from toa.deploy.host import Host, _describe_failure
 from toa.deploy.plan import DEFAULT_PARAMETERS, FileChange, OtherKernel, Plan, parameters_differ
 from toa.errors import ToaError
@@ -256,20 +257,25 @@ class ApplyScript:
         return b"".join(payload.local.read_bytes() for payload in self.payloads) + self.text.encode()
 
 
-# The apply command: runs as root with the upload on stdin (see run_apply). It checks the upload
-# whole, then starts the script in its own session with its output in a log, SIGHUP and SIGPIPE
-# ignored: a connection dropped from here on stops neither the script nor its rollback, and the log
-# is where a reconnect reads the outcome. The log streams back while the connection lives.
+# The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
+# an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
+# the upload whole, then starts the script in its own session with its output in a log, SIGHUP and
+# SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
+# the log is where a reconnect reads the outcome. The log streams back while the connection lives.
 _APPLY_COMMAND = "\n".join([
-    PATH_SETTING, "umask 077",
+    PATH_SETTING, "umask 077", STAGING_KIND,
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
-    'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); echo "$$ $b" > "$d/pid"',
+    'echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
     'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
     "fi",
+    # read whole first: a command that leaves its input unread looks like a lost connection
+    f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
+    "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
     'tail -c +"$(($4 + 1))" "$d/in" > "$d/apply.sh"',
     "trap '' HUP PIPE",
+    ': > "$d/log"',  # there before tail -f looks for it
     'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
     'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
     'pid=$!; echo "$pid $b" > "$d/pid"',
@@ -280,10 +286,14 @@ _APPLY_COMMAND = "\n".join([
     ""])
 
 
+NOT_STARTED = "@@toa-not-started"
+
+
 def _collect_command(token: str) -> str:
     """After a lost connection: wait for the apply's log to end, print it, then remove its directory."""
     return "\n".join([
         f"d={STAGING_PREFIX}{token}; i=0",
+        f'[ -d "$d" ] || {{ echo {NOT_STARTED}; exit 0; }}',  # the upload was cut short, or never began
         f'while [ $i -lt {COLLECT_SECONDS} ] && ! grep -qs "^@@end" "$d/log"; do sleep 1; i=$((i + 1)); done',
         'cat -- "$d/log" 2>/dev/null; if grep -qs "^@@end" "$d/log"; then rm -rf -- "$d"; fi; true', ""])
 
@@ -336,8 +346,10 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     def flag(key: str) -> str:
         return flags.setdefault(key, f"s{len(flags)}")
 
+    # umask 022: the files and directories the steps make (depmod's indexes, a new directory) are
+    # readable by all, as the package manager's are; the staging directory stays root's alone
     lines = [f"# toa {artifact.srcversion} for {artifact.release}: applied by `invoke deploy` as one script",
-             PATH_SETTING, 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
+             PATH_SETTING, "umask 022", 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
 
     def step(name: str, what: str, script: str, key: str | None = None, check: str = "") -> None:
         """SCRIPT as a step; with CHECK, its output is kept in $d/load for CHECK, which decides."""
@@ -477,6 +489,10 @@ def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
             host.close()
             raise ApplyFailed(f"{lost}; reading the outcome of the apply after reconnecting failed "
                               f"({_describe_failure(again)}): run deploy again") from None
+        if NOT_STARTED in log.splitlines():
+            host.close()
+            raise ApplyFailed(f"{lost}; the apply had not started on the host (nothing changed): "
+                              "run deploy again") from None
         if "@@end" not in log.splitlines():
             host.close()
             raise ApplyFailed(f"{lost}; no outcome of the apply within {COLLECT_SECONDS} s of reconnecting: "

@@ -30,14 +30,19 @@ _STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8,32}")
 # its outcome read or never read) or whose apply's process is gone (the host rebooted or it was
 # killed) is stale; one whose apply still runs is busy, and no second apply starts beside it.
 # $d/pid holds the apply's pid and the boot it runs in; a directory without one is an hour old.
+# STAGING_KIND defines `staging DIR`, which prints stale, busy or nothing for DIR ($b: this boot's id).
+STAGING_KIND = "\n".join([
+    "b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)",
+    "staging() {",
+    '  [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ] || return 0',
+    '  if grep -qs "^@@end" "$1/log"; then echo stale',
+    '  elif p=; ob=; read -r p ob 2>/dev/null < "$1/pid"; [ -n "$p" ]; then',
+    '    if [ "$ob" = "$b" ] && kill -0 "$p" 2>/dev/null; then echo busy; else echo stale; fi',
+    '  elif [ -n "$(find "$1" -maxdepth 0 -mmin +60)" ]; then echo stale; fi',
+    "}"])
 _STAGING_STALE_LINE = "\n".join([
-    f'b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null); for o in {STAGING_PREFIX}*; do',
-    '  [ -d "$o" ] && [ ! -L "$o" ] && [ -O "$o" ] || continue',
-    '  if grep -qs "^@@end" "$o/log"; then echo "@@stale $o"',
-    '  elif p=; ob=; read -r p ob 2>/dev/null < "$o/pid"; [ -n "$p" ]; then',
-    '    if [ "$ob" = "$b" ] && kill -0 "$p" 2>/dev/null; then echo "@@busy $o"; else echo "@@stale $o"; fi',
-    '  elif [ -n "$(find "$o" -maxdepth 0 -mmin +60)" ]; then echo "@@stale $o"; fi',
-    "done"])
+    STAGING_KIND,
+    f'for o in {STAGING_PREFIX}*; do k=$(staging "$o"); if [ -n "$k" ]; then echo "@@$k $o"; fi; done'])
 MODULE_TEMP_MARK = ".new-"
 MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
 FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
