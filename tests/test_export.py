@@ -252,6 +252,10 @@ def _playbook(role_dir: Path, inventory: Path, *extra: str):
 @pytest.mark.docker
 @pytest.mark.network
 @pytest.mark.ssh
+@pytest.mark.slow
+# four playbook runs on two TCG guests, Ansible's copy taking round trips of its own for each of the
+# kernel hooks' 20 source files: many minutes, and past 900 s with other QEMU work beside it (2026-12-01)
+@pytest.mark.timeout(2400)
 def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, fleet_dist, tmp_path):
     out = tmp_path / "ansible"
     result = toa("export", "ansible", "--out", str(out), "--dist", str(fleet_dist), "--json")
