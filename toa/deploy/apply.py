@@ -106,31 +106,124 @@ def _sha_of(file_var: str) -> str:
     return f'"$(sha256sum < "{file_var}" | cut -d" " -f1)"'
 
 
+@dataclass(frozen=True)
+class FileWrite:
+    """PATH made a file holding TEXT with MODE (KEEP_MODE: the existing file's mode), written where
+    PATH points if it is a symlink (unless not RESOLVE); or, for KIND symlink, a symlink to TEXT."""
+
+    path: str
+    kind: str  # "file" or "symlink"
+    text: str
+    mode: int = 0o644
+    keep_mode: bool = False
+    resolve: bool = True
+
+
+# Files made under `umask 022` are born with this mode: no chmod for them.
+_BORN_MODE = 0o644
+
+
+def _write_files_script(writes: list[FileWrite]) -> str:
+    """Put every one of WRITES in place, each all or nothing (see the module docstring), in one
+    script whose cost hardly grows with the files: every temp file is written by the shell itself
+    (printf), all of them checked by one sha256 of their concatenation, the modes set by one chmod
+    per mode, one sync before the renames and one after. A failing step prints one line naming the
+    file and exits 1; no temp name outlives the script. Files already as wanted are written again:
+    the plan wrote only what differs."""
+    q = shlex.quote
+    lines = [
+        "set -e", PATH_SETTING, "umask 022",
+        'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
+        # the owner and SELinux label of a file replaced go to its temp (selinuxenabled asked once)
+        'sel=; keep() { chown --reference="$1" -- "$2" || fail "cannot give $2 the owner of $1"; '
+        'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
+        '&& command -v chcon >/dev/null 2>&1; then sel=yes; fi; fi; '
+        'if [ "$sel" = yes ]; then chcon --reference="$1" -- "$2" || fail "cannot give $2 the SELinux label of $1"; fi; }',
+        "trap 'rm -f -- " + " ".join(f'"$tmp{i}"' for i in range(len(writes))) + " 2>/dev/null' EXIT",
+    ]
+    contents, by_mode = [], {}
+    for i, w in enumerate(writes):
+        lines += [
+            f"p={q(w.path)}",
+            '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
+            ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
+             if w.resolve and w.kind != "symlink" else "t=$p"),
+            f't{i}=$t; tmp{i}="${{t%/*}}/.${{t##*/}}"{q(FILE_TEMP_MARK + _temp_suffix())}',
+        ]
+        if w.kind == "symlink":
+            lines += [f'ln -s -- {q(w.text)} "$tmp{i}" || fail "cannot write $t"',
+                      f'[ "$(readlink -- "$tmp{i}")" = {q(w.text)} ] || fail "cannot write $t: the link is not what was sent"']
+            continue
+        if "\0" in w.text:  # a shell word cannot hold NUL
+            create = f"printf %s {q(base64.b64encode(w.text.encode()).decode())} | base64 -d"
+        else:
+            create = f"printf %s {q(w.text)}"
+        # the redirection's error and printf's own, captured for the one line (a fork, not a process)
+        lines.append(f'if ! e=$({create} 2>&1 > "$tmp{i}"); then fail "cannot write $t: ${{e##*: }} (is the disk full?)"; fi')
+        contents.append(w.text.encode())
+        keep = ['keep "$t" "$tmp' + str(i) + '"']
+        if w.keep_mode:
+            keep.append(f'chmod --reference="$t" -- "$tmp{i}" || fail "cannot give $tmp{i} the mode of $t"')
+            set_mode = [f'chmod {w.mode:o} -- "$tmp{i}" || fail "cannot set the mode of $tmp{i}"'] \
+                if w.mode != _BORN_MODE else []
+            lines += ['if [ -e "$t" ]; then', *keep, *(["else", *set_mode] if set_mode else []), "fi"]
+        else:
+            lines += ['if [ -e "$t" ]; then', *keep, "fi"]
+            by_mode.setdefault(w.mode, []).append(i)
+    for mode, indexes in by_mode.items():
+        if mode == _BORN_MODE:
+            continue
+        words = " ".join(f'"$tmp{i}"' for i in indexes)
+        lines.append(f'chmod {mode:o} -- {words} || fail "cannot set the mode of the new files"')
+    if contents:
+        # one sha256 for all the temp files: a file cut short (a full disk) changes it
+        files = " ".join(f'"$tmp{i}"' for i, w in enumerate(writes) if w.kind != "symlink")
+        everything = hashlib.sha256(b"".join(contents)).hexdigest()
+        lines += [f"set -- $(cat -- {files} | sha256sum)",
+                  f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
+                  'what was sent (is the disk full?)"']
+    lines.append("sync")
+    lines += [f'mv -f -T -- "$tmp{i}" "$t{i}" || fail "cannot rename $tmp{i} over $t{i}"' for i in range(len(writes))]
+    lines += ["sync", ""]
+    return "\n".join(lines)
+
+
+def _more(count: int) -> str:
+    return f" and {count - 1} more" if count > 1 else ""
+
+
+def _names(paths: list[str]) -> str:
+    return paths[0] + _more(len(paths))
+
+
 def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode: bool = False,
                        resolve: bool = True) -> str:
-    """Make PATH a file holding TEXT with MODE (KEEP_MODE: the existing file's mode), written where
-    PATH points if it is a symlink (unless not RESOLVE); or, for KIND symlink, make PATH a symlink to TEXT."""
+    """One file's write (see _write_files_script)."""
+    return _write_files_script([FileWrite(path, kind, text, mode, keep_mode, resolve)])
+
+
+def _remove_files_script(removals: list[tuple[str, bool]]) -> str:
+    """Remove each (PATH, RESOLVE) of REMOVALS: where PATH points when RESOLVE, as _write_files_script
+    wrote it; one rm, one sync."""
     q = shlex.quote
-    if kind == "symlink":
-        return _replace_script(path, create=f'ln -s -- {q(text)} "$tmp"',
-                               check=f'[ "$(readlink -- "$tmp")" = {q(text)} ]',
-                               same=f'[ -L "$t" ] && [ "$(readlink -- "$t")" = {q(text)} ]', mode=None, resolve=False)
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    encoded = base64.b64encode(text.encode()).decode()
-    same = f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]'
-    if not keep_mode:
-        same += f' && [ "$(stat -c %a -- "$t")" = {mode:o} ]'
-    return _replace_script(path, create=f'printf %s {q(encoded)} | base64 -d > "$tmp"',
-                           check=f'[ {_sha_of("$tmp")} = {sha} ]', same=same, mode=mode, keep_mode=keep_mode,
-                           resolve=resolve)
+    lines = [PATH_SETTING]
+    for i, (path, resolve) in enumerate(removals):
+        lines.append(f"r{i}={q(path)}" + (f'; if [ -L "$r{i}" ]; then r{i}=$(readlink -f -- "$r{i}") || r{i}=; fi'
+                                          if resolve else ""))
+    words = " ".join(f'${{r{i}:+"$r{i}"}}' for i in range(len(removals)))
+    return "\n".join([*lines, f"rm -f -- {words}", "sync", ""])
 
 
 def _remove_file_script(path: str, *, resolve: bool = True) -> str:
-    """Remove PATH (where it points when RESOLVE, as _write_file_script wrote it)."""
-    q = shlex.quote
-    target = (f't={q(path)}; if [ -L "$t" ]; then t=$(readlink -f -- "$t") || exit 0; fi' if resolve
-              else f"t={q(path)}")
-    return f'{PATH_SETTING}\n{target}\nrm -f -- "$t"\nsync\n'
+    return _remove_files_script([(path, resolve)])
+
+
+def _change_files_script(changes: list[FileChange]) -> str:
+    """Every one of CHANGES made: the writes in one go (_write_files_script), then the removals."""
+    writes = [FileWrite(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file", change.text,
+                        change.entry.mode, **_writes(change.entry)) for change in changes if change.text is not None]
+    removals = [(change.entry.path, _writes(change.entry)["resolve"]) for change in changes if change.text is None]
+    return "".join([_write_files_script(writes) if writes else "", _remove_files_script(removals) if removals else ""])
 
 
 def _writes(entry: AutoloadFile) -> dict:
@@ -351,10 +444,11 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     lines = [f"# toa {artifact.srcversion} for {artifact.release}: applied by `invoke deploy` as one script",
              PATH_SETTING, "umask 022", 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
 
-    def step(name: str, what: str, script: str, key: str | None = None, check: str = "") -> None:
-        """SCRIPT as a step; with CHECK, its output is kept in $d/load for CHECK, which decides."""
+    def step(name: str, what: str, script: str, keys: str | tuple[str, ...] = (), check: str = "") -> None:
+        """SCRIPT as a step (KEYS: what it starts, see _done_keys); with CHECK, its output is kept in
+        $d/load for CHECK, which decides."""
         lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', f"echo {q('@@step ' + name)}"])
-        if key:
+        for key in (keys,) if isinstance(keys, str) else keys:
             lines.append(f"{flag(key)}=1")
         lines.extend(["(", script.rstrip("\n"), ")"])
         if check:
@@ -380,14 +474,10 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
         load = load_command(module_file, artifact.release, render.module_options(parameters), marker,
                             reload=plan.load == "reload")
         step(plan.load, f"{plan.load} toa", load, "load", check=_load_check_script(artifact, parameters))
-    for change in plan.files:
-        if change.text is None:
-            script = _remove_file_script(change.entry.path, resolve=_writes(change.entry)["resolve"])
-        else:
-            kind = "symlink" if change.entry.kind == "symlink" else "file"
-            script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
-        step("autoload", f"{'removing' if change.text is None else 'writing'} {change.entry.path}", script,
-             f"file:{change.entry.path}")
+    if plan.files:
+        # one step: a file costs a process or two on the host, not ten
+        step("autoload", f"writing {_names([change.entry.path for change in plan.files])}",
+             _change_files_script(list(plan.files)), tuple(f"file:{change.entry.path}" for change in plan.files))
     if plan.detach_bpf:
         step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
     for index, other in enumerate(others, start=int(plan.install)):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from toa import engine_bpf, render
 from toa.deploy.apply import (
-    _detach_bpf_script, _Done, _remove_file_script, _replace_script, _sha_of, _unit_command,
-    _write_file_script, _writes)
+    _change_files_script, _detach_bpf_script, _Done, _names, _replace_script, _sha_of, _unit_command)
 from toa.deploy.builds import _bpf_build_for
 from toa.deploy.facts import (
     _SHA256, BPF_PIN_DIR, FILE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX, ModuleState, parse_bpf_state)
@@ -127,15 +126,11 @@ def _install_file(host: Host, local: Path, sha: str, path: str, mode: int, mark:
 
 
 def _change_files(host: Host, changes, done: _Done, say) -> None:
-    for change in changes:
-        say("autoload")
-        done.files.append(change)
-        if change.text is None:
-            script = _remove_file_script(change.entry.path, resolve=_writes(change.entry)["resolve"])
-        else:
-            kind = "symlink" if change.entry.kind == "symlink" else "file"
-            script = _write_file_script(change.entry.path, kind, change.text, change.entry.mode, **_writes(change.entry))
-        host.run_as_root(script, f"{'removing' if change.text is None else 'writing'} {change.entry.path}")
+    if not changes:
+        return
+    say("autoload")
+    done.files.extend(changes)
+    host.run_as_root(_change_files_script(list(changes)), f"writing {_names([c.entry.path for c in changes])}")
 
 
 def _deploy_bpf(host: Host, state: ModuleState, module_files: list[AutoloadFile], options: DeployOptions,
