@@ -23,7 +23,7 @@ from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
-    _APPLY_COMMAND, NOT_STARTED, _collect_command, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
+    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
     _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
     facts_command, module_layouts, parse_facts, parse_state, state_command)
@@ -1085,6 +1085,34 @@ def _fresh_plan(tmp_path, others=()):
                                                state, list(others))
 
 
+@pytest.mark.parametrize("change, verified", [
+    ("", True),
+    ("@@rmmod rmmod: ERROR: Module toa is in use\n", False),
+    ("s/@@exit 0/@@exit 1/", False),
+    ("s/TOA: toa loaded/TOA: something else/", False),
+    (f"s/{RECORDED_SRCVERSION}/{'F' * 23}/", False),
+    ("s/kinds 254,200/kinds 254/", False),
+    ("@@parameter trusted 10.0.0.0/8\n", False),  # recorded without trusted: not shown counts as empty
+])
+def test_the_scripts_own_load_check_agrees_with_check_load(tmp_path, change, verified):
+    """The shell check that decides the rollback, run by sh on load_command's recorded output."""
+    output = RECORDED["reload"]
+    if change.startswith("@@"):
+        output = change + output
+    elif change:
+        output = subprocess.run(["sed", change], input=output, text=True, capture_output=True, check=True).stdout
+    (tmp_path / "load").write_text(output)
+    wanted = {"kinds": "254,200", "trusted": ""}
+    artifact = _artifact(srcversion=RECORDED_SRCVERSION)
+    script = f"d={shlex.quote(str(tmp_path))}\n" + _load_check_script(artifact, wanted)
+    assert (_sh(script).returncode == 0) is verified
+    try:
+        check_load(parse_load(output), artifact, wanted)
+        assert verified
+    except ToaError:
+        assert not verified
+
+
 def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(tmp_path):
     artifact, state, plan, script = _fresh_plan(tmp_path)
     checked = subprocess.run(["sh", "-n"], input=script.text, text=True, capture_output=True)
@@ -1096,7 +1124,7 @@ def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(t
     assert text.count("echo '@@step autoload'") == 1 and len(plan.files) > 1  # the files: one step
     assert text.index("@@undo removing /etc/modprobe.d/toa.conf") < text.index("@@undo restoring the previous toa.ko") \
         < text.index("@@undo unloading toa")
-    assert f"[ \"$(cat /sys/module/toa/srcversion 2>/dev/null)\" = {SRCVERSION} ]" in text
+    assert f'[ "$src" = {SRCVERSION} ]' in text
     assert script.payloads == (Payload(artifact.ko, artifact.sha256, 0, artifact.ko.stat().st_size),)
     assert script.upload() == artifact.ko.read_bytes() + text.encode()
     assert f"head -c {artifact.ko.stat().st_size}" in text and artifact.sha256 in text

@@ -57,6 +57,10 @@ KEY_REJECTED = "Key was rejected by service"
 # ---------------------------------------------------------------- writing a file: all or nothing
 
 
+# Files made under `umask 022` are born with this mode: no chmod for them.
+_BORN_MODE = 0o644
+
+
 def _temp_suffix() -> str:
     return secrets.token_hex(TEMP_SUFFIX_CHARS // 2)
 
@@ -73,7 +77,7 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
     one line naming it and exits 1; the temp name never outlives the script."""
     q = shlex.quote
     lines = [
-        "set -e", PATH_SETTING,
+        "set -e", PATH_SETTING, "umask 022",
         'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
         f"p={q(path)}",
         # builtins where they do: a fresh host gets a dozen files, and a process is slow on a slow host
@@ -91,19 +95,21 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         keep = ['chown --reference="$t" -- "$tmp" || fail "cannot give $tmp the owner of $t"',
                 'if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled && command -v chcon >/dev/null 2>&1; '
                 'then chcon --reference="$t" -- "$tmp" || fail "cannot give $tmp the SELinux label of $t"; fi']
-        set_mode = f'chmod {mode:o} -- "$tmp" || fail "cannot set the mode of $tmp"'
+        # the temp is born with _BORN_MODE (umask 022): chmod only for another mode
+        set_mode = [f'chmod {mode:o} -- "$tmp" || fail "cannot set the mode of $tmp"'] if mode != _BORN_MODE else []
         if keep_mode:
             keep.append('chmod --reference="$t" -- "$tmp" || fail "cannot give $tmp the mode of $t"')
-            lines += ['if [ -e "$t" ]; then', *keep, "else", set_mode, "fi"]
+            lines += ['if [ -e "$t" ]; then', *keep, *(["else", *set_mode] if set_mode else []), "fi"]
         else:
-            lines += ['if [ -e "$t" ]; then', *keep, "fi", set_mode]
+            lines += ['if [ -e "$t" ]; then', *keep, "fi", *set_mode]
     lines += ["sync", *([before_rename] if before_rename else []),
               'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', "sync", ""]
     return "\n".join(lines)
 
 
-def _sha_of(file_var: str) -> str:
-    return f'"$(sha256sum < "{file_var}" | cut -d" " -f1)"'
+def _sha_is(file_var: str, sha: str) -> str:
+    """A test that FILE_VAR's sha256 is SHA (sha256sum of stdin ends its line with "  -": no cut to run)."""
+    return f'[ "$(sha256sum 2>/dev/null < "{file_var}")" = {shlex.quote(sha + "  -")} ]'
 
 
 @dataclass(frozen=True)
@@ -117,10 +123,6 @@ class FileWrite:
     mode: int = 0o644
     keep_mode: bool = False
     resolve: bool = True
-
-
-# Files made under `umask 022` are born with this mode: no chmod for them.
-_BORN_MODE = 0o644
 
 
 def _write_files_script(writes: list[FileWrite]) -> str:
@@ -256,7 +258,8 @@ def load_invocation(module_file: str, release: str, arguments: str) -> str:
 
 
 def load_command(module_file: str, release: str, arguments: str, marker: str, reload: bool) -> str:
-    """Load toa (after rmmod when RELOAD) and print what verification needs (see parse_load)."""
+    """Load toa (after rmmod when RELOAD) and print what verification needs (see parse_load): the
+    shell's own read for /sys, one sed for the kernel log after MARKER."""
     q = shlex.quote
     load = load_invocation(module_file, release, arguments)
     return "\n".join([
@@ -265,10 +268,11 @@ def load_command(module_file: str, release: str, arguments: str, marker: str, re
         *(['if [ -d /sys/module/toa ] && ! out=$(rmmod toa 2>&1); then '
            'printf "%s\\n" "$out" | sed "s/^/@@rmmod /"; exit 0; fi'] if reload else []),
         f'out=$({load} 2>&1); echo "@@exit $?"',
-        'printf "%s\\n" "$out" | sed "s/^/@@modprobe /"',
-        'if [ -d /sys/module/toa ]; then echo "@@srcversion $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
-        'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
-        f'dmesg | sed -n {q("/" + marker + "/,$p")} | sed "s/^/@@log /"',
+        '[ -z "$out" ] || printf "%s\\n" "$out" | sed "s/^/@@modprobe /"',
+        'if [ -d /sys/module/toa ]; then v=; read -r v < /sys/module/toa/srcversion; echo "@@srcversion $v"; fi 2>/dev/null',
+        'for p in /sys/module/toa/parameters/*; do if [ -r "$p" ]; then v=; read -r v < "$p"; '
+        'echo "@@parameter ${p##*/} $v"; fi; done 2>/dev/null',
+        f'dmesg | sed -n {q("/" + marker + "/,$s/^/@@log /p")}',
         "true",
     ]) + "\n"
 
@@ -360,7 +364,7 @@ _APPLY_COMMAND = "\n".join([
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
     'echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
-    'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in" | cut -d" " -f1)" != "$3" ]; then',
+    'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in")" != "$3  -" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
     "fi",
     # read whole first: a command that leaves its input unread looks like a lost connection
@@ -393,30 +397,32 @@ def _collect_command(token: str) -> str:
 
 def _load_check_script(artifact: Artifact, parameters: dict[str, str]) -> str:
     """The script's own check of a load (check_load's, in the shell: the rollback is decided there);
-    $d/load holds load_command's output."""
+    $d/load holds load_command's output. Builtins only: it reads a few dozen lines."""
     q = shlex.quote
+    names = list(parameters)
     lines = [
-        'if grep -q "^@@rmmod" "$d/load"; then exit 1; fi',
-        'grep -qx "@@exit 0" "$d/load" || exit 1',
-        f'grep "^@@log " "$d/load" | grep -qF {q(LOADED_MESSAGE)} || exit 1',
-        f'[ "$(cat /sys/module/toa/srcversion 2>/dev/null)" = {q(artifact.srcversion)} ] || exit 1',
+        "ok=; logged=; src=; " + "".join(f"p{i}=; " for i in range(len(names))),
+        'while IFS= read -r l; do case "$l" in',
+        '  "@@rmmod "*) exit 1;;',
+        '  "@@exit 0") ok=1;;',
+        f'  "@@log "*{q(LOADED_MESSAGE)}*) logged=1;;',
+        '  "@@srcversion "*) src=${l#@@srcversion };;',
+        # a parameter the module does not show counts as empty, as in check_load
+        *(f'  {q(f"@@parameter {name} ")}*) p{i}=${{l#"@@parameter {name} "}};;' for i, name in enumerate(names)),
+        'esac; done < "$d/load"',
+        " && ".join(['[ -n "$ok" ]', '[ -n "$logged" ]', f'[ "$src" = {q(artifact.srcversion)} ]',
+                     *(f'[ "$p{i}" = {q(parameters[name])} ]' for i, name in enumerate(names))]),
     ]
-    lines += [f'[ "$(cat /sys/module/toa/parameters/{name} 2>/dev/null)" = {q(value)} ] || exit 1'
-              for name, value in parameters.items()]
     return "\n".join(lines)
 
 
-def _install_script(payload: Payload, name: str, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
-    """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script)."""
-    staged = f'"$d/{name}"'
-    return "\n".join([
-        f"tail -c +{payload.offset + 1} \"$d/in\" | head -c {payload.size} > {staged}",
-        f'[ {_sha_of(staged[1:-1])} = {payload.sha256} ] || '
-        f'{{ echo "the uploaded {name} has another sha256 than the artifact: run again" >&2; exit 1; }}',
-        _replace_script(path, create=f'cat -- {staged} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {payload.sha256} ]',
-                        same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {payload.sha256} ]', mode=mode, mark=mark,
-                        before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi'),
-    ])
+def _install_script(payload: Payload, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
+    """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script).
+    The upload was checked whole; the temp file's own check is the payload's."""
+    return _replace_script(
+        path, create=f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size} > "$tmp"',
+        check=_sha_is("$tmp", payload.sha256), same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
+        mark=mark, before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi')
 
 
 def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: dict[str, str],
@@ -453,14 +459,14 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
         lines.extend(["(", script.rstrip("\n"), ")"])
         if check:
             lines[-1] += ' > "$d/load" 2>&1'
-            lines.extend(['cat "$d/load"', "(", check, ")"])
+            lines.extend(['while IFS= read -r l; do printf "%s\\n" "$l"; done < "$d/load"', "(", check, ")"])
         lines.extend([f'[ $? -eq 0 ] || {{ failed=1; echo {q("@@failed " + what)}; }}', "fi", ""])
 
     if plan.stale:
         step("stale", "removing temp files of an interrupted run",
              f"rm -rf -- {' '.join(q(path) for path in plan.stale)}\nsync")
     if plan.install:
-        step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], "toa.ko", module_file),
+        step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], module_file),
              "install")
         lines.extend(['[ -n "$failed" ] || echo "@@step installed"', ""])
     if plan.depmod:
@@ -483,7 +489,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     for index, other in enumerate(others, start=int(plan.install)):
         depmod = f"depmod -a {q(other.release)}" if modules_dep_entry(other.module_file, other.release) else ""
         step("other kernel", f"installing toa.ko for {other.release}",
-             _install_script(payloads[index], f"toa-{index}.ko", other.module_file) + f"\n{depmod}",
+             _install_script(payloads[index], other.module_file) + f"\n{depmod}",
              f"other:{other.module_file}")
 
     lines.extend(["rollback() {", "  r=rolled-back"])
@@ -657,13 +663,13 @@ def _restore_module_script(module_file: str, release: str, old: str | None) -> s
     # only when toa.ko really changed, and only from a toa.ko.prev that is the file this run found:
     # an install cut short before its hard link must not bring back an older toa.ko.prev; the
     # rename is checked like every write (toa.ko.prev is the temp name whose content was checked)
-    restore = (f'[ {_sha_of("$m.prev")} = {q(old)} ] || '
+    restore = (f'{_sha_is("$m.prev", old)} || '
                '{ echo "toa.ko.prev is not the module this run replaced" >&2; exit 1; }; mv -f -T -- "$m.prev" "$m"'
                if old else 'rm -f -- "$m"')
     depmod = f"depmod -a {q(release)}" if modules_dep_entry(module_file, release) is not None else "true"
     return "\n".join([
         PATH_SETTING, f"m=$(readlink -f -- {q(module_file)}) || m={q(module_file)}",
-        f'if [ "$(sha256sum < "$m" 2>/dev/null | cut -d" " -f1)" != {q(old or "")} ]; then {restore} || exit 1; fi',
+        f'if ! {_sha_is("$m", old or "")}; then {restore} || exit 1; fi',
         f"sync; {depmod}", ""])
 
 

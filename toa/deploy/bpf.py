@@ -17,7 +17,7 @@ from pathlib import Path
 
 from toa import engine_bpf, render
 from toa.deploy.apply import (
-    _change_files_script, _detach_bpf_script, _Done, _names, _replace_script, _sha_of, _unit_command)
+    _change_files_script, _detach_bpf_script, _Done, _names, _replace_script, _sha_is, _unit_command)
 from toa.deploy.builds import _bpf_build_for
 from toa.deploy.facts import (
     _SHA256, BPF_PIN_DIR, FILE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX, ModuleState, parse_bpf_state)
@@ -114,8 +114,8 @@ def _install_file(host: Host, local: Path, sha: str, path: str, mode: int, mark:
         if uploaded != sha:
             raise ToaError(f"the uploaded {name} has another sha256 than the artifact: the transfer was damaged, run again")
         host.run_as_root(_replace_script(
-            path, create=f'cat -- {q(staged)} > "$tmp"', check=f'[ {_sha_of("$tmp")} = {sha} ]',
-            same=f'[ -f "$t" ] && [ {_sha_of("$t")} = {sha} ]', mode=mode, mark=mark,
+            path, create=f'cat -- {q(staged)} > "$tmp"', check=_sha_is("$tmp", sha),
+            same=f'[ -f "$t" ] && {_sha_is("$t", sha)}', mode=mode, mark=mark,
             before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi'),
             f"installing {name}")
     finally:
