@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import shlex
 import shutil
 import signal
@@ -23,7 +24,8 @@ from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
-    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, Payload, _write_file_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
+    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, FileWrite, Payload, _write_file_script,
+    _write_files_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
     _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
     facts_command, module_layouts, parse_facts, parse_state, state_command)
@@ -206,7 +208,7 @@ def test_commands_quote_what_they_carry():
     # the text travels in single quotes to the shell's own printf; the path is quoted once and used as "$p" after
     text = "options toa kinds=254 `reboot` $(reboot) 'x'\n"
     write = _write_file_script("/etc/it's $(here)", "file", text, 0o644)
-    assert f"printf %s {shlex.quote(text)} 2>&1 >" in write and write.count("reboot") == 2
+    assert f'put "$tmp0" {shlex.quote(text)}' in write and write.count("reboot") == 2
     assert write.count("$(here)") == 1 and "p='/etc/it'\"'\"'s $(here)'" in write
     link = _write_file_script("/etc/it's $(here)", "symlink", "../$(reboot)", 0o777)
     assert "ln -s -- '../$(reboot)' \"$tmp0\"" in link
@@ -280,6 +282,40 @@ def test_a_write_goes_where_a_symlink_points_and_keeps_the_files_mode_and_owner(
     assert sorted(path.name for path in owned.parent.iterdir()) == ["toa.conf"]
 
 
+def test_a_directory_the_host_lacks_is_written_whole_and_renamed_into_place_once(tmp_path):
+    """The files script on this machine's filesystem: a new source tree (with a subdirectory) goes
+    in by one rename beside a file written on its own; a tree that appeared since the facts were
+    read is refused with nothing left behind."""
+    tree, etc = tmp_path / "usr" / "src" / "toa-kmod-1", tmp_path / "etc"
+    etc.mkdir()
+    writes = [FileWrite(str(tree / "Kbuild"), "file", "obj-m += toa.o\n"),
+              FileWrite(str(tree / "probes" / "a.c"), "file", "int a = '$(reboot)';\n"),
+              FileWrite(str(etc / "zz-toa"), "file", "#!/bin/sh\n", 0o755)]
+    script = _write_files_script(writes, frozenset({str(tree), str(tree / "probes")}))
+    assert script.count("mv ") == 2  # the tree once, the file beside it once
+    result = _sh(script)
+    assert result.returncode == 0, result.stderr
+    assert (tree / "probes" / "a.c").read_text() == "int a = '$(reboot)';\n"
+    assert [(path.name, path.stat().st_mode & 0o777) for path in (tree / "Kbuild", tree / "probes", etc / "zz-toa")] == [
+        ("Kbuild", 0o644), ("probes", 0o755), ("zz-toa", 0o755)]
+    assert sorted(path.name for path in tree.parent.iterdir()) == ["toa-kmod-1"]
+    assert sorted(path.name for path in etc.iterdir()) == ["zz-toa"]
+    again = _sh(_write_files_script(writes, frozenset({str(tree), str(tree / "probes")})))
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"{tree} appeared after the facts were read: run again"]
+    assert sorted(path.name for path in tree.parent.iterdir()) == ["toa-kmod-1"]
+
+
+def test_a_missing_directory_and_a_tree_left_by_a_cut_run_are_in_the_facts():
+    directory = posixpath.dirname(FILES[0].path)
+    left = f"{posixpath.dirname(directory)}/.{posixpath.basename(directory)}.toa-new-0123abcd"
+    output = RECORDED["fresh"] + f"@@nodir 0\n@@stale {left}\n"
+    state = parse_state(output, FILES)
+    assert state.missing_dirs == {directory}
+    assert left in make_plan(state, _artifact(), FILES, MODULE_FILE, None).stale
+    assert "@@nodir" not in RECORDED["fresh"]
+
+
 def test_a_write_on_a_full_filesystem_fails_in_one_line_and_leaves_the_file_whole(tmp_path):
     """The write script on a tmpfs that is full (mounted in a mount namespace of its own): exit 1, one
     line naming the file and the cause, the file as it was, no temp name left."""
@@ -297,7 +333,7 @@ def test_a_write_on_a_full_filesystem_fails_in_one_line_and_leaves_the_file_whol
                  "unshare", "-m", "--map-root-user")
     before, _, after = result.stdout.partition("@@write\n")
     assert after.endswith("@@exit 1\n" + before), result.stdout
-    assert result.stderr.strip().splitlines() == [f"cannot write {target}: I/O error (is the disk full?)"]
+    assert result.stderr.strip().splitlines() == [f"cannot write {target}: the write failed (is the disk full?)"]
     assert hashlib.sha256(b"old\n").hexdigest() in before
 
 

@@ -43,7 +43,7 @@ from toa import remote, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
     _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_KIND, STAGING_PREFIX,
-    TEMP_SUFFIX_CHARS, ModuleState, modules_dep_entry)
+    TEMP_SUFFIX_CHARS, ModuleState, _temp_prefix, modules_dep_entry)
 from toa.deploy.host import Host, _describe_failure
 from toa.deploy.plan import DEFAULT_PARAMETERS, FileChange, OtherKernel, Plan, parameters_differ
 from toa.errors import ToaError
@@ -125,26 +125,58 @@ class FileWrite:
     resolve: bool = True
 
 
-def _write_files_script(writes: list[FileWrite]) -> str:
+def _new_trees(writes: list[FileWrite], missing_dirs: frozenset[str]) -> dict[str, str]:
+    """The topmost of MISSING_DIRS (directories the host lacks) that WRITES put files in, each with the
+    temp name of the tree written whole beside it and renamed into place once."""
+    roots = {}
+    for w in writes:
+        directory = posixpath.dirname(w.path)
+        if w.kind == "symlink" or directory not in missing_dirs:
+            continue
+        while posixpath.dirname(directory) in missing_dirs:
+            directory = posixpath.dirname(directory)
+        roots.setdefault(directory, _temp_prefix(directory) + _temp_suffix())
+    return roots
+
+
+def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = frozenset()) -> str:
     """Put every one of WRITES in place, each all or nothing (see the module docstring), in one
     script whose cost hardly grows with the files: every temp file is written by the shell itself
     (printf), all of them checked by one sha256 of their concatenation, the modes set by one chmod
-    per mode, one sync before the renames and one after. A failing step prints one line naming the
-    file and exits 1; no temp name outlives the script. Files already as wanted are written again:
-    the plan wrote only what differs."""
+    per mode, one sync before the renames and one after. A directory the host lacks
+    (MISSING_DIRS, from the facts) is written whole under a temp name and renamed into place once, a
+    fresh host's module sources included. A failing step prints one line naming the file and exits
+    1; no temp name outlives the script. Files already as wanted are written again: the plan wrote
+    only what differs."""
     q = shlex.quote
+    trees = _new_trees(writes, missing_dirs)
     lines = [
         "set -e", PATH_SETTING, "umask 022",
         'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
+        # the shell's own printf writes each file (no process); a failure's reason is the redirection's
+        'put() { printf %s "$2" 2>/dev/null > "$1" && return; e=$(: 2>&1 > "$1"); '
+        'fail "cannot write $t: ${e:+${e##*: }}${e:-the write failed (is the disk full?)}"; }',
         # the owner and SELinux label of a file replaced go to its temp (selinuxenabled asked once)
         'sel=; keep() { chown --reference="$1" -- "$2" || fail "cannot give $2 the owner of $1"; '
         'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
         '&& command -v chcon >/dev/null 2>&1; then sel=yes; fi; fi; '
         'if [ "$sel" = yes ]; then chcon --reference="$1" -- "$2" || fail "cannot give $2 the SELinux label of $1"; fi; }',
-        "trap 'rm -f -- " + " ".join(f'"$tmp{i}"' for i in range(len(writes))) + " 2>/dev/null' EXIT",
+        "trap 'rm -f -- " + " ".join(f'"$tmp{i}"' for i in range(len(writes)))
+        + "".join(f"; rm -rf -- {q(temp)}" for temp in trees.values()) + " 2>/dev/null' EXIT",
     ]
-    contents, by_mode = [], {}
+    for root, temp in trees.items():
+        inside = sorted({posixpath.dirname(w.path) for w in writes if w.path.startswith(root + "/")})
+        lines += [f'[ ! -e {q(root)} ] || fail "{root} appeared after the facts were read: run again"',
+                  f"mkdir -p -- {' '.join(q(temp + d[len(root):]) for d in inside)} || fail \"cannot create {temp}\""]
+    contents, by_mode, renames = [], {}, []
     for i, w in enumerate(writes):
+        root = next((r for r in trees if w.path.startswith(r + "/")), None)
+        if root is not None:  # in a new tree: nothing to resolve, keep or rename one by one
+            lines += [f"t={q(w.path)}; t{i}=$t; tmp{i}={q(trees[root] + w.path[len(root):])}",
+                      f"put \"$tmp{i}\" {q(w.text)}"]
+            contents.append(w.text.encode())
+            by_mode.setdefault(w.mode, []).append(i)
+            continue
         lines += [
             f"p={q(w.path)}",
             '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
@@ -152,16 +184,16 @@ def _write_files_script(writes: list[FileWrite]) -> str:
              if w.resolve and w.kind != "symlink" else "t=$p"),
             f't{i}=$t; tmp{i}="${{t%/*}}/.${{t##*/}}"{q(FILE_TEMP_MARK + _temp_suffix())}',
         ]
+        renames.append(f'mv -f -T -- "$tmp{i}" "$t{i}" || fail "cannot rename $tmp{i} over $t{i}"')
         if w.kind == "symlink":
             lines += [f'ln -s -- {q(w.text)} "$tmp{i}" || fail "cannot write $t"',
                       f'[ "$(readlink -- "$tmp{i}")" = {q(w.text)} ] || fail "cannot write $t: the link is not what was sent"']
             continue
         if "\0" in w.text:  # a shell word cannot hold NUL
-            create = f"printf %s {q(base64.b64encode(w.text.encode()).decode())} | base64 -d"
+            lines.append(f'printf %s {q(base64.b64encode(w.text.encode()).decode())} | base64 -d > "$tmp{i}" '
+                         '|| fail "cannot write $t"')
         else:
-            create = f"printf %s {q(w.text)}"
-        # the redirection's error and printf's own, captured for the one line (a fork, not a process)
-        lines.append(f'if ! e=$({create} 2>&1 > "$tmp{i}"); then fail "cannot write $t: ${{e##*: }} (is the disk full?)"; fi')
+            lines.append(f"put \"$tmp{i}\" {q(w.text)}")
         contents.append(w.text.encode())
         keep = ['keep "$t" "$tmp' + str(i) + '"']
         if w.keep_mode:
@@ -184,9 +216,8 @@ def _write_files_script(writes: list[FileWrite]) -> str:
         lines += [f"set -- $(cat -- {files} | sha256sum)",
                   f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
                   'what was sent (is the disk full?)"']
-    lines.append("sync")
-    lines += [f'mv -f -T -- "$tmp{i}" "$t{i}" || fail "cannot rename $tmp{i} over $t{i}"' for i in range(len(writes))]
-    lines += ["sync", ""]
+    lines += ["sync", *(f"mv -T -- {q(temp)} {q(root)} || fail \"cannot rename {temp} to {root}\""
+                        for root, temp in trees.items()), *renames, "sync", ""]
     return "\n".join(lines)
 
 
@@ -220,12 +251,12 @@ def _remove_file_script(path: str, *, resolve: bool = True) -> str:
     return _remove_files_script([(path, resolve)])
 
 
-def _change_files_script(changes: list[FileChange]) -> str:
+def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str] = frozenset()) -> str:
     """Every one of CHANGES made: the writes in one go (_write_files_script), then the removals."""
     writes = [FileWrite(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file", change.text,
                         change.entry.mode, **_writes(change.entry)) for change in changes if change.text is not None]
     removals = [(change.entry.path, _writes(change.entry)["resolve"]) for change in changes if change.text is None]
-    return "".join([_write_files_script(writes) if writes else "", _remove_files_script(removals) if removals else ""])
+    return "".join([_write_files_script(writes, missing_dirs) if writes else "", _remove_files_script(removals) if removals else ""])
 
 
 def _writes(entry: AutoloadFile) -> dict:
@@ -483,7 +514,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     if plan.files:
         # one step: a file costs a process or two on the host, not ten
         step("autoload", f"writing {_names([change.entry.path for change in plan.files])}",
-             _change_files_script(list(plan.files)), tuple(f"file:{change.entry.path}" for change in plan.files))
+             _change_files_script(list(plan.files), frozenset(state.missing_dirs)), tuple(f"file:{change.entry.path}" for change in plan.files))
     if plan.detach_bpf:
         step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
     for index, other in enumerate(others, start=int(plan.install)):

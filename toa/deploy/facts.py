@@ -74,6 +74,7 @@ class ModuleState:
     stale: list[str] = field(default_factory=list)  # temp names a cut-short run left
     busy: list[str] = field(default_factory=list)  # staging directories of applies still running
     files: dict[str, Current | None] = field(default_factory=dict)
+    missing_dirs: set[str] = field(default_factory=set)  # directories of files that the host lacks
     # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
     module_resolved: str | None = None
     resolved: dict[str, str] = field(default_factory=dict)
@@ -131,10 +132,14 @@ def _file_lines(files: list[AutoloadFile]) -> list[str]:
         by_directory.setdefault(posixpath.dirname(f.path), []).append((index, f))
     lines = []
     for directory, entries in by_directory.items():
-        lines.append(f"if [ -d {q(directory)} ]; then")
+        # a directory the host lacks is written whole under a temp name beside it (apply's
+        # _write_files_script): one a cut-short run left is found here
+        lines += [f"for t in {q(_temp_prefix(directory))}*; do "
+                  'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done',
+                  f"if [ -d {q(directory)} ]; then"]
         for index, f in entries:
             lines += [_file_stale_line(index, f), _file_read_line(index, f)]
-        lines += ["else", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
+        lines += ["else", f"echo '@@nodir {entries[0][0]}'", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
     return lines
 
 
@@ -399,6 +404,8 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
     elif tag == "@@file" and len(words) in (2, 3) and _MODE.fullmatch(words[1]):
         text = _unbase64(words[2] if len(words) > 2 else "", "the file")
         state.files[entry(words[0]).path] = Current("file", text, int(words[1], 8))
+    elif tag == "@@nodir" and len(words) == 1:
+        state.missing_dirs.add(posixpath.dirname(entry(words[0]).path))
     elif tag == "@@absent" and len(words) == 1:
         state.files[entry(words[0]).path] = None
     elif tag == "@@other" and len(words) == 3 and (words[1] == "-" or _SHA256.fullmatch(words[1])):

@@ -9,6 +9,7 @@ toa.ko for the kernels that are not running.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -202,7 +203,8 @@ def _own_stale(state: ModuleState, prefixes: list[str], files: list[AutoloadFile
     # only names toa makes: the host's answer never decides what gets deleted (a resolved path only
     # says in which directory such a name is looked for)
     prefixes = prefixes + [_temp_prefix(path) for entry in files
-                           for path in (entry.path, state.resolved.get(entry.path)) if path]
+                           for path in (entry.path, state.resolved.get(entry.path), posixpath.dirname(entry.path))
+                           if path]
     made_here = re.compile("(?:" + "|".join(map(re.escape, prefixes)) + f")[0-9a-f]{{{TEMP_SUFFIX_CHARS}}}")
     return tuple(path for path in state.stale if made_here.fullmatch(path) or _STAGING_NAME.fullmatch(path))
 
