@@ -323,10 +323,13 @@ def _vmlinuz_release(path: str) -> str | None:
 
 # One round trip: the release files, the running kernel, PID 1, whether systemd is running, the
 # installed kernels and the boot loader's default where grubby names it.
+# The shell's own read where it does (a process costs tens of milliseconds on a slow host); $k keeps
+# the release for a command that follows this one (deploy's facts).
 REMOTE_FACTS_COMMAND = (
     "for f in " + " ".join(RELEASE_FILES) + "; do "
-    '[ -r "$f" ] && { echo "@@toa-file $f"; cat "$f"; echo; }; done; '
-    'echo "@@toa-kernel $(uname -r)"; echo "@@toa-pid1 $(cat /proc/1/comm 2>/dev/null)"; '
+    '[ -r "$f" ] && { echo "@@toa-file $f"; while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; done < "$f"; '
+    "echo; }; done; "
+    'k=$(uname -r); echo "@@toa-kernel $k"; c=; read -r c < /proc/1/comm 2>/dev/null; echo "@@toa-pid1 $c"; '
     '[ -d /run/systemd/system ] && echo "@@toa-systemd"; '
     "for d in /lib/modules/* /usr/lib/modules/*; do r=${d##*/}; "
     '{ [ -e "$d/modules.dep" ] || [ -e "$d/modules.order" ] || [ -e "$d/vmlinuz" ] || [ -e "/boot/vmlinuz-$r" ]; } '

@@ -374,11 +374,12 @@ def host_tree_command(release: str, symbols: list[str]) -> str:
     validate_release(release)
     wanted = " ".join(name for name in symbols if _SYMBOL.fullmatch(name))
     keys = "|".join(HOST_CONFIG_KEYS)
+    config_lines = "s/^((" + keys + ")=.*)$/@@set \\1/p"
     return "\n".join([
         f"b=/lib/modules/{release}/build; r={q(release)}",
         'if [ -f "$b/.config" ]; then c="$b/.config"; elif [ -f "/boot/config-$r" ]; then c="/boot/config-$r"; '
         'else c=; fi',
-        f'[ -n "$c" ] && echo "@@config $c" && grep -E {q("^(" + keys + ")=")} "$c" | sed "s/^/@@set /"',
+        f'[ -n "$c" ] && echo "@@config $c" && sed -n -E {q(config_lines)} "$c"',
         'if [ -f "$b/Module.symvers" ]; then s="$b/Module.symvers"; read_s=cat; '
         'elif [ -f "/boot/symvers-$r.gz" ]; then s="/boot/symvers-$r.gz"; read_s=zcat; else s=; fi',
         # only the lines of the module's own symbols, matched whole

@@ -32,7 +32,7 @@ _STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9]{8,32}")
 # $d/pid holds the apply's pid and the boot it runs in; a directory without one is an hour old.
 # STAGING_KIND defines `staging DIR`, which prints stale, busy or nothing for DIR ($b: this boot's id).
 STAGING_KIND = "\n".join([
-    "b=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)",
+    "b=; read -r b < /proc/sys/kernel/random/boot_id 2>/dev/null",
     "staging() {",
     '  [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ] || return 0',
     '  if grep -qs "^@@end" "$1/log"; then echo stale',
@@ -112,7 +112,7 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
         '$(modinfo -F srcversion "$m" 2>/dev/null)"; fi',
     ]
     if entry is not None:
-        lines.append(f"grep -qs {q('^' + re.escape(entry) + ':')} {modules_dep} && echo @@indexed")
+        lines.append(f'[ -f "$m" ] && grep -qs {q("^" + re.escape(entry) + ":")} {modules_dep} && echo @@indexed')
     # temp names beside the path and, for a symlink written where it points, beside its target
     lines.append(
         f'f=$m; {_RESOLVE}; '
@@ -260,8 +260,9 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
     own = " ".join(_release_path(layout, "o") for layout in module_layouts())
     state = "\n".join([
         PATH_SETTING,
-        # a release that is not one (detect refuses it too) reads nothing
-        'kr=$(uname -r); case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
+        # the release the platform's part read (the one argument); a release that is not one (detect
+        # refuses it too) reads nothing
+        'kr=$1; case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
         *_LOADED_LINES, *modules, "echo '@@module -'",
         *_file_lines(list(readable_files())), _STAGING_STALE_LINE,
         # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
@@ -276,13 +277,14 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
         *([f"echo {TREE_BEGINS}", "(", _release_path_text(preflight.host_tree_command(RELEASE_SLOT, list(symbols)), "kr"),
            ")"] if symbols else []),
         "true", ""])
-    become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s"; '
+    become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s" toa-facts "$k"; '
               'else echo @@toa-nosudo; fi' if sudo else "else echo @@toa-notroot; fi")
     return "\n".join([
-        'echo "@@toa-uid $(id -u)"',
-        detect.REMOTE_FACTS_COMMAND,
+        'u=$(id -u); echo "@@toa-uid $u"',
+        detect.REMOTE_FACTS_COMMAND,  # sets $k, the running release
         f"s={q(state)}",
-        f'if [ "$(id -u)" = 0 ]; then echo {STATE_BEGINS}; sh -c "$s"',
+        # as root, in a subshell of this shell (no process to start)
+        f'if [ "$u" = 0 ]; then echo {STATE_BEGINS}; (set -- "$k"; eval "$s")',
         become, ""])
 
 
@@ -454,7 +456,7 @@ def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
     """Lines for the state command that print the eBPF engine's facts as @@bpf... lines (and the
     loader's temp names as @@stale); see _parse_bpf_line."""
     q = shlex.quote
-    configs = "|".join(BPF_CONFIG)
+    config_lines = "s/^((" + "|".join(BPF_CONFIG) + ")=.*)$/@@bpfconfig \\1/p"
     return "\n".join([
         f"l={q(loader)}",
         'if [ -f "$l" ]; then echo "@@bpfloader $(sha256sum < "$l" | cut -d" " -f1)"; '
@@ -465,10 +467,12 @@ def bpf_state_command(loader: str = render.BPF_LOADER) -> str:
         f"for u in {' '.join(q(f'{d}/{render.BPF_UNIT_NAME}') for d in BPF_UNIT_DIRS)}; do "
         f'if [ -e "$u" ]; then systemctl is-active --quiet {q(render.BPF_UNIT_NAME)} && echo @@bpfunit active; break; fi; done',
         # the kernel's config where the distro keeps it; the runtime signs below where it does not
-        'c=/boot/config-$(uname -r); { if [ -r "$c" ]; then cat "$c"; elif [ -r /proc/config.gz ]; then '
-        f"zcat /proc/config.gz; fi; }} 2>/dev/null | grep -E '^({configs})=' | sed 's/^/@@bpfconfig /'",
+        f"c=/boot/config-${{kr:-$(uname -r)}}; e={q(config_lines)}",
+        '{ if [ -r "$c" ]; then sed -n -E "$e" "$c"; elif [ -r /proc/config.gz ]; then '
+        'zcat /proc/config.gz | sed -n -E "$e"; fi; } 2>/dev/null',
         "if [ -e /proc/sys/kernel/unprivileged_bpf_disabled ]; then echo @@bpfsyscall; fi",
-        "if grep -qw cgroup2 /proc/filesystems; then echo @@bpfcgroup2; fi",
+        'g=; while read -r a z; do [ "$a" = cgroup2 ] || [ "$z" = cgroup2 ] && g=1; done < /proc/filesystems',
+        "if [ -n \"$g\" ]; then echo @@bpfcgroup2; fi",
     ])
 
 
