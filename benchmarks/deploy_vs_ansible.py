@@ -146,18 +146,20 @@ def floor_command(release: str) -> str:
 
 
 def reset_command(release: str, module_file: str) -> str:
-    """Take a host back to before any deploy: unloaded, no files, indexes rebuilt, kernel log empty."""
+    """Take a host back to before any deploy: unloaded, no files (the kernel hooks' module sources
+    included), indexes rebuilt, kernel log empty."""
     q = shlex.quote
     paths = [module_file, module_file + ".prev"] + [f.path for f in render.autoload_files(
         targets.get(GUEST_TARGET), release, init="systemd")]
     module_dir = shlex.quote(module_file.rsplit("/", 1)[0])
+    sources = render.hook_source_dir(targets.get(GUEST_TARGET))  # the kernel hooks' module sources
     return "\n".join([
         PATH_SETTING,
         # a socket still being freed may hold the module for a moment
         "tries=0; while [ -d /sys/module/toa ] && ! rmmod toa 2>/dev/null; do "
         "tries=$((tries + 1)); [ $tries -lt 100 ] || { echo 'rmmod toa keeps failing' >&2; exit 1; }; sleep 0.1; done",
         f"rm -f {' '.join(q(path) for path in paths)} {module_dir}/{MODULE_TEMP_PREFIX}*",
-        "rm -rf /tmp/toa-deploy.* /tmp/.ansible /root/.ansible/tmp",
+        f"rm -rf /tmp/toa-deploy.* /tmp/.ansible /root/.ansible/tmp {q(sources)}",
         f"depmod -a {q(release)}",
         "dmesg -C",
         "sync",

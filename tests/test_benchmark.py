@@ -279,7 +279,8 @@ def test_reset_removes_what_every_tool_writes():
     release = "5.10.0-40-amd64"
     module = f"/lib/modules/{release}/extra/toa.ko"
     script = deploy_bench.reset_command(release, module)
-    for path in (module, "/etc/modules-load.d/toa.conf", "/etc/modprobe.d/toa.conf", module + ".prev"):
+    for path in (module, "/etc/modules-load.d/toa.conf", "/etc/modprobe.d/toa.conf", module + ".prev",
+                 "/etc/kernel/postinst.d/zz-toa", "/usr/src/toa-kmod-"):
         assert path in script
     assert "dmesg -C" in script and f"depmod -a {release}" in script  # the floor's dmesg check must not see old lines
 

@@ -66,7 +66,7 @@ def _temp_suffix() -> str:
 
 
 def _replace_script(path: str, *, create: str, check: str, same: str, mode: int | None, keep_mode: bool = False,
-                    resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "") -> str:
+                    resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "", flush: bool = True) -> str:
     """The one way deploy puts a file on a host, all or nothing (see the module docstring).
 
     In the script, $p is PATH and $t the file replaced: PATH's target when RESOLVE (readlink -f), else
@@ -74,7 +74,9 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
     test that it holds what was sent; SAME a test that $t already does (nothing to do then). $tmp takes
     $t's owner and SELinux label, and MODE, or with KEEP_MODE $t's mode where $t exists; MODE None
     leaves modes alone (symlinks). BEFORE_RENAME runs just before the rename. Any failing step prints
-    one line naming it and exits 1; the temp name never outlives the script."""
+    one line naming it and exits 1; the temp name never outlives the script. The temp is synced before
+    the rename (a power cut leaves the old file or the whole new one); the rename itself is synced
+    unless not FLUSH (the apply script syncs once at its end)."""
     q = shlex.quote
     lines = [
         "set -e", PATH_SETTING, "umask 022",
@@ -103,7 +105,7 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         else:
             lines += ['if [ -e "$t" ]; then', *keep, "fi", *set_mode]
     lines += ["sync", *([before_rename] if before_rename else []),
-              'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', "sync", ""]
+              'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', *(["sync"] if flush else []), ""]
     return "\n".join(lines)
 
 
@@ -139,7 +141,7 @@ def _new_trees(writes: list[FileWrite], missing_dirs: frozenset[str]) -> dict[st
     return roots
 
 
-def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = frozenset()) -> str:
+def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = frozenset(), flush: bool = True) -> str:
     """Put every one of WRITES in place, each all or nothing (see the module docstring), in one
     script whose cost hardly grows with the files: every temp file is written by the shell itself
     (printf), all of them checked by one sha256 of their concatenation, the modes set by one chmod
@@ -147,7 +149,7 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
     (MISSING_DIRS, from the facts) is written whole under a temp name and renamed into place once, a
     fresh host's module sources included. A failing step prints one line naming the file and exits
     1; no temp name outlives the script. Files already as wanted are written again: the plan wrote
-    only what differs."""
+    only what differs. Not FLUSH: the renames are left to the caller's sync."""
     q = shlex.quote
     trees = _new_trees(writes, missing_dirs)
     lines = [
@@ -217,7 +219,7 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
                   f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
                   'what was sent (is the disk full?)"']
     lines += ["sync", *(f"mv -T -- {q(temp)} {q(root)} || fail \"cannot rename {temp} to {root}\""
-                        for root, temp in trees.items()), *renames, "sync", ""]
+                        for root, temp in trees.items()), *renames, *(["sync"] if flush else []), ""]
     return "\n".join(lines)
 
 
@@ -251,12 +253,13 @@ def _remove_file_script(path: str, *, resolve: bool = True) -> str:
     return _remove_files_script([(path, resolve)])
 
 
-def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str] = frozenset()) -> str:
+def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str] = frozenset(),
+                         flush: bool = True) -> str:
     """Every one of CHANGES made: the writes in one go (_write_files_script), then the removals."""
     writes = [FileWrite(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file", change.text,
                         change.entry.mode, **_writes(change.entry)) for change in changes if change.text is not None]
     removals = [(change.entry.path, _writes(change.entry)["resolve"]) for change in changes if change.text is None]
-    return "".join([_write_files_script(writes, missing_dirs) if writes else "", _remove_files_script(removals) if removals else ""])
+    return "".join([_write_files_script(writes, missing_dirs, flush) if writes else "", _remove_files_script(removals) if removals else ""])
 
 
 def _writes(entry: AutoloadFile) -> dict:
@@ -395,7 +398,7 @@ _APPLY_COMMAND = "\n".join([
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
     'echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
-    'if [ "$(wc -c < "$d/in")" -ne "$2" ] || [ "$(sha256sum < "$d/in")" != "$3  -" ]; then',
+    'if [ "$(sha256sum < "$d/in")" != "$3  -" ]; then',  # cut short or damaged: another sha256
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
     "fi",
     # read whole first: a command that leaves its input unread looks like a lost connection
@@ -450,8 +453,10 @@ def _load_check_script(artifact: Artifact, parameters: dict[str, str]) -> str:
 def _install_script(payload: Payload, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
     """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script).
     The upload was checked whole; the temp file's own check is the payload's."""
+    extract = (f'head -c {payload.size} "$d/in"' if payload.offset == 0
+               else f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size}')
     return _replace_script(
-        path, create=f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size} > "$tmp"',
+        path, create=f'{extract} > "$tmp"', flush=False,
         check=_sha_is("$tmp", payload.sha256), same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
         mark=mark, before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi')
 
@@ -514,7 +519,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     if plan.files:
         # one step: a file costs a process or two on the host, not ten
         step("autoload", f"writing {_names([change.entry.path for change in plan.files])}",
-             _change_files_script(list(plan.files), frozenset(state.missing_dirs)), tuple(f"file:{change.entry.path}" for change in plan.files))
+             _change_files_script(list(plan.files), frozenset(state.missing_dirs), flush=False), tuple(f"file:{change.entry.path}" for change in plan.files))
     if plan.detach_bpf:
         step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
     for index, other in enumerate(others, start=int(plan.install)):
