@@ -413,7 +413,7 @@ _APPLY_COMMAND = "\n".join([
     # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
     'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
     # the log stays for a reconnect unless this end can still say it was read to its end
-    'rm -f -- "$d/in" "$d/apply.sh"; if echo @@toa-collected; then rm -rf -- "$d"; fi',
+    'if echo @@toa-collected; then rm -rf -- "$d"; else rm -f -- "$d/in" "$d/apply.sh"; fi',
     ""])
 
 

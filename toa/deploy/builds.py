@@ -76,11 +76,17 @@ def _symbols_of(modules: tuple[tuple[Path, int], ...]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+@functools.lru_cache(maxsize=8)
+def _module_of(ko: Path, sha256: str) -> preflight.Module:
+    """The module's ELF, read once per build for every host that gets it."""
+    return preflight.read_module(ko.read_bytes())
+
+
 def _preflight(host: Host, artifact: Artifact, release: str, facts: Facts) -> None:
     """Refuse, before anything is uploaded, a module the host's kernel would not load: the build's
     preflight checks against what the host has of its kernel's tree (build tree or /boot files), as
     the facts read it (else in a round trip of its own: a module importing symbols they did not ask)."""
-    module = preflight.read_module(artifact.ko.read_bytes())
+    module = _module_of(artifact.ko, artifact.sha256)
     if facts.tree is not None and set(module.crcs) <= set(facts.symbols):
         output = facts.tree
     else:

@@ -280,7 +280,9 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
     become = (f'elif sudo -n true 2>/dev/null; then echo {STATE_BEGINS}; sudo -n sh -c "$s" toa-facts "$k"; '
               'else echo @@toa-nosudo; fi' if sudo else "else echo @@toa-notroot; fi")
     return "\n".join([
-        'u=$(id -u); echo "@@toa-uid $u"',
+        # the effective uid as /proc tells this shell's own (id where it cannot)
+        'u=; while read -r n r e z; do if [ "$n" = Uid: ]; then u=$e; break; fi; done < /proc/self/status 2>/dev/null',
+        '[ -n "$u" ] || u=$(id -u); echo "@@toa-uid $u"',
         detect.REMOTE_FACTS_COMMAND,  # sets $k, the running release
         f"s={q(state)}",
         # as root, in a subshell of this shell (no process to start)
