@@ -306,6 +306,32 @@ def test_a_directory_the_host_lacks_is_written_whole_and_renamed_into_place_once
     assert sorted(path.name for path in tree.parent.iterdir()) == ["toa-kmod-1"]
 
 
+def test_the_state_command_reads_files_links_temp_names_and_missing_directories_here(tmp_path):
+    """state_command run by sh on files made here: a shared file through a symlink (its target and the
+    temp names beside both), a file with a temp name beside it, a directory that is not there."""
+    etc = tmp_path / "etc"
+    (etc / "real").mkdir(parents=True)
+    (etc / "mod").mkdir()
+    (etc / "real" / "modules.real").write_text("loop\n")
+    (etc / "modules").symlink_to("real/modules.real")
+    (etc / "mod" / "toa.conf").write_text("options toa kinds=254\n")
+    left = [etc / "real" / ".modules.real.toa-new-0123abcd", etc / ".modules.toa-new-89abcdef",
+            etc / "mod" / ".toa.conf.toa-new-aaaabbbb"]
+    for path in left:
+        path.touch()
+    files = [render.AutoloadFile(str(etc / "modules"), "toa\n", 0o644, "lines"),
+             render.AutoloadFile(str(etc / "mod" / "toa.conf"), "x", 0o644),
+             render.AutoloadFile(str(etc / "new" / "toa.conf"), "x", 0o644)]
+    ran = _sh(state_command(str(tmp_path / "toa.ko"), RELEASE, files))
+    state = parse_state(ran.stdout, files)
+    assert sorted(state.stale) == sorted(map(str, left))
+    assert state.resolved == {str(etc / "modules"): str(etc / "real" / "modules.real")}
+    assert state.missing_dirs == {str(etc / "new")}
+    assert state.files == {str(etc / "modules"): Current("file", "loop\n", 0o644),
+                           str(etc / "mod" / "toa.conf"): Current("file", "options toa kinds=254\n", 0o644),
+                           str(etc / "new" / "toa.conf"): None}
+
+
 def test_a_missing_directory_and_a_tree_left_by_a_cut_run_are_in_the_facts():
     directory = posixpath.dirname(FILES[0].path)
     left = f"{posixpath.dirname(directory)}/.{posixpath.basename(directory)}.toa-new-0123abcd"
@@ -1174,7 +1200,7 @@ def test_the_apply_command_checks_its_upload_and_detaches_the_script():
     checked = subprocess.run(["sh", "-n", "-c", _APPLY_COMMAND], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert "trap '' HUP PIPE" in _APPLY_COMMAND and "setsid" in _APPLY_COMMAND
-    assert 'sha256sum < "$d/in"' in _APPLY_COMMAND
+    assert 'sha256sum < "$d/apply.sh"' in _APPLY_COMMAND
 
 
 def test_a_lost_runs_staging_directory_is_stale_and_only_toas_names_are_removed(tmp_path):
@@ -1221,17 +1247,28 @@ def test_the_apply_command_refuses_to_run_beside_a_running_apply_and_a_lost_uplo
 
     running, mine = (f"{STAGING_PREFIX}{secrets.token_hex(8)}" for _ in range(2))
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    upload = b"echo applied > /dev/null\n"
+    files, script = b"\x7fELF payload", b'echo "applied $(cat "$1/in" | head -c 4 | tail -c 3)"\necho @@end\n'
+
+    def apply(upload: bytes) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", _APPLY_COMMAND, "toa-apply", mine.removeprefix(STAGING_PREFIX),
+                               str(len(files)), hashlib.sha256(script).hexdigest()],
+                              input=upload, capture_output=True, timeout=60)
     try:
         os.mkdir(running, 0o700)
         Path(running, "pid").write_text(f"{os.getpid()} {boot}\n")
-        refused = subprocess.run(["sh", "-c", _APPLY_COMMAND, "toa-apply", mine.removeprefix(STAGING_PREFIX),
-                                  str(len(upload)), hashlib.sha256(upload).hexdigest(), "0"],
-                                 input=upload, capture_output=True, timeout=60)
+        refused = apply(files + script)
+        left = os.path.exists(mine)
     finally:
         subprocess.run(["rm", "-rf", "--", running, mine], check=True)
     assert refused.returncode == 1 and refused.stderr.decode().splitlines() == [
         f"an earlier run's apply is still going on ({running}): run deploy again once it has ended"], refused
+    assert not left
+    short = apply(files + script[:-3])  # cut short: the script's sha256 is not the one sent
+    assert short.returncode == 1 and short.stderr.decode().splitlines() == [
+        "the upload arrived damaged or cut short: run again"] and not os.path.exists(mine)
+    ran = apply(files + script)
+    assert ran.returncode == 0 and ran.stdout.decode().splitlines() == ["applied ELF", "@@end", "@@toa-collected"]
+    assert not os.path.exists(mine)
     collected = subprocess.run(["sh", "-c", _collect_command(mine.removeprefix(STAGING_PREFIX))],
                                capture_output=True, text=True, timeout=10)
     assert collected.stdout.splitlines() == [NOT_STARTED]

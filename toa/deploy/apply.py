@@ -390,7 +390,7 @@ class ApplyScript:
 
 # The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
 # an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
-# the upload whole, then starts the script in its own session with its output in a log, SIGHUP and
+# the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then starts the script in its own session with its output in a log, SIGHUP and
 # SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
 # the log is where a reconnect reads the outcome. The log streams back while the connection lives.
 _APPLY_COMMAND = "\n".join([
@@ -398,13 +398,14 @@ _APPLY_COMMAND = "\n".join([
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
     'echo "$$ $b" > "$d/pid"',
     'cat > "$d/in"',
-    'if [ "$(sha256sum < "$d/in")" != "$3  -" ]; then',  # cut short or damaged: another sha256
+    # the script comes last: an upload cut short has no whole script (each file is checked on its own)
+    'tail -c +"$(($2 + 1))" "$d/in" > "$d/apply.sh"',
+    'if [ "$(sha256sum < "$d/apply.sh")" != "$3  -" ]; then',
     '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
     "fi",
     # read whole first: a command that leaves its input unread looks like a lost connection
     f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
     "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
-    'tail -c +"$(($4 + 1))" "$d/in" > "$d/apply.sh"',
     "trap '' HUP PIPE",
     ': > "$d/log"',  # there before tail -f looks for it
     'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
@@ -599,8 +600,8 @@ def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
     token = secrets.token_hex(8)
     upload = script.upload()
     offset = sum(payload.size for payload in script.payloads)
-    command = (f"{host.sudo}sh -c {shlex.quote(_APPLY_COMMAND)} toa-apply {token} {len(upload)} "
-               f"{hashlib.sha256(upload).hexdigest()} {offset}")
+    command = (f"{host.sudo}sh -c {shlex.quote(_APPLY_COMMAND)} toa-apply {token} {offset} "
+               f"{hashlib.sha256(script.text.encode()).hexdigest()}")
 
     def on_line(line: str) -> None:
         if line.startswith("@@step "):

@@ -125,7 +125,7 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
 def _file_lines(files: list[AutoloadFile]) -> list[str]:
     """The state lines of FILES (numbered in their order): content, mode, link target, temp names.
     The files of a directory the host lacks are absent at the cost of one test (a fresh host has
-    none of toa's source directory)."""
+    none of toa's source directory); a directory's temp names are found by one glob for all its files."""
     q = shlex.quote
     by_directory: dict[str, list[tuple[int, AutoloadFile]]] = {}
     for index, f in enumerate(files):
@@ -134,26 +134,29 @@ def _file_lines(files: list[AutoloadFile]) -> list[str]:
     for directory, entries in by_directory.items():
         # a directory the host lacks is written whole under a temp name beside it (apply's
         # _write_files_script): one a cut-short run left is found here
-        lines += [f"for t in {q(_temp_prefix(directory))}*; do "
-                  'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done',
-                  f"if [ -d {q(directory)} ]; then"]
+        lines += [_stale_glob(_temp_prefix(directory)), f"if [ -d {q(directory)} ]; then",
+                  _stale_glob(f"{directory}/.", f"*{FILE_TEMP_MARK}")]
         for index, f in entries:
-            lines += [_file_stale_line(index, f), _file_read_line(index, f)]
+            lines += [_file_stale_line(index, f), _file_read_line(index, f)] if f.kind != "symlink" \
+                else [_file_read_line(index, f)]
         lines += ["else", f"echo '@@nodir {entries[0][0]}'", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
     return lines
 
 
-def _file_stale_line(index: int, f: AutoloadFile) -> str:
-    """Temp names beside the path and, for a symlink written where it points, beside its target
-    (globs: the quoted fixed part, then an unquoted *)."""
-    q = shlex.quote
-    if f.kind == "symlink":
-        return (f"for t in {q(_temp_prefix(f.path))}*; do "
-                'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-    return (f'f={q(f.path)}; {_RESOLVE}; '
-            f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; fi; '
-            f'for t in {q(_temp_prefix(f.path))}* "${{r%/*}}/.${{r##*/}}"{q(FILE_TEMP_MARK)}*; do '
+def _stale_glob(prefix: str, middle: str = "") -> str:
+    """A line printing the names that start with PREFIX (quoted; MIDDLE a glob part after it) as @@stale."""
+    return (f"for t in {shlex.quote(prefix)}{middle}*; do "
             'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
+
+
+def _file_stale_line(index: int, f: AutoloadFile) -> str:
+    """Where a symlinked file really is, and the temp names beside that target (a symlink's own
+    directory is globbed for them once, with the rest)."""
+    q = shlex.quote
+    return (f'f={q(f.path)}; if [ -L "$f" ]; then r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+            f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; '
+            f'for t in "${{r%/*}}/.${{r##*/}}"{q(FILE_TEMP_MARK)}*; do '
+            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done; fi; fi')
 
 
 def _file_read_line(index: int, f: AutoloadFile) -> str:
