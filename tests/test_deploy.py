@@ -332,6 +332,27 @@ def test_the_state_command_reads_files_links_temp_names_and_missing_directories_
                            str(etc / "new" / "toa.conf"): None}
 
 
+def test_files_of_a_directory_as_rendered_are_said_the_same_without_their_text(tmp_path):
+    """Several files toa owns in one directory (the module sources) are read by one sha256sum and one
+    stat: a file as rendered is said the same; another text or mode is read whole, as any file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    wanted = {"Kbuild": "obj-m += toa.o\n", "toa.c": "int toa;\n", "probe.c": "int probe;\n", "gone.c": "x\n"}
+    files = [render.AutoloadFile(str(src / name), text, 0o644) for name, text in wanted.items()]
+    (src / "Kbuild").write_text(wanted["Kbuild"])
+    (src / "toa.c").write_text("int toa; /* edited */\n")
+    (src / "probe.c").write_text(wanted["probe.c"])
+    (src / "probe.c").chmod(0o600)
+    command = state_command(str(tmp_path / "toa.ko"), RELEASE, files)
+    ran = _sh(command)
+    assert ran.stdout.count("@@same") == 1 and "b2JqLW0" not in ran.stdout  # Kbuild's text not sent
+    assert parse_state(ran.stdout, files).files == {
+        str(src / "Kbuild"): Current("file", wanted["Kbuild"], 0o644),
+        str(src / "toa.c"): Current("file", "int toa; /* edited */\n", 0o644),
+        str(src / "probe.c"): Current("file", wanted["probe.c"], 0o600),
+        str(src / "gone.c"): None}
+
+
 def test_a_missing_directory_and_a_tree_left_by_a_cut_run_are_in_the_facts():
     directory = posixpath.dirname(FILES[0].path)
     left = f"{posixpath.dirname(directory)}/.{posixpath.basename(directory)}.toa-new-0123abcd"
