@@ -24,7 +24,7 @@ from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
-    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, FileWrite, Payload, _write_file_script,
+    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, ApplyScript, FileWrite, Payload, _write_file_script,
     _write_files_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
     _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
@@ -1194,6 +1194,16 @@ def test_the_scripts_own_load_check_agrees_with_check_load(tmp_path, change, ver
         assert verified
     except ToaError:
         assert not verified
+
+
+def test_a_module_changed_after_it_was_found_is_not_sent(tmp_path):
+    ko = tmp_path / "toa.ko"
+    ko.write_bytes(b"\x7fELF built")
+    payload = Payload(ko, hashlib.sha256(b"\x7fELF built").hexdigest(), 0, ko.stat().st_size)
+    assert ApplyScript("true\n", (payload,)).upload() == b"\x7fELF built" + b"true\n"
+    ko.write_bytes(b"\x7fELF other")  # same size, another build
+    with pytest.raises(ToaError, match="changed since it was found"):
+        ApplyScript("true\n", (payload,)).upload()
 
 
 def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(tmp_path):

@@ -1,6 +1,7 @@
 """The apply: one script per host (apply_script), with toa.ko (and the other kernels' builds) on the
 same command's stdin, that
-1. checks the upload whole (size and sha256), then each file in it against the artifact's sha256;
+1. checks that the upload arrived whole (the script, its end, by its sha256; each file in it was
+   checked against the artifact's sha256 as it was read for sending, and SSH keeps it intact);
 2. puts toa.ko in place as every file is (see below), the current toa.ko hard-linked to toa.ko.prev
    just before the rename; depmod -a;
 3. loads it (rmmod first when another build or other options are loaded) and verifies: the kernel
@@ -384,8 +385,16 @@ class ApplyScript:
     payloads: tuple[Payload, ...]
 
     def upload(self) -> bytes:
-        """What the apply command reads on its stdin: the payloads, then the script."""
-        return b"".join(payload.local.read_bytes() for payload in self.payloads) + self.text.encode()
+        """What the apply command reads on its stdin: the payloads, each checked against its sha256
+        as it is read here, then the script."""
+        parts = []
+        for payload in self.payloads:
+            data = payload.local.read_bytes()
+            if len(data) != payload.size or hashlib.sha256(data).hexdigest() != payload.sha256:
+                raise ToaError(f"{payload.local} changed since it was found (its sha256 is not the artifact's): "
+                               "run again")
+            parts.append(data)
+        return b"".join(parts) + self.text.encode()
 
 
 # The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
@@ -453,12 +462,13 @@ def _load_check_script(artifact: Artifact, parameters: dict[str, str]) -> str:
 
 def _install_script(payload: Payload, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
     """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script).
-    The upload was checked whole; the temp file's own check is the payload's."""
+    The upload arrived whole (the apply command's check): the temp is its copy when the copy ended
+    well and has the payload's size (no sha256 of a megabyte again on a slow host)."""
     extract = (f'head -c {payload.size} "$d/in"' if payload.offset == 0
                else f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size}')
     return _replace_script(
         path, create=f'{extract} > "$tmp"', flush=False,
-        check=_sha_is("$tmp", payload.sha256), same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
+        check=f'[ "$(wc -c < "$tmp")" -eq {payload.size} ]', same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
         mark=mark, before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi')
 
 
