@@ -204,7 +204,7 @@ def test_a_kernel_that_wants_signed_modules_says_so():
 def test_commands_quote_what_they_carry():
     hostile = FILES + [render.AutoloadFile("/etc/it's $(here)", "x", 0o644)]
     command = state_command(MODULE_FILE, RELEASE, hostile)
-    assert "f='/etc/it'\"'\"'s $(here)'" in command
+    assert "fr 2 '/etc/it'\"'\"'s $(here)'" in command
     # the text travels in single quotes to the shell's own printf; the path is quoted once and used as "$p" after
     text = "options toa kinds=254 `reboot` $(reboot) 'x'\n"
     write = _write_file_script("/etc/it's $(here)", "file", text, 0o644)

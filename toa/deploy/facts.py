@@ -123,67 +123,59 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
     return lines
 
 
+# The shell functions the file lines call (a dozen short calls parse faster than pages of script on
+# a slow host): sl prints the names it is given that exist as @@stale; fl resolves a symlinked file
+# ($1 its number, $2 its path) and finds the temp names beside its target; fr reads it; fs says it
+# is the same when sha256sum and stat ($s, read for the directory) show $3 and mode $4, else reads it;
+# fk reads a symlink toa owns; na says a directory is missing ($1) and its files absent.
+_FILE_FUNCTIONS = "\n".join([
+    "nl='\n'",
+    'sl() { for t in "$@"; do if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done; }',
+    'fl() { f=$2; if [ -L "$f" ]; then r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
+    'if [ "$r" != "$f" ]; then echo "@@resolved $1 $(printf %s "$r" | base64 -w0)"; '
+    f'sl "${{r%/*}}/.${{r##*/}}"{FILE_TEMP_MARK}*; fi; fi; }}',
+    # read through a symlink: the file it points to is the one deploy edits
+    'fr() { fl "$1" "$2"; if [ -f "$f" ]; then echo "@@file $1 $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
+    'else echo "@@absent $1"; fi; }',
+    'fs() { case "$nl$s$nl" in *"$nl$3  $2$nl"*"$nl$4 $2$nl"*) fl "$1" "$2"; echo "@@same $1";; *) fr "$1" "$2";; esac; }',
+    'fk() { f=$2; if [ -L "$f" ]; then echo "@@symlink $1 $(printf %s "$(readlink "$f")" | base64 -w0)"; '
+    'elif [ -f "$f" ]; then echo "@@file $1 $(stat -c %a "$f") $(base64 -w0 < "$f")"; else echo "@@absent $1"; fi; }',
+    'na() { echo "@@nodir $1"; for i; do echo "@@absent $i"; done; }',
+])
+
+
 def _file_lines(files: list[AutoloadFile]) -> list[str]:
     """The state lines of FILES (numbered in their order): content, mode, link target, temp names.
     The files of a directory the host lacks are absent at the cost of one test (a fresh host has
-    none of toa's source directory); a directory's temp names are found by one glob for all its files."""
+    none of toa's source directory); a directory's temp names are found by one glob for all its
+    files, and several files toa owns there (the module sources) by one sha256sum and one stat: one
+    as rendered is said the same, not sent whole."""
     q = shlex.quote
     by_directory: dict[str, list[tuple[int, AutoloadFile]]] = {}
     for index, f in enumerate(files):
         by_directory.setdefault(posixpath.dirname(f.path), []).append((index, f))
-    lines = ["nl='\n'"]
+    lines = [_FILE_FUNCTIONS]
     for directory, entries in by_directory.items():
         # a directory the host lacks is written whole under a temp name beside it (apply's
         # _write_files_script): one a cut-short run left is found here
-        lines += [_stale_glob(_temp_prefix(directory)), f"if [ -d {q(directory)} ]; then",
-                  _stale_glob(f"{directory}/.", f"*{FILE_TEMP_MARK}")]
+        lines += [f"sl {q(_temp_prefix(directory))}*", f"if [ -d {q(directory)} ]; then",
+                  f"sl {q(directory + '/.')}*{FILE_TEMP_MARK}*"]
         owned = [(index, f) for index, f in entries if f.kind == "file"]
-        if len(owned) > 1:  # e.g. the module sources: one sha256sum and one stat for them all
+        if len(owned) > 1:
             names = " ".join(q(f.path) for _index, f in owned)
-            lines.append(f"s=$(sha256sum -- {names} 2>/dev/null; stat -L -c '%a %n' -- {names} 2>/dev/null)")
+            some = " || ".join(f"[ -f {q(f.path)} ]" for _index, f in owned)
+            lines.append(f"s=; if {some}; then s=$(sha256sum -- {names} 2>/dev/null; "
+                         f"stat -L -c '%a %n' -- {names} 2>/dev/null); fi")
         for index, f in entries:
             if f.kind == "symlink":
-                lines.append(_file_read_line(index, f))
-                continue
-            lines.append(_file_stale_line(index, f))
-            if len(owned) > 1 and f.kind == "file":
-                # as rendered for any host (no release, no options in it): said in a word, not sent whole
-                sha = hashlib.sha256(f.content.encode()).hexdigest()
-                lines += [f'case "$nl$s$nl" in *"$nl"{sha}"  $f$nl"*"$nl"{f.mode:o}" $f$nl"*) echo "@@same {index}";;',
-                          f"*) {_file_read_line(index, f)};; esac"]
+                lines.append(f"fk {index} {q(f.path)}")
+            elif len(owned) > 1 and f.kind == "file":
+                # as rendered for any host (no release, no options in it)
+                lines.append(f"fs {index} {q(f.path)} {hashlib.sha256(f.content.encode()).hexdigest()} {f.mode:o}")
             else:
-                lines.append(_file_read_line(index, f))
-        lines += ["else", f"echo '@@nodir {entries[0][0]}'", *(f"echo '@@absent {index}'" for index, _f in entries), "fi"]
+                lines.append(f"fr {index} {q(f.path)}")
+        lines += ["else", f"na {' '.join(str(index) for index, _f in entries)}", "fi"]
     return lines
-
-
-def _stale_glob(prefix: str, middle: str = "") -> str:
-    """A line printing the names that start with PREFIX (quoted; MIDDLE a glob part after it) as @@stale."""
-    return (f"for t in {shlex.quote(prefix)}{middle}*; do "
-            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done')
-
-
-def _file_stale_line(index: int, f: AutoloadFile) -> str:
-    """Where a symlinked file really is, and the temp names beside that target (a symlink's own
-    directory is globbed for them once, with the rest)."""
-    q = shlex.quote
-    return (f'f={q(f.path)}; if [ -L "$f" ]; then r=$(readlink -f -- "$f" 2>/dev/null) || r=$f; '
-            f'if [ "$r" != "$f" ]; then echo "@@resolved {index} $(printf %s "$r" | base64 -w0)"; '
-            f'for t in "${{r%/*}}/.${{r##*/}}"{q(FILE_TEMP_MARK)}*; do '
-            'if [ -e "$t" ] || [ -L "$t" ]; then echo "@@stale $t"; fi; done; fi; fi')
-
-
-def _file_read_line(index: int, f: AutoloadFile) -> str:
-    q = shlex.quote
-    if f.kind == "symlink":
-        return (f"f={q(f.path)}; "
-                f'if [ -L "$f" ]; then echo "@@symlink {index} $(printf %s "$(readlink "$f")" | base64 -w0)"; '
-                f'elif [ -f "$f" ]; then echo "@@file {index} $(stat -c %a "$f") $(base64 -w0 < "$f")"; '
-                f'else echo "@@absent {index}"; fi')
-    # read through a symlink: the file it points to is the one deploy edits
-    return (f"f={q(f.path)}; "
-            f'if [ -f "$f" ]; then echo "@@file {index} $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
-            f'else echo "@@absent {index}"; fi')
 
 
 _LOADED_LINES = [
