@@ -13,17 +13,21 @@ session of its own with SIGHUP and SIGPIPE ignored and its output in a log on th
 connection dropped under it stops neither the script nor its rollback, and the one reconnect
 reads the outcome from that log. `--dry-run --json` shows the script a run would send.
 
-Every file deploy writes (toa.ko, autoload files, shared files like /etc/modules merged, and the
-rollback's restores) goes through one script (_replace_script): a symlinked path is written where it
-points (readlink -f on the host); the new content goes to a temp name beside that target
-(`.<name>.toa-new-<random>`, toa.ko's `.toa.ko.new-<random>`), whose sha256 must equal the one
-computed here before anything else happens; the temp takes the target's owner and SELinux label (and
-mode, for a shared file; a file toa owns gets its own mode); then sync, rename over the target, sync.
+Every file deploy writes goes in the same way: toa.ko (and the eBPF loader) by _replace_script, the
+autoload files, shared files like /etc/modules merged, the module sources and the rollback's
+restores by _write_files_script, all of a step's files in one script. A symlinked path is written
+where it points (readlink -f on the host); the new content goes to a temp name beside that target
+(`.<name>.toa-new-<random>`, toa.ko's `.toa.ko.new-<random>`; a directory the host lacks, as a
+whole tree under such a name), which must hold what was sent before anything else happens (its
+sha256, or for toa.ko its copy's size, the upload having arrived whole); the temp takes the
+target's owner and SELinux label (and mode, for a shared file; a file toa owns gets its own mode);
+then sync, the rename over the target, sync.
 Any failing step (a full disk included) fails the host, and the temp name is removed. A power cut
 leaves each file old or new and whole; the only leftovers it can leave are temp names, which depmod
 ignores (they do not end in .ko) and the next run deletes beside the running kernel's toa.ko and the
 autoload files (not yet beside other kernels' toa.ko), and the apply's directory under /tmp, which
-the next run removes once that apply has ended or died. Any failure rolls back: the previous toa.ko and autoload files are put back, depmod runs
+the next run removes once that apply has ended or died. Any failure rolls back: the previous
+toa.ko and autoload files are put back, depmod runs
 again, and the previously loaded build is loaded again the way the host loads it (modprobe, or
 insmod of its file where it lives outside /lib/modules) or none stays loaded if none was.
 """
@@ -67,7 +71,7 @@ def _temp_suffix() -> str:
 
 
 def _replace_script(path: str, *, create: str, check: str, same: str, mode: int | None, keep_mode: bool = False,
-                    resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "", flush: bool = True) -> str:
+                    resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "") -> str:
     """The one way deploy puts a file on a host, all or nothing (see the module docstring).
 
     In the script, $p is PATH and $t the file replaced: PATH's target when RESOLVE (readlink -f), else
@@ -76,8 +80,7 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
     $t's owner and SELinux label, and MODE, or with KEEP_MODE $t's mode where $t exists; MODE None
     leaves modes alone (symlinks). BEFORE_RENAME runs just before the rename. Any failing step prints
     one line naming it and exits 1; the temp name never outlives the script. The temp is synced before
-    the rename (a power cut leaves the old file or the whole new one); the rename itself is synced
-    unless not FLUSH (the apply script syncs once at its end)."""
+    the rename (a power cut leaves the old file or the whole new one), the rename after it."""
     q = shlex.quote
     lines = [
         "set -e", PATH_SETTING, "umask 022",
@@ -106,7 +109,7 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         else:
             lines += ['if [ -e "$t" ]; then', *keep, "fi", *set_mode]
     lines += ["sync", *([before_rename] if before_rename else []),
-              'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', *(["sync"] if flush else []), ""]
+              'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', "sync", ""]
     return "\n".join(lines)
 
 
@@ -142,7 +145,7 @@ def _new_trees(writes: list[FileWrite], missing_dirs: frozenset[str]) -> dict[st
     return roots
 
 
-def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = frozenset(), flush: bool = True) -> str:
+def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = frozenset()) -> str:
     """Put every one of WRITES in place, each all or nothing (see the module docstring), in one
     script whose cost hardly grows with the files: every temp file is written by the shell itself
     (printf), all of them checked by one sha256 of their concatenation, the modes set by one chmod
@@ -150,7 +153,7 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
     (MISSING_DIRS, from the facts) is written whole under a temp name and renamed into place once, a
     fresh host's module sources included. A failing step prints one line naming the file and exits
     1; no temp name outlives the script. Files already as wanted are written again: the plan wrote
-    only what differs. Not FLUSH: the renames are left to the caller's sync."""
+    only what differs."""
     q = shlex.quote
     trees = _new_trees(writes, missing_dirs)
     lines = [
@@ -220,7 +223,7 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
                   f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
                   'what was sent (is the disk full?)"']
     lines += ["sync", *(f"mv -T -- {q(temp)} {q(root)} || fail \"cannot rename {temp} to {root}\""
-                        for root, temp in trees.items()), *renames, *(["sync"] if flush else []), ""]
+                        for root, temp in trees.items()), *renames, "sync", ""]
     return "\n".join(lines)
 
 
@@ -254,13 +257,12 @@ def _remove_file_script(path: str, *, resolve: bool = True) -> str:
     return _remove_files_script([(path, resolve)])
 
 
-def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str] = frozenset(),
-                         flush: bool = True) -> str:
+def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str] = frozenset()) -> str:
     """Every one of CHANGES made: the writes in one go (_write_files_script), then the removals."""
     writes = [FileWrite(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file", change.text,
                         change.entry.mode, **_writes(change.entry)) for change in changes if change.text is not None]
     removals = [(change.entry.path, _writes(change.entry)["resolve"]) for change in changes if change.text is None]
-    return "".join([_write_files_script(writes, missing_dirs, flush) if writes else "", _remove_files_script(removals) if removals else ""])
+    return "".join([_write_files_script(writes, missing_dirs) if writes else "", _remove_files_script(removals) if removals else ""])
 
 
 def _writes(entry: AutoloadFile) -> dict:
@@ -467,7 +469,7 @@ def _install_script(payload: Payload, path: str, mark: str = MODULE_TEMP_MARK, m
     extract = (f'head -c {payload.size} "$d/in"' if payload.offset == 0
                else f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size}')
     return _replace_script(
-        path, create=f'{extract} > "$tmp"', flush=False,
+        path, create=f'{extract} > "$tmp"',
         check=f'[ "$(wc -c < "$tmp")" -eq {payload.size} ]', same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
         mark=mark, before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi')
 
@@ -530,7 +532,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     if plan.files:
         # one step: a file costs a process or two on the host, not ten
         step("autoload", f"writing {_names([change.entry.path for change in plan.files])}",
-             _change_files_script(list(plan.files), frozenset(state.missing_dirs), flush=False), tuple(f"file:{change.entry.path}" for change in plan.files))
+             _change_files_script(list(plan.files), frozenset(state.missing_dirs)), tuple(f"file:{change.entry.path}" for change in plan.files))
     if plan.detach_bpf:
         step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
     for index, other in enumerate(others, start=int(plan.install)):
