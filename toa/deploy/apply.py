@@ -160,8 +160,9 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         "set -e", PATH_SETTING, "umask 022",
         'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
         # the shell's own printf writes each file (no process); a failure's reason is the redirection's
-        'put() { printf %s "$2" 2>/dev/null > "$1" && return; e=$(: 2>&1 > "$1"); '
-        'fail "cannot write $t: ${e:+${e##*: }}${e:-the write failed (is the disk full?)}"; }',
+        # (a failed write is tried once more through cat, whose error names the cause: dash's says I/O error)
+        'put() { printf %s "$2" 2>/dev/null > "$1" && return; e=$( { printf %s "$2" | cat > "$1"; } 2>&1 ) && return; '
+        'fail "cannot write $t: ${e##*: }"; }',
         # the owner and SELinux label of a file replaced go to its temp (selinuxenabled asked once)
         'sel=; keep() { chown --reference="$1" -- "$2" || fail "cannot give $2 the owner of $1"; '
         'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
@@ -237,8 +238,18 @@ def _names(paths: list[str]) -> str:
 
 def _write_file_script(path: str, kind: str, text: str, mode: int, *, keep_mode: bool = False,
                        resolve: bool = True) -> str:
-    """One file's write (see _write_files_script)."""
-    return _write_files_script([FileWrite(path, kind, text, mode, keep_mode, resolve)])
+    """One file's write (see _write_files_script), nothing done where the file is already so: a
+    rollback's restore of a file the run never replaced writes nothing (on a full disk, it could not)."""
+    q = shlex.quote
+    if kind == "symlink":
+        same = f'[ -L "$p" ] && [ "$(readlink -- "$p")" = {q(text)} ]'
+    else:
+        target = 't=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") || t=$p; fi; ' if resolve else "t=$p; "
+        same = f'{target}[ -f "$t" ] && {_sha_is("$t", hashlib.sha256(text.encode()).hexdigest())}'
+        if not keep_mode:
+            same += f' && [ "$(stat -c %a -- "$t")" = {mode:o} ]'
+    return (f"{PATH_SETTING}\np={q(path)}\nif {same}; then exit 0; fi\n"
+            + _write_files_script([FileWrite(path, kind, text, mode, keep_mode, resolve)]))
 
 
 def _remove_files_script(removals: list[tuple[str, bool]]) -> str:
