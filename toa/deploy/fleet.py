@@ -114,6 +114,7 @@ def deploy_host(node: Node, options: DeployOptions, progress: Progress | None = 
             if options.dry_run:
                 result.script = script.text
             else:
+                say("send")  # the upload on its way and the apply starting, until its first step
                 host, log = run_apply(host, script, say)
                 failure = outcome_error(parse_apply(log), artifact, parameters)
                 if failure:
