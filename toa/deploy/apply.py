@@ -171,10 +171,11 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         "trap 'rm -f -- " + " ".join(f'"$tmp{i}"' for i in range(len(writes)))
         + "".join(f"; rm -rf -- {q(temp)}" for temp in trees.values()) + " 2>/dev/null' EXIT",
     ]
-    for root, temp in trees.items():
+    for n, (root, temp) in enumerate(trees.items()):
         inside = sorted({posixpath.dirname(w.path) for w in writes if w.path.startswith(root + "/")})
-        lines += [f'[ ! -e {q(root)} ] || fail "{root} appeared after the facts were read: run again"',
-                  f"mkdir -p -- {' '.join(q(temp + d[len(root):]) for d in inside)} || fail \"cannot create {temp}\""]
+        lines += [f"root{n}={q(root)}; tree{n}={q(temp)}",
+                  f'[ ! -e "$root{n}" ] || fail "$root{n} appeared after the facts were read: run again"',
+                  f"mkdir -p -- {' '.join(q(temp + d[len(root):]) for d in inside)} || fail \"cannot create $tree{n}\""]
     contents, by_mode, renames = [], {}, []
     for i, w in enumerate(writes):
         root = next((r for r in trees if w.path.startswith(r + "/")), None)
@@ -223,8 +224,8 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         lines += [f"set -- $(cat -- {files} | sha256sum)",
                   f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
                   'what was sent (is the disk full?)"']
-    lines += ["sync", *(f"mv -T -- {q(temp)} {q(root)} || fail \"cannot rename {temp} to {root}\""
-                        for root, temp in trees.items()), *renames, "sync", ""]
+    lines += ["sync", *(f'mv -T -- "$tree{n}" "$root{n}" || fail "cannot rename $tree{n} to $root{n}"'
+                        for n in range(len(trees))), *renames, "sync", ""]
     return "\n".join(lines)
 
 
@@ -273,7 +274,8 @@ def _change_files_script(changes: list[FileChange], missing_dirs: frozenset[str]
     writes = [FileWrite(change.entry.path, "symlink" if change.entry.kind == "symlink" else "file", change.text,
                         change.entry.mode, **_writes(change.entry)) for change in changes if change.text is not None]
     removals = [(change.entry.path, _writes(change.entry)["resolve"]) for change in changes if change.text is None]
-    return "".join([_write_files_script(writes, missing_dirs) if writes else "", _remove_files_script(removals) if removals else ""])
+    return "".join([_write_files_script(writes, missing_dirs) if writes else "",
+                    _remove_files_script(removals) if removals else ""])
 
 
 def _writes(entry: AutoloadFile) -> dict:
@@ -412,7 +414,8 @@ class ApplyScript:
 
 # The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
 # an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
-# the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then starts the script in its own session with its output in a log, SIGHUP and
+# the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then
+# starts the script in its own session with its output in a log, SIGHUP and
 # SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
 # the log is where a reconnect reads the outcome. The log streams back while the connection lives.
 _APPLY_COMMAND = "\n".join([

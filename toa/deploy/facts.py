@@ -126,7 +126,7 @@ def _module_lines(module: str, temp_prefix: str, modules_dep: str | None, entry:
 # The shell functions the file lines call (a dozen short calls parse faster than pages of script on
 # a slow host): sl prints the names it is given that exist as @@stale; fl resolves a symlinked file
 # ($1 its number, $2 its path) and finds the temp names beside its target; fr reads it; fs says it
-# is the same when sha256sum and stat ($s, read for the directory) show $3 and mode $4, else reads it;
+# is the same when sha256sum and stat ($sums, read for the directory) show $3 and mode $4, else reads it;
 # fk reads a symlink toa owns; na says a directory is missing ($1) and its files absent.
 _FILE_FUNCTIONS = "\n".join([
     "nl='\n'",
@@ -137,7 +137,7 @@ _FILE_FUNCTIONS = "\n".join([
     # read through a symlink: the file it points to is the one deploy edits
     'fr() { fl "$1" "$2"; if [ -f "$f" ]; then echo "@@file $1 $(stat -L -c %a "$f") $(base64 -w0 < "$f")"; '
     'else echo "@@absent $1"; fi; }',
-    'fs() { case "$nl$s$nl" in *"$nl$3  $2$nl"*"$nl$4 $2$nl"*) fl "$1" "$2"; echo "@@same $1";; *) fr "$1" "$2";; esac; }',
+    'fs() { case "$nl$sums$nl" in *"$nl$3  $2$nl"*"$nl$4 $2$nl"*) fl "$1" "$2"; echo "@@same $1";; *) fr "$1" "$2";; esac; }',
     'fk() { f=$2; if [ -L "$f" ]; then echo "@@symlink $1 $(printf %s "$(readlink "$f")" | base64 -w0)"; '
     'elif [ -f "$f" ]; then echo "@@file $1 $(stat -c %a "$f") $(base64 -w0 < "$f")"; else echo "@@absent $1"; fi; }',
     'na() { echo "@@nodir $1"; for i; do echo "@@absent $i"; done; }',
@@ -164,7 +164,7 @@ def _file_lines(files: list[AutoloadFile]) -> list[str]:
         if len(owned) > 1:
             names = " ".join(q(f.path) for _index, f in owned)
             some = " || ".join(f"[ -f {q(f.path)} ]" for _index, f in owned)
-            lines.append(f"s=; if {some}; then s=$(sha256sum -- {names} 2>/dev/null; "
+            lines.append(f"sums=; if {some}; then sums=$(sha256sum -- {names} 2>/dev/null; "
                          f"stat -L -c '%a %n' -- {names} 2>/dev/null); fi")
         for index, f in entries:
             if f.kind == "symlink":
