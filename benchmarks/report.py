@@ -102,8 +102,8 @@ def deploy_notes(doc: dict) -> list[str]:
         notes.append(
             f"toa/floor: in a profiled toa deploy to {profile['hosts']} hosts, the median host spent {parts} "
             f"({view['profile_total']:.1f} s in all; the whole run took {profile['wall_seconds']:.1f} s), where the "
-            f"floor's whole run to {top} hosts took {medians['floor'][top]['wall_seconds']:.1f} s. The largest part, "
-            f"{steps[0][0]}, is where toa's extra time goes.")
+            f"floor's whole run to {top} hosts took {medians['floor'][top]['wall_seconds']:.1f} s (the guests' CPUs "
+            "are the bottleneck: every step waits for them, the floor's copy, depmod and load included).")
     per_host = view["per_host"]
     if "toa" in per_host:
         low, high = view["between"]
