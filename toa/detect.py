@@ -329,7 +329,7 @@ REMOTE_FACTS_COMMAND = (
     "for f in " + " ".join(RELEASE_FILES) + "; do "
     '[ -r "$f" ] && { echo "@@toa-file $f"; while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; done < "$f"; '
     "echo; }; done; "
-    'k=; read -r k < /proc/sys/kernel/osrelease 2>/dev/null || k=$(uname -r); echo "@@toa-kernel $k"; '
+    'k=$(uname -r); echo "@@toa-kernel $k"; '
     'c=; read -r c < /proc/1/comm 2>/dev/null; echo "@@toa-pid1 $c"; '
     '[ -d /run/systemd/system ] && echo "@@toa-systemd"; '
     "for d in /lib/modules/* /usr/lib/modules/*; do r=${d##*/}; "
