@@ -460,9 +460,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="runs per tool and N; the medians are reported (default: 1)")
     parser.add_argument("--tools", default=",".join(t for t in TOOLS if t != "ansible-tuned"),
                         help=f"which of {', '.join(TOOLS)} to run (default: all but ansible-tuned)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="time the first runs on the freshly booted guests too (default: the floor and toa "
-                             "run once, untimed, on every guest first)")
     parser.add_argument("--profile", action="store_true",
                         help="also time each step of one toa deploy to the largest N (where toa's time goes)")
     parser.add_argument("--dist", type=Path, default=Path("dist"),
@@ -505,12 +502,6 @@ def measure(args: argparse.Namespace, say) -> dict:
             settle_seconds = settle(fleet)
             bench = Bench(fleet, artifact, workdir, args.dist.resolve())
             bench.known_hosts.write_text(known_hosts_text(fleet))
-            # a freshly booted TCG guest reads each program from disk and translates it the first time
-            # it runs: the floor and toa each run once, untimed, on every guest before the timed runs
-            warmup = [tool for tool in ("floor", "toa") if tool in args.tools] if args.warmup else []
-            for tool in warmup:
-                say(f"{tool} to {len(fleet)} host(s), untimed (warm-up)")
-                timed_run(bench, tool, fleet, 0)
             for count in args.hosts:
                 for repeat in range(1, args.repeats + 1):
                     for tool in args.tools:
@@ -524,7 +515,6 @@ def measure(args: argparse.Namespace, say) -> dict:
     return {
         "kernel": release,
         "guest_userland": guests.DEFAULT_SUITE,
-        "warmup": [tool for tool in ("floor", "toa") if tool in args.tools] if args.warmup else [],
         "guests": {"count": max(args.hosts), "memory_mb": GUEST_MEMORY_MB, "smp": 1, "accel": "tcg",
                    "boot_seconds": boot_seconds, "settle_seconds": settle_seconds, "boot_panics": restarts},
         "artifact": {"ko": str(artifact.ko), "sha256": artifact.sha256, "srcversion": artifact.srcversion},
