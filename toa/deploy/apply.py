@@ -513,11 +513,11 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     lines = [f"# toa {artifact.srcversion} for {artifact.release}: applied by `invoke deploy` as one script",
              PATH_SETTING, "umask 022", 'd=$1; failed=', "trap 'failed=1; echo \"@@failed terminated\"' TERM INT", ""]
 
-    def step(name: str, what: str, script: str, keys: str | tuple[str, ...] = (), check: str = "") -> None:
+    def step(name: str, what: str, script: str, *keys: str, check: str = "") -> None:
         """SCRIPT as a step (KEYS: what it starts, see _done_keys); with CHECK, its output is kept in
         $d/load for CHECK, which decides."""
         lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', f"echo {q('@@step ' + name)}"])
-        for key in (keys,) if isinstance(keys, str) else keys:
+        for key in keys:
             lines.append(f"{flag(key)}=1")
         lines.extend(["(", script.rstrip("\n"), ")"])
         if check:
@@ -546,7 +546,8 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     if plan.files:
         # one step: a file costs a process or two on the host, not ten
         step("autoload", f"writing {_names([change.entry.path for change in plan.files])}",
-             _change_files_script(list(plan.files), frozenset(state.missing_dirs)), tuple(f"file:{change.entry.path}" for change in plan.files))
+             _change_files_script(list(plan.files), frozenset(state.missing_dirs)),
+             *(f"file:{change.entry.path}" for change in plan.files))
     if plan.detach_bpf:
         step("daemon-reload", "systemctl daemon-reload", "systemctl daemon-reload")
     for index, other in enumerate(others, start=int(plan.install)):

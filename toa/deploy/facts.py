@@ -250,6 +250,7 @@ def _release_path_text(text: str, variable: str) -> str:
     return text.replace(RELEASE_SLOT, "${" + variable + "}")
 
 
+@functools.lru_cache(maxsize=8)  # the same text for every host of a run: built (and hashed) once
 def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
     """One command for everything a deploy or status reads on a host (see parse_facts): whether it
     runs as root (else through `sudo -n`, where SUDO allows it), the platform
