@@ -166,3 +166,52 @@ def test_a_userland_with_extra_packages_is_its_own_recipe_and_names_are_checked(
     for bad in ("gcc;reboot", "-o", "GCC", ""):
         with pytest.raises(ToaError, match="invalid package name"):
             guests.userland("bookworm", extra_packages=("make", bad))
+
+
+def test_a_slow_banner_is_waited_for_not_abandoned(monkeypatch):
+    """A loaded guest's sshd may take longer for its banner than probes are opened apart: the probe
+    stays open (its work in the guest is not wasted), while a port that hangs up gets new probes.
+    Real sockets on loopback; sshd is a listener that answers only the first connection, late."""
+    import socket
+    import threading
+
+    monkeypatch.setattr(guests, "CONNECT_INTERVAL_SECONDS", 0.05)
+    listener = socket.create_server((guests.LOOPBACK, 0))
+    port = listener.getsockname()[1]
+    accepted = []
+
+    def serve() -> None:
+        first, _ = listener.accept()
+        accepted.append(first)
+        listener.settimeout(0.1)
+        deadline = time.monotonic() + 1.0  # later probes are accepted and hung up on meanwhile
+        while time.monotonic() < deadline:
+            try:
+                other, _ = listener.accept()
+                accepted.append(other)
+                other.close()
+            except TimeoutError:
+                pass
+        first.sendall(b"SSH-2.0-slow\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    checks = []
+    try:
+        assert guests._ssh_banner_within(port, 10.0, lambda: checks.append(1))
+    finally:
+        server.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert len(accepted) > 4  # new probes kept coming while the first one waited
+    assert checks  # the guest was checked while waiting
+
+
+def test_a_guest_that_dies_ends_the_wait(monkeypatch):
+    """CHECK raising (QEMU exited, the kernel panicked) ends the wait at once."""
+    def dead() -> None:
+        raise ToaError("guest stopped")
+
+    with pytest.raises(ToaError, match="guest stopped"):
+        guests._ssh_banner_within(guests.free_port(), 30.0, dead)

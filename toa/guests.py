@@ -91,10 +91,12 @@ COMMAND_SECONDS = 30.0
 # Time allowed for one guest to boot to SSH under TCG on a busy host, and per extra guest in a fleet.
 BOOT_SECONDS = 180.0
 BOOT_SECONDS_PER_GUEST = 60.0
-# How long one round of SSH probes lasts, and how often a round opens a new connection.
+# Waiting for sshd: how often the guest is checked (running, no panic), how often a new connection
+# is opened while fewer than MAX_OPEN_PROBES wait, and how long one connection waits for the banner.
 SSH_PROBE_SECONDS = 15.0
 CONNECT_INTERVAL_SECONDS = 1.5
 MAX_OPEN_PROBES = 4
+PROBE_PATIENCE_SECONDS = 60.0
 SERIAL_TAIL_LINES = 15
 # What every kernel prints on the console as it restarts the machine, and as it panics.
 RESTART_MESSAGE = "reboot: Restarting system"
@@ -375,31 +377,40 @@ def _kill_leftover_guests() -> None:
         guest.kill()
 
 
-def _ssh_banner_within(port: int, seconds: float) -> bool:
-    """True when sshd behind the forwarded port sends its banner within `seconds`.
+def _ssh_banner_within(port: int, seconds: float, check: Callable[[], None] = lambda: None) -> bool:
+    """True when sshd behind the forwarded port sends its banner within `seconds`; CHECK is called
+    every SSH_PROBE_SECONDS (it raises when waiting longer is pointless: the guest died).
 
     QEMU accepts on the forwarded port even when nothing listens in the guest: it hangs up when the
     guest refuses, and keeps resending the SYN (with growing delays) while the guest has no network
-    yet. A loaded guest's sshd may also take seconds to send its banner. So a new connection is
-    opened every CONNECT_INTERVAL_SECONDS while a few older ones keep waiting, and any banner counts.
+    yet. So a new connection is opened every CONNECT_INTERVAL_SECONDS while fewer than
+    MAX_OPEN_PROBES wait, and any banner counts. A probe is given PROBE_PATIENCE_SECONDS: sshd on a
+    guest with a sliver of a loaded host's CPU can take many seconds for its banner, and a probe
+    closed sooner wastes that work, so that such a guest would never answer a probe in time.
     """
     deadline = time.monotonic() + seconds
-    next_connect = 0.0
+    next_connect = next_check = 0.0
     selector = selectors.DefaultSelector()
     try:
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if now >= next_connect:
+            if now >= next_check:
+                next_check = now + SSH_PROBE_SECONDS
+                check()
+            for key in list(selector.get_map().values()):
+                if now - key.data > PROBE_PATIENCE_SECONDS:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+            if now >= next_connect and len(selector.get_map()) < MAX_OPEN_PROBES:
                 next_connect = now + CONNECT_INTERVAL_SECONDS
-                probes = sorted(selector.get_map().values(), key=lambda key: key.data)
-                if len(probes) >= MAX_OPEN_PROBES:  # sshd drops logins beyond its MaxStartups (10)
-                    selector.unregister(probes[0].fileobj)
-                    probes[0].fileobj.close()
                 probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 probe.setblocking(False)
                 probe.connect_ex((LOOPBACK, port))
                 selector.register(probe, selectors.EVENT_READ, data=now)
-            wait = max(0.0, min(next_connect, deadline) - time.monotonic())
+            waiting = [key.data for key in selector.get_map().values()]
+            # the next thing to do: open a probe (when there is room), give up on the oldest, check
+            next_event = next_connect if len(waiting) < MAX_OPEN_PROBES else min(waiting) + PROBE_PATIENCE_SECONDS
+            wait = max(0.0, min(next_event, next_check, deadline) - time.monotonic())
             for key, _events in selector.select(timeout=wait):
                 try:
                     data = key.fileobj.recv(64)
@@ -520,13 +531,16 @@ class Guest:
     def wait_for_ssh(self, timeout: float = BOOT_SECONDS) -> float:
         """Block until sshd in the guest sends its banner; returns the seconds waited."""
         started = time.monotonic()
-        while not _ssh_banner_within(self.port, min(SSH_PROBE_SECONDS, timeout)):
+
+        def check() -> None:
             if not self.is_running():
                 raise self._failure(f"stopped before sshd answered (QEMU exit {self.process and self.process.returncode})")
             if PANIC_MESSAGE in self._console_since(self.console_start):
                 raise self._failure("kernel panicked before sshd answered")
-            if time.monotonic() - started > timeout:
-                raise self._failure(f"has no sshd answering on port {self.port} after {timeout:.0f}s")
+
+        if not _ssh_banner_within(self.port, timeout, check):
+            check()
+            raise self._failure(f"has no sshd answering on port {self.port} after {timeout:.0f}s")
         return time.monotonic() - started
 
     def connect(self, user: str | None = None) -> Connection:
