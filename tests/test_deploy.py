@@ -306,6 +306,27 @@ def test_a_directory_the_host_lacks_is_written_whole_and_renamed_into_place_once
     assert sorted(path.name for path in tree.parent.iterdir()) == ["toa-kmod-1"]
 
 
+def test_a_temp_file_that_does_not_hold_what_was_sent_fails_the_write_and_nothing_is_left(tmp_path):
+    """The files script's one sha256sum over its temps: a temp that lost a byte (as on a full disk;
+    here one is cut short between the writes and the check) fails the step by name, no rename
+    happens, and neither temp file nor temp tree outlives the script."""
+    tree, etc = tmp_path / "usr" / "src" / "toa-kmod-1", tmp_path / "etc"
+    etc.mkdir()
+    (etc / "toa.conf").write_text("old\n")
+    writes = [FileWrite(str(tree / "Kbuild"), "file", "obj-m += toa.o\n"),
+              FileWrite(str(etc / "toa.conf"), "file", "toa\n")]
+    script = _write_files_script(writes, frozenset({str(tree)}))
+    check = script.index('[ "$(sha256sum')
+    for cut in ('truncate -s 1 -- "$tmp1"\n', 'truncate -s 1 -- "$tmp0"\n'):
+        result = _sh(script[:check] + cut + script[check:])
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"cannot write {tree / 'Kbuild'} and 1 more: the temp files do not hold "
+                                          "what was sent (is the disk full?)")
+        assert sorted(path.name for path in tmp_path.rglob("*")) == ["etc", "src", "toa.conf", "usr"]
+        assert (etc / "toa.conf").read_text() == "old\n"
+    assert _sh(script).returncode == 0 and (etc / "toa.conf").read_text() == "toa\n"
+
+
 def test_the_state_command_reads_files_links_temp_names_and_missing_directories_here(tmp_path):
     """state_command run by sh on files made here: a shared file through a symlink (its target and the
     temp names beside both), a file with a temp name beside it, a directory that is not there."""

@@ -91,7 +91,8 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
          if resolve else 't=$p'),
         f'tmp="${{t%/*}}/.${{t##*/}}"{q(mark + _temp_suffix())}',
-        'trap \'rm -f -- "$tmp"\' EXIT',
+        # a process only where a temp is left (a failure): on success the rename took it
+        'trap \'if [ -e "$tmp" ]; then rm -f -- "$tmp"; fi\' EXIT',
         f"if {same}; then exit 0; fi",
         # the pipeline's status alone says little (a full disk can fail either side): CHECK decides
         f'if ! err=$( {{ {create}; }} 2>&1 ); then fail "cannot write $t: $(printf %s "$err" | tr "\\n" " ")"; fi',
@@ -168,8 +169,10 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
         '&& command -v chcon >/dev/null 2>&1; then sel=yes; fi; fi; '
         'if [ "$sel" = yes ]; then chcon --reference="$1" -- "$2" || fail "cannot give $2 the SELinux label of $1"; fi; }',
-        "trap 'rm -f -- " + " ".join(f'"$tmp{i}"' for i in range(len(writes)))
-        + "".join(f"; rm -rf -- {q(temp)}" for temp in trees.values()) + " 2>/dev/null' EXIT",
+        # on EXIT, what is left of the temps (a failure's; none after the renames), removed by one rm
+        "left() { for x; do if [ -e \"$x\" ] || [ -L \"$x\" ]; then rm -rf -- \"$@\" 2>/dev/null; return; fi; done; }",
+        "trap 'left " + " ".join([*(f'"$tmp{i}"' for i in range(len(writes))), *(q(temp) for temp in trees.values())])
+        + "' EXIT",
     ]
     for n, (root, temp) in enumerate(trees.items()):
         inside = sorted({posixpath.dirname(w.path) for w in writes if w.path.startswith(root + "/")})
@@ -218,12 +221,15 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         words = " ".join(f'"$tmp{i}"' for i in indexes)
         lines.append(f'chmod {mode:o} -- {words} || fail "cannot set the mode of the new files"')
     if contents:
-        # one sha256 for all the temp files: a file cut short (a full disk) changes it
-        files = " ".join(f'"$tmp{i}"' for i, w in enumerate(writes) if w.kind != "symlink")
-        everything = hashlib.sha256(b"".join(contents)).hexdigest()
-        lines += [f"set -- $(cat -- {files} | sha256sum)",
-                  f'[ "$1" = {everything} ] || fail "cannot write $t0{_more(len(writes))}: the temp files do not hold '
-                  'what was sent (is the disk full?)"']
+        # one sha256sum for all the temps (a file cut short, a full disk, changes its line): its
+        # output compared whole with the lines the contents sent give (a path with a backslash or
+        # a newline, which sha256sum escapes, would fail here, never pass)
+        files = [i for i, w in enumerate(writes) if w.kind != "symlink"]
+        want = "${nl}".join(f"{hashlib.sha256(text).hexdigest()}  ${{tmp{i}}}" for i, text in zip(files, contents))
+        temps = " ".join(f'"$tmp{i}"' for i in files)
+        lines += ["nl='\n'", f'want="{want}"',
+                  f'[ "$(sha256sum -- {temps})" = "$want" ] '
+                  f'|| fail "cannot write $t0{_more(len(writes))}: the temp files do not hold what was sent (is the disk full?)"']
     lines += ["sync", *(f'mv -T -- "$tree{n}" "$root{n}" || fail "cannot rename $tree{n} to $root{n}"'
                         for n in range(len(trees))), *renames, "sync", ""]
     return "\n".join(lines)
@@ -504,6 +510,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     done = _Done(installed=plan.install, load_attempted=bool(plan.load), files=list(plan.files),
                  others=[(o.module_file, o.release, o.replaces) for o in others], bpf_changed=plan.detach_bpf)
     flags: dict[str, str] = {}  # a step's key (see _done_keys) -> its shell flag
+    ends_synced = [False]  # whether the last step's script ends with a sync (then the script need not)
 
     def flag(key: str) -> str:
         return flags.setdefault(key, f"s{len(flags)}")
@@ -520,6 +527,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
         for key in keys:
             lines.append(f"{flag(key)}=1")
         lines.extend(["(", script.rstrip("\n"), ")"])
+        ends_synced[0] = script.rstrip("\n").endswith("\nsync")
         if check:
             lines[-1] += ' > "$d/load" 2>&1'
             lines.extend(['while IFS= read -r l; do printf "%s\\n" "$l"; done < "$d/load"', "(", check, ")"])
@@ -564,7 +572,9 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
                       f'    [ $? -eq 0 ] || {{ r=rollback-incomplete; echo "@@undo-failed {what}: '
                       '$(tail -n 1 "$d/undo" | tr -d "\\n")"; }', "  fi"])
     lines.extend(["  echo \"@@result $r\"", "}", "",
-                  'if [ -n "$failed" ]; then rollback; else echo "@@result ok"; fi', "sync", "echo @@end", ""])
+                  'if [ -n "$failed" ]; then rollback; else echo "@@result ok"; fi',
+                  # what the steps or the rollback wrote, on disk before the end is told
+                  '[ -z "$failed" ] || sync' if ends_synced[0] else "sync", "echo @@end", ""])
     return ApplyScript("\n".join(lines), tuple(payloads))
 
 
