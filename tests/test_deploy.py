@@ -24,10 +24,10 @@ from toa import detect, render, targets
 from toa.artifacts import Artifact
 from toa.artifacts import find as find_artifact
 from toa.deploy.apply import (
-    _APPLY_COMMAND, NOT_STARTED, _collect_command, _load_check_script, ApplyScript, FileWrite, Payload, _write_file_script,
+    NOT_STARTED, _collect_command, _load_check_script, ApplyScript, FileWrite, Payload, _write_file_script,
     _write_files_script, apply_script, check_load, outcome_error, parse_apply, parse_load)
 from toa.deploy.facts import (
-    _STAGING_STALE_LINE, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
+    _STAGING_STALE_LINE, APPLY_COMMAND, RELEASE_SLOT, STAGING_PREFIX, STATE_BEGINS, TREE_BEGINS, Current, HostRefused, ModuleState,
     facts_command, module_layouts, parse_facts, parse_state, state_command)
 from toa.deploy.fleet import deploy, next_boot, run_fleet
 from toa.deploy.host import COMMAND_TIMEOUT_SECONDS, DeployOptions, Host, HostResult
@@ -1150,7 +1150,8 @@ def _facts_output(uid="1000", *, state=True, tree=""):
 
 def test_the_facts_are_one_command_and_the_hosts_own_target_picks_its_lines():
     command = facts_command(True, ("tcp_v4_syn_recv_sock",))
-    assert command.count("sudo -n") == 2 and "@@toa-nosudo" in command and detect.REMOTE_FACTS_COMMAND in command
+    # sudo for the state, for the apply that may follow, and to ask whether it may
+    assert command.count("sudo -n") == 3 and "@@toa-nosudo" in command and detect.REMOTE_FACTS_COMMAND in command
     assert "sudo" not in facts_command(False)
     for layout in module_layouts():  # every target's place for toa.ko, for the host's own release
         assert layout.replace(RELEASE_SLOT, "${kr}") in command
@@ -1249,10 +1250,10 @@ def test_the_apply_is_one_script_with_its_rollback_and_the_module_on_its_stdin(t
 
 
 def test_the_apply_command_checks_its_upload_and_detaches_the_script():
-    checked = subprocess.run(["sh", "-n", "-c", _APPLY_COMMAND], capture_output=True, text=True)
+    checked = subprocess.run(["sh", "-n", "-c", APPLY_COMMAND], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    assert "trap '' HUP PIPE" in _APPLY_COMMAND and "setsid" in _APPLY_COMMAND
-    assert 'sha256sum < "$d/apply.sh"' in _APPLY_COMMAND
+    assert "trap '' HUP PIPE" in APPLY_COMMAND and "setsid" in APPLY_COMMAND
+    assert 'sha256sum < "$d/apply.sh"' in APPLY_COMMAND
 
 
 def test_a_lost_runs_staging_directory_is_stale_and_only_toas_names_are_removed(tmp_path):
@@ -1302,7 +1303,7 @@ def test_the_apply_command_refuses_to_run_beside_a_running_apply_and_a_lost_uplo
     files, script = b"\x7fELF payload", b'echo "applied $(cat "$1/in" | head -c 4 | tail -c 3)"\necho @@end\n'
 
     def apply(upload: bytes) -> subprocess.CompletedProcess:
-        return subprocess.run(["sh", "-c", _APPLY_COMMAND, "toa-apply", mine.removeprefix(STAGING_PREFIX),
+        return subprocess.run(["sh", "-c", APPLY_COMMAND, "toa-apply", mine.removeprefix(STAGING_PREFIX),
                                str(len(files)), hashlib.sha256(script).hexdigest()],
                               input=upload, capture_output=True, timeout=60)
     try:
@@ -1324,6 +1325,25 @@ def test_the_apply_command_refuses_to_run_beside_a_running_apply_and_a_lost_uplo
     collected = subprocess.run(["sh", "-c", _collect_command(mine.removeprefix(STAGING_PREFIX))],
                                capture_output=True, text=True, timeout=10)
     assert collected.stdout.splitlines() == [NOT_STARTED]
+
+
+def test_the_facts_command_waits_for_the_apply_and_runs_it_on_the_same_input():
+    """The facts command run by sh here (as root): the facts, the line that ends them, then with an
+    apply line and the upload on its stdin the apply command's whole run; at end of input instead,
+    nothing more (exit 0)."""
+    import secrets
+
+    token = secrets.token_hex(8)
+    files, script = b"\x7fELF payload", b'echo "applied $(head -c 4 "$1/in" | tail -c 3)"\necho @@end\n'
+    line = f"apply {token} {len(files)} {hashlib.sha256(script).hexdigest()}\n".encode()
+    command = ["sh", "-c", facts_command(False)]
+    ran = subprocess.run(command, input=line + files + script, capture_output=True, timeout=120)
+    facts, end, applied = ran.stdout.decode().partition("\n@@toa-facts-end\n")
+    assert ran.returncode == 0 and end and STATE_BEGINS in facts, ran
+    assert applied.splitlines() == ["applied ELF", "@@end", "@@toa-collected"]
+    assert not os.path.exists(STAGING_PREFIX + token)
+    alone = subprocess.run(command, input=b"", capture_output=True, timeout=120)
+    assert alone.returncode == 0 and alone.stdout.decode().endswith("\n@@toa-facts-end\n")
 
 
 def test_the_outcome_of_an_apply(tmp_path):

@@ -207,3 +207,33 @@ def test_a_host_gone_silent_between_commands_is_noticed_within_the_limit(sshd):
             assert time.monotonic() - started < 2 + WATCHDOG_GRACE_SECONDS + 10
         finally:
             os.kill(session, signal.SIGCONT)
+
+
+@pytest.mark.ssh
+def test_a_session_answers_twice_on_one_channel(sshd):
+    """remote.Session over real sshd: the first part up to the mark (a mark inside a line is not
+    one), then the rest after more input; a command that ends before the mark is over at once;
+    one that is left waiting ends when closed. The first part is bounded by the time limit."""
+    from toa.remote import ConnectionLost, Session, SshOptions, connect, limit
+
+    with connect(_spec(sshd), SshOptions(key_filename=str(sshd.key_path), known_hosts=str(sshd.known_hosts_path))) as conn:
+        limit(conn, 5)
+        command = "sh -c 'echo one; echo not @@m; printf \"\\n@@m\\n\"; IFS= read -r l; echo \"got $l\"; cat; exit 3'"
+        session = Session(conn, command, "@@m", "talking")
+        assert session.first == "one\nnot @@m\n" and session.waiting and session.ended is None
+        lines = []
+        result = session.finish(b"line\nrest\n", "answering", lines.append)
+        assert (result.stdout, result.exited, lines) == ("got line\nrest\n", 3, ["got line", "rest"])
+        assert not session.waiting
+
+        ended = Session(conn, "sh -c 'echo only; echo why >&2; exit 4'", "@@m", "talking")
+        assert not ended.waiting and ended.first == "only\n"
+        assert (ended.ended.exited, ended.ended.stderr) == (4, "why\n")
+
+        waiting = Session(conn, "sh -c 'printf \"@@m\\n\"; read l; echo never'", "@@m", "talking")
+        assert waiting.first == "" and waiting.waiting
+        waiting.close()
+        assert not waiting.waiting
+
+        with pytest.raises(ConnectionLost, match=r"within 5 s \(talking\)"):
+            Session(conn, "sleep 30", "@@m", "talking")

@@ -384,12 +384,31 @@ class _CommandTimedOut(Exception):
     """The command outlived the connection's limit (before the watchdog's grace ran out)."""
 
 
+def _deadline(conn: Connection) -> float | None:
+    seconds = _limit_of(conn)
+    return time.monotonic() + seconds if seconds else None
+
+
 def _drain(channel: paramiko.Channel, receive: Callable[[int], bytes], deadline: float | None,
-           on_line: Callable[[str], None] | None = None) -> bytes:
-    """Everything RECEIVE (the channel's stdout or stderr) gives until EOF, by DEADLINE (monotonic);
-    ON_LINE is called with each whole line as it arrives."""
-    chunks, pending = [], b""
+           on_line: Callable[[str], None] | None = None, until: bytes | None = None,
+           received: bytes = b"") -> bytes:
+    """Everything RECEIVE (the channel's stdout or stderr) gives until EOF, by DEADLINE (monotonic),
+    after RECEIVED (read from it earlier); ON_LINE is called with each whole line as it arrives.
+    With UNTIL, it stops as soon as what it read holds UNTIL."""
+    chunks, pending, seen = [], b"", 0
+    data = received
     while True:
+        if data:
+            chunks.append(data)
+            if on_line:
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+            if until is not None:
+                text = b"".join(chunks)
+                if until in text[max(0, seen - len(until)):]:  # where it can be that was not looked at
+                    return text
+                seen = len(text)
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -401,11 +420,6 @@ def _drain(channel: paramiko.Channel, receive: Callable[[int], bytes], deadline:
             raise _CommandTimedOut() from None
         if not data:
             return b"".join(chunks)
-        chunks.append(data)
-        if on_line:
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                on_line(line.decode("utf-8", "replace"))
 
 
 def _exec(conn: Connection, command: str, stdin: bytes = b"",
@@ -416,25 +430,95 @@ def _exec(conn: Connection, command: str, stdin: bytes = b"",
     every command, which at thousands of hosts was a third of a deploy's own CPU. stdout is read to
     its end before stderr: toa's commands write little to stderr, far less than the channel's
     window, so a command cannot block on a full stderr meanwhile."""
+    channel = _open_channel(conn, command)
+    try:
+        return _finish(conn, channel, command, stdin, on_line)
+    finally:
+        channel.close()
+
+
+def _open_channel(conn: Connection, command: str) -> paramiko.Channel:
     if not conn.is_connected:
         conn.open()
-    seconds = _limit_of(conn)
-    deadline = time.monotonic() + seconds if seconds else None
     channel = conn.transport.open_session()  # a host that never answers: the watchdog (_bounded)
     try:
         channel.exec_command(command)
-        if stdin:
-            channel.sendall(stdin)
-        channel.shutdown_write()  # the command reads end-of-file after STDIN
-        stdout = _drain(channel, channel.recv, deadline, on_line)
-        stderr = _drain(channel, channel.recv_stderr, deadline)
-        exited = channel.recv_exit_status()  # sent with the end of the output; the watchdog bounds the rest
-        if exited == -1 and not conn.transport.is_active():  # closed under the command, no status
-            raise EOFError("the connection closed")
-    finally:
+    except BaseException:
         channel.close()
+        raise
+    return channel
+
+
+def _finish(conn: Connection, channel: paramiko.Channel, command: str, stdin: bytes,
+            on_line: Callable[[str], None] | None, received: bytes = b"") -> Result:
+    """Send STDIN to the command on CHANNEL, then end its input; its Result once it exited (RECEIVED:
+    stdout read from it earlier)."""
+    deadline = _deadline(conn)
+    if stdin:
+        channel.sendall(stdin)
+    channel.shutdown_write()  # the command reads end-of-file after STDIN
+    stdout = _drain(channel, channel.recv, deadline, on_line, received=received)
+    stderr = _drain(channel, channel.recv_stderr, deadline)
+    exited = channel.recv_exit_status()  # sent with the end of the output; the watchdog bounds the rest
+    if exited == -1 and not conn.transport.is_active():  # closed under the command, no status
+        raise EOFError("the connection closed")
     return Result(stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
                   command=command, exited=exited, hide=("stdout", "stderr"))
+
+
+class Session:
+    """A command that answers twice on one channel: what it prints up to a line MARK (`first`), then,
+    once it was given the rest of its input (finish), everything after. Two round trips that need
+    one command's state between them (toa's facts, then the apply they lead to) pay for one channel
+    and one shell on the host. A command that ends before MARK is over at once: `ended` holds its
+    Result. Each part runs within the connection's limit."""
+
+    def __init__(self, conn: Connection, command: str, mark: str, what: str):
+        self.conn, self.command, self.what = conn, command, what
+        self.channel: paramiko.Channel | None = None
+        self.ended: Result | None = None
+        self._after = b""  # what came after MARK with the first part
+        self.first = _bounded(conn, what, lambda: self._start(f"\n{mark}\n".encode()))
+
+    def _start(self, mark: bytes) -> str:
+        channel = _open_channel(self.conn, self.command)
+        try:
+            head = _drain(channel, channel.recv, _deadline(self.conn), received=b"\n", until=mark)
+            if mark not in head:  # the command ended first
+                self.ended = _finish(self.conn, channel, self.command, b"", None, head[1:])
+                channel.close()
+                return self.ended.stdout
+        except BaseException:
+            channel.close()
+            raise
+        first, _, self._after = head.partition(mark)
+        self.channel = channel
+        return first[1:].decode("utf-8", "replace")
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the command waits for the rest of its input (finish)."""
+        return self.channel is not None
+
+    def finish(self, stdin: bytes, what: str, on_line: Callable[[str], None] | None = None) -> Result:
+        """Send STDIN, end the input; the Result of the second part (the first is not in it)."""
+        channel, self.channel = self.channel, None
+        if channel is None:
+            raise ToaError(f"internal error: {self.what} on {self.conn.host} is not waiting for more input")
+        try:
+            return _bounded(self.conn, what, lambda: _finish(self.conn, channel, self.command, stdin, on_line,
+                                                             self._after))
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        """End the command's input without a second part (it exits) and let the channel go."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.shutdown_write()
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 def execute(conn: Connection, command: str, what: str = "a command") -> Result:
@@ -442,12 +526,17 @@ def execute(conn: Connection, command: str, what: str = "a command") -> Result:
     return _bounded(conn, what, lambda: _exec(conn, command))
 
 
+def command_failed(conn: Connection, result: Result) -> ToaError:
+    """The one-line error of a command that failed: its exit status and last line of output."""
+    tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+    return ToaError(f"command failed on {conn.host} (exit {result.exited}): {tail[0]}")
+
+
 def run(conn: Connection, command: str, what: str = "a command") -> str:
     """Run a fixed command on the host and return its stdout; a failure is a ToaError."""
     result = execute(conn, command, what)
     if result.failed:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ToaError(f"command failed on {conn.host} (exit {result.exited}): {tail[0]}")
+        raise command_failed(conn, result)
     return result.stdout
 
 

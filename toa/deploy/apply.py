@@ -47,7 +47,7 @@ from typing import Callable
 from toa import remote, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
-    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_KIND, STAGING_PREFIX,
+    _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX,
     TEMP_SUFFIX_CHARS, ModuleState, _temp_prefix, modules_dep_entry)
 from toa.deploy.host import Host, _describe_failure
 from toa.deploy.plan import DEFAULT_PARAMETERS, FileChange, OtherKernel, Plan, parameters_differ
@@ -418,37 +418,6 @@ class ApplyScript:
         return b"".join(parts) + self.text.encode()
 
 
-# The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
-# an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
-# the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then
-# starts the script in its own session with its output in a log, SIGHUP and
-# SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
-# the log is where a reconnect reads the outcome. The log streams back while the connection lives.
-_APPLY_COMMAND = "\n".join([
-    PATH_SETTING, "umask 077", STAGING_KIND,
-    f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
-    'echo "$$ $b" > "$d/pid"',
-    'cat > "$d/in"',
-    # the script comes last: an upload cut short has no whole script (each file is checked on its own)
-    'tail -c +"$(($2 + 1))" "$d/in" > "$d/apply.sh"',
-    'if [ "$(sha256sum < "$d/apply.sh")" != "$3  -" ]; then',
-    '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
-    "fi",
-    # read whole first: a command that leaves its input unread looks like a lost connection
-    f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
-    "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
-    "trap '' HUP PIPE",
-    ': > "$d/log"',  # there before tail -f looks for it
-    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
-    'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
-    'pid=$!; echo "$pid $b" > "$d/pid"',
-    # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
-    'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
-    # the log stays for a reconnect unless this end can still say it was read to its end
-    'if echo @@toa-collected; then rm -rf -- "$d"; else rm -f -- "$d/in" "$d/apply.sh"; fi',
-    ""])
-
-
 NOT_STARTED = "@@toa-not-started"
 
 
@@ -637,15 +606,14 @@ def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
     token = secrets.token_hex(8)
     upload = script.upload()
     offset = sum(payload.size for payload in script.payloads)
-    command = (f"{host.sudo}sh -c {shlex.quote(_APPLY_COMMAND)} toa-apply {token} {offset} "
-               f"{hashlib.sha256(script.text.encode()).hexdigest()}")
+    arguments = f"{token} {offset} {hashlib.sha256(script.text.encode()).hexdigest()}"
 
     def on_line(line: str) -> None:
         if line.startswith("@@step "):
             say(line[len("@@step "):])
 
     try:
-        ran = host.stream(command, upload, "applying the plan", on_line)
+        ran = host.apply(arguments, upload, "applying the plan", on_line)
     except remote.ConnectionLost as lost:
         say("reconnect")
         try:

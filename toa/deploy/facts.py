@@ -44,6 +44,37 @@ STAGING_KIND = "\n".join([
 _STAGING_STALE_LINE = "\n".join([
     STAGING_KIND,
     f'for o in {STAGING_PREFIX}*; do k=$(staging "$o"); if [ -n "$k" ]; then echo "@@$k $o"; fi; done'])
+# The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
+# an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
+# the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then
+# starts the script in its own session with its output in a log, SIGHUP and
+# SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
+# the log is where a reconnect reads the outcome. The log streams back while the connection lives.
+APPLY_COMMAND = "\n".join([
+    PATH_SETTING, "umask 077", STAGING_KIND,
+    f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
+    'echo "$$ $b" > "$d/pid"',
+    'cat > "$d/in"',
+    # the script comes last: an upload cut short has no whole script (each file is checked on its own)
+    'tail -c +"$(($2 + 1))" "$d/in" > "$d/apply.sh"',
+    'if [ "$(sha256sum < "$d/apply.sh")" != "$3  -" ]; then',
+    '  rm -rf -- "$d"; echo "the upload arrived damaged or cut short: run again" >&2; exit 1',
+    "fi",
+    # read whole first: a command that leaves its input unread looks like a lost connection
+    f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
+    "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
+    "trap '' HUP PIPE",
+    ': > "$d/log"',  # there before tail -f looks for it
+    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
+    'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
+    'pid=$!; echo "$pid $b" > "$d/pid"',
+    # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
+    'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
+    # the log stays for a reconnect unless this end can still say it was read to its end
+    'if echo @@toa-collected; then rm -rf -- "$d"; else rm -f -- "$d/in" "$d/apply.sh"; fi',
+    ""])
+
+
 MODULE_TEMP_MARK = ".new-"
 MODULE_TEMP_PREFIX = f".toa.ko{MODULE_TEMP_MARK}"  # toa.ko's temp names: .toa.ko.new-<random>
 FILE_TEMP_MARK = ".toa-new-"  # every other file's: .<name>.toa-new-<random>
@@ -210,6 +241,7 @@ def state_command(module_file: str, release: str, files: list[AutoloadFile],
 # target the host is: replaced by the shell's $kr (its `uname -r`, checked) or $o (another kernel's).
 RELEASE_SLOT = "0.0.0-toa-release-slot"
 STATE_BEGINS = "@@toa-state-begins"
+FACTS_END = "@@toa-facts-end"  # the line after the facts: the command then waits for an apply
 TREE_BEGINS = "@@toa-tree-begins"
 _SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
 
@@ -298,7 +330,15 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
         f"s={q(state)}",
         # as root, in a subshell of this shell (no process to start)
         f'if [ "$u" = 0 ]; then echo {STATE_BEGINS}; (set -- "$k"; eval "$s")',
-        become, ""]))
+        become,
+        # then, on the same channel, the apply the facts lead to: its arguments on a line of
+        # stdin, the upload after it (see Host.apply); end of input instead, when there is none
+        f"printf '\\n%s\\n' {FACTS_END}",
+        'IFS= read -r l || exit 0',
+        'case "$l" in "apply "*) set -- ${l#apply };; *) exit 0;; esac',
+        f"a={q(APPLY_COMMAND)}",
+        'if [ "$u" = 0 ]; then (eval "$a"); '
+        + ('else sudo -n sh -c "$a" toa-apply "$@"; fi' if sudo else "else exit 1; fi"), ""]))
 
 
 class HostRefused(ToaError):

@@ -18,7 +18,7 @@ from typing import Callable
 import paramiko
 
 from toa import remote
-from toa.deploy.facts import Facts, HostRefused, facts_command, parse_facts
+from toa.deploy.facts import APPLY_COMMAND, FACTS_END, Facts, HostRefused, facts_command, parse_facts
 from toa.errors import ToaError
 from toa.nodes import Node
 
@@ -74,6 +74,7 @@ class Host:
         self.node, self.ssh, self.command_timeout = node, ssh, command_timeout
         self.lost = False
         self.sudo = sudo  # "sudo -n " once the facts said the login is not root (read_facts)
+        self.session: remote.Session | None = None  # the facts command, waiting to run the apply
         key = str(node.key) if node.key else ssh.key_filename
         self.conn = remote.connect(node.spec, dataclasses.replace(ssh, key_filename=key))
         try:
@@ -93,10 +94,30 @@ class Host:
         """The platform and state in one round trip (facts_command, with the preflight's reading for
         SYMBOLS); root or sudo settled by it."""
         user = self.node.spec.user or self.conn.user
-        output = self.run_as_user(facts_command(self.node.sudo, symbols), "reading the facts")
-        facts = self.parse("reading the facts", lambda text: parse_facts(text, user, symbols), output)
+        what = "reading the facts"
+        self.close_session()
+        session = self._call(what, lambda: remote.Session(self.conn, facts_command(self.node.sudo, symbols),
+                                                          FACTS_END, what))
+        if session.ended is not None and session.ended.failed:
+            raise remote.command_failed(self.conn, session.ended)
+        self.session = session if session.waiting else None
+        facts = self.parse(what, lambda text: parse_facts(text, user, symbols), session.first)
         self.sudo = "sudo -n " if facts.sudo else ""
         return facts
+
+    def apply(self, arguments: str, stdin: bytes, what: str, on_line) -> remote.Result:
+        """The apply command (facts.APPLY_COMMAND) with ARGUMENTS and STDIN, as root: where the
+        facts command still waits, on its channel (no channel and shell to start again)."""
+        session, self.session = self.session, None
+        if session is not None:
+            return self._call(what, lambda: session.finish(f"apply {arguments}\n".encode() + stdin, what, on_line))
+        return self.stream(f"{self.sudo}sh -c {shlex.quote(APPLY_COMMAND)} toa-apply {arguments}", stdin, what,
+                           on_line)
+
+    def close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
     def _call(self, what: str, operation: Callable):
         if self.lost:
@@ -129,6 +150,7 @@ class Host:
             raise ToaError(f"unexpected output from {self.node.name} ({what}): {exc}") from None
 
     def close(self) -> None:
+        self.close_session()
         try:
             self.conn.close()
         except Exception:
