@@ -255,7 +255,8 @@ def test_temp_names_beside_a_symlinks_target_are_cleaned():
 
 
 def _sh(script, *prefix):
-    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_a_write_goes_where_a_symlink_points_and_keeps_the_files_mode_and_owner(tmp_path):
@@ -382,6 +383,35 @@ def test_a_missing_directory_and_a_tree_left_by_a_cut_run_are_in_the_facts():
     assert state.missing_dirs == {directory}
     assert left in make_plan(state, _artifact(), FILES, MODULE_FILE, None).stale
     assert "@@nodir" not in RECORDED["fresh"]
+
+
+def test_a_host_running_systemd_is_not_asked_for_etc_modules_and_a_plan_never_takes_it_for_absent():
+    """The facts command run by sh here, once as this machine is (no systemd: /etc/modules read) and
+    once with /run/systemd/system made in a mount namespace (not read: @@unread, which no plan
+    mistakes for an absent file)."""
+    if _sh("true", "unshare", "-m", "--map-root-user").returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m refused)")
+    if os.path.isdir("/run/systemd/system") or not os.path.isfile("/etc/modules"):
+        pytest.skip("needs a machine without systemd running that has /etc/modules")
+    command = facts_command(False)
+    plain = _sh(command)
+    systemd = _sh(f"mount -t tmpfs toa-test-run /run && mkdir -p /run/systemd/system && {command}",
+                  "unshare", "-m", "--map-root-user")
+    debian = targets.get("debian-12")
+    sysv = render.autoload_files(debian, RELEASE, init="sysv")
+    etc_modules = next(entry for entry in sysv if entry.path == "/etc/modules")
+    def facts(output: str) -> str:  # what the facts command printed before the line that ends them
+        before, end, _ = output.partition("\n@@toa-facts-end\n")
+        assert end, output
+        return before
+
+    read = parse_facts(facts(plain.stdout), "root").state
+    assert read.files["/etc/modules"] == Current("file", Path("/etc/modules").read_text(), 0o644)
+    unread = parse_facts(facts(systemd.stdout), "root").state
+    assert "/etc/modules" not in unread.files and unread.unread == {"/etc/modules"}
+    assert unread.files.keys() == read.files.keys() - {"/etc/modules"}
+    with pytest.raises(ToaError, match="the facts did not read /etc/modules"):
+        make_plan(unread, _artifact(), [etc_modules], MODULE_FILE, None)
 
 
 def test_a_write_on_a_full_filesystem_fails_in_one_line_and_leaves_the_file_whole(tmp_path):

@@ -481,6 +481,10 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     flags: dict[str, str] = {}  # a step's key (see _done_keys) -> its shell flag
     ends_synced = [False]  # whether the last step's script ends with a sync (then the script need not)
 
+    def progress(name: str) -> str:
+        """A progress line, sent as it happens on fd 3 (the apply command's output; not in the log)."""
+        return f"echo {q('@@step ' + name)} 2>/dev/null >&3"
+
     def flag(key: str) -> str:
         return flags.setdefault(key, f"s{len(flags)}")
 
@@ -492,7 +496,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     def step(name: str, what: str, script: str, *keys: str, check: str = "") -> None:
         """SCRIPT as a step (KEYS: what it starts, see _done_keys); with CHECK, its output is kept in
         $d/load for CHECK, which decides."""
-        lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', f"echo {q('@@step ' + name)}"])
+        lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', progress(name)])
         for key in keys:
             lines.append(f"{flag(key)}=1")
         lines.extend(["(", script.rstrip("\n"), ")"])
@@ -508,7 +512,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     if plan.install:
         step("upload", f"installing {posixpath.basename(module_file)}", _install_script(payloads[0], module_file),
              "install")
-        lines.extend(['[ -n "$failed" ] || echo "@@step installed"', ""])
+        lines.extend([f'[ -n "$failed" ] || {progress("installed")}', ""])
     if plan.depmod:
         step("depmod", "depmod", f"depmod -a {q(artifact.release)}")
     if plan.detach_bpf:

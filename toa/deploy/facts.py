@@ -49,7 +49,8 @@ _STAGING_STALE_LINE = "\n".join([
 # the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then
 # starts the script in its own session with its output in a log, SIGHUP and
 # SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
-# the log is where a reconnect reads the outcome. The log streams back while the connection lives.
+# the log is where a reconnect reads the outcome. The script's progress lines come back as they
+# happen (its fd 3 is this command's output), the log once the script ended.
 APPLY_COMMAND = "\n".join([
     PATH_SETTING, "umask 077", STAGING_KIND,
     f'd={STAGING_PREFIX}$1; mkdir -m 700 -- "$d" || {{ echo "cannot create $d" >&2; exit 1; }}',
@@ -64,12 +65,12 @@ APPLY_COMMAND = "\n".join([
     f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
     "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
     "trap '' HUP PIPE",
-    ': > "$d/log"',  # there before tail -f looks for it
-    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null &',
-    'else sh "$d/apply.sh" "$d" > "$d/log" 2>&1 < /dev/null & fi',
+    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" 3>&1 > "$d/log" 2>&1 < /dev/null &',
+    'else sh "$d/apply.sh" "$d" 3>&1 > "$d/log" 2>&1 < /dev/null & fi',
     'pid=$!; echo "$pid $b" > "$d/pid"',
-    # a tail without --pid (not GNU's) fails at once: the log is printed whole at the end instead
-    'if tail -s 0.05 -n +1 -f --pid="$pid" "$d/log"; then wait "$pid"; else wait "$pid"; cat -- "$d/log"; fi',
+    'wait "$pid"',
+    # the log by the shell's own read: no process to start on a slow host
+    'while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; l=; done < "$d/log"',
     # the log stays for a reconnect unless this end can still say it was read to its end
     'if echo @@toa-collected; then rm -rf -- "$d"; else rm -f -- "$d/in" "$d/apply.sh"; fi',
     ""])
@@ -107,6 +108,7 @@ class ModuleState:
     busy: list[str] = field(default_factory=list)  # staging directories of applies still running
     files: dict[str, Current | None] = field(default_factory=dict)
     missing_dirs: set[str] = field(default_factory=set)  # directories of files that the host lacks
+    unread: set[str] = field(default_factory=set)  # files the facts did not read (not this host's init's)
     # where a symlinked toa.ko or file (of kind file or lines) really is: its temp names live there
     module_resolved: str | None = None
     resolved: dict[str, str] = field(default_factory=dict)
@@ -175,12 +177,14 @@ _FILE_FUNCTIONS = "\n".join([
 ])
 
 
-def _file_lines(files: list[AutoloadFile]) -> list[str]:
+def _file_lines(files: list[AutoloadFile], not_with_systemd: frozenset[str] = frozenset()) -> list[str]:
     """The state lines of FILES (numbered in their order): content, mode, link target, temp names.
     The files of a directory the host lacks are absent at the cost of one test (a fresh host has
     none of toa's source directory); a directory's temp names are found by one glob for all its
     files, and several files toa owns there (the module sources) by one sha256sum and one stat: one
-    as rendered is said the same, not sent whole."""
+    as rendered is said the same, not sent whole. The files NOT_WITH_SYSTEMD names are not read
+    where systemd runs (@@unread): no host running it gets them, and a shared file's reading costs
+    two processes."""
     q = shlex.quote
     by_directory: dict[str, list[tuple[int, AutoloadFile]]] = {}
     for index, f in enumerate(files):
@@ -203,15 +207,19 @@ def _file_lines(files: list[AutoloadFile]) -> list[str]:
             elif len(owned) > 1 and f.kind == "file":
                 # as rendered for any host (no release, no options in it)
                 lines.append(f"fs {index} {q(f.path)} {hashlib.sha256(f.content.encode()).hexdigest()} {f.mode:o}")
+            elif f.path in not_with_systemd:
+                lines.append(f'if [ -d /run/systemd/system ]; then echo "@@unread {index}"; else fr {index} {q(f.path)}; fi')
             else:
                 lines.append(f"fr {index} {q(f.path)}")
         lines += ["else", f"na {' '.join(str(index) for index, _f in entries)}", "fi"]
     return lines
 
 
+# by the shell's own read: a loaded toa has half a dozen parameters, each a process with cat
 _LOADED_LINES = [
-    'if [ -d /sys/module/toa ]; then echo "@@loaded $(cat /sys/module/toa/srcversion 2>/dev/null)"; fi',
-    'for p in /sys/module/toa/parameters/*; do [ -r "$p" ] && echo "@@parameter ${p##*/} $(cat "$p")"; done',
+    'if [ -d /sys/module/toa ]; then v=; read -r v < /sys/module/toa/srcversion; echo "@@loaded $v"; fi 2>/dev/null',
+    'for p in /sys/module/toa/parameters/*; do if [ -r "$p" ]; then v=; read -r v < "$p"; '
+    'echo "@@parameter ${p##*/} $v"; fi; done 2>/dev/null',
 ]
 
 
@@ -277,6 +285,21 @@ def readable_files() -> tuple[AutoloadFile, ...]:
     return tuple(found.values())
 
 
+@functools.lru_cache(maxsize=1)
+def _not_with_systemd() -> frozenset[str]:
+    """The readable files no host running systemd gets from any target (a line in /etc/modules and
+    the like): the facts do not read them there. detect calls a host's init systemd by the same
+    test the facts make (/run/systemd/system)."""
+    with_systemd = {entry.path for entry in render.bpf_files()}
+    for target in targets.all_targets().values():
+        with_systemd |= {entry.path for entry in render.hook_sources(target)}
+        try:
+            with_systemd |= {entry.path for entry in render.autoload_files(target, RELEASE_SLOT, init="systemd")}
+        except ToaError:
+            continue
+    return frozenset(entry.path for entry in readable_files() if entry.path not in with_systemd)
+
+
 def _release_path_text(text: str, variable: str) -> str:
     """TEXT (a script written for RELEASE_SLOT, which it never quotes) with $VARIABLE for the release."""
     return text.replace(RELEASE_SLOT, "${" + variable + "}")
@@ -306,7 +329,7 @@ def facts_command(sudo: bool, symbols: tuple[str, ...] = ()) -> str:
         # refuses it too) reads nothing
         'kr=$1; case "$kr" in ""|*[!A-Za-z0-9._+~-]*|*..*) kr=not-a-release;; esac',
         *_LOADED_LINES, *modules, "echo '@@module -'",
-        *_file_lines(list(readable_files())), _STAGING_STALE_LINE,
+        *_file_lines(list(readable_files()), _not_with_systemd()), _STAGING_STALE_LINE,
         # every other kernel's toa.ko: toa's own file (any target's place), else any toa.ko it has
         # (a DKMS or kmod package's)
         'seen=" $kr "; for d in /lib/modules/* /usr/lib/modules/*; do o=${d##*/}; '
@@ -466,6 +489,10 @@ def _parse_state_line(state: ModuleState, tag: str, rest: str, words: list[str],
         state.missing_dirs.add(posixpath.dirname(entry(words[0]).path))
     elif tag == "@@absent" and len(words) == 1:
         state.files[entry(words[0]).path] = None
+    elif tag == "@@unread" and len(words) == 1:
+        unread = entry(words[0]).path
+        state.files.pop(unread, None)
+        state.unread.add(unread)
     elif tag == "@@other" and len(words) == 3 and (words[1] == "-" or _SHA256.fullmatch(words[1])):
         if words[2] != "-" and not words[2].startswith("/"):
             raise ToaError("not an absolute path")
