@@ -8,8 +8,8 @@ same command's stdin, that
    log after a marker written to /dev/kmsg says `TOA: toa loaded`, /sys/module/toa exists, its
    srcversion is the artifact's and its parameters are the wanted ones;
 4. writes the autoload files from toa.render, and toa.ko for the other kernels;
-and, when a step fails, runs the undo of every step it started, in reverse. The script runs in a
-session of its own with SIGHUP and SIGPIPE ignored and its output in a log on the host: a
+and, when a step fails, runs the undo of every step it started, in reverse. The script runs with
+SIGHUP and SIGPIPE ignored and its output in a log on the host: a
 connection dropped under it stops neither the script nor its rollback, and the one reconnect
 reads the outcome from that log. `--dry-run --json` shows the script a run would send.
 
@@ -19,7 +19,7 @@ restores by _write_files_script, all of a step's files in one script. A symlinke
 where it points (readlink -f on the host); the new content goes to a temp name beside that target
 (`.<name>.toa-new-<random>`, toa.ko's `.toa.ko.new-<random>`; a directory the host lacks, as a
 whole tree under such a name), which must hold what was sent before anything else happens (its
-sha256, or for toa.ko its copy's size, the upload having arrived whole); the temp takes the
+sha256, or for toa.ko a copy that ended well, the upload having arrived whole); the temp takes the
 target's owner and SELinux label (and mode, for a shared file; a file toa owns gets its own mode);
 then sync, the rename over the target, sync.
 Any failing step (a full disk included) fails the host, and the temp name is removed. A power cut
@@ -454,12 +454,18 @@ def _load_check_script(artifact: Artifact, parameters: dict[str, str]) -> str:
 def _install_script(payload: Payload, path: str, mark: str = MODULE_TEMP_MARK, mode: int = 0o644) -> str:
     """Put the upload's PAYLOAD at PATH, the file it replaces kept as PATH.prev (see _restore_module_script).
     The upload arrived whole (the apply command's check): the temp is its copy when the copy ended
-    well and has the payload's size (no sha256 of a megabyte again on a slow host)."""
-    extract = (f'head -c {payload.size} "$d/in"' if payload.offset == 0
-               else f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size}')
+    well (and, cut from the middle of the upload, has the payload's size): no sha256 of a megabyte
+    again on a slow host."""
+    if payload.offset == 0:
+        # one command whose status says it all: the upload holds the payload's bytes whole (the
+        # script after them arrived), so head wrote them all into the temp or failed
+        extract, check = f'head -c {payload.size} "$d/in"', "true"
+    else:  # a pipeline's status is its last command's: the size tells a short read
+        extract = f'tail -c +{payload.offset + 1} "$d/in" | head -c {payload.size}'
+        check = f'[ "$(wc -c < "$tmp")" -eq {payload.size} ]'
     return _replace_script(
         path, create=f'{extract} > "$tmp"',
-        check=f'[ "$(wc -c < "$tmp")" -eq {payload.size} ]', same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
+        check=check, same=f'[ -f "$t" ] && {_sha_is("$t", payload.sha256)}', mode=mode,
         mark=mark, before_rename='if [ -f "$t" ]; then ln -f -- "$t" "$t.prev" || fail "cannot keep $t as $t.prev"; fi')
 
 

@@ -47,8 +47,9 @@ _STAGING_STALE_LINE = "\n".join([
 # The apply command: runs as root with the upload on stdin (see run_apply). It refuses to run beside
 # an earlier run's apply that still runs (the facts saw none, but they may be minutes old), checks
 # the script (the upload's end: $2 bytes of files come first, the script's sha256 is $3), then
-# starts the script in its own session with its output in a log, SIGHUP and
-# SIGPIPE ignored: a connection dropped from here on stops neither the script nor its rollback, and
+# starts the script with its output in a log, SIGHUP and SIGPIPE ignored (and so for every process
+# it starts): a connection dropped from here on stops neither the script nor its rollback (sshd
+# signals nothing to a command without a terminal; sudo's own terminal hangs up with SIGHUP), and
 # the log is where a reconnect reads the outcome. The script's progress lines come back as they
 # happen (its fd 3 is this command's output), the log once the script ended.
 APPLY_COMMAND = "\n".join([
@@ -65,8 +66,7 @@ APPLY_COMMAND = "\n".join([
     f'for o in {STAGING_PREFIX}*; do if [ "$o" != "$d" ] && [ "$(staging "$o")" = busy ]; then rm -rf -- "$d"; '
     "echo \"an earlier run's apply is still going on ($o): run deploy again once it has ended\" >&2; exit 1; fi; done",
     "trap '' HUP PIPE",
-    'if command -v setsid >/dev/null 2>&1; then setsid sh "$d/apply.sh" "$d" 3>&1 > "$d/log" 2>&1 < /dev/null &',
-    'else sh "$d/apply.sh" "$d" 3>&1 > "$d/log" 2>&1 < /dev/null & fi',
+    'sh "$d/apply.sh" "$d" 3>&1 > "$d/log" 2>&1 < /dev/null &',
     'pid=$!; echo "$pid $b" > "$d/pid"',
     'wait "$pid"',
     # the log by the shell's own read: no process to start on a slow host
