@@ -231,3 +231,20 @@ def test_a_root_lists_kernels_with_modules_not_headers_alone(tmp_path):
     platform = detect.identify(detect.read_root(root))
     assert platform.installed_kernels == ("6.1.0-40-amd64", "6.1.0-56-amd64")
     assert platform.next_kernel == "6.1.0-56-amd64"
+
+
+def test_the_remote_facts_skip_usr_lib_os_release_where_etc_os_release_speaks():
+    """REMOTE_FACTS_COMMAND run by sh on this machine: /usr/lib/os-release is not read where
+    /etc/os-release has something (identify would not look at it), and the platform is the same."""
+    import os
+    import subprocess
+
+    from toa import detect
+
+    if not os.path.getsize("/etc/os-release"):
+        pytest.skip("needs a machine with /etc/os-release")
+    output = subprocess.run(["sh", "-c", detect.REMOTE_FACTS_COMMAND], capture_output=True, text=True,
+                            check=True, stdin=subprocess.DEVNULL).stdout
+    assert "@@toa-file /etc/os-release" in output and "@@toa-file /usr/lib/os-release" not in output
+    remote, local = detect.identify(detect.parse_remote_facts(output)), detect.identify(detect.read_local())
+    assert (remote.distro, remote.version, remote.target) == (local.distro, local.version, local.target)

@@ -327,6 +327,8 @@ def _vmlinuz_release(path: str) -> str | None:
 # the release for a command that follows this one (deploy's facts).
 REMOTE_FACTS_COMMAND = (
     "for f in " + " ".join(RELEASE_FILES) + "; do "
+    # identify reads /usr/lib/os-release only where /etc/os-release says nothing (a dash loop per line is slow)
+    'if [ "$f" = /usr/lib/os-release ] && [ -s /etc/os-release ]; then continue; fi; '
     '[ -r "$f" ] && { echo "@@toa-file $f"; while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; done < "$f"; '
     "echo; }; done; "
     'k=$(uname -r); echo "@@toa-kernel $k"; '
