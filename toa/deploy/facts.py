@@ -4,8 +4,9 @@ facts_command reads, in one round trip: whether the login is root (else `sudo -n
 file allows it), the platform, the module and engine state, the other kernels' toa.ko and the
 preflight's reading of the kernel's tree. The host's target is not known before its platform is
 parsed, so the command reads every target's module path for `uname -r` and every file any target's
-deploy writes; parse_facts keeps the host's own. state_command prints the state part alone, for one
-module path and the files given.
+deploy writes; parse_facts keeps the host's own. The command then waits on its input: given an
+apply line and the upload, it runs APPLY_COMMAND on the same channel (Host.apply). state_command
+prints the state part alone, for one module path and the files given.
 """
 
 from __future__ import annotations
