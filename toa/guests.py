@@ -93,7 +93,7 @@ BOOT_SECONDS = 180.0
 BOOT_SECONDS_PER_GUEST = 60.0
 # Waiting for sshd: how often the guest is checked (running, no panic), how often a new connection
 # is opened while fewer than MAX_OPEN_PROBES wait, and how long one connection waits for the banner.
-SSH_PROBE_SECONDS = 15.0
+GUEST_CHECK_SECONDS = 15.0
 CONNECT_INTERVAL_SECONDS = 1.5
 MAX_OPEN_PROBES = 4
 PROBE_PATIENCE_SECONDS = 60.0
@@ -379,7 +379,7 @@ def _kill_leftover_guests() -> None:
 
 def _ssh_banner_within(port: int, seconds: float, check: Callable[[], None] = lambda: None) -> bool:
     """True when sshd behind the forwarded port sends its banner within `seconds`; CHECK is called
-    every SSH_PROBE_SECONDS (it raises when waiting longer is pointless: the guest died).
+    every GUEST_CHECK_SECONDS (it raises when waiting longer is pointless: the guest died).
 
     QEMU accepts on the forwarded port even when nothing listens in the guest: it hangs up when the
     guest refuses, and keeps resending the SYN (with growing delays) while the guest has no network
@@ -395,7 +395,7 @@ def _ssh_banner_within(port: int, seconds: float, check: Callable[[], None] = la
         while time.monotonic() < deadline:
             now = time.monotonic()
             if now >= next_check:
-                next_check = now + SSH_PROBE_SECONDS
+                next_check = now + GUEST_CHECK_SECONDS
                 check()
             for key in list(selector.get_map().values()):
                 if now - key.data > PROBE_PATIENCE_SECONDS:

@@ -48,7 +48,7 @@ from toa import remote, render
 from toa.artifacts import Artifact
 from toa.deploy.facts import (
     _SRCVERSION, BPF_PIN_DIR, FILE_TEMP_MARK, MODULE_TEMP_MARK, PATH_SETTING, STAGING_PREFIX,
-    TEMP_SUFFIX_CHARS, ModuleState, _temp_prefix, modules_dep_entry)
+    TEMP_SUFFIX_CHARS, ModuleState, _temp_prefix, loaded_lines, modules_dep_entry)
 from toa.deploy.host import Host, _describe_failure
 from toa.deploy.plan import DEFAULT_PARAMETERS, FileChange, OtherKernel, Plan, parameters_differ
 from toa.errors import ToaError
@@ -325,9 +325,7 @@ def load_command(module_file: str, release: str, arguments: str, marker: str, re
            'printf "%s\\n" "$out" | sed "s/^/@@rmmod /"; exit 0; fi'] if reload else []),
         f'out=$({load} 2>&1); echo "@@exit $?"',
         '[ -z "$out" ] || printf "%s\\n" "$out" | sed "s/^/@@modprobe /"',
-        'if [ -d /sys/module/toa ]; then v=; read -r v < /sys/module/toa/srcversion; echo "@@srcversion $v"; fi 2>/dev/null',
-        'for p in /sys/module/toa/parameters/*; do if [ -r "$p" ]; then v=; read -r v < "$p"; '
-        'echo "@@parameter ${p##*/} $v"; fi; done 2>/dev/null',
+        *loaded_lines("@@srcversion"),
         f'dmesg | sed -n {q("/" + marker + "/,$s/^/@@log /p")}',
         "true",
     ]) + "\n"
@@ -485,7 +483,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     done = _Done(installed=plan.install, load_attempted=bool(plan.load), files=list(plan.files),
                  others=[(o.module_file, o.release, o.replaces) for o in others], bpf_changed=plan.detach_bpf)
     flags: dict[str, str] = {}  # a step's key (see _done_keys) -> its shell flag
-    ends_synced = [False]  # whether the last step's script ends with a sync (then the script need not)
+    ends_synced = False  # whether the last step's script ends with a sync (then the script need not)
 
     def progress(name: str) -> str:
         """A progress line, sent as it happens on fd 3 (the apply command's output; not in the log)."""
@@ -502,11 +500,12 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     def step(name: str, what: str, script: str, *keys: str, check: str = "") -> None:
         """SCRIPT as a step (KEYS: what it starts, see _done_keys); with CHECK, its output is kept in
         $d/load for CHECK, which decides."""
+        nonlocal ends_synced
         lines.extend([f"# {what}", 'if [ -z "$failed" ]; then', progress(name)])
         for key in keys:
             lines.append(f"{flag(key)}=1")
         lines.extend(["(", script.rstrip("\n"), ")"])
-        ends_synced[0] = script.rstrip("\n").endswith("\nsync")
+        ends_synced = script.rstrip("\n").endswith("\nsync")
         if check:
             lines[-1] += ' > "$d/load" 2>&1'
             lines.extend(['while IFS= read -r l; do printf "%s\\n" "$l"; done < "$d/load"', "(", check, ")"])
@@ -553,7 +552,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
     lines.extend(["  echo \"@@result $r\"", "}", "",
                   'if [ -n "$failed" ]; then rollback; else echo "@@result ok"; fi',
                   # what the steps or the rollback wrote, on disk before the end is told
-                  '[ -z "$failed" ] || sync' if ends_synced[0] else "sync", "echo @@end", ""])
+                  '[ -z "$failed" ] || sync' if ends_synced else "sync", "echo @@end", ""])
     return ApplyScript("\n".join(lines), tuple(payloads))
 
 

@@ -216,12 +216,18 @@ def _file_lines(files: list[AutoloadFile], not_with_systemd: frozenset[str] = fr
     return lines
 
 
-# by the shell's own read: a loaded toa has half a dozen parameters, each a process with cat
-_LOADED_LINES = [
-    'if [ -d /sys/module/toa ]; then v=; read -r v < /sys/module/toa/srcversion; echo "@@loaded $v"; fi 2>/dev/null',
-    'for p in /sys/module/toa/parameters/*; do if [ -r "$p" ]; then v=; read -r v < "$p"; '
-    'echo "@@parameter ${p##*/} $v"; fi; done 2>/dev/null',
-]
+def loaded_lines(tag: str) -> list[str]:
+    """Lines that print a loaded toa's srcversion (after TAG) and its parameters (@@parameter NAME
+    VALUE), nothing where none is loaded: by the shell's own read, as a loaded toa has half a dozen
+    parameters and a process each would cost a slow host more than the rest of the reading."""
+    return [
+        f'if [ -d /sys/module/toa ]; then v=; read -r v < /sys/module/toa/srcversion; echo "{tag} $v"; fi 2>/dev/null',
+        'for p in /sys/module/toa/parameters/*; do if [ -r "$p" ]; then v=; read -r v < "$p"; '
+        'echo "@@parameter ${p##*/} $v"; fi; done 2>/dev/null',
+    ]
+
+
+_LOADED_LINES = loaded_lines("@@loaded")
 
 
 def state_command(module_file: str, release: str, files: list[AutoloadFile],

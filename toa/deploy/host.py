@@ -111,8 +111,8 @@ class Host:
         session, self.session = self.session, None
         if session is not None:
             return self._call(what, lambda: session.finish(f"apply {arguments}\n".encode() + stdin, what, on_line))
-        return self.stream(f"{self.sudo}sh -c {shlex.quote(APPLY_COMMAND)} toa-apply {arguments}", stdin, what,
-                           on_line)
+        command = f"{self.sudo}sh -c {shlex.quote(APPLY_COMMAND)} toa-apply {arguments}"
+        return self._call(what, lambda: remote.run_streaming(self.conn, command, stdin, what, on_line))
 
     def close_session(self) -> None:
         if self.session is not None:
@@ -133,9 +133,6 @@ class Host:
 
     def run_as_root(self, script: str, what: str) -> str:
         return self._call(what, lambda: remote.run(self.conn, f"{self.sudo}sh -c {shlex.quote(script)}", what))
-
-    def stream(self, command: str, stdin: bytes, what: str, on_line) -> remote.Result:
-        return self._call(what, lambda: remote.run_streaming(self.conn, command, stdin, what, on_line))
 
     def put(self, local: Path, path: str) -> None:
         self._call("upload", lambda: remote.put(self.conn, str(local), path))

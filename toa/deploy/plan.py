@@ -141,7 +141,7 @@ def wanted_text(entry: AutoloadFile, current: Current | None) -> str:
     return entry.content
 
 
-def _read(state: ModuleState, entry: AutoloadFile) -> None:
+def _require_read(state: ModuleState, entry: AutoloadFile) -> None:
     """A plan needs what the host has at ENTRY's path: one the facts did not read is an error, not absent."""
     if entry.path in state.unread:
         raise ToaError(f"the facts did not read {entry.path}, which this host's autoload needs: please report it")
@@ -151,7 +151,7 @@ def _file_changes(state: ModuleState, files: list[AutoloadFile]) -> list[FileCha
     """What to write so that FILES are in place on a host in STATE. Pure."""
     changes = []
     for entry in files:
-        _read(state, entry)
+        _require_read(state, entry)
         current = state.files.get(entry.path)
         text = wanted_text(entry, current)
         kind = "symlink" if entry.kind == "symlink" else "file"
@@ -165,7 +165,7 @@ def _removals(state: ModuleState, files: list[AutoloadFile]) -> list[FileChange]
     """What to remove (toa's lines: take out of a shared file) so that none of FILES starts an engine. Pure."""
     changes = []
     for entry in files:
-        _read(state, entry)
+        _require_read(state, entry)
         current = state.files.get(entry.path)
         if current is None:
             continue
