@@ -465,7 +465,6 @@ def _cached_tree():
 
 @pytest.mark.docker
 @pytest.mark.network
-@pytest.mark.slow
 def test_deploy_scale_end_to_end_on_five_hosts(tmp_path):
     """The scale benchmark at N = 1 and 5: a real deploy to every fleet host, each checked by the script
     (sha256 installed, srcversion loaded, /etc/modules), the numbers printed from its own JSON, and no

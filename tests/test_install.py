@@ -13,7 +13,7 @@ import pytest
 
 from toa import resources
 
-pytestmark = [pytest.mark.network, pytest.mark.slow]  # pip fetches the build backend from its index
+pytestmark = pytest.mark.network  # pip fetches the build backend from its index
 
 REPO = Path(__file__).resolve().parent.parent
 # What the wheel is built from: the project's metadata and the package, nothing a local run left behind.

@@ -538,7 +538,6 @@ def test_the_build_at_boot_fails_in_one_line_and_never_silently(tmp_path, releas
 
 @pytest.mark.docker
 @pytest.mark.network
-@pytest.mark.slow
 def test_the_build_at_boot_builds_toa_for_a_debian_kernel_in_a_container(tmp_path, guest_kernels):
     """The build at boot's scripts, run for real with docker: a Debian image stands in for Fedora's
     (no Fedora repository is reachable here); the container installs the kernel's headers from the

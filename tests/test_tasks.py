@@ -8,11 +8,11 @@ from toa.tasks import ns
 
 def test_flags_are_long_only_except_the_test_runners_pytest_style():
     """`-o` meant --no-host-key-check in one task and --option in another: tasks take long flags only;
-    `invoke test` keeps pytest's -k and -m (and -f for --fast)."""
+    `invoke test` keeps pytest's -k and -m (and -f for --fast, -s for --slow)."""
     for name, task in ns.tasks.items():
         shorts = sorted(flag for argument in task.get_arguments() for flag in argument.names if len(flag) == 1)
         if name == "test":
-            assert shorts == ["f", "k", "m"], shorts
+            assert shorts == ["f", "k", "m", "s"], shorts
         else:
             assert shorts == [], f"{name} has short flags {shorts}"
 
@@ -84,3 +84,19 @@ def test_the_table_printer_shows_data_as_text_and_empty_cells_as_a_dash(capsys):
     out = capsys.readouterr().out
     assert "[bold red]x[/]" in out  # a kernel or host string is never read as markup
     assert "PASS" in out and out.count("-") >= 2
+
+
+def test_the_test_task_leaves_the_slow_tier_out_unless_asked_and_refuses_two_selections():
+    """`invoke test` is what CI runs: a test marked slow is not in it (selected alone by -k, nothing is
+    left: exit 5, said in one line); --slow, --fast and --marker are each a whole selection."""
+    import subprocess
+    import sys
+
+    name = "test_kmod_path_the_hook_builds_toa_for_the_new_kernel"
+    listed = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                             "-m", "slow", "-k", name], capture_output=True, text=True, timeout=300)
+    assert f"tests/test_upgrade.py::{name}" in listed.stdout, listed.stdout[-500:]  # it exists, marked slow
+    slow_only = toa("test", "-k", name, timeout=300)
+    assert slow_only.returncode == 5 and "pytest collected no tests" in slow_only.stderr, slow_only.stderr
+    for flags in (["--fast", "--slow"], ["--slow", "--marker", "lab"], ["--fast", "--marker", "lab"]):
+        assert_one_line_error(toa("test", *flags), "give one of --fast, --slow and --marker")
