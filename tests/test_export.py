@@ -253,8 +253,8 @@ def _playbook(role_dir: Path, inventory: Path, *extra: str):
 @pytest.mark.network
 @pytest.mark.ssh
 @pytest.mark.slow
-# four playbook runs on two TCG guests, Ansible's copy taking round trips of its own for each of the
-# kernel hooks' 20 source files: many minutes, and past 900 s with other QEMU work beside it (2026-12-01)
+# four playbook runs on two TCG guests, each task a Python run in the guest: 10.5 minutes on a 2-core
+# Xeon (2026-12-01; 29 when the role copied the hooks' 20 source files one by one), more beside other QEMU work
 @pytest.mark.timeout(2400)
 def test_the_exported_role_installs_loads_and_keeps_toa_on_the_fleet(fleet, fleet_dist, tmp_path):
     out = tmp_path / "ansible"

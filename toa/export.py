@@ -232,8 +232,9 @@ class AnsibleExport:
     kernels: list[str]
 
 
-# the role's copy of the module sources the kernel hooks build from (render.hook_sources)
-HOOK_SOURCES = "toa-kmod"
+# the role's copy of the module sources the kernel hooks build from (render.hook_sources), one archive:
+# Ansible's copy of a folder takes a round trip or two per file, and there are twenty
+HOOK_SOURCES_ARCHIVE = "toa-kmod.tar"
 
 
 def _autoload(target, release: str, init: str) -> list[dict]:
@@ -252,6 +253,27 @@ def _autoload(target, release: str, init: str) -> list[dict]:
             entry["lines"] = [_Unsafe(line) for line in without.content.splitlines()]
         entries.append(entry)
     return entries
+
+
+def _sources_archive() -> bytes:
+    """The module sources as a tar the role unpacks as root: owned by root, 0644 in 0755 folders, each
+    dated as the newest source, so that an unchanged tree reads as unchanged on the next run."""
+    sources = render.module_source_files()
+    mtime = int(max((render.MODULE_SOURCE / relative).stat().st_mtime for relative in sources))
+    folders = sorted({parent for relative in sources for parent in relative.parents if parent != Path(".")})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for relative in [*folders, *sources]:
+            info = tarfile.TarInfo(relative.as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "root", "root"
+            if relative in folders:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                data = (render.MODULE_SOURCE / relative).read_bytes()
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
@@ -293,9 +315,7 @@ def ansible(dist: Path, out_dir: Path, *, kernels: list[str] | None = None,
         })
     for directory in ("tasks", "defaults", "vars"):
         (role / directory).mkdir(parents=True, exist_ok=True)
-    for relative in render.module_source_files():
-        (role / "files" / HOOK_SOURCES / relative).parent.mkdir(parents=True, exist_ok=True)
-        (role / "files" / HOOK_SOURCES / relative).write_bytes((render.MODULE_SOURCE / relative).read_bytes())
+    (role / "files" / HOOK_SOURCES_ARCHIVE).write_bytes(_sources_archive())
     (role / "tasks" / "main.yml").write_text((ANSIBLE_TEMPLATES / "tasks.yml").read_text())
     defaults = (ANSIBLE_TEMPLATES / "defaults.yml").read_text()
     for name, value in parameters.items():
