@@ -417,6 +417,7 @@ class ApplyScript:
 
 
 NOT_STARTED = "@@toa-not-started"
+STEP_TAG = "@@step "  # a progress line: the tag, then the step's name
 
 
 def _collect_command(token: str) -> str:
@@ -487,7 +488,7 @@ def apply_script(plan: Plan, artifact: Artifact, module_file: str, parameters: d
 
     def progress(name: str) -> str:
         """A progress line, sent as it happens on fd 3 (the apply command's output; not in the log)."""
-        return f"echo {q('@@step ' + name)} 2>/dev/null >&3"
+        return f"echo {q(STEP_TAG + name)} 2>/dev/null >&3"
 
     def flag(key: str) -> str:
         return flags.setdefault(key, f"s{len(flags)}")
@@ -618,8 +619,8 @@ def run_apply(host: Host, script: ApplyScript, say) -> tuple[Host, str]:
     arguments = f"{token} {offset} {hashlib.sha256(script.text.encode()).hexdigest()}"
 
     def on_line(line: str) -> None:
-        if line.startswith("@@step "):
-            say(line[len("@@step "):])
+        if line.startswith(STEP_TAG):
+            say(line[len(STEP_TAG):])
 
     try:
         ran = host.apply(arguments, upload, "applying the plan", on_line)
