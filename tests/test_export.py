@@ -190,6 +190,28 @@ def test_the_exported_role_passes_ansible_lint(tmp_path):
     assert defaults == {"toa_kinds": "", "toa_trusted": "10.0.0.0/8"}
 
 
+def test_the_role_carries_the_module_sources_as_one_archive_the_same_each_export(tmp_path):
+    """The kernel hooks' sources in one tar (Ansible copied a folder file by file): each source's bytes,
+    root's, 0644 in 0755 folders, and the same archive from a second export, so that a host's unchanged
+    tree reads as unchanged."""
+    from toa import render
+
+    archives = []
+    for out in (tmp_path / "one", tmp_path / "two"):
+        export.ansible(_fake_dist(tmp_path / out.name), out)
+        archives.append((out / "roles/toa/files" / export.HOOK_SOURCES_ARCHIVE).read_bytes())
+    assert archives[0] == archives[1]
+    with tarfile.open(fileobj=io.BytesIO(archives[0])) as tar:
+        members = {member.name: member for member in tar.getmembers()}
+        sources = render.module_source_files()
+        assert {name for name, member in members.items() if member.isfile()} == {path.as_posix() for path in sources}
+        for path in sources:
+            assert tar.extractfile(members[path.as_posix()]).read() == (render.MODULE_SOURCE / path).read_bytes()
+        assert {(m.uid, m.gid, m.mode) for m in members.values() if m.isfile()} == {(0, 0, 0o644)}
+        assert {(m.uid, m.gid, m.mode) for m in members.values() if m.isdir()} == {(0, 0, 0o755)}
+    assert not (tmp_path / "one/roles/toa/files/toa-kmod").exists()
+
+
 def test_a_build_without_a_target_is_one_line(tmp_path):
     dist = _fake_dist(tmp_path)
     manifest = dist / "debian-12" / "6.1.0-56-amd64" / "manifest.json"
