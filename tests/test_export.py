@@ -194,8 +194,6 @@ def test_the_role_carries_the_module_sources_as_one_archive_the_same_each_export
     """The kernel hooks' sources in one tar (Ansible copied a folder file by file): each source's bytes,
     root's, 0644 in 0755 folders, and the same archive from a second export, so that a host's unchanged
     tree reads as unchanged."""
-    from toa import render
-
     archives = []
     for out in (tmp_path / "one", tmp_path / "two"):
         export.ansible(_fake_dist(tmp_path / out.name), out)
