@@ -10,7 +10,7 @@ DEFAULT_SELECTION = "not slow"
 @task(help={"fast": "only the pure tests: no network, Docker, sshd or QEMU (under a minute), in a network "
                     "namespace of their own where unshare allows it",
             "slow": "every test, the slow tier included (a kernel upgraded inside a guest, the Ansible role's "
-                    "four runs on TCG guests, ...: about an hour more)",
+                    "four runs on TCG guests: about 45 minutes more)",
             "marker": "only tests matching this pytest -m expression over the markers pure, network, docker, "
                       "ssh, lab and slow (the whole selection: `--marker slow` runs the slow tier)",
             "k": "only tests matching this pytest -k expression"})
