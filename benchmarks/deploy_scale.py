@@ -418,8 +418,11 @@ def run_worker(hosts: Fleet, dist: Path, parallel: int, profile: Path | None) ->
             "--key", str(hosts.key), "--known-hosts", str(hosts.known_hosts), "--parallel", str(parallel)]
     if profile:
         argv += ["--profile", str(profile)]
-    completed = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=WORKER_TIMEOUT,
-                               cwd=results.REPO)
+    try:
+        completed = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                   timeout=WORKER_TIMEOUT, cwd=results.REPO)
+    except subprocess.TimeoutExpired:
+        raise results.StepFailed(f"the deploy worker did not finish within {WORKER_TIMEOUT:g} s") from None
     try:
         outcome = json.loads(completed.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -94,7 +94,9 @@ def run(measure: Callable[[Callable[[str], None]], object], document: Callable[[
         print_document: Callable[[dict], None], json_path: Path | None) -> int:
     """A benchmark script's main: MEASURE(say) under a status line, then its DOCUMENT(measurements,
     machine at the start) printed and written. An error of toa's (bad input, a tool missing) is one
-    line and exit status 2; a step that did not do its work, one line and 1."""
+    line and exit status 2; a step that did not do its work (the Docker engine refusing one included),
+    one line and 1."""
+    import docker.errors
     from rich.console import Console
 
     from toa.errors import ToaError
@@ -108,6 +110,9 @@ def run(measure: Callable[[Callable[[str], None]], object], document: Callable[[
         return 2
     except StepFailed as failure:
         print(f"failed: {failure}", file=sys.stderr)
+        return 1
+    except docker.errors.DockerException as error:  # the engine refused a step: a container, an image import
+        print(f"failed: the Docker engine: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     doc = document(measurements, machine_at_start)
     print_document(doc)

@@ -341,6 +341,26 @@ def test_report_without_results_is_a_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "B.md").exists()
 
 
+def test_a_step_the_docker_engine_refuses_is_one_line_and_exit_1(tmp_path, capsys):
+    import docker.errors
+
+    def measure(say):
+        raise docker.errors.APIError("500 Server Error: port is already allocated\nsecond line")
+
+    assert scale_bench.results.run(measure, lambda *_: {}, print, tmp_path / "r.json") == 1
+    err = capsys.readouterr().err
+    assert err == "failed: the Docker engine: 500 Server Error: port is already allocated second line\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_deploy_worker_past_its_time_is_a_failed_step(tmp_path, monkeypatch):
+    """The worker is really started (a Python that cannot even import in a millisecond) and really cut off."""
+    monkeypatch.setattr(scale_bench, "WORKER_TIMEOUT", 0.001)
+    hosts = scale_bench.Fleet("run", [1], [], tmp_path / "key", tmp_path / "known_hosts", tmp_path / "nodes.txt")
+    with pytest.raises(scale_bench.results.StepFailed, match=r"^the deploy worker did not finish within 0.001 s$"):
+        scale_bench.run_worker(hosts, tmp_path, 1, None)
+
+
 # ---------------------------------------------------------------- the scripts, end to end
 
 
