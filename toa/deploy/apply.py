@@ -70,6 +70,39 @@ def _temp_suffix() -> str:
     return secrets.token_hex(TEMP_SUFFIX_CHARS // 2)
 
 
+_FAIL = 'fail() { printf "%s\\n" "$*" >&2; exit 1; }'
+# keep OLD NEW: NEW takes OLD's owner and SELinux label (selinuxenabled asked once per script)
+_KEEP = ('sel=; keep() { chown --reference="$1" -- "$2" || fail "cannot give $2 the owner of $1"; '
+         'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
+         '&& command -v chcon >/dev/null 2>&1; then sel=yes; fi; fi; '
+         'if [ "$sel" = yes ]; then chcon --reference="$1" -- "$2" || fail "cannot give $2 the SELinux label of $1"; fi; }')
+
+
+def _target_lines(path: str, resolve: bool) -> list[str]:
+    """Shell lines setting $p to PATH (its directory made where missing) and $t to the file a write
+    replaces: PATH's target when RESOLVE and PATH is a symlink (readlink -f), else PATH itself."""
+    return [
+        f"p={shlex.quote(path)}",
+        # builtins where they do: a fresh host gets a dozen files, and a process is slow on a slow host
+        '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
+        ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
+         if resolve else "t=$p"),
+    ]
+
+
+def _take_lines(temp: str, mode: int, keep_mode: bool, *, chmod: bool = True) -> list[str]:
+    """Shell lines giving the file in TEMP (a variable: "$tmp") the owner and SELinux label of $t
+    where $t exists (see _KEEP), and MODE, or with KEEP_MODE $t's mode where $t exists. Without CHMOD
+    the caller sets MODE itself (one chmod for many files); a temp is born with _BORN_MODE (umask 022)."""
+    keep = [f'keep "$t" "{temp}"']
+    set_mode = [f'chmod {mode:o} -- "{temp}" || fail "cannot set the mode of {temp}"'] \
+        if chmod and mode != _BORN_MODE else []
+    if keep_mode:
+        keep.append(f'chmod --reference="$t" -- "{temp}" || fail "cannot give {temp} the mode of $t"')
+        return ['if [ -e "$t" ]; then', *keep, *(["else", *set_mode] if set_mode else []), "fi"]
+    return ['if [ -e "$t" ]; then', *keep, "fi", *set_mode]
+
+
 def _replace_script(path: str, *, create: str, check: str, same: str, mode: int | None, keep_mode: bool = False,
                     resolve: bool = True, mark: str = FILE_TEMP_MARK, before_rename: str = "") -> str:
     """The one way deploy puts a file on a host, all or nothing (see the module docstring).
@@ -83,13 +116,8 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
     the rename (a power cut leaves the old file or the whole new one), the rename after it."""
     q = shlex.quote
     lines = [
-        "set -e", PATH_SETTING, "umask 022",
-        'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
-        f"p={q(path)}",
-        # builtins where they do: a fresh host gets a dozen files, and a process is slow on a slow host
-        '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
-        ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
-         if resolve else 't=$p'),
+        "set -e", PATH_SETTING, "umask 022", _FAIL,
+        *_target_lines(path, resolve),
         f'tmp="${{t%/*}}/.${{t##*/}}"{q(mark + _temp_suffix())}',
         # a process only where a temp is left (a failure): on success the rename took it
         'trap \'if [ -e "$tmp" ]; then rm -f -- "$tmp"; fi\' EXIT',
@@ -99,16 +127,7 @@ def _replace_script(path: str, *, create: str, check: str, same: str, mode: int 
         f'{check} || fail "cannot write $t: the temp file does not hold what was sent (is the disk full?)"',
     ]
     if mode is not None:
-        keep = ['chown --reference="$t" -- "$tmp" || fail "cannot give $tmp the owner of $t"',
-                'if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled && command -v chcon >/dev/null 2>&1; '
-                'then chcon --reference="$t" -- "$tmp" || fail "cannot give $tmp the SELinux label of $t"; fi']
-        # the temp is born with _BORN_MODE (umask 022): chmod only for another mode
-        set_mode = [f'chmod {mode:o} -- "$tmp" || fail "cannot set the mode of $tmp"'] if mode != _BORN_MODE else []
-        if keep_mode:
-            keep.append('chmod --reference="$t" -- "$tmp" || fail "cannot give $tmp the mode of $t"')
-            lines += ['if [ -e "$t" ]; then', *keep, *(["else", *set_mode] if set_mode else []), "fi"]
-        else:
-            lines += ['if [ -e "$t" ]; then', *keep, "fi", *set_mode]
+        lines += [_KEEP, *_take_lines("$tmp", mode, keep_mode)]
     lines += ["sync", *([before_rename] if before_rename else []),
               'mv -f -T -- "$tmp" "$t" || fail "cannot rename $tmp over $t"', "sync", ""]
     return "\n".join(lines)
@@ -158,17 +177,12 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
     q = shlex.quote
     trees = _new_trees(writes, missing_dirs)
     lines = [
-        "set -e", PATH_SETTING, "umask 022",
-        'fail() { printf "%s\\n" "$*" >&2; exit 1; }',
+        "set -e", PATH_SETTING, "umask 022", _FAIL,
         # the shell's own printf writes each file (no process); a failure's reason is the redirection's
         # (a failed write is tried once more through cat, whose error names the cause: dash's says I/O error)
         'put() { printf %s "$2" 2>/dev/null > "$1" && return; e=$( { printf %s "$2" | cat > "$1"; } 2>&1 ) && return; '
         'fail "cannot write $t: ${e##*: }"; }',
-        # the owner and SELinux label of a file replaced go to its temp (selinuxenabled asked once)
-        'sel=; keep() { chown --reference="$1" -- "$2" || fail "cannot give $2 the owner of $1"; '
-        'if [ -z "$sel" ]; then sel=no; if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled '
-        '&& command -v chcon >/dev/null 2>&1; then sel=yes; fi; fi; '
-        'if [ "$sel" = yes ]; then chcon --reference="$1" -- "$2" || fail "cannot give $2 the SELinux label of $1"; fi; }',
+        _KEEP,
         # on EXIT, what is left of the temps (a failure's; none after the renames), removed by one rm
         "left() { for x; do if [ -e \"$x\" ] || [ -L \"$x\" ]; then rm -rf -- \"$@\" 2>/dev/null; return; fi; done; }",
         "trap 'left " + " ".join([*(f'"$tmp{i}"' for i in range(len(writes))), *(q(temp) for temp in trees.values())])
@@ -188,13 +202,8 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
             contents.append(w.text.encode())
             by_mode.setdefault(w.mode, []).append(i)
             continue
-        lines += [
-            f"p={q(w.path)}",
-            '[ -d "${p%/*}" ] || mkdir -p -- "${p%/*}" || fail "cannot create the directory of $p"',
-            ('t=$p; if [ -L "$p" ]; then t=$(readlink -f -- "$p") && [ -n "$t" ] || fail "cannot resolve $p"; fi'
-             if w.resolve and w.kind != "symlink" else "t=$p"),
-            f't{i}=$t; tmp{i}="${{t%/*}}/.${{t##*/}}"{q(FILE_TEMP_MARK + _temp_suffix())}',
-        ]
+        lines += [*_target_lines(w.path, w.resolve and w.kind != "symlink"),
+                  f't{i}=$t; tmp{i}="${{t%/*}}/.${{t##*/}}"{q(FILE_TEMP_MARK + _temp_suffix())}']
         renames.append(f'mv -f -T -- "$tmp{i}" "$t{i}" || fail "cannot rename $tmp{i} over $t{i}"')
         if w.kind == "symlink":
             lines += [f'ln -s -- {q(w.text)} "$tmp{i}" || fail "cannot write $t"',
@@ -206,14 +215,8 @@ def _write_files_script(writes: list[FileWrite], missing_dirs: frozenset[str] = 
         else:
             lines.append(f"put \"$tmp{i}\" {q(w.text)}")
         contents.append(w.text.encode())
-        keep = ['keep "$t" "$tmp' + str(i) + '"']
-        if w.keep_mode:
-            keep.append(f'chmod --reference="$t" -- "$tmp{i}" || fail "cannot give $tmp{i} the mode of $t"')
-            set_mode = [f'chmod {w.mode:o} -- "$tmp{i}" || fail "cannot set the mode of $tmp{i}"'] \
-                if w.mode != _BORN_MODE else []
-            lines += ['if [ -e "$t" ]; then', *keep, *(["else", *set_mode] if set_mode else []), "fi"]
-        else:
-            lines += ['if [ -e "$t" ]; then', *keep, "fi"]
+        lines += _take_lines(f"$tmp{i}", w.mode, w.keep_mode, chmod=w.keep_mode)
+        if not w.keep_mode:  # one chmod per mode below
             by_mode.setdefault(w.mode, []).append(i)
     for mode, indexes in by_mode.items():
         if mode == _BORN_MODE:
